@@ -1,0 +1,1 @@
+"""Benchmark suite: sdtrt against eager PyTorch (diffusers), side by side."""

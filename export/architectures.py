@@ -1,0 +1,116 @@
+"""Built-in Stable Diffusion architectures, instantiated with seeded random weights.
+
+No weights can be downloaded here, so each architecture is pure configuration: the diffusers/
+transformers constructor arguments of every component plus the scheduler config. ``tiny`` keeps
+every structural feature of SD (4-level VAE with f=8, cross-attention U-Net, CLIP text encoder)
+at a few MB; ``sd15`` and ``sd21`` are the real shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# SD 1.x / 2.x share the training noise schedule (Rombach et al. 2022, LDM configs).
+_SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    family: str
+    description: str
+    text_encoder: dict[str, Any]  # transformers.CLIPTextConfig kwargs (vocab_size filled from the tokenizer if absent)
+    unet: dict[str, Any]  # diffusers.UNet2DConditionModel kwargs
+    vae: dict[str, Any]  # diffusers.AutoencoderKL kwargs
+    scheduler_class: str
+    scheduler: dict[str, Any]
+    tokenizer_merges: int = 2000
+    tokenizer_pad_token: str = "<|endoftext|>"
+    supported: bool = True
+    unsupported_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_SD15_SCHEDULER = dict(
+    _SD_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+    prediction_type="epsilon", timestep_spacing="leading",
+)
+
+_SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+    sample_size=512, scaling_factor=0.18215, force_upcast=True,
+)
+
+TINY = Architecture(
+    name="tiny",
+    family="tiny",
+    description="SD-shaped toy (f=8 VAE, 3-level cross-attention U-Net, 2-layer CLIP), random weights",
+    text_encoder=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+    ),
+    unet=dict(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ),
+    vae=dict(_SD_VAE, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256),
+    scheduler_class="PNDMScheduler",
+    scheduler=_SD15_SCHEDULER,
+    tokenizer_merges=400,
+)
+
+SD15 = Architecture(
+    name="sd15",
+    family="sd1",
+    description="Stable Diffusion 1.5 shapes (U-Net ~860M, CLIP ViT-L/14 text encoder), random weights",
+    text_encoder=dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    ),
+    unet=dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ),
+    vae=_SD_VAE,
+    scheduler_class="PNDMScheduler",
+    scheduler=_SD15_SCHEDULER,
+)
+
+SD21 = Architecture(
+    name="sd21",
+    family="sd2",
+    description="Stable Diffusion 2.1 (768-v) shapes: v-prediction, OpenCLIP-H text encoder, random weights",
+    text_encoder=dict(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=1024,
+    ),
+    unet=dict(
+        SD15.unet, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True, upcast_attention=True, sample_size=96,
+    ),
+    vae=dict(_SD_VAE, sample_size=768),
+    scheduler_class="DDIMScheduler",
+    scheduler=dict(
+        _SD_BETAS, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
+        prediction_type="v_prediction", timestep_spacing="leading",
+    ),
+    tokenizer_pad_token="!",
+)
+
+SDXL = Architecture(
+    name="sdxl", family="sdxl", description="Stable Diffusion XL", text_encoder={}, unet={}, vae={},
+    scheduler_class="EulerDiscreteScheduler", scheduler={}, supported=False,
+    unsupported_reason="SDXL (two text encoders, pooled and size conditioning) is not supported yet",
+)
+
+BUILTIN_ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (TINY, SD15, SD21, SDXL)}
+DEFAULT_MODEL = "tiny"

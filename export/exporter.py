@@ -1,0 +1,230 @@
+"""``sdtrt export``: model -> engine folder (ONNX graphs, tokenizer, scheduler config, manifest.json).
+
+The folder is assembled in a temporary sibling and renamed into place only after every graph has
+passed the parity gate, so an interrupted or failed export never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sdtrt.errors import OutputExistsError, UsageError, ValidationError
+from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str
+    out: str
+    precision: str = "fp16"
+    batch_min: int = 1
+    batch_max: int = 4
+    size_min: int = 256
+    size_max: int = 1024
+    opset: int = 17
+    force: bool = False
+    allow_pickle: bool = False
+    seed: int = 0  # weights of built-in architectures
+
+    def check(self) -> None:
+        if self.precision not in ("fp16", "fp32"):
+            raise UsageError(f"precision must be fp16 or fp32, not {self.precision!r}")
+        if self.batch_min < 1:
+            raise UsageError(f"batch must be at least 1, got {self.batch_min}")
+        if self.batch_min > self.batch_max:
+            raise UsageError(f"batch range {self.batch_min}:{self.batch_max} has MIN > MAX")
+        for v in (self.size_min, self.size_max):
+            if v < 64 or v % 8:
+                raise UsageError(f"image size {v} must be a multiple of 8 and at least 64")
+        if self.size_min > self.size_max:
+            raise UsageError(f"size range {self.size_min}:{self.size_max} has MIN > MAX")
+        if self.opset < 17:
+            raise UsageError(f"opset must be >= 17, got {self.opset}")
+
+    @property
+    def ranges(self) -> Ranges:
+        return Ranges(self.batch_min, self.batch_max, self.size_min, self.size_max)
+
+
+def default_cases(component: str, ranges: Ranges):
+    """Two shapes per graph: the smallest, and an odd batch with a non-square size (guidance: see
+    ``validate.GATE_GUIDANCE``)."""
+    from sdtrt.export.validate import ValidationCase
+
+    b2 = min(ranges.batch_max, max(ranges.batch_min, 3))
+    w2 = min(ranges.size_max, ranges.size_min + 64)
+    small = ValidationCase(ranges.batch_min, ranges.size_min, ranges.size_min)
+    other = ValidationCase(b2, ranges.size_min, w2)
+    if component == "unet":
+        # Both ways the graph runs: without guidance (B embeddings) and with it (2B embeddings).
+        small = ValidationCase(small.batch, small.height, small.width, {"cfg": False, "timestep": 1.0})
+        other = ValidationCase(other.batch, other.height, other.width, {"cfg": True, "timestep": 981.0})
+    return [small, other]
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("sdtrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise OutputExistsError(f"output folder {out} already exists (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as ex:
+        raise UsageError(f"cannot create {out.parent}: {ex.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"cannot write to {out.parent}")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
+    """Export ``config.model`` into ``config.out``; returns the manifest written there."""
+    config.check()
+    out = Path(config.out).expanduser()
+    if out.exists() and not config.force:
+        raise OutputExistsError(f"output folder {out} already exists (pass --force to replace it)")
+
+    from sdtrt.export.loaders import load_model, resolve_source
+
+    resolve_source(config.model, allow_pickle=config.allow_pickle)
+    t0 = time.perf_counter()
+    log(f"loading {config.model} ...")
+    model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed)
+    log(f"  loaded in {time.perf_counter() - t0:.1f}s")
+    tmp = _prepare_out(out, config.force)
+    try:
+        manifest = _export_into(model, config, tmp, log)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
+    import numpy as np
+
+    from sdtrt.export import onnx_tools
+    from sdtrt.export.graphs import graph_specs, vae_scale_factor
+    from sdtrt.export.validate import format_table, ort_session, validate_graph
+
+    specs = graph_specs(model)
+    vae_scale = vae_scale_factor(model)
+    ranges = config.ranges
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2) + "\n")
+    work = folder / "_work"
+    work.mkdir()
+
+    # Trace at a latent size that does not divide the U-Net's downsampling factor (see trace_to_onnx),
+    # with batch 2 so no batch axis is specialised to 1.
+    trace_h, trace_w = 17 * vae_scale, 19 * vae_scale
+    components: dict[str, Component] = {}
+    table = []
+    for step, name in enumerate(COMPONENTS, start=1):
+        spec = specs[name]
+        prefix = f"[{step}/{len(COMPONENTS)}] {name}:"
+        t = time.perf_counter()
+        log(f"{prefix} tracing to ONNX (opset {config.opset}) ...")
+        sample = spec.make_inputs(2, trace_h, trace_w, np.random.default_rng(0), {})
+        traced = work / f"{name}.onnx"
+        onnx_tools.trace_to_onnx(spec, sample, traced, config.opset)
+        inferred = work / f"{name}.shapes.onnx"
+        onnx_tools.infer_shapes(traced, inferred)
+        final = folder / f"{name}.onnx"
+        islands: list[str] = []
+        if config.precision == "fp16":
+            log(f"{prefix} converting to fp16 ...")
+            external, islands = onnx_tools.convert_to_fp16(inferred, final, spec)
+        else:
+            import onnx
+
+            external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=True), final)
+        for f in work.iterdir():  # free disk before the next component
+            f.unlink()
+        log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
+        cases = default_cases(name, ranges)
+        results = validate_graph(spec, final, cases, config.precision, session=ort_session(final))
+        table += [(name, "fp32" if spec.fp32_all or config.precision == "fp32" else "fp16", r) for r in results]
+        failed = [r for r in results if not r.passed]
+        if failed:
+            log(format_table(table))
+            worst = max(failed, key=lambda r: r.max_rel_error)
+            raise ValidationError(
+                f"{name} ({config.precision}) does not match PyTorch at {worst.shape}: "
+                f"max relative error {worst.max_rel_error:.3g} > {worst.tolerance:g}"
+            )
+        inputs, outputs = spec.tensor_specs(ranges, vae_scale, config.precision)
+        actual = onnx_tools.io_types(final)
+        for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
+            if actual[t_spec.name] != t_spec.dtype:
+                raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
+        components[name] = Component(
+            file=final.name, sha256=sha256_file(final),
+            size_bytes=final.stat().st_size + sum((folder / e).stat().st_size for e in external),
+            precision="fp32" if spec.fp32_all or config.precision == "fp32" else "fp16",
+            inputs=inputs, outputs=outputs, external_data=tuple(external), fp32_islands=tuple(islands),
+            validation=results,
+            notes=_notes(name),
+        )
+        log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
+    work.rmdir()
+    log(format_table(table))
+
+    te = model.text_encoder.config
+    manifest = Manifest(
+        model=ModelInfo(
+            family=model.family, source=model.source, prediction_type=model.prediction_type,
+            latent_channels=int(model.vae.config.latent_channels), vae_scale_factor=vae_scale,
+            vae_scaling_factor=float(model.vae.config.scaling_factor), text_hidden_size=int(te.hidden_size),
+            max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
+        ),
+        precision=config.precision, ranges=ranges, components=components, tools=tool_versions(),
+    )
+    manifest.save(folder)
+    return manifest
+
+
+def _notes(name: str) -> str:
+    return {
+        "unet": "encoder_hidden_states holds [negative; positive] (2B rows) for classifier-free guidance, "
+                "or only the positive prompt (B rows) to run without guidance (guidance_scale is then unused)",
+        "vae_decoder": "image is in [-1, 1], unclamped: map with clip(x / 2 + 0.5, 0, 1)",
+        "text_encoder": "input_ids padded/truncated to the tokenizer's model_max_length",
+    }[name]

@@ -1,0 +1,186 @@
+"""The three exported graphs as PyTorch modules, with their I/O contracts.
+
+Each ``GraphSpec`` says what the graph takes and returns (names, dtypes, symbolic dims), how to make
+inputs for a given (batch, height, width), and what its fp16 version must keep in FP32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sdtrt.export.loaders import LoadedModel
+from sdtrt.manifest import Ranges, TensorSpec
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """input_ids (B, 77) int32 -> last hidden state (B, 77, D), what the U-Net cross-attends to."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        # int32 in the graph (TensorRT has no int64 bindings to speak of); CLIP's embedding takes int64.
+        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+
+
+class UNetGraph(torch.nn.Module):
+    """One denoising model call with classifier-free guidance folded in (Ho & Salimans 2022).
+
+    latents (B, C, h, w), timestep (1,), encoder_hidden_states (k*B, 77, D), guidance_scale (1,)
+    -> guided prediction (B, C, h, w).
+
+    k = 2: embeddings are [negative; positive]; the U-Net runs once on the doubled batch and returns
+        uncond + g * (cond - uncond).
+    k = 1: embeddings are the positive prompt only; the U-Net runs on B and guidance_scale is unused
+        (guidance <= 1, or guidance-distilled models).
+    Both cases are one graph: k is read from the shapes, and cond + (g - 1)(cond - out[0]) reduces to
+    the plain prediction when k = 1 because then out[0] is cond.
+    """
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents, timestep, encoder_hidden_states, guidance_scale):
+        batch = latents.shape[0]
+        k = encoder_hidden_states.shape[0] // batch
+        x = latents.unsqueeze(0).expand(k, -1, -1, -1, -1).reshape(-1, *latents.shape[1:])  # (kB, C, h, w)
+        t = timestep.expand(x.shape[0])  # (kB,)
+        out = self.unet(x, t, encoder_hidden_states, return_dict=False)[0]  # (kB, C, h, w)
+        out = out.reshape(k, batch, *out.shape[1:])  # (k, B, C, h, w)
+        cond, uncond = out[-1], out[0]
+        return cond + (guidance_scale - 1.0) * (cond - uncond)
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """latents (B, C, h, w) -> image (B, 3, 8h, 8w) in [-1, 1] (unclamped), scaling factor folded in."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.inv_scaling = 1.0 / float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        return self.vae.decode(latents * self.inv_scaling, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str  # "float32" or "int32" in the fp32 graph; floats become float16 in an fp16 graph
+    dims: tuple[str | int, ...]
+    keep_fp32: bool = False  # stays float32 in an fp16 graph (scalars whose precision matters)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    module: torch.nn.Module
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[InputSpec, ...]
+    make_inputs: Callable[[int, int, int, np.random.Generator, dict[str, Any]], dict[str, np.ndarray]]
+    fp32_node_prefixes: tuple[str, ...] = ()  # node-name prefixes kept in FP32 in an fp16 graph
+    fp32_all: bool = False  # the whole graph computes in FP32 (fp16 I/O only)
+    fp32_reason: str = ""
+
+    def dim_bounds(self, ranges: Ranges, vae_scale: int) -> dict[str, tuple[int, int]]:
+        return {
+            "batch": (ranges.batch_min, ranges.batch_max),
+            "text_batch": (ranges.batch_min, 2 * ranges.batch_max),
+            "height": (ranges.size_min, ranges.size_max),
+            "width": (ranges.size_min, ranges.size_max),
+            "latent_height": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
+            "latent_width": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
+        }
+
+    def tensor_specs(self, ranges: Ranges, vae_scale: int, precision: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        bounds = self.dim_bounds(ranges, vae_scale)
+
+        def spec(s: InputSpec) -> TensorSpec:
+            dtype = "float16" if precision == "fp16" and s.dtype == "float32" and not s.keep_fp32 else s.dtype
+            lo = tuple(d if isinstance(d, int) else bounds[d][0] for d in s.dims)
+            hi = tuple(d if isinstance(d, int) else bounds[d][1] for d in s.dims)
+            return TensorSpec(name=s.name, dtype=dtype, shape=tuple(s.dims), min_shape=lo, max_shape=hi)
+
+        return tuple(spec(s) for s in self.inputs), tuple(spec(s) for s in self.outputs)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)}
+            for s in self.inputs + self.outputs
+            if any(isinstance(d, str) for d in s.dims)
+        }
+
+
+def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
+    te_cfg = model.text_encoder.config
+    seq = int(model.tokenizer.model_max_length)
+    hidden = int(te_cfg.hidden_size)
+    vocab = int(te_cfg.vocab_size)
+    channels = int(model.unet.config.in_channels)
+    latent_channels = int(model.vae.config.latent_channels)
+    vae_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+    def text_inputs(batch, height, width, rng, opts):
+        ids = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)  # (B, 77)
+        return {"input_ids": ids}
+
+    def unet_inputs(batch, height, width, rng, opts):
+        h, w = height // vae_scale, width // vae_scale
+        k = 2 if opts.get("cfg", True) else 1
+        return {
+            "latents": rng.standard_normal((batch, channels, h, w)).astype(np.float32),  # (B, C, h, w)
+            "timestep": np.array([opts.get("timestep", 981.0)], dtype=np.float32),  # (1,)
+            "encoder_hidden_states": rng.standard_normal((k * batch, seq, hidden)).astype(np.float32),  # (kB, 77, D)
+            "guidance_scale": np.array([opts.get("guidance_scale", 7.5)], dtype=np.float32),  # (1,)
+        }
+
+    def vae_inputs(batch, height, width, rng, opts):
+        h, w = height // vae_scale, width // vae_scale
+        scale = opts.get("magnitude", 1.0)
+        return {"latents": (scale * rng.standard_normal((batch, latent_channels, h, w))).astype(np.float32)}
+
+    vae_fp32 = bool(getattr(model.vae.config, "force_upcast", False))
+    return {
+        "text_encoder": GraphSpec(
+            name="text_encoder",
+            module=TextEncoderGraph(model.text_encoder).eval(),
+            inputs=(InputSpec("input_ids", "int32", ("batch", seq)),),
+            outputs=(InputSpec("last_hidden_state", "float32", ("batch", seq, hidden)),),
+            make_inputs=text_inputs,
+        ),
+        "unet": GraphSpec(
+            name="unet",
+            module=UNetGraph(model.unet).eval(),
+            inputs=(
+                InputSpec("latents", "float32", ("batch", channels, "latent_height", "latent_width")),
+                InputSpec("timestep", "float32", (1,), keep_fp32=True),
+                InputSpec("encoder_hidden_states", "float32", ("text_batch", seq, hidden)),
+                InputSpec("guidance_scale", "float32", (1,), keep_fp32=True),
+            ),
+            outputs=(InputSpec("noise_pred", "float32", ("batch", channels, "latent_height", "latent_width")),),
+            make_inputs=unet_inputs,
+            # sin/cos of t * freq: in fp16, t = 999 is only resolved to 0.5, so the embedding is wrong.
+            fp32_node_prefixes=("/unet/time_proj/",),
+            fp32_reason="timestep sinusoidal embedding (fp16 resolves t near 1000 only to 0.5)",
+        ),
+        "vae_decoder": GraphSpec(
+            name="vae_decoder",
+            module=VaeDecoderGraph(model.vae).eval(),
+            inputs=(InputSpec("latents", "float32", ("batch", latent_channels, "latent_height", "latent_width")),),
+            outputs=(InputSpec("image", "float32", ("batch", 3, "height", "width")),),
+            make_inputs=vae_inputs,
+            fp32_all=vae_fp32,
+            fp32_reason="VAE decoder activations overflow fp16 (the VAE config sets force_upcast, as diffusers does)"
+            if vae_fp32 else "",
+        ),
+    }
+
+
+def vae_scale_factor(model: LoadedModel) -> int:
+    return 2 ** (len(model.vae.config.block_out_channels) - 1)

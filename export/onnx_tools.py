@@ -1,0 +1,191 @@
+"""ONNX steps of the export: trace, shape inference, fp16 conversion with FP32 islands, saving.
+
+Each step is a small function from files to files, so the exporter composes them and tests can
+run any one alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sdtrt.export.graphs import GraphSpec
+
+# protobuf cannot serialise a single message over 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Ops kept in FP32 in every fp16 graph: attention softmax overflows / loses mass in fp16.
+FP32_OPS = ("Softmax",)
+
+
+def trace_to_onnx(spec: GraphSpec, sample: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    """TorchScript-trace ``spec.module`` into an FP32 ONNX graph with dynamic batch/height/width.
+
+    The sample's latent size should not divide the U-Net's total downsampling factor: diffusers then
+    takes the branch that passes explicit upsample sizes, which is correct for every size, and the
+    trace records that branch.
+    """
+    import torch
+
+    args = tuple(torch.from_numpy(sample[s.name]) for s in spec.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.module, args, str(path), dynamo=False, opset_version=opset,
+            input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
+            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+        )
+
+
+def infer_shapes(src: Path, dst: Path) -> None:
+    """Shape inference through the file API, which works for graphs over 2 GiB."""
+    import onnx
+
+    onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+
+
+def save_model(model, path: Path) -> list[str]:
+    """Save ``model``; above ~1.8 GB weights go to one ``<name>.data`` file. Returns external files."""
+    import onnx
+
+    size = model.ByteSize() if _fits_protobuf(model) else EXTERNAL_DATA_THRESHOLD + 1
+    if size <= EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path))
+        return []
+    data_name = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return [data_name]
+
+
+def _fits_protobuf(model) -> bool:
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.raw_data else init.ByteSize()
+        if total > EXTERNAL_DATA_THRESHOLD:
+            return False
+    return True
+
+
+def _nodes_between(graph, sources: set[str], targets: set[int]) -> set[int]:
+    """Indices of nodes on some path from a tensor in ``sources`` to a node in ``targets``."""
+    producers = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(graph.node):
+        for name in n.input:
+            consumers.setdefault(name, []).append(i)
+    down: set[int] = set()
+    stack = [i for s in sources for i in consumers.get(s, [])]
+    while stack:
+        i = stack.pop()
+        if i not in down:
+            down.add(i)
+            stack += [j for out in graph.node[i].output for j in consumers.get(out, [])]
+    up: set[int] = set()
+    stack = list(targets)
+    while stack:
+        i = stack.pop()
+        if i not in up:
+            up.add(i)
+            stack += [producers[name] for name in graph.node[i].input if name in producers]
+    return down & up
+
+
+def fp32_island_nodes(model, spec: GraphSpec) -> list[str]:
+    """Names of nodes that must stay FP32 in the fp16 graph of ``spec``.
+
+    A prefix rule (e.g. the U-Net's time projection) also pulls in the nodes that carry a
+    kept-FP32 input to it, so that the timestep never passes through fp16 on the way.
+    """
+    graph = model.graph
+    if spec.fp32_all:
+        return [n.name for n in graph.node]
+    island = {i for i, n in enumerate(graph.node) if n.name.startswith(spec.fp32_node_prefixes)} if spec.fp32_node_prefixes else set()
+    if island:
+        fp32_inputs = {s.name for s in spec.inputs if s.keep_fp32}
+        island |= _nodes_between(graph, fp32_inputs, island)
+    return [graph.node[i].name for i in sorted(island)]
+
+
+def convert_to_fp16(src: Path, dst: Path, spec: GraphSpec) -> tuple[list[str], list[str]]:
+    """FP32 ONNX (with shape info) -> FP16-typed ONNX with FP32 islands.
+
+    Float graph I/O becomes float16 except the inputs the spec keeps in FP32. Returns the
+    external data files written and a short description of the FP32 islands.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src), load_external_data=True)
+    blocked = fp32_island_nodes(model, spec)
+    keep_io = [s.name for s in spec.inputs if s.keep_fp32]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model16 = convert_float_to_float16(
+            model, keep_io_types=keep_io, op_block_list=list(FP32_OPS), node_block_list=blocked,
+            disable_shape_infer=True,
+        )
+    bypass_fp16_round_trips(model16)
+    external = save_model(model16, dst)
+    islands = [f"{op} ops (attention softmax)" for op in FP32_OPS]
+    if spec.fp32_all:
+        islands = [f"whole graph: {spec.fp32_reason}"]
+    elif blocked:
+        islands.append(f"{len(blocked)} nodes: {spec.fp32_reason}")
+    return external, islands
+
+
+def bypass_fp16_round_trips(model) -> int:
+    """Rewire Cast(fp32->fp16) -> Cast(fp16->fp32) chains to the fp32 source and drop dead nodes.
+
+    The converter casts a kept-FP32 graph input to fp16 at the door and an FP32 island casts it back,
+    which would round e.g. the timestep to fp16 on its way into the time embedding. Returns the number
+    of consumers rewired.
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    fp32 = {v.name for v in list(graph.input) + list(graph.value_info) if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(node) -> int | None:
+        return node.attribute[0].i if node.op_type == "Cast" else None
+
+    def is_fp32(name: str) -> bool:
+        node = producers.get(name)
+        return name in fp32 or (node is not None and cast_to(node) == TensorProto.FLOAT)
+
+    replace = {}
+    for node in graph.node:
+        src = producers.get(node.input[0]) if node.input else None
+        if cast_to(node) == TensorProto.FLOAT and src is not None and cast_to(src) == TensorProto.FLOAT16 \
+                and is_fp32(src.input[0]):
+            replace[node.output[0]] = src.input[0]
+    rewired = 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+                rewired += 1
+    # Drop nodes whose outputs nobody reads any more.
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for n in graph.node for name in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return rewired
+        for n in dead:
+            graph.node.remove(n)
+
+
+def io_types(path: Path) -> dict[str, str]:
+    """name -> numpy dtype name of every graph input and output, read from the ONNX file."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for v in list(model.graph.input) + list(model.graph.output):
+        out[v.name] = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name
+    return out

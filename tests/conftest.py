@@ -1,0 +1,42 @@
+import pytest
+
+from sdtrt.export import ExportConfig, export
+
+# Small ranges keep the parity gate quick on 2 CPU cores; sizes below 256 also exercise latents
+# that do not divide the U-Net's downsampling factor.
+TINY_RANGES = dict(batch_min=1, batch_max=4, size_min=64, size_max=512)
+
+
+def _export(tmp_path_factory, precision: str):
+    out = tmp_path_factory.mktemp(f"tiny_{precision}") / "engine"
+    manifest = export(ExportConfig(model="tiny", out=str(out), precision=precision, **TINY_RANGES), log=lambda s: None)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tmp_path_factory):
+    return _export(tmp_path_factory, "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory):
+    return _export(tmp_path_factory, "fp32")
+
+
+@pytest.fixture(scope="session", params=["fp16", "fp32"])
+def tiny_export(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from sdtrt.export.loaders import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers_dir(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("tiny_diffusers") / "model"
+    tiny_model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,49 @@
+"""Every frozen config round-trips through JSON."""
+
+import dataclasses
+import json
+
+import pytest
+
+from sdtrt.config import from_dict, to_dict
+from sdtrt.errors import ManifestError
+from sdtrt.export import ExportConfig
+from sdtrt.manifest import Manifest
+
+
+def test_export_config_round_trips_through_json():
+    config = ExportConfig(model="tiny", out="x", precision="fp32", batch_min=2, batch_max=3, size_min=64, size_max=128)
+    assert from_dict(ExportConfig, json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_manifest_round_trips_through_json(tiny_export):
+    _, manifest = tiny_export
+    again = Manifest.from_json(manifest.to_json())
+    assert again == manifest
+    assert isinstance(again.components["unet"].inputs, tuple)
+
+
+def test_manifest_with_wrong_schema_version_is_refused(tiny_fp32):
+    _, manifest = tiny_fp32
+    data = json.loads(manifest.to_json())
+    data["schema_version"] = 99
+    with pytest.raises(ManifestError, match="schema version 99"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_manifest_with_a_wrong_field_type_is_refused(tiny_fp32):
+    _, manifest = tiny_fp32
+    data = json.loads(manifest.to_json())
+    data["ranges"]["batch_min"] = "one"
+    with pytest.raises(ManifestError, match="batch_min"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_corrupt_manifest_is_refused():
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.from_json("{not json")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ExportConfig(model="tiny", out="x").precision = "fp32"
