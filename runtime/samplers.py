@@ -1,0 +1,441 @@
+"""Samplers as tables of per-step coefficients, computed once in float64 NumPy.
+
+Every sampler here is a linear multistep method, so each step is one linear update
+
+    s_(i+1) = sum_j a[i, j] * s_(i-j) + sum_j b[i, j] * m_(i-j) + c[i] * z_i
+
+of the loop state s (the U-Net's input latents), the current and earlier model outputs m (the U-Net's
+guided prediction: epsilon or v) and fresh noise z. The table is data; ``step`` is the one shared
+update (k-diffusion style: no hidden step counter, no scheduler object). Because the update is a
+fixed linear combination, a GPU backend can run the whole loop without host synchronisation.
+
+Two choices make the table general:
+- history of the state as well as of m: DPM-Solver++ keeps data predictions D = p*x + q*m, LMS with
+  v-prediction keeps derivatives that involve x, and PLMS's second step restarts from the previous
+  sample, so a_(i,j>0) is needed, not only b;
+- the input scaling c_in (Euler/LMS: x / sqrt(sigma^2 + 1)) is folded into the coefficients, so the
+  state *is* the U-Net input and the loop never rescales: s_i = c_in[i] * x_i, c_in[last] = 1.
+
+Correctness is parity with diffusers' scheduler classes (tests only). The training noise schedule is
+computed in float32 exactly as diffusers and the LDM code define it; everything derived from it is
+float64.
+
+References: DDIM (Song et al. 2021, arXiv:2010.02502); PNDM/PLMS (Liu et al. 2022, arXiv:2202.09778);
+LMS, Euler, Euler ancestral and Karras sigmas (Karras et al. 2022, arXiv:2206.00364; k-diffusion);
+DPM-Solver++ 2M (Lu et al. 2022, arXiv:2211.01095).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from sdtrt.errors import UsageError
+
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+
+# diffusers scheduler class -> our sampler name (the model's default sampler)
+SCHEDULER_CLASSES = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
+
+
+class SamplerError(UsageError):
+    """Unknown sampler, or a scheduler config a linear table cannot express."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What a sampler needs from the model's scheduler config (diffusers' keys and defaults)."""
+
+    name: str = "pndm"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = False
+    use_karras_sigmas: bool = False
+    eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like
+    solver_type: str = "midpoint"  # DPM-Solver++: "midpoint" or "heun"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict[str, Any], name: str | None = None, **overrides) -> "SamplerConfig":
+        """Read a diffusers ``scheduler_config.json``; ``name`` picks another sampler on the same schedule."""
+        name = name or SCHEDULER_CLASSES.get(config.get("_class_name", ""), "")
+        if not name:
+            raise SamplerError(f"scheduler {config.get('_class_name')!r} has no built-in sampler; pick one of {', '.join(SAMPLERS)}")
+        if name not in SAMPLERS:
+            raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        if config.get("clip_sample") and name in ("ddim",):
+            raise SamplerError("clip_sample=True is not linear and is not supported (SD models set it False)")
+        if config.get("thresholding"):
+            raise SamplerError("dynamic thresholding is not linear and is not supported")
+        if name == "pndm" and config.get("skip_prk_steps") is False:
+            raise SamplerError("PNDM with Runge-Kutta warm-up steps (skip_prk_steps=False) is not supported; use PLMS")
+        kwargs: dict[str, Any] = {"name": name}
+        for f in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                  "timestep_spacing", "steps_offset", "set_alpha_to_one"):
+            if config.get(f) is not None:
+                kwargs[f] = config[f]
+        if config.get("trained_betas") is not None:
+            kwargs["trained_betas"] = tuple(float(b) for b in config["trained_betas"])
+        if name == "dpmpp_2m_karras":
+            kwargs["use_karras_sigmas"] = True
+        elif name in ("euler", "lms", "dpmpp_2m") and config.get("_class_name") == _CLASS_OF.get(name):
+            kwargs["use_karras_sigmas"] = bool(config.get("use_karras_sigmas", False))
+        kwargs.update(overrides)
+        out = cls(**kwargs)
+        if out.prediction_type not in ("epsilon", "v_prediction"):
+            raise SamplerError(f"prediction_type {out.prediction_type!r} is not supported (epsilon, v_prediction)")
+        if out.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise SamplerError(f"timestep_spacing {out.timestep_spacing!r} is not supported (leading, trailing, linspace)")
+        return out
+
+
+_CLASS_OF = {v: k for k, v in SCHEDULER_CLASSES.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerTable:
+    """Per-step coefficients. Row i maps history (s_i, s_(i-1), ...), (m_i, m_(i-1), ...), z_i to s_(i+1)."""
+
+    name: str
+    timesteps: np.ndarray  # (S,) float64: the timestep fed to the U-Net at step i
+    state_coef: np.ndarray  # (S, Ks) a[i, j]
+    model_coef: np.ndarray  # (S, Km) b[i, j]
+    noise_coef: np.ndarray  # (S,) c[i]
+    init_scale: float  # s_0 = init_scale * z_0, or init_scale * latents given by the caller
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(np.any(self.noise_coef != 0))
+
+
+def step(table: SamplerTable, i: int, states: list[np.ndarray], outputs: list[np.ndarray],
+         noise: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """The one shared update. ``states[j]`` is s_(i-j), ``outputs[j]`` is m_(i-j); missing history is skipped
+    (its coefficient is 0 by construction)."""
+    acc = out if out is not None else np.empty_like(states[0])
+    np.multiply(states[0], table.state_coef[i, 0], out=acc)
+    for j in range(1, min(len(states), table.state_coef.shape[1])):
+        if table.state_coef[i, j] != 0.0:
+            acc += table.state_coef[i, j] * states[j]
+    for j in range(min(len(outputs), table.model_coef.shape[1])):
+        if table.model_coef[i, j] != 0.0:
+            acc += table.model_coef[i, j] * outputs[j]
+    if table.noise_coef[i] != 0.0:
+        acc += table.noise_coef[i] * noise
+    return acc
+
+
+# ---- training schedule (float32, as diffusers computes it) ----------------------------------------------
+
+def alphas_cumprod(cfg: SamplerConfig) -> np.ndarray:
+    """float64 view of the float32 cumulative product of (1 - beta) over the training steps."""
+    T = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        betas = np.asarray(cfg.trained_betas, dtype=np.float32)
+    elif cfg.beta_schedule == "linear":
+        betas = np.linspace(cfg.beta_start, cfg.beta_end, T, dtype=np.float64).astype(np.float32)
+    elif cfg.beta_schedule == "scaled_linear":
+        betas = np.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, T, dtype=np.float64).astype(np.float32) ** 2
+    elif cfg.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=np.float32)
+    else:
+        raise SamplerError(f"beta_schedule {cfg.beta_schedule!r} is not supported")
+    # torch's CPU cumprod accumulates float32 in double; rounding once at the end matches it.
+    return np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32).astype(np.float64)
+
+
+def _train_sigmas(acp: np.ndarray) -> np.ndarray:
+    a = acp.astype(np.float32)
+    return (((1 - a) / a) ** 0.5).astype(np.float64)
+
+
+def _spaced(cfg: SamplerConfig, n: int, integer: bool) -> np.ndarray:
+    """Descending timesteps for 'linspace' / 'leading' / 'trailing' spacing (Lin et al. 2023, table 2)."""
+    T = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        t = np.linspace(0, T - 1, n)[::-1]
+        return t.round() if integer else t.astype(np.float32).astype(np.float64)
+    if cfg.timestep_spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1] + cfg.steps_offset
+    return np.round(np.arange(T, 0, -T / n)) - 1.0
+
+
+def _karras(sigmas_desc: np.ndarray, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho."""
+    lo, hi = float(sigmas_desc[-1]), float(sigmas_desc[0])
+    ramp = np.linspace(0, 1, n)
+    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, by linear interpolation in log sigma."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _x0_coefs(pred: str, sigma_or_acp: float, space: str) -> tuple[float, float]:
+    """(p, q) with x0 = p*x + q*m for the model output m."""
+    if space == "sigma":  # x = x0 + sigma * eps  (Karras parameterisation)
+        s = sigma_or_acp
+        if pred == "epsilon":
+            return 1.0, -s
+        return 1.0 / (s * s + 1), -s / math.sqrt(s * s + 1)
+    a = sigma_or_acp  # x = sqrt(a) x0 + sqrt(1 - a) eps  (DDPM parameterisation)
+    if pred == "epsilon":
+        return 1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a)
+    return math.sqrt(a), -math.sqrt(1 - a)
+
+
+# ---- the samplers: each returns raw coefficients in its own space plus c_in ------------------------------
+
+@dataclass
+class _Raw:
+    timesteps: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    c_in: np.ndarray  # (S,) U-Net input = c_in * x
+    init_noise_sigma: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _alloc(S: int, Ks: int, Km: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros((S, Ks)), np.zeros((S, Km)), np.zeros(S)
+
+
+def _ddim(cfg: SamplerConfig, n: int) -> _Raw:
+    acp = alphas_cumprod(cfg)
+    final = 1.0 if cfg.set_alpha_to_one else acp[0]
+    ts = _spaced(cfg, n, integer=True)
+    A, B, C = _alloc(n, 1, 1)
+    ratio = cfg.num_train_timesteps // n
+    for i, t in enumerate(ts.astype(int)):
+        prev = t - ratio
+        a_t, a_p = acp[t], (acp[prev] if prev >= 0 else final)
+        px, pm = _x0_coefs(cfg.prediction_type, a_t, "ddpm")
+        # eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t)
+        ex, em = (1 - math.sqrt(a_t) * px) / math.sqrt(1 - a_t), -math.sqrt(a_t) * pm / math.sqrt(1 - a_t)
+        var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        std = cfg.eta * math.sqrt(var)
+        d = math.sqrt(1 - a_p - std * std)
+        A[i, 0] = math.sqrt(a_p) * px + d * ex
+        B[i, 0] = math.sqrt(a_p) * pm + d * em
+        C[i] = std
+    return _Raw(ts, A, B, C, np.ones(n), 1.0)
+
+
+def _pndm(cfg: SamplerConfig, n: int) -> _Raw:
+    """PLMS (skip_prk_steps): the first two evaluations form a 2nd-order warm-up from the same sample."""
+    acp = alphas_cumprod(cfg)
+    final = 1.0 if cfg.set_alpha_to_one else acp[0]
+    T, r = cfg.num_train_timesteps, cfg.num_train_timesteps // n
+    if cfg.timestep_spacing == "linspace":
+        base = np.linspace(0, T - 1, n).round()
+    elif cfg.timestep_spacing == "leading":
+        base = (np.arange(0, n) * r).round() + cfg.steps_offset
+    else:
+        base = np.round(np.arange(T, 0, -T / n))[::-1] - 1
+    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
+    S = len(ts)
+    A, B, C = _alloc(S, 2, 5)
+    plms = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    for i in range(S):
+        if i == 1:  # evaluation at the next timestep, averaged with the first, applied to s_0 again
+            t, prev = int(ts[i]) + r, int(ts[i])
+            lags, weights, sample_lag = [0, 1], [0.5, 0.5], 1
+        else:
+            t, prev = int(ts[i]), int(ts[i]) - r
+            history = ([0] + list(range(2, i + 1)))[-4:]  # model outputs PLMS keeps (m_1 is never stored)
+            lags = [i - k for k in reversed(history)]
+            weights, sample_lag = plms[len(history)], 0
+        a_t, a_p = acp[t], (acp[prev] if prev >= 0 else final)
+        coeff = math.sqrt(a_p / a_t)
+        k = (a_p - a_t) / (a_t * math.sqrt(1 - a_p) + math.sqrt(a_t * (1 - a_t) * a_p))
+        # x' = coeff * x - k * eps, with eps = m (epsilon) or sqrt(a_t) m + sqrt(1 - a_t) x (v)
+        if cfg.prediction_type == "epsilon":
+            A[i, sample_lag] = coeff
+            scale = k
+        else:
+            A[i, sample_lag] = coeff - k * math.sqrt(1 - a_t)
+            scale = k * math.sqrt(a_t)
+        for lag, w in zip(lags, weights):
+            B[i, lag] -= scale * w
+    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
+
+
+def _sigma_schedule(cfg: SamplerConfig, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps and sigmas (with the final 0) of the Euler/LMS family."""
+    train = _train_sigmas(alphas_cumprod(cfg))
+    ts = _spaced(cfg, n, integer=False).astype(np.float32).astype(np.float64)
+    sigmas = np.interp(ts, np.arange(len(train)), train)
+    if karras:
+        sigmas = _karras(sigmas, n)
+        ts = _sigma_to_t(sigmas, np.log(train))
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+    return ts.astype(np.float32).astype(np.float64), sigmas
+
+
+def _init_sigma(cfg: SamplerConfig, sigmas: np.ndarray) -> float:
+    top = float(sigmas.max())
+    return top if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1)
+
+
+def _euler(cfg: SamplerConfig, n: int, ancestral: bool = False) -> _Raw:
+    ts, sig = _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas and not ancestral)
+    A, B, C = _alloc(n, 1, 1)
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        px, pm = _x0_coefs(cfg.prediction_type, s, "sigma")
+        if ancestral:  # Karras et al. 2022 / k-diffusion sample_euler_ancestral, eta = 1
+            up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
+            down = math.sqrt(s_next ** 2 - up ** 2)
+            dt, C[i] = down - s, up
+        else:
+            dt = s_next - s
+        # d = (x - x0) / s ; x' = x + d * dt
+        A[i, 0] = 1 + (1 - px) * dt / s
+        B[i, 0] = -pm * dt / s
+    return _Raw(ts, A, B, C, 1 / np.sqrt(sig[:n] ** 2 + 1), _init_sigma(cfg, sig))
+
+
+def _lms_coefficient(sig: np.ndarray, order: int, i: int, k: int) -> float:
+    """Integral over [sigma_i, sigma_(i+1)] of the Lagrange basis polynomial of node sigma_(i-k)."""
+    poly = np.polynomial.Polynomial([1.0])
+    for l in range(order):
+        if l != k:
+            poly *= np.polynomial.Polynomial([-sig[i - l], 1.0]) / (sig[i - k] - sig[i - l])
+    antiderivative = poly.integ()
+    return float(antiderivative(sig[i + 1]) - antiderivative(sig[i]))
+
+
+def _lms(cfg: SamplerConfig, n: int, order: int = 4) -> _Raw:
+    ts, sig = _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)
+    A, B, C = _alloc(n, order, order)
+    A[:, 0] = 1.0
+    for i in range(n):
+        for k in range(min(i + 1, order)):
+            coef = _lms_coefficient(sig, min(i + 1, order), i, k)
+            px, pm = _x0_coefs(cfg.prediction_type, sig[i - k], "sigma")
+            # derivative d_(i-k) = (x_(i-k) - x0_(i-k)) / sigma_(i-k)
+            A[i, k] += coef * (1 - px) / sig[i - k]
+            B[i, k] += -coef * pm / sig[i - k]
+    return _Raw(ts, A, B, C, 1 / np.sqrt(sig[:n] ** 2 + 1), _init_sigma(cfg, sig))
+
+
+def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
+    """DPM-Solver++(2M) in data prediction, Lu et al. 2022, algorithm 2."""
+    acp = alphas_cumprod(cfg)
+    train = _train_sigmas(acp)
+    T = cfg.num_train_timesteps
+    if cfg.use_karras_sigmas:
+        sigmas = _karras(train[::-1], n)
+        ts = _sigma_to_t(sigmas, np.log(train))
+        # diffusers rounds, except for the cosine schedule, where the int64 cast truncates
+        ts = np.floor(ts) if cfg.beta_schedule == "squaredcos_cap_v2" else np.round(ts)
+    else:
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
+        else:
+            ts = np.arange(T, 0, -T / n).round() - 1
+        sigmas = np.interp(ts, np.arange(len(train)), train)
+    sig = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+    S = len(ts)
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    sigma_t = sig * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma_t)  # +inf at the final sigma 0
+    A, B, C = _alloc(S, 2, 2)
+    for i in range(S):
+        last = i == S - 1
+        first_order = i == 0 or (last and (cfg.euler_at_final or (cfg.lower_order_final and S < 15) or sig[-1] == 0))
+        h = lam[i + 1] - lam[i]
+        em1 = math.exp(-h) - 1.0  # exp(-inf) - 1 = -1 at the end
+        ratio = sigma_t[i + 1] / sigma_t[i]
+        # D_j = px_j x_j + pm_j m_j
+        px0, pm0 = _x0_coefs(cfg.prediction_type, acp_from_sigma(sig[i]), "ddpm")
+        if first_order:
+            w0, w1 = -alpha[i + 1] * em1, 0.0
+        else:
+            r0 = (lam[i] - lam[i - 1]) / h
+            if cfg.solver_type == "midpoint":
+                c_d0, c_d1 = -alpha[i + 1] * em1, -0.5 * alpha[i + 1] * em1
+            else:
+                c_d0, c_d1 = -alpha[i + 1] * em1, alpha[i + 1] * (em1 / h + 1.0)
+            # D0 = D_i, D1 = (D_i - D_(i-1)) / r0
+            w0, w1 = c_d0 + c_d1 / r0, -c_d1 / r0
+        A[i, 0] = ratio + w0 * px0
+        B[i, 0] = w0 * pm0
+        if w1:
+            px1, pm1 = _x0_coefs(cfg.prediction_type, acp_from_sigma(sig[i - 1]), "ddpm")
+            A[i, 1] = w1 * px1
+            B[i, 1] = w1 * pm1
+    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
+
+
+def acp_from_sigma(sigma: float) -> float:
+    """alpha_bar for the Karras sigma: sigma^2 = (1 - a) / a."""
+    return 1.0 / (sigma * sigma + 1.0)
+
+
+_BUILDERS = {
+    "ddim": _ddim,
+    "pndm": _pndm,
+    "lms": _lms,
+    "euler": _euler,
+    "euler_a": lambda cfg, n: _euler(cfg, n, ancestral=True),
+    "dpmpp_2m": _dpmpp_2m,
+    "dpmpp_2m_karras": _dpmpp_2m,
+}
+
+
+def build_table(cfg: SamplerConfig, num_inference_steps: int) -> SamplerTable:
+    """Compute the coefficient table for ``num_inference_steps`` (the loop runs ``table.num_steps`` U-Net calls)."""
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise SamplerError(f"steps must be a positive integer, got {num_inference_steps!r}")
+    if num_inference_steps > cfg.num_train_timesteps:
+        raise SamplerError(f"steps ({num_inference_steps}) cannot exceed the {cfg.num_train_timesteps} training timesteps")
+    if cfg.name not in _BUILDERS:
+        raise SamplerError(f"unknown sampler {cfg.name!r}; choose one of {', '.join(SAMPLERS)}")
+    if cfg.name == "pndm" and num_inference_steps < 2:
+        raise SamplerError("pndm needs at least 2 steps")
+    if cfg.name == "dpmpp_2m_karras" and not cfg.use_karras_sigmas:
+        cfg = replace(cfg, use_karras_sigmas=True)
+    raw = _BUILDERS[cfg.name](cfg, num_inference_steps)
+    S = len(raw.timesteps)
+    c_in = np.concatenate([raw.c_in, [1.0]])  # the state after the last step is the plain sample
+    A = np.zeros_like(raw.A)
+    for j in range(raw.A.shape[1]):
+        src = np.array([c_in[i - j] if i - j >= 0 else 1.0 for i in range(S)])
+        A[:, j] = c_in[1:] * raw.A[:, j] / src
+    return SamplerTable(
+        name=cfg.name, timesteps=raw.timesteps, state_coef=A, model_coef=c_in[1:, None] * raw.B,
+        noise_coef=c_in[1:] * raw.C, init_scale=float(c_in[0] * raw.init_noise_sigma), extras=raw.extras,
+    )

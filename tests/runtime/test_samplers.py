@@ -1,0 +1,133 @@
+"""Sampler tables against diffusers' scheduler classes: whole trajectories driven by the same random
+model outputs and noise must agree within relative error 1e-5."""
+
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from sdtrt.config import from_dict, to_dict
+from sdtrt.runtime.samplers import SAMPLERS, SamplerConfig, SamplerError, build_table, step
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+            prediction_type="epsilon", timestep_spacing="leading")
+
+DIFFUSERS_CLASS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+CONFIGS = {
+    "sd15": SD15,
+    "v-trailing": dict(SD15, prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0),
+    "linspace-linear-alpha1": dict(SD15, timestep_spacing="linspace", beta_schedule="linear", beta_start=0.0001,
+                                   beta_end=0.02, set_alpha_to_one=True, steps_offset=0),
+    "cosine-v-leading": dict(SD15, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
+}
+
+
+def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0):
+    """Run diffusers' scheduler; return the U-Net inputs it asks for at each step and the final sample."""
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_CLASS[name]
+    sched = getattr(diffusers, cls_name).from_config({**config, **extra})
+    sched.set_timesteps(steps)
+    # float64 tensors: the reference then carries less rounding of its own (Euler and DPM cast to float32 inside)
+    x = torch.from_numpy(z0.astype(np.float64)) * sched.init_noise_sigma
+    inputs = []
+    noise_iter = iter(noises)
+    patch = mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor",
+                       side_effect=lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64)))
+    with patch:
+        for i, t in enumerate(sched.timesteps):
+            inputs.append(sched.scale_model_input(x, t).numpy().copy())
+            kwargs = {"eta": eta, "variance_noise": torch.from_numpy(noises[i].astype(np.float64))} if name == "ddim" and eta else {}
+            x = sched.step(torch.from_numpy(outputs[i].astype(np.float64)), t, x, **kwargs).prev_sample
+    return np.array(sched.timesteps, dtype=np.float64), inputs, x.numpy()
+
+
+def our_trajectory(table, z0, outputs, noises):
+    states, history = [table.init_scale * z0.astype(np.float64)], []
+    inputs = []
+    for i in range(table.num_steps):
+        inputs.append(states[0])
+        history.insert(0, outputs[i].astype(np.float64))
+        nxt = step(table, i, states, history, noises[i].astype(np.float64))
+        states.insert(0, nxt)
+        del states[table.state_coef.shape[1]:], history[table.model_coef.shape[1]:]
+    return inputs, states[0]
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("steps", [4, 20, 50])
+def test_trajectory_matches_diffusers(name, config_name, steps):
+    config = CONFIGS[config_name]
+    table = build_table(SamplerConfig.from_scheduler_config(config, name), steps)
+    rng = np.random.default_rng(steps)
+    shape = (2, 4, 8, 8)
+    z0 = rng.standard_normal(shape).astype(np.float32)
+    outputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(table.num_steps)]
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(table.num_steps)]
+    try:
+        timesteps, want_inputs, want = diffusers_trajectory(name, config, steps, z0, outputs, noises)
+    except IndexError:  # DPM++ Karras + cosine: diffusers' int64 timesteps collide and it steps past its end
+        pytest.skip("diffusers' own scheduler fails on this config, so there is no reference")
+    np.testing.assert_allclose(table.timesteps, timesteps, rtol=1e-6, atol=1e-4)
+    got_inputs, got = our_trajectory(table, z0, outputs, noises)
+    for i, (g, w) in enumerate(zip(got_inputs, want_inputs)):
+        assert rel(g, w) <= 1e-5, f"U-Net input at step {i}: {rel(g, w):.2e}"
+    assert rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_matches_diffusers_given_the_same_noise(eta):
+    table = build_table(SamplerConfig.from_scheduler_config(SD15, "ddim", eta=eta), 10)
+    assert table.stochastic
+    rng = np.random.default_rng(0)
+    z0, *rest = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(21))
+    outputs, noises = rest[:10], rest[10:]
+    _, _, want = diffusers_trajectory("ddim", SD15, 10, z0, outputs, noises, eta=eta)
+    _, got = our_trajectory(table, z0, outputs, noises)
+    assert rel(got, want) <= 1e-5
+
+
+def test_only_ancestral_samplers_draw_noise():
+    for name in SAMPLERS:
+        table = build_table(SamplerConfig.from_scheduler_config(SD15, name), 10)
+        assert table.stochastic == (name == "euler_a"), name
+
+
+def test_sampler_config_round_trips_through_json():
+    cfg = SamplerConfig.from_scheduler_config(CONFIGS["cosine-v-leading"], "dpmpp_2m_karras", eta=0.3)
+    assert from_dict(SamplerConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize(
+    "config, name, steps, needle",
+    [
+        (SD15, "heun", 10, "unknown sampler 'heun'"),
+        (SD15, "ddim", 0, "positive integer"),
+        (SD15, "ddim", 1001, "cannot exceed"),
+        (dict(SD15, prediction_type="sample"), "ddim", 10, "prediction_type 'sample'"),
+        (dict(SD15, timestep_spacing="karras"), "ddim", 10, "timestep_spacing"),
+        (dict(SD15, thresholding=True), "ddim", 10, "thresholding"),
+        (dict(SD15, skip_prk_steps=False), "pndm", 10, "Runge-Kutta"),
+    ],
+)
+def test_bad_sampler_requests_raise_a_clear_error(config, name, steps, needle):
+    with pytest.raises(SamplerError, match=needle):
+        build_table(SamplerConfig.from_scheduler_config(config, name), steps)
