@@ -56,8 +56,7 @@ class ExportConfig:
 
 
 def default_cases(component: str, ranges: Ranges):
-    """Two shapes per graph: the smallest, and an odd batch with a non-square size (guidance: see
-    ``validate.GATE_GUIDANCE``)."""
+    """Two shapes per graph: the smallest, and an odd batch with a non-square size."""
     from sdtrt.export.validate import ValidationCase
 
     b2 = min(ranges.batch_max, max(ranges.batch_min, 3))
