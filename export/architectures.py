@@ -65,6 +65,27 @@ TINY = Architecture(
     tokenizer_merges=400,
 )
 
+SMALL = Architecture(
+    name="small",
+    family="small",
+    description="mid-size SD-shaped model (~25M parameters: 4-layer 128-d CLIP, 64/128/256 U-Net), random weights",
+    text_encoder=dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=128,
+    ),
+    unet=dict(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+    ),
+    vae=dict(_SD_VAE, block_out_channels=(32, 64, 128, 128), layers_per_block=1, sample_size=256),
+    scheduler_class="PNDMScheduler",
+    scheduler=_SD15_SCHEDULER,
+    tokenizer_merges=1000,
+)
+
 SD15 = Architecture(
     name="sd15",
     family="sd1",
@@ -112,5 +133,5 @@ SDXL = Architecture(
     unsupported_reason="SDXL (two text encoders, pooled and size conditioning) is not supported yet",
 )
 
-BUILTIN_ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (TINY, SD15, SD21, SDXL)}
+BUILTIN_ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (TINY, SMALL, SD15, SD21, SDXL)}
 DEFAULT_MODEL = "tiny"

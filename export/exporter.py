@@ -213,6 +213,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
             latent_channels=int(model.vae.config.latent_channels), vae_scale_factor=vae_scale,
             vae_scaling_factor=float(model.vae.config.scaling_factor), text_hidden_size=int(te.hidden_size),
             max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
+            default_size=int(model.unet.config.sample_size) * vae_scale,
         ),
         precision=config.precision, ranges=ranges, components=components, tools=tool_versions(),
     )

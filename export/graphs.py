@@ -150,8 +150,9 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         "text_encoder": GraphSpec(
             name="text_encoder",
             module=TextEncoderGraph(model.text_encoder).eval(),
-            inputs=(InputSpec("input_ids", "int32", ("batch", seq)),),
-            outputs=(InputSpec("last_hidden_state", "float32", ("batch", seq, hidden)),),
+            # text_batch: negative and positive prompts are encoded in one call
+            inputs=(InputSpec("input_ids", "int32", ("text_batch", seq)),),
+            outputs=(InputSpec("last_hidden_state", "float32", ("text_batch", seq, hidden)),),
             make_inputs=text_inputs,
         ),
         "unet": GraphSpec(

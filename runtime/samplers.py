@@ -131,19 +131,21 @@ class SamplerTable:
 
 
 def step(table: SamplerTable, i: int, states: list[np.ndarray], outputs: list[np.ndarray],
-         noise: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """The one shared update. ``states[j]`` is s_(i-j), ``outputs[j]`` is m_(i-j); missing history is skipped
-    (its coefficient is 0 by construction)."""
+         noise: np.ndarray | None = None, out: np.ndarray | None = None,
+         scratch: np.ndarray | None = None) -> np.ndarray:
+    """The one shared update. ``states[j]`` is s_(i-j), ``outputs[j]`` is m_(i-j); history the table does not
+    reach is ignored (its coefficient is 0 by construction). With ``out`` and ``scratch`` it allocates nothing."""
     acc = out if out is not None else np.empty_like(states[0])
-    np.multiply(states[0], table.state_coef[i, 0], out=acc)
-    for j in range(1, min(len(states), table.state_coef.shape[1])):
-        if table.state_coef[i, j] != 0.0:
-            acc += table.state_coef[i, j] * states[j]
-    for j in range(min(len(outputs), table.model_coef.shape[1])):
-        if table.model_coef[i, j] != 0.0:
-            acc += table.model_coef[i, j] * outputs[j]
+    tmp = scratch if scratch is not None else np.empty_like(acc)
+    np.multiply(states[0], float(table.state_coef[i, 0]), out=acc)
+    terms = [(float(table.state_coef[i, j]), states[j]) for j in range(1, min(len(states), table.state_coef.shape[1]))]
+    terms += [(float(table.model_coef[i, j]), outputs[j]) for j in range(min(len(outputs), table.model_coef.shape[1]))]
     if table.noise_coef[i] != 0.0:
-        acc += table.noise_coef[i] * noise
+        terms.append((float(table.noise_coef[i]), noise))
+    for coef, x in terms:
+        if coef != 0.0:
+            np.multiply(x, coef, out=tmp)
+            acc += tmp
     return acc
 
 

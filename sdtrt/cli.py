@@ -65,11 +65,130 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 512x512, got {text!r}") from None
+    return w, h
+
+
+def _add_generate(sub) -> None:
+    from sdtrt.runtime.backends import BACKENDS
+    from sdtrt.runtime.samplers import SAMPLERS
+
+    p = sub.add_parser("generate", help="generate images from an engine folder",
+                       description="Text to image with the engines of an engine folder (no torch needed).")
+    p.add_argument("dir", help="engine folder written by `sdtrt export`")
+    p.add_argument("prompt")
+    p.add_argument("-n", "--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (<= 1 disables guidance)")
+    p.add_argument("--seed", type=int, default=None, help="seed (NumPy PCG64); random if not given")
+    p.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's scheduler)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images, -1, -2 ... are added")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _output_paths(output: str, count: int):
+    from pathlib import Path
+
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"output {output} must end in .png")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+    import os
+
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write {output}: permission denied")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+
+
+def _cmd_generate(args) -> int:
+    from sdtrt.runtime import Pipeline, save_png
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.cfg < 0:
+        raise UsageError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
+    paths = _output_paths(args.output, args.num_images)
+    pipe = Pipeline.from_dir(args.dir, backend=args.backend)
+    width, height = args.size or (None, None)
+    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                  height=height, width=width, seed=args.seed, num_images_per_prompt=args.num_images,
+                  scheduler=args.scheduler, callback=_progress_bar("denoising"))
+    for image, params, path in zip(result.images, result.parameters, paths):
+        save_png(image, path, params)
+        print(path)
+    t = result.timings
+    print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, denoise {t['denoise']:.2f}s, "
+          f"vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
+    return 0
+
+
+def _progress_bar(label: str):
+    width = 30
+
+    def show(done: int, total: int) -> None:
+        if not sys.stderr.isatty() and done != total:
+            return
+        filled = width * done // total
+        end = "\n" if done == total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show an engine folder's manifest and what can run it here")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    from sdtrt.manifest import Manifest
+    from sdtrt.runtime.backends import available_backends
+
+    m = Manifest.load(args.dir)
+    info = m.model
+    print(f"{args.dir}: {info.family} from {info.source}, {m.precision}, manifest schema {m.schema_version}")
+    print(f"  prediction {info.prediction_type}, {info.latent_channels} latent channels, VAE x{info.vae_scale_factor} "
+          f"(scaling {info.vae_scaling_factor}), text {info.max_text_length} tokens x {info.text_hidden_size}")
+    r = m.ranges
+    print(f"  batch {r.batch_min}..{r.batch_max}, size {r.size_min}..{r.size_max} px (multiples of 8), "
+          f"default {info.default_size}x{info.default_size}")
+    for name, c in m.components.items():
+        mb = c.size_bytes / 1e6
+        worst = max((v.max_rel_error for v in c.validation), default=float("nan"))
+        print(f"  {name:<13} {c.file:<20} {c.precision:<5} {mb:9.1f} MB  parity {worst:.1e} "
+              f"({'pass' if all(v.passed for v in c.validation) else 'FAIL'})")
+        for s in c.inputs + c.outputs:
+            dims = ", ".join(f"{d}" if lo == hi else f"{d}={lo}..{hi}" for d, lo, hi in zip(s.shape, s.min_shape, s.max_shape))
+            arrow = "in " if s in c.inputs else "out"
+            print(f"      {arrow} {s.name:<22} {s.dtype:<8} [{dims}]")
+        for island in c.fp32_islands:
+            print(f"      fp32: {island}")
+    print("  exported with " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    print("this machine can run it with: " + ", ".join(available_backends()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtrt", description="Stable Diffusion on TensorRT / ONNX Runtime")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_export(sub)
+    _add_generate(sub)
+    _add_info(sub)
     return parser
 
 
