@@ -2,8 +2,8 @@
 
 The vocabulary is laid out like OpenAI CLIP's ``vocab.json``: the 256 byte symbols, the same with the
 ``</w>`` end-of-word suffix, the learned merges in order, then ``<|startoftext|>`` and ``<|endoftext|>``.
-The merges are learned with Hugging Face ``tokenizers`` on a small built-in prompt corpus, so every
-text (any unicode) still encodes: unknown words fall back to byte symbols, as in CLIP.
+The merges are learned deterministically on a small built-in prompt corpus; every text (any unicode)
+still encodes, because unknown words fall back to byte symbols, as in CLIP.
 """
 
 from __future__ import annotations
@@ -39,17 +39,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-@lru_cache(maxsize=4)
-def learn_clip_vocab(num_merges: int) -> tuple[dict[str, int], tuple[str, ...]]:
-    """Return (vocab, merges) in CLIP's layout with at most ``num_merges`` merges."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+def _clip_pre_tokenizer():
+    """transformers' CLIPTokenizer normaliser and pre-tokeniser, so learned merges fit its splits."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    # The same normalisation and pre-tokenisation as transformers' CLIPTokenizer.
-    tok.normalizer = normalizers.Sequence(
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    pre = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
                 Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
@@ -59,27 +56,58 @@ def learn_clip_vocab(num_merges: int) -> tuple[dict[str, int], tuple[str, ...]]:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    byte_symbols = list(bytes_to_unicode().values())
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(byte_symbols) + num_merges,
-        initial_alphabet=byte_symbols,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    import json
+    return normalizer, pre
 
-    learned = json.loads(tok.to_str())["model"]["merges"]
-    merges = tuple((" ".join(m) if isinstance(m, list) else m) for m in learned)[:num_merges]
+
+@lru_cache(maxsize=4)
+def learn_clip_vocab(num_merges: int) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Return (vocab, merges) in CLIP's layout with at most ``num_merges`` merges.
+
+    Plain BPE (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair. Ties go to the
+    lexicographically smallest pair, so the vocabulary is the same in every process (the ``tokenizers``
+    trainer breaks ties in hash order, which is not reproducible).
+    """
+    from collections import Counter
+
+    normalizer, pre = _clip_pre_tokenizer()
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in _corpus():
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(line)):
+            symbols = list(word)
+            symbols[-1] += "</w>"
+            words[tuple(symbols)] += 1
+    merges: list[str] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(f"{best[0]} {best[1]}")
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, count in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    byte_symbols = list(bytes_to_unicode().values())
     vocab_list = byte_symbols + [s + "</w>" for s in byte_symbols]
     seen = set(vocab_list)
     for merge in merges:
-        merged = merge.replace(" ", "")
-        if merged not in seen:
-            seen.add(merged)
-            vocab_list.append(merged)
+        token = merge.replace(" ", "")
+        if token not in seen:
+            seen.add(token)
+            vocab_list.append(token)
     vocab_list += [BOS, EOS]
-    return {t: i for i, t in enumerate(vocab_list)}, merges
+    return {t: i for i, t in enumerate(vocab_list)}, tuple(merges)
 
 
 def build_clip_tokenizer(num_merges: int, max_length: int = 77, pad_token: str = EOS):
