@@ -104,6 +104,8 @@ def _output_paths(output: str, count: int):
         raise UsageError(f"cannot write {output}: folder {folder} does not exist")
     import os
 
+    if path.is_dir():
+        raise UsageError(f"cannot write {output}: it is a folder")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UsageError(f"cannot write {output}: permission denied")
     if count == 1:
@@ -127,7 +129,10 @@ def _cmd_generate(args) -> int:
                   height=height, width=width, seed=args.seed, num_images_per_prompt=args.num_images,
                   scheduler=args.scheduler, callback=_progress_bar("denoising"))
     for image, params, path in zip(result.images, result.parameters, paths):
-        save_png(image, path, params)
+        try:
+            save_png(image, path, params)
+        except OSError as ex:
+            raise SdtrtError(f"cannot write {path}: {ex.strerror or ex}") from None
         print(path)
     t = result.timings
     print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, denoise {t['denoise']:.2f}s, "
