@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrt.errors import OutputExistsError, UsageError, ValidationError
+from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
 from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -214,6 +215,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
             vae_scaling_factor=float(model.vae.config.scaling_factor), text_hidden_size=int(te.hidden_size),
             max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
             default_size=int(model.unet.config.sample_size) * vae_scale,
+            weights_seed=config.seed if model.source in BUILTIN_ARCHITECTURES else None,
         ),
         precision=config.precision, ranges=ranges, components=components, tools=tool_versions(),
     )

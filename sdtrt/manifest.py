@@ -84,6 +84,7 @@ class ModelInfo:
     text_hidden_size: int
     max_text_length: int  # tokens per prompt, BOS and EOS included (77)
     vocab_size: int
+    weights_seed: int | None = None  # built-in architectures: the seed of their random weights
     default_size: int = 512  # pixels: the U-Net's sample_size times the VAE scale factor (diffusers' default)
 
 
