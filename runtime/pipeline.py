@@ -103,8 +103,9 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        final = self._denoise(table, latents, embeddings, guidance_scale, rng, callback)  # (B, C, h, w)
+        final = self._denoise(table, latents, embeddings, guidance_scale, rng, callback, timings)  # (B, C, h, w)
         timings["denoise"] = time.perf_counter() - t
+        timings["steps"] = table.num_steps
 
         t = time.perf_counter()
         vae = self.engines["vae_decoder"]
@@ -163,7 +164,7 @@ class Pipeline:
         return embeddings.astype(self.engines["unet"].input_dtype("encoder_hidden_states"))
 
     def _denoise(self, table: SamplerTable, latents: np.ndarray, embeddings: np.ndarray, guidance: float,
-                 rng: np.random.Generator, callback) -> np.ndarray:
+                 rng: np.random.Generator, callback, timings: dict[str, float]) -> np.ndarray:
         unet = self.engines["unet"]
         ks, km = table.state_coef.shape[1], table.model_coef.shape[1]
         # Preallocated run state; buffers are rotated by reference, never reallocated in the loop.
@@ -178,10 +179,14 @@ class Pipeline:
             "encoder_hidden_states": embeddings,  # (kB, 77, D)
             "guidance_scale": np.array([guidance], unet.input_dtype("guidance_scale")),  # (1,)
         }
+        unet_s = update_s = 0.0
+        clock = time.perf_counter
         for i in range(table.num_steps):
+            t0 = clock()
             np.copyto(feeds["latents"], states[0], casting="unsafe")
             feeds["timestep"][0] = table.timesteps[i]
             prediction = unet.run(feeds)["noise_pred"]  # (B, C, h, w)
+            t1 = clock()
             outputs.insert(0, outputs.pop())
             np.copyto(outputs[0], prediction, casting="unsafe")
             if noise is not None and table.noise_coef[i] != 0.0:
@@ -189,8 +194,12 @@ class Pipeline:
             spare = states.pop()
             step(table, i, states, outputs, noise, out=spare, scratch=scratch)
             states.insert(0, spare)
+            t2 = clock()
+            unet_s += t1 - t0
+            update_s += t2 - t1
             if callback is not None:
                 callback(i + 1, table.num_steps)
+        timings["unet"], timings["sampler_update"] = unet_s, update_s
         return states[0]
 
 

@@ -187,6 +187,52 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from sdtrt.runtime.backends import BACKENDS
+    from sdtrt.runtime.samplers import SAMPLERS
+
+    p = sub.add_parser("bench", help="benchmark the runtime against eager PyTorch (diffusers)",
+                       description="Latency, per-component time, memory and fidelity of sdtrt against diffusers.")
+    p.add_argument("dir", help="engine folder")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--baseline", choices=("torch", "torch-compile", "none"), default="torch")
+    p.add_argument("--size", type=_size, nargs="+", default=None, metavar="WxH", help="one or more sizes (default: the model's)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per system (default: library default)")
+    p.add_argument("--out", help="write the full result as JSON here")
+    p.add_argument("--plot", help="write a per-component bar chart (PNG) here")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import json
+
+    from sdtrt.benchmarks.harness import BenchConfig, run_bench
+    from sdtrt.benchmarks.report import markdown, plot
+    from sdtrt.config import write_json_atomic
+    from sdtrt.manifest import Manifest
+
+    manifest = Manifest.load(args.dir)
+    sizes = tuple(args.size) if args.size else ((manifest.model.default_size,) * 2,)
+    cfg = BenchConfig(engine_dir=args.dir, backend=args.backend, baseline=args.baseline, sizes=sizes, steps=args.steps,
+                      batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads)
+    for path in (args.out, args.plot):
+        if path:
+            _output_paths(path if path.endswith(".png") else path + ".png", 1)  # folder exists and is writable
+    result = run_bench(cfg)
+    result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
+    print(markdown(result))
+    if args.out:
+        write_json_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtrt", description="Stable Diffusion on TensorRT / ONNX Runtime")
     parser.add_argument("--version", action="version", version=_version())
@@ -194,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_generate(sub)
     _add_info(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -1,0 +1,96 @@
+"""Markdown table and bar chart of a `sdtrt bench` result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COMPONENTS = (("text_encoder", "text encoder"), ("unet", "U-Net (all steps)"), ("sampler_update", "sampler update (all steps)"),
+              ("vae_decoder", "VAE decode"))
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    device = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores)"
+    lines = [f"Device: {device}; precision {result['precision']}; model {result['model']['family']}; "
+             f"{result['config']['steps']} steps, batch {result['config']['batch']}, runs {result['config']['runs']} "
+             f"(warm-up {result['config']['warmup']})", ""]
+    for entry in result["results"]:
+        systems = entry["systems"]
+        ours, base = systems["sdtrt"], systems.get("baseline")
+        lines += [f"### {entry['size']}, batch {entry['batch']}", "",
+                  f"sdtrt: {ours['backend']}" + (f"; baseline: {base['backend']}" if base else ""), "",
+                  "| metric | sdtrt | baseline | sdtrt / baseline |", "|---|---|---|---|"]
+
+        def row(label, a, b, fmt="{:.3f}"):
+            lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b) if b is not None else '-'} | "
+                         f"{_ratio(a, b) if b is not None else '-'} |")
+
+        get = lambda s, *path: None if s is None else _dig(s, path)  # noqa: E731
+        row("latency per image, median (s)", ours["latency_per_image_s"], get(base, "latency_per_image_s"))
+        row("latency, p90 (s)", ours["latency_s"]["p90"], get(base, "latency_s", "p90"))
+        row("latency, min (s)", ours["latency_s"]["min"], get(base, "latency_s", "min"))
+        row("images/s", ours["images_per_s"], get(base, "images_per_s"))
+        row("U-Net it/s", ours["unet_it_per_s"], get(base, "unet_it_per_s"), "{:.2f}")
+        for key, label in (("text_encoder", "text encoder (ms)"), ("unet_per_step", "U-Net per step (ms)"),
+                           ("sampler_update_per_step", "sampler update per step (ms)"), ("vae_decoder", "VAE decode (ms)")):
+            b = get(base, "components_s", key)
+            row(label, ours["components_s"][key] * 1e3, None if b is None else b * 1e3, "{:.2f}")
+        if "psnr_db_vs_baseline" in entry:
+            lines.append(f"| PSNR vs baseline (dB) | {entry['psnr_db_vs_baseline']:.1f} | | |")
+        lines.append("")
+    cold, mem = result["cold_start_s"], result["memory"]
+    lines += ["| process | sdtrt | baseline | ratio |", "|---|---|---|---|"]
+    b_cold = cold.get("baseline")
+    lines.append(f"| cold start: load to first image (s) | {cold['sdtrt']:.2f} | "
+                 f"{'-' if b_cold is None else f'{b_cold:.2f}'} | {_ratio(cold['sdtrt'], b_cold) if b_cold else '-'} |")
+    for key in sorted({k for m in mem.values() for k in m}):
+        a, b = mem["sdtrt"].get(key), mem.get("baseline", {}).get(key)
+        lines.append(f"| {key.replace('_', ' ')} | {'-' if a is None else f'{a:.0f}'} | {'-' if b is None else f'{b:.0f}'} | "
+                     f"{_ratio(a, b) if a is not None and b else '-'} |")
+    ho = result["host_overhead"]
+    lines += ["", f"Runtime host overhead with null engines ({ho['sampler']}, {ho['size']}x{ho['size']}, {ho['steps']} steps): "
+              f"{ho['us_per_step']:.0f} µs per step, of which sampler update {ho['sampler_update_us_per_step']:.0f} µs."]
+    return "\n".join(lines)
+
+
+def _dig(obj, path):
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Stacked bars of the per-component time of one image, per size and system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, stacks = [], []
+    for entry in result["results"]:
+        for name, s in entry["systems"].items():
+            c = s["components_s"]
+            labels.append(f"{name}\n{entry['size']}")
+            stacks.append([c["text_encoder"], c["unet_per_step"] * s["steps"], c["sampler_update_per_step"] * s["steps"],
+                           c["vae_decoder"]])
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels), 4.5))
+    bottoms = [0.0] * len(labels)
+    for i, (_, label) in enumerate(COMPONENTS):
+        values = [s[i] for s in stacks]
+        ax.bar(labels, values, bottom=bottoms, label=label)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ax.set_ylabel("seconds per generation (median)")
+    env = result["environment"]
+    ax.set_title(f"{result['model']['family']} {result['precision']}, {result['config']['steps']} steps — "
+                 f"{env.get('gpu') or env.get('cpu')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

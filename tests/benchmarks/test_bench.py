@@ -1,0 +1,63 @@
+"""`sdtrt bench` on tiny: the JSON it writes has every figure the issue asks for (not the speed)."""
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from sdtrt.cli import main
+
+pytestmark = pytest.mark.bench
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+
+
+def test_bench_json_table_and_plot(tiny_fp32, tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(["bench", str(tiny_fp32[0]), "--size", "64x64", "96x64", "--steps", "3", "--runs", "2", "--warmup", "1",
+                 "--out", str(out_json), "--plot", str(out_png)])
+    table = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert result["schema"] == "sdtrt-bench/1" and result["precision"] == "fp32"
+    assert result["config"]["sizes"] == [[64, 64], [96, 64]] and result["config"]["runs"] == 2
+    for key in ("cpu", "cpu_count", "python", "versions"):
+        assert key in result["environment"]
+    assert {"torch", "diffusers", "onnxruntime"} <= set(result["environment"]["versions"])
+    assert [r["size"] for r in result["results"]] == ["64x64", "96x64"]
+    for entry in result["results"]:
+        assert entry["psnr_db_vs_baseline"] >= 40  # same weights, scheduler and latents
+        for name in ("sdtrt", "baseline"):
+            s = entry["systems"][name]
+            assert len(s["latency_s"]["all"]) == 2
+            assert all(_number(s["latency_s"][k]) for k in ("median", "p90", "min"))
+            assert s["latency_s"]["min"] <= s["latency_s"]["median"] <= s["latency_s"]["p90"]
+            assert _number(s["images_per_s"]) and _number(s["unet_it_per_s"])
+            assert set(s["components_s"]) == {"text_encoder", "unet_per_step", "sampler_update_per_step", "vae_decoder"}
+            assert all(_number(v) for v in s["components_s"].values())
+            assert s["steps"] == 4  # PNDM: one extra U-Net call for its warm-up
+    for name in ("sdtrt", "baseline"):
+        assert _number(result["cold_start_s"][name]) and _number(result["load_s"][name])
+        assert result["memory"][name]["peak_host_rss_mb"] > 0
+    assert result["memory"]["sdtrt"]["peak_host_rss_mb"] != result["memory"]["baseline"]["peak_host_rss_mb"]
+    assert _number(result["host_overhead"]["us_per_step"])
+    assert "| U-Net it/s |" in table and "PSNR vs baseline" in table
+    assert Image.open(out_png).size[0] > 100
+
+
+def test_bench_without_baseline(tiny_fp32, tmp_path, capsys):
+    assert main(["bench", str(tiny_fp32[0]), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0",
+                 "--baseline", "none", "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert list(result["results"][0]["systems"]) == ["sdtrt"]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--size", "2048x2048"], "exported range"), (["--runs", "0"], "--runs"),
+                                           (["--batch", "9"], "batch 9")])
+def test_bench_bad_input(tiny_fp32, capsys, flags, needle):
+    code = main(["bench", str(tiny_fp32[0]), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("sdtrt bench: error: ") and needle in err[-1]
