@@ -290,20 +290,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def host_overhead(engine_dir: str, steps: int = 50, size: int = 512, sampler: str = "dpmpp_2m") -> dict[str, Any]:
-    """The runtime's own per-step cost with engines that return instantly (same process)."""
-    from sdtrt.runtime import Pipeline
+    """The runtime's own per-step cost with engines that return instantly (same process, no graphs loaded)."""
+    import json as _json
 
-    pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime-cpu")
-    info = pipe.manifest.model
+    from sdtrt.manifest import Manifest
+    from sdtrt.runtime import Pipeline
+    from sdtrt.runtime.tokenizer import ClipTokenizer
+
+    folder = Path(engine_dir)
+    manifest = Manifest.load(folder)
+    info, r = manifest.model, manifest.ranges
+    size = min(max(size, r.size_min), r.size_max) // 8 * 8
     h = size // info.vae_scale_factor
-    null = {}
-    for name, engine in pipe.engines.items():
-        null[name] = NullEngine(engine, {"text_encoder": (2, info.max_text_length, info.text_hidden_size),
-                                         "unet": (1, info.latent_channels, h, h),
-                                         "vae_decoder": (1, 3, size, size)}[name])
-    pipe.engines = null
-    lo, hi = pipe.manifest.ranges.size_min, pipe.manifest.ranges.size_max
-    size = min(max(size, lo), hi)
+    shapes = {"text_encoder": (2, info.max_text_length, info.text_hidden_size),
+              "unet": (1, info.latent_channels, h, h), "vae_decoder": (1, 3, size, size)}
+    engines = {name: NullEngine(manifest.components[name], shape) for name, shape in shapes.items()}
+    pipe = Pipeline(folder, manifest, engines, ClipTokenizer(folder / manifest.tokenizer_dir, info.max_text_length),
+                    _json.loads((folder / manifest.scheduler_config).read_text()))
     runs = [pipe("x", num_inference_steps=steps, height=size, width=size, seed=0, scheduler=sampler,
                  output_type="np").timings for _ in range(5)]
     per_step = statistics.median((t["unet"] + t["sampler_update"]) / t["steps"] for t in runs)
@@ -315,10 +318,10 @@ def host_overhead(engine_dir: str, steps: int = 50, size: int = 512, sampler: st
 class NullEngine:
     """An engine that returns a preallocated output at once: what is left is the runtime's own work."""
 
-    def __init__(self, engine, shape):
-        self.component = engine.component
-        self._dtypes = {s.name: np.dtype(s.dtype) for s in engine.component.inputs}
-        out = engine.component.outputs[0]
+    def __init__(self, component, shape):
+        self.component = component
+        self._dtypes = {s.name: np.dtype(s.dtype) for s in component.inputs}
+        out = component.outputs[0]
         self._out = {out.name: np.zeros(shape, out.dtype)}
 
     def input_dtype(self, name):

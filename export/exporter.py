@@ -157,9 +157,10 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     trace_h, trace_w = 17 * vae_scale, 19 * vae_scale
     components: dict[str, Component] = {}
     table = []
+    total = len(COMPONENTS) + 1
     for step, name in enumerate(COMPONENTS, start=1):
         spec = specs[name]
-        prefix = f"[{step}/{len(COMPONENTS)}] {name}:"
+        prefix = f"[{step}/{total}] {name}:"
         t = time.perf_counter()
         log(f"{prefix} tracing to ONNX (opset {config.opset}) ...")
         sample = spec.make_inputs(2, trace_h, trace_w, np.random.default_rng(0), {})
@@ -205,6 +206,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
         )
         log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
     work.rmdir()
+    components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
     log(format_table(table))
 
     te = model.text_encoder.config
@@ -223,10 +225,41 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     return manifest
 
 
+def _export_update_graph(model, config: ExportConfig, folder: Path, unet: Component, vae_scale: int, total: int,
+                         table: list, log) -> Component:
+    """Write and validate sampler_update.onnx, the per-step linear update as a graph (for device loops)."""
+    from sdtrt.export.graphs import tensor_spec
+    from sdtrt.export.update_graph import build_update_graph, update_inputs
+    from sdtrt.export.validate import format_table, validate_update_graph
+
+    prefix = f"[{total}/{total}] sampler_update:"
+    log(f"{prefix} writing and validating the sampler update graph ...")
+    latents_dtype, model_dtype = unet.input("latents").dtype, unet.outputs[0].dtype
+    path = folder / "sampler_update.onnx"
+    channels = int(model.vae.config.latent_channels)
+    build_update_graph(path, channels, model_dtype, latents_dtype, config.opset)
+    results = validate_update_graph(path, channels, model_dtype, model.scheduler_config,
+                                    default_cases("sampler_update", config.ranges), vae_scale)
+    table += [("sampler_update", "fp32", r) for r in results]
+    if not all(r.passed for r in results):
+        log(format_table(table))
+        raise ValidationError("sampler_update graph does not match the NumPy sampler update")
+    ins, outs = update_inputs(channels)
+    resolve = {"MODEL": model_dtype, "LATENTS": latents_dtype}
+    spec = lambda n, t, d: tensor_spec(n, resolve.get(t, t), d, config.ranges, vae_scale)  # noqa: E731
+    return Component(
+        file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, precision="fp32",
+        inputs=tuple(spec(*i) for i in ins), outputs=tuple(spec(*o) for o in outs), validation=results,
+        notes=_notes("sampler_update"),
+    )
+
+
 def _notes(name: str) -> str:
     return {
         "unet": "encoder_hidden_states holds [negative; positive] (2B rows) for classifier-free guidance, "
                 "or only the positive prompt (B rows) to run without guidance (guidance_scale is then unused)",
         "vae_decoder": "image is in [-1, 1], unclamped: map with clip(x / 2 + 0.5, 0, 1)",
         "text_encoder": "input_ids padded/truncated to the tokenizer's model_max_length",
+        "sampler_update": "next_state = sum coefs[j] state_j + sum coefs[4+j] model_output_j + coefs[9] noise, "
+                          "coefs = runtime.samplers.coefficient_row(table, i); state_j is the state j steps back",
     }[name]

@@ -88,24 +88,10 @@ class GraphSpec:
     fp32_all: bool = False  # the whole graph computes in FP32 (fp16 I/O only)
     fp32_reason: str = ""
 
-    def dim_bounds(self, ranges: Ranges, vae_scale: int) -> dict[str, tuple[int, int]]:
-        return {
-            "batch": (ranges.batch_min, ranges.batch_max),
-            "text_batch": (ranges.batch_min, 2 * ranges.batch_max),
-            "height": (ranges.size_min, ranges.size_max),
-            "width": (ranges.size_min, ranges.size_max),
-            "latent_height": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
-            "latent_width": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
-        }
-
     def tensor_specs(self, ranges: Ranges, vae_scale: int, precision: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        bounds = self.dim_bounds(ranges, vae_scale)
-
         def spec(s: InputSpec) -> TensorSpec:
             dtype = "float16" if precision == "fp16" and s.dtype == "float32" and not s.keep_fp32 else s.dtype
-            lo = tuple(d if isinstance(d, int) else bounds[d][0] for d in s.dims)
-            hi = tuple(d if isinstance(d, int) else bounds[d][1] for d in s.dims)
-            return TensorSpec(name=s.name, dtype=dtype, shape=tuple(s.dims), min_shape=lo, max_shape=hi)
+            return tensor_spec(s.name, dtype, s.dims, ranges, vae_scale)
 
         return tuple(spec(s) for s in self.inputs), tuple(spec(s) for s in self.outputs)
 
@@ -115,6 +101,25 @@ class GraphSpec:
             for s in self.inputs + self.outputs
             if any(isinstance(d, str) for d in s.dims)
         }
+
+
+def dim_bounds(ranges: Ranges, vae_scale: int) -> dict[str, tuple[int, int]]:
+    """Inclusive bounds of every named dimension, from the export's pixel and batch ranges."""
+    return {
+        "batch": (ranges.batch_min, ranges.batch_max),
+        "text_batch": (ranges.batch_min, 2 * ranges.batch_max),  # [negative; positive] with guidance
+        "height": (ranges.size_min, ranges.size_max),
+        "width": (ranges.size_min, ranges.size_max),
+        "latent_height": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
+        "latent_width": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
+    }
+
+
+def tensor_spec(name: str, dtype: str, dims: tuple, ranges: Ranges, vae_scale: int) -> TensorSpec:
+    bounds = dim_bounds(ranges, vae_scale)
+    lo = tuple(d if isinstance(d, int) else bounds[d][0] for d in dims)
+    hi = tuple(d if isinstance(d, int) else bounds[d][1] for d in dims)
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(dims), min_shape=lo, max_shape=hi)
 
 
 def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:

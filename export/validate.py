@@ -86,3 +86,34 @@ def format_table(rows: list[tuple[str, str, ValidationResult]]) -> str:
         lines.append(f"{component:<13} {precision:<9} {r.shape:<50} {r.max_rel_error:>11.2e} {r.tolerance:>9.0e}  "
                      f"{'yes' if r.passed else 'NO'}")
     return "\n".join(lines)
+
+
+def validate_update_graph(path: Path, latent_channels: int, model_dtype: str, scheduler_config: dict,
+                          cases: list[ValidationCase], vae_scale: int = 8) -> tuple[ValidationResult, ...]:
+    """The sampler-update graph against ``samplers.step`` on real table rows (PLMS, LMS, Euler ancestral)."""
+    from sdtrt.runtime.samplers import (OUTPUT_DEPTH, STATE_DEPTH, SamplerConfig, build_table, coefficient_row,
+                                        step)
+
+    session = ort_session(path)
+    results = []
+    for k, case in enumerate(cases):
+        rng = np.random.default_rng(k)
+        shape = (case.batch, latent_channels, case.height // vae_scale, case.width // vae_scale)
+        states = [rng.standard_normal(shape).astype(np.float32) for _ in range(STATE_DEPTH)]
+        outputs = [rng.standard_normal(shape).astype(model_dtype) for _ in range(OUTPUT_DEPTH)]
+        noise = rng.standard_normal(shape).astype(np.float32)
+        worst = None
+        for sampler, row in (("pndm", 4), ("lms", 3), ("euler_a", 0)):
+            table = build_table(SamplerConfig.from_scheduler_config(scheduler_config, sampler), 10)
+            feeds = {f"state_{j}": states[j] for j in range(STATE_DEPTH)}
+            feeds |= {f"model_output_{j}": outputs[j] for j in range(OUTPUT_DEPTH)}
+            feeds |= {"noise": noise, "coefs": coefficient_row(table, row)}
+            got, got_cast = session.run(["next_state", "next_latents"], feeds)
+            want = step(table, row, [x.astype(np.float64) for x in states],
+                        [x.astype(np.float64) for x in outputs], noise.astype(np.float64))
+            r = compare(got, want, f"{case.label()} {sampler} row {row}", 1e-5)
+            if got_cast.dtype != np.dtype(model_dtype) and not np.array_equal(got_cast, got.astype(got_cast.dtype)):
+                r = ValidationResult(r.shape + " (cast output differs)", r.max_abs_error, r.max_rel_error, r.tolerance, False)
+            worst = r if worst is None or r.max_rel_error > worst.max_rel_error or not r.passed else worst
+        results.append(worst)
+    return tuple(results)

@@ -131,6 +131,8 @@ def load_engines(folder: Path, manifest, backend: str = "auto") -> dict[str, Eng
     provider = ort_provider(backend)
     engines = {}
     for name, component in manifest.components.items():
+        if name == "sampler_update":  # only device loops use it; on the host the update is NumPy
+            continue
         path = Path(folder) / component.file
         if not path.is_file():
             raise BackendError(f"{path} is missing (listed in manifest.json)")

@@ -35,6 +35,11 @@ import numpy as np
 
 from sdtrt.errors import UsageError
 
+# Deepest history any table here uses (LMS: 4 states, PLMS: 5 model outputs); the sampler-update
+# graph holds this many of each.
+STATE_DEPTH = 4
+OUTPUT_DEPTH = 5
+
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 
 # diffusers scheduler class -> our sampler name (the model's default sampler)
@@ -128,6 +133,16 @@ class SamplerTable:
     @property
     def stochastic(self) -> bool:
         return bool(np.any(self.noise_coef != 0))
+
+
+def coefficient_row(table: SamplerTable, i: int) -> np.ndarray:
+    """Row i as the sampler-update graph's ``coefs`` input: [a_0..a_3, b_0..b_4, c], float32, zero-padded."""
+    row = np.zeros(STATE_DEPTH + OUTPUT_DEPTH + 1, np.float32)
+    ks, km = table.state_coef.shape[1], table.model_coef.shape[1]
+    row[:ks] = table.state_coef[i]
+    row[STATE_DEPTH:STATE_DEPTH + km] = table.model_coef[i]
+    row[-1] = table.noise_coef[i]
+    return row
 
 
 def step(table: SamplerTable, i: int, states: list[np.ndarray], outputs: list[np.ndarray],

@@ -99,6 +99,29 @@ class Ranges:
 
 
 @dataclass(frozen=True)
+class BuiltEngine:
+    file: str
+    sha256: str
+    size_bytes: int
+    profile: dict[str, list[list[int]]]  # input -> [min, opt, max] shapes
+    build_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TensorRTBuild:
+    """What `sdtrt build` made, and for which TensorRT and GPU: engines run only there."""
+
+    version: str
+    gpu: str
+    compute_capability: str
+    engines: dict[str, BuiltEngine]
+    timing_cache: str = ""
+    opt_level: int = 3
+    workspace_gb: float | None = None
+    static: bool = False
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     precision: str
@@ -109,6 +132,7 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     created_by: str = "sdtrt"
+    tensorrt: TensorRTBuild | None = None
 
     def to_json(self) -> str:
         return to_json(self)
