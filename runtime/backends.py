@@ -32,11 +32,12 @@ class Engine(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def check_shapes(name: str, component: Component, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise ShapeError naming the allowed range if any input shape is outside the manifest's."""
-    for spec in component.inputs:
+def check_shapes(name: str, engine, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise ShapeError naming the allowed range if any input shape is outside the engine's."""
+    label = getattr(engine, "range_label", "exported range")
+    for spec in engine.component.inputs:
         if spec.name in shapes:
-            problem = spec.check_shape(tuple(shapes[spec.name]))
+            problem = spec.check_shape(tuple(shapes[spec.name]), label)
             if problem:
                 raise ShapeError(f"{name}: {problem}")
 
@@ -124,10 +125,18 @@ def available_backends() -> list[str]:
 
 
 def load_engines(folder: Path, manifest, backend: str = "auto") -> dict[str, Engine]:
+    """Engines for every graph. ``auto`` prefers TensorRT where the folder has engines and they load."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "tensorrt":
-        raise BackendError("the TensorRT backend is not available yet; use onnxruntime")
+    if backend == "tensorrt" or (backend == "auto" and manifest.tensorrt is not None):
+        from sdtrt.runtime.tensorrt.backend import load_trt_engines
+
+        try:
+            return load_trt_engines(Path(folder), manifest)
+        except BackendError:
+            if backend == "tensorrt":
+                raise
+            # auto: engines for another GPU/version, or no TensorRT here; ONNX Runtime still works
     provider = ort_provider(backend)
     engines = {}
     for name, component in manifest.components.items():

@@ -81,12 +81,12 @@ class Pipeline:
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
         n_text = 2 * len(prompts) if cfg else len(prompts)
-        check_shapes("text_encoder", self.engines["text_encoder"].component,
+        check_shapes("text_encoder", self.engines["text_encoder"],
                      {"input_ids": (n_text, info.max_text_length)})
-        check_shapes("unet", self.engines["unet"].component,
+        check_shapes("unet", self.engines["unet"],
                      {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length,
                                                                    info.text_hidden_size)})
-        check_shapes("vae_decoder", self.engines["vae_decoder"].component, {"latents": shape})
+        check_shapes("vae_decoder", self.engines["vae_decoder"], {"latents": shape})
 
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
@@ -166,6 +166,19 @@ class Pipeline:
     def _denoise(self, table: SamplerTable, latents: np.ndarray, embeddings: np.ndarray, guidance: float,
                  rng: np.random.Generator, callback, timings: dict[str, float]) -> np.ndarray:
         unet = self.engines["unet"]
+        loop = getattr(unet, "device_loop", None)
+        if loop is not None:
+            # The whole loop on the device: noise is drawn up front, in the order the host loop draws it.
+            noises = None
+            if table.stochastic:
+                noises = np.stack([rng.standard_normal(latents.shape, dtype=np.float32) if c != 0.0
+                                   else np.zeros(latents.shape, np.float32) for c in table.noise_coef])
+            t0 = time.perf_counter()
+            final = loop.run(table, latents * np.float32(table.init_scale), embeddings, guidance, noises)
+            timings["unet"], timings["sampler_update"] = time.perf_counter() - t0, 0.0  # not separable without syncs
+            if callback is not None:
+                callback(table.num_steps, table.num_steps)
+            return final
         ks, km = table.state_coef.shape[1], table.model_coef.shape[1]
         # Preallocated run state; buffers are rotated by reference, never reallocated in the loop.
         states = [np.zeros_like(latents) for _ in range(ks + 1)]  # states[0] = s_i  (B, C, h, w)

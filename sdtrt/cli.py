@@ -153,6 +153,38 @@ def _progress_bar(label: str):
     return show
 
 
+def _triple(text: str) -> tuple[int, int, int]:
+    try:
+        values = [int(p) for p in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX integers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build TensorRT engines from an engine folder (on the target GPU)",
+                       description="Build one FP16/FP32 (as typed in the ONNX) TensorRT engine per graph, no torch needed.")
+    p.add_argument("dir")
+    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN:OPT:MAX")
+    p.add_argument("--size", type=_triple, default=(256, 512, 1024), metavar="MIN:OPT:MAX", help="pixels")
+    p.add_argument("--static", type=_size, default=None, metavar="WxH", help="one fixed shape (batch = OPT, guidance on)")
+    p.add_argument("--timing-cache", default=None, metavar="PATH", help="default: DIR/timing.cache")
+    p.add_argument("--workspace", type=float, default=None, metavar="GB")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> int:
+    from sdtrt.runtime.tensorrt.build import BuildConfig, build_engines
+
+    cfg = BuildConfig(batch=args.batch, size=args.size, static=args.static, timing_cache=args.timing_cache,
+                      workspace_gb=args.workspace, opt_level=args.opt_level)
+    build_engines(args.dir, cfg, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show an engine folder's manifest and what can run it here")
     p.add_argument("dir")
@@ -241,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_bench(sub)
+    _add_build(sub)
     return parser
 
 

@@ -30,15 +30,15 @@ class TensorSpec:
     min_shape: tuple[int, ...]
     max_shape: tuple[int, ...]
 
-    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+    def check_shape(self, shape: tuple[int, ...], label: str = "exported range") -> str | None:
         """Return why ``shape`` is not allowed, or None when it is."""
         if len(shape) != len(self.shape):
             return f"{self.name}: expected rank {len(self.shape)}, got shape {tuple(shape)}"
         for axis, (n, lo, hi, dim) in enumerate(zip(shape, self.min_shape, self.max_shape, self.shape)):
             if not lo <= n <= hi:
-                label = dim if isinstance(dim, str) else f"axis {axis}"
+                dim_label = dim if isinstance(dim, str) else f"axis {axis}"
                 allowed = f"{lo}" if lo == hi else f"{lo}..{hi}"
-                return f"{self.name}: {label} = {n} is outside the exported range {allowed}"
+                return f"{self.name}: {dim_label} = {n} is outside the {label} {allowed}"
         return None
 
 
@@ -103,7 +103,7 @@ class BuiltEngine:
     file: str
     sha256: str
     size_bytes: int
-    profile: dict[str, list[list[int]]]  # input -> [min, opt, max] shapes
+    profile: dict[str, tuple[tuple[int, ...], ...]]  # input -> (min, opt, max) shapes
     build_seconds: float = 0.0
 
 

@@ -44,9 +44,10 @@ class DeviceInfo:
 
 
 def device_info(cudart, device: int = 0) -> DeviceInfo:
-    count = check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    if count < 1:
-        raise BackendError("no CUDA device found (is the NVIDIA driver installed?)")
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count < 1:
+        reason = getattr(err, "name", err) if err != cudart.cudaError_t.cudaSuccess else "0 devices"
+        raise BackendError(f"no CUDA device found ({reason}): is the NVIDIA driver installed and a GPU visible?")
     prop = check(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
     return DeviceInfo(name=name, compute_capability=f"{prop.major}{prop.minor}", total_memory_mb=prop.totalGlobalMem // 2**20)

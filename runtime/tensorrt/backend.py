@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.manifest import Component, Manifest, TensorSpec
-from sdtrt.runtime.backends import BackendError
+from sdtrt.runtime.backends import BackendError, ShapeError
 from sdtrt.runtime.samplers import OUTPUT_DEPTH, STATE_DEPTH, SamplerTable, coefficient_row
 from sdtrt.runtime.tensorrt import api
 
@@ -61,7 +61,7 @@ class Device:
         api.check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
 
-def profile_component(component: Component, profile: dict[str, list[list[int]]]) -> Component:
+def profile_component(component: Component, profile: dict[str, tuple]) -> Component:
     """The component with its input ranges narrowed to what the engine's profile accepts."""
     inputs = []
     for spec in component.inputs:
@@ -70,6 +70,12 @@ def profile_component(component: Component, profile: dict[str, list[list[int]]])
             spec = TensorSpec(spec.name, spec.dtype, spec.shape, tuple(lo), tuple(hi))
         inputs.append(spec)
     return Component(**{**component.__dict__, "inputs": tuple(inputs)})
+
+
+def set_shape(context, name: str, shape: tuple, engine_name: str) -> None:
+    if not context.set_input_shape(name, tuple(shape)):
+        raise ShapeError(f"{engine_name}: {name} shape {tuple(shape)} is outside the engine profile "
+                         "(rebuild with `sdtrt build --size/--batch`)")
 
 
 class TrtEngine:
@@ -122,7 +128,7 @@ class TrtEngine:
         for name, value in feeds.items():
             ptr = self._buffer(name, value.nbytes)
             self.device.upload(ptr, value)
-            ctx.set_input_shape(name, tuple(value.shape))
+            set_shape(ctx, name, value.shape, self.path.name)
             ctx.set_tensor_address(name, ptr)
         outputs = {}
         for spec in self.component.outputs:
@@ -171,8 +177,8 @@ class DeviceLoop:
                                                   "timestep": (1,), "guidance_scale": (1,)}),
                             (self.update.context, {s.name: shape for s in self.update.component.inputs if s.name != "coefs"})):
             for name, value in shapes.items():
-                ctx.set_input_shape(name, value)
-        self.update.context.set_input_shape("coefs", (STATE_DEPTH + OUTPUT_DEPTH + 1,))
+                set_shape(ctx, name, value, "unet" if ctx is self.unet.context else "sampler_update")
+        set_shape(self.update.context, "coefs", (STATE_DEPTH + OUTPUT_DEPTH + 1,), "sampler_update")
         self._graph_exec = None
 
     def _enqueue_loop(self, steps: int, stochastic: bool) -> None:

@@ -137,7 +137,7 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
         cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
         _write_atomic(cache_path, cache_bytes)  # after each engine, so an interrupted build keeps what it learned
         built[name] = BuiltEngine(file=out.name, sha256=sha256_file(out), size_bytes=out.stat().st_size,
-                                  profile={k: [list(s) for s in v] for k, v in shapes.items()},
+                                  profile=shapes,
                                   build_seconds=round(time.perf_counter() - t0, 1))
         log(f"  {name}: {out.name} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     record = TensorRTBuild(version=version, gpu=device.name, compute_capability=device.compute_capability,

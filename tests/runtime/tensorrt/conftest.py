@@ -1,0 +1,33 @@
+import shutil
+
+import pytest
+
+from sdtrt.runtime.tensorrt import api
+from tests.runtime.tensorrt import fakes
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Fake TensorRT 10.16 and an H100 behind cuda-python, installed where sdtrt looks them up."""
+    trt = fakes.fake_tensorrt("10.16.1.11")
+    cudart = fakes.FakeCudart()
+    fakes.IExecutionContext.cudart = cudart
+    monkeypatch.setattr(api, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(api, "import_cudart", lambda: cudart)
+    return trt, cudart
+
+
+def _copy(src, tmp_path, name):
+    out = tmp_path / name
+    shutil.copytree(src, out)
+    return out
+
+
+@pytest.fixture
+def fp32_folder(tiny_fp32, tmp_path):
+    return _copy(tiny_fp32[0], tmp_path, "fp32")
+
+
+@pytest.fixture
+def fp16_folder(tiny_fp16, tmp_path):
+    return _copy(tiny_fp16[0], tmp_path, "fp16")
