@@ -118,6 +118,13 @@ def available_backends() -> list[str]:
     import onnxruntime as ort
 
     found = []
+    try:
+        from sdtrt.runtime.tensorrt import api
+
+        info = api.device_info(api.import_cudart())
+        found.append(f"tensorrt {api.trt_version(api.import_tensorrt())} on {info.name} (after `sdtrt build`)")
+    except BackendError:
+        pass
     if "CUDAExecutionProvider" in ort.get_available_providers() and _has_cuda_device():
         found.append("onnxruntime-cuda")
     found.append("onnxruntime-cpu")
