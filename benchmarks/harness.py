@@ -150,17 +150,14 @@ def _diffusers_pipeline(manifest, cfg: BenchConfig):
     import diffusers
 
     from sdtrt.export.loaders import load_model, make_scheduler
-    from sdtrt.runtime.samplers import SCHEDULER_CLASSES
+    from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT
 
     source = manifest.model.source
     model = load_model(source, seed=manifest.model.weights_seed or 0)
     scheduler_config = dict(model.scheduler_config)
     if cfg.scheduler:
-        by_name = {v: k for k, v in SCHEDULER_CLASSES.items()}
-        name = cfg.scheduler.replace("_karras", "")
-        scheduler_config["_class_name"] = by_name[name]
-        if cfg.scheduler.endswith("_karras"):
-            scheduler_config["use_karras_sigmas"] = True
+        cls, extra = DIFFUSERS_EQUIVALENT[cfg.scheduler]
+        scheduler_config.update(extra, _class_name=cls)
     return diffusers.StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
         scheduler=make_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,

@@ -148,10 +148,10 @@ class Pipeline:
             if not ranges.size_min <= v <= ranges.size_max:
                 raise UsageError(f"{label} {v} is outside the exported range {ranges.size_min}..{ranges.size_max} "
                                  f"(re-export with --size to change it)")
-        if v := len(prompts) * per_prompt:
-            if not ranges.batch_min <= v <= ranges.batch_max:
-                raise UsageError(f"batch {v} (prompts x images per prompt) is outside the exported range "
-                                 f"{ranges.batch_min}..{ranges.batch_max}")
+        batch = len(prompts) * per_prompt
+        if not ranges.batch_min <= batch <= ranges.batch_max:
+            raise UsageError(f"batch {batch} (prompts x images per prompt) is outside the exported range "
+                             f"{ranges.batch_min}..{ranges.batch_max}")
         if output_type not in ("pil", "np"):
             raise UsageError(f"output_type must be 'pil' or 'np', not {output_type!r}")
 

@@ -42,15 +42,19 @@ OUTPUT_DEPTH = 5
 
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 
-# diffusers scheduler class -> our sampler name (the model's default sampler)
-SCHEDULER_CLASSES = {
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
+# The diffusers scheduler each sampler reproduces: class name and config overrides (parity tests and the
+# benchmark baseline use it; the runtime only reads the class name of a model's own scheduler).
+DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
 }
+# diffusers scheduler class -> our sampler name (the model's default sampler)
+SCHEDULER_CLASSES = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
 
 
 class SamplerError(UsageError):

@@ -93,21 +93,28 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _check_writable(output: str) -> None:
+    """Fail before any work if ``output`` cannot be written."""
+    import os
+    from pathlib import Path
+
+    path = Path(output)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+    if path.is_dir():
+        raise UsageError(f"cannot write {output}: it is a folder")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write {output}: permission denied")
+
+
 def _output_paths(output: str, count: int):
     from pathlib import Path
 
     path = Path(output)
     if path.suffix.lower() != ".png":
         raise UsageError(f"output {output} must end in .png")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
-    import os
-
-    if path.is_dir():
-        raise UsageError(f"cannot write {output}: it is a folder")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"cannot write {output}: permission denied")
+    _check_writable(output)
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
@@ -254,7 +261,7 @@ def _cmd_bench(args) -> int:
                       batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads)
     for path in (args.out, args.plot):
         if path:
-            _output_paths(path if path.endswith(".png") else path + ".png", 1)  # folder exists and is writable
+            _check_writable(path)
     result = run_bench(cfg)
     result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
     print(markdown(result))

@@ -16,6 +16,13 @@ def test_export_config_round_trips_through_json():
     assert from_dict(ExportConfig, json.loads(json.dumps(to_dict(config)))) == config
 
 
+def test_bench_config_round_trips_through_json():
+    from sdtrt.benchmarks.harness import BenchConfig
+
+    config = BenchConfig(engine_dir="e", sizes=((512, 512), (768, 512)), scheduler="euler_a", runs=3, threads=2)
+    assert from_dict(BenchConfig, json.loads(json.dumps(to_dict(config)))) == config
+
+
 def test_manifest_round_trips_through_json(tiny_export):
     _, manifest = tiny_export
     again = Manifest.from_json(manifest.to_json())

@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from sdtrt.runtime import Pipeline
-from sdtrt.runtime.samplers import SAMPLERS
+from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT, SAMPLERS
 
-DIFFUSERS_SCHEDULER = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
 
 
 def psnr(a, b):
@@ -30,7 +21,7 @@ def diffusers_images(folder, sampler, prompts, negatives, steps, guidance, heigh
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    cls, extra = DIFFUSERS_SCHEDULER[sampler]
+    cls, extra = DIFFUSERS_EQUIVALENT[sampler]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
     noise_iter = iter(noises)

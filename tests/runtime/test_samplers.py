@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from sdtrt.config import from_dict, to_dict
-from sdtrt.runtime.samplers import SAMPLERS, SamplerConfig, SamplerError, build_table, step
+from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT, SAMPLERS, SamplerConfig, SamplerError, build_table, step
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
             prediction_type="epsilon", timestep_spacing="leading")
 
-DIFFUSERS_CLASS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
 
 CONFIGS = {
     "sd15": SD15,
@@ -38,7 +29,7 @@ def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0):
     """Run diffusers' scheduler; return the U-Net inputs it asks for at each step and the final sample."""
     import diffusers
 
-    cls_name, extra = DIFFUSERS_CLASS[name]
+    cls_name, extra = DIFFUSERS_EQUIVALENT[name]
     sched = getattr(diffusers, cls_name).from_config({**config, **extra})
     sched.set_timesteps(steps)
     # float64 tensors: the reference then carries less rounding of its own (Euler and DPM cast to float32 inside)
