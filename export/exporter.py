@@ -145,6 +145,9 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
 
     specs = graph_specs(model)
     vae_scale = vae_scale_factor(model)
+    for v in (config.size_min, config.size_max):
+        if v % vae_scale:
+            raise UsageError(f"image size {v} must be a multiple of this model's VAE factor {vae_scale}")
     ranges = config.ranges
     model.tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir()

@@ -128,8 +128,9 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
     hidden = int(te_cfg.hidden_size)
     vocab = int(te_cfg.vocab_size)
     channels = int(model.unet.config.in_channels)
+    out_channels = int(model.unet.config.out_channels)
     latent_channels = int(model.vae.config.latent_channels)
-    vae_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    vae_scale = vae_scale_factor(model)
 
     def text_inputs(batch, height, width, rng, opts):
         ids = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)  # (B, 77)
@@ -169,7 +170,7 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
                 InputSpec("encoder_hidden_states", "float32", ("text_batch", seq, hidden)),
                 InputSpec("guidance_scale", "float32", (1,), keep_fp32=True),
             ),
-            outputs=(InputSpec("noise_pred", "float32", ("batch", channels, "latent_height", "latent_width")),),
+            outputs=(InputSpec("noise_pred", "float32", ("batch", out_channels, "latent_height", "latent_width")),),
             make_inputs=unet_inputs,
             # sin/cos of t * freq: in fp16, t = 999 is only resolved to 0.5, so the embedding is wrong.
             fp32_node_prefixes=("/unet/time_proj/",),

@@ -143,8 +143,8 @@ class Pipeline:
         if per_prompt < 1:
             raise UsageError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
         for label, v in (("height", height), ("width", width)):
-            if v % 8:
-                raise UsageError(f"{label} {v} is not a multiple of 8")
+            if v % 8 or v % self.manifest.model.vae_scale_factor:
+                raise UsageError(f"{label} {v} is not a multiple of {max(8, self.manifest.model.vae_scale_factor)}")
             if not ranges.size_min <= v <= ranges.size_max:
                 raise UsageError(f"{label} {v} is outside the exported range {ranges.size_min}..{ranges.size_max} "
                                  f"(re-export with --size to change it)")

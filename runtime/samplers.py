@@ -91,6 +91,8 @@ class SamplerConfig:
             raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
         if config.get("clip_sample") and name in ("ddim",):
             raise SamplerError("clip_sample=True is not linear and is not supported (SD models set it False)")
+        if config.get("rescale_betas_zero_snr"):
+            raise SamplerError("rescale_betas_zero_snr is not supported yet")
         if config.get("thresholding"):
             raise SamplerError("dynamic thresholding is not linear and is not supported")
         if name == "pndm" and config.get("skip_prk_steps") is False:
