@@ -22,7 +22,7 @@ float64.
 
 References: DDIM (Song et al. 2021, arXiv:2010.02502); PNDM/PLMS (Liu et al. 2022, arXiv:2202.09778);
 LMS, Euler, Euler ancestral and Karras sigmas (Karras et al. 2022, arXiv:2206.00364; k-diffusion);
-DPM-Solver++ 2M (Lu et al. 2022, arXiv:2211.01095).
+DPM-Solver++ 2M (Lu et al. 2022, arXiv:2211.01095); LCM (Luo et al. 2023, arXiv:2310.04378).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from sdtrt.errors import UsageError
 STATE_DEPTH = 4
 OUTPUT_DEPTH = 5
 
-SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 
 # The diffusers scheduler each sampler reproduces: class name and config overrides (parity tests and the
 # benchmark baseline use it; the runtime only reads the class name of a model's own scheduler).
@@ -52,6 +52,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
 }
 # diffusers scheduler class -> our sampler name (the model's default sampler)
 SCHEDULER_CLASSES = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
@@ -80,6 +81,8 @@ class SamplerConfig:
     solver_type: str = "midpoint"  # DPM-Solver++: "midpoint" or "heun"
     lower_order_final: bool = True
     euler_at_final: bool = False
+    original_inference_steps: int = 50  # LCM: the distillation's step grid
+    timestep_scaling: float = 10.0  # LCM: boundary-condition scalings
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any], name: str | None = None, **overrides) -> "SamplerConfig":
@@ -108,6 +111,10 @@ class SamplerConfig:
             kwargs["use_karras_sigmas"] = True
         elif name in ("euler", "lms", "dpmpp_2m") and config.get("_class_name") == _CLASS_OF.get(name):
             kwargs["use_karras_sigmas"] = bool(config.get("use_karras_sigmas", False))
+        if name == "lcm" and config.get("_class_name") == "LCMScheduler":
+            for f in ("original_inference_steps", "timestep_scaling"):
+                if config.get(f) is not None:
+                    kwargs[f] = config[f]
         kwargs.update(overrides)
         out = cls(**kwargs)
         if out.prediction_type not in ("epsilon", "v_prediction"):
@@ -423,6 +430,30 @@ def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
     return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
 
 
+def _lcm(cfg: SamplerConfig, n: int) -> _Raw:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv:2310.04378, algorithm 1):
+    x0 from the consistency function, re-noised to the next timestep; the last step returns x0."""
+    acp = alphas_cumprod(cfg)
+    T, orig = cfg.num_train_timesteps, cfg.original_inference_steps
+    if n > orig:
+        raise SamplerError(f"lcm supports at most original_inference_steps = {orig} steps, got {n}")
+    origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+    ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+    A, B, C = _alloc(n, 1, 1)
+    for i, t in enumerate(ts.astype(int)):
+        a_t = acp[t]
+        st = t * cfg.timestep_scaling
+        c_skip, c_out = 0.25 / (st * st + 0.25), st / math.sqrt(st * st + 0.25)  # sigma_data = 0.5
+        px, pm = _x0_coefs(cfg.prediction_type, a_t, "ddpm")
+        dx, dm = c_out * px + c_skip, c_out * pm  # denoised = dx * x + dm * m
+        if i == n - 1:
+            A[i, 0], B[i, 0] = dx, dm
+        else:
+            a_p = acp[int(ts[i + 1])]
+            A[i, 0], B[i, 0], C[i] = math.sqrt(a_p) * dx, math.sqrt(a_p) * dm, math.sqrt(1 - a_p)
+    return _Raw(ts.astype(np.float64), A, B, C, np.ones(n), 1.0)
+
+
 def acp_from_sigma(sigma: float) -> float:
     """alpha_bar for the Karras sigma: sigma^2 = (1 - a) / a."""
     return 1.0 / (sigma * sigma + 1.0)
@@ -436,6 +467,7 @@ _BUILDERS = {
     "euler_a": lambda cfg, n: _euler(cfg, n, ancestral=True),
     "dpmpp_2m": _dpmpp_2m,
     "dpmpp_2m_karras": _dpmpp_2m,
+    "lcm": _lcm,
 }
 
 

@@ -26,8 +26,9 @@ def diffusers_images(folder, sampler, prompts, negatives, steps, guidance, heigh
     pipe.set_progress_bar_config(disable=True)
     noise_iter = iter(noises)
     # Ancestral noise: the same arrays our runtime drew, in the same order.
-    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor",
-                    side_effect=lambda *a, **k: torch.from_numpy(next(noise_iter))):
+    draw = lambda *a, **k: torch.from_numpy(next(noise_iter))  # noqa: E731
+    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
+            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
         return pipe(prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance,
                     height=height, width=width, latents=torch.from_numpy(latents), output_type="np").images
 

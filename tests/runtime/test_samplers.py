@@ -36,9 +36,9 @@ def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0):
     x = torch.from_numpy(z0.astype(np.float64)) * sched.init_noise_sigma
     inputs = []
     noise_iter = iter(noises)
-    patch = mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor",
-                       side_effect=lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64)))
-    with patch:
+    draw = lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64))  # noqa: E731
+    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
+            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
         for i, t in enumerate(sched.timesteps):
             inputs.append(sched.scale_model_input(x, t).numpy().copy())
             kwargs = {"eta": eta, "variance_noise": torch.from_numpy(noises[i].astype(np.float64))} if name == "ddim" and eta else {}
@@ -99,7 +99,7 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise(eta):
 def test_only_ancestral_samplers_draw_noise():
     for name in SAMPLERS:
         table = build_table(SamplerConfig.from_scheduler_config(SD15, name), 10)
-        assert table.stochastic == (name == "euler_a"), name
+        assert table.stochastic == (name in ("euler_a", "lcm")), name
 
 
 def test_sampler_config_round_trips_through_json():
