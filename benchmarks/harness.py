@@ -65,7 +65,7 @@ class _Ours:
     def __init__(self, cfg: BenchConfig):
         from sdtrt.runtime import Pipeline
 
-        self.pipe = Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend)
+        self.pipe = Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, threads=cfg.threads)
         self.backend = self.pipe.backend_name
         self.cfg = cfg
 

@@ -134,4 +134,3 @@ SDXL = Architecture(
 )
 
 BUILTIN_ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (TINY, SMALL, SD15, SD21, SDXL)}
-DEFAULT_MODEL = "tiny"

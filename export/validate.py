@@ -37,7 +37,7 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def run_case(spec: GraphSpec, session, case: ValidationCase, precision: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def run_case(spec: GraphSpec, session, case: ValidationCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(onnx output, torch FP32 output) for one case; fp16 graphs get the fp16-rounded inputs."""
     import torch
 
@@ -74,7 +74,7 @@ def validate_graph(spec: GraphSpec, path: Path, cases: list[ValidationCase], pre
     session = session or ort_session(path)
     results = []
     for i, case in enumerate(cases):
-        got, want = run_case(spec, session, case, precision, seed=i)
+        got, want = run_case(spec, session, case, seed=i)
         results.append(compare(got, want, case.label(), TOLERANCE[precision]))
     return tuple(results)
 

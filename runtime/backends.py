@@ -131,7 +131,7 @@ def available_backends() -> list[str]:
     return found
 
 
-def load_engines(folder: Path, manifest, backend: str = "auto") -> dict[str, Engine]:
+def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0) -> dict[str, Engine]:
     """Engines for every graph. ``auto`` prefers TensorRT where the folder has engines and they load."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -152,5 +152,5 @@ def load_engines(folder: Path, manifest, backend: str = "auto") -> dict[str, Eng
         path = Path(folder) / component.file
         if not path.is_file():
             raise BackendError(f"{path} is missing (listed in manifest.json)")
-        engines[name] = OrtEngine(path, component, provider)
+        engines[name] = OrtEngine(path, component, provider, threads)
     return engines

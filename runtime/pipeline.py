@@ -40,7 +40,8 @@ class Pipeline:
         self.scheduler_config = scheduler_config
 
     @classmethod
-    def from_dir(cls, folder: str | Path, backend: str = "auto") -> "Pipeline":
+    def from_dir(cls, folder: str | Path, backend: str = "auto", threads: int = 0) -> "Pipeline":
+        """Load an engine folder. ``threads``: CPU threads for ONNX Runtime (0: its default, all cores)."""
         folder = Path(folder)
         manifest = Manifest.load(folder)
         tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length)
@@ -51,7 +52,7 @@ class Pipeline:
             from sdtrt.errors import ManifestError
 
             raise ManifestError(f"cannot read {sched_file}: {ex}") from None
-        return cls(folder, manifest, load_engines(folder, manifest, backend), tokenizer, scheduler_config)
+        return cls(folder, manifest, load_engines(folder, manifest, backend, threads), tokenizer, scheduler_config)
 
     @property
     def backend_name(self) -> str:

@@ -56,6 +56,3 @@ def device_info(cudart, device: int = 0) -> DeviceInfo:
 def trt_version(trt) -> str:
     return str(trt.__version__)
 
-
-def trt_major(trt) -> int:
-    return int(trt_version(trt).split(".")[0])

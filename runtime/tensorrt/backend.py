@@ -271,5 +271,4 @@ def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, us
         e.attach(shared, size)
     update = engines.pop("sampler_update")
     engines["unet"].device_loop = DeviceLoop(device, engines["unet"], update, use_cuda_graph)
-    engines["unet"].shared_device_memory = size
     return engines
