@@ -22,7 +22,8 @@ float64.
 
 References: DDIM (Song et al. 2021, arXiv:2010.02502); PNDM/PLMS (Liu et al. 2022, arXiv:2202.09778);
 LMS, Euler, Euler ancestral and Karras sigmas (Karras et al. 2022, arXiv:2206.00364; k-diffusion);
-DPM-Solver++ 2M (Lu et al. 2022, arXiv:2211.01095); LCM (Luo et al. 2023, arXiv:2310.04378).
+DPM-Solver++ 2M (Lu et al. 2022, arXiv:2211.01095); LCM (Luo et al. 2023, arXiv:2310.04378);
+UniPC (Zhao et al. 2023, arXiv:2302.04867).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sdtrt.errors import UsageError
 STATE_DEPTH = 4
 OUTPUT_DEPTH = 5
 
-SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "unipc")
 
 # The diffusers scheduler each sampler reproduces: class name and config overrides (parity tests and the
 # benchmark baseline use it; the runtime only reads the class name of a model's own scheduler).
@@ -53,6 +54,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 # diffusers scheduler class -> our sampler name (the model's default sampler)
 SCHEDULER_CLASSES = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
@@ -81,6 +83,8 @@ class SamplerConfig:
     solver_type: str = "midpoint"  # DPM-Solver++: "midpoint" or "heun"
     lower_order_final: bool = True
     euler_at_final: bool = False
+    solver_order: int = 2  # UniPC
+    disable_corrector: tuple[int, ...] = ()  # UniPC: steps whose corrector is skipped
     original_inference_steps: int = 50  # LCM: the distillation's step grid
     timestep_scaling: float = 10.0  # LCM: boundary-condition scalings
 
@@ -111,6 +115,16 @@ class SamplerConfig:
             kwargs["use_karras_sigmas"] = True
         elif name in ("euler", "lms", "dpmpp_2m") and config.get("_class_name") == _CLASS_OF.get(name):
             kwargs["use_karras_sigmas"] = bool(config.get("use_karras_sigmas", False))
+        if name == "unipc" and config.get("_class_name") == "UniPCMultistepScheduler":
+            if config.get("solver_type", "bh2") != "bh2" or not config.get("predict_x0", True):
+                raise SamplerError("unipc supports solver_type 'bh2' with predict_x0 (diffusers' defaults)")
+            kwargs["solver_order"] = int(config.get("solver_order", 2))
+            kwargs["disable_corrector"] = tuple(config.get("disable_corrector") or ())
+            kwargs["use_karras_sigmas"] = bool(config.get("use_karras_sigmas", False))
+            kwargs["lower_order_final"] = bool(config.get("lower_order_final", True))
+            if not kwargs["lower_order_final"] and kwargs["solver_order"] > 1:
+                raise SamplerError("unipc with lower_order_final=False takes a higher-order step into sigma 0 and "
+                                   "diverges (diffusers returns inf); set lower_order_final=True")
         if name == "lcm" and config.get("_class_name") == "LCMScheduler":
             for f in ("original_inference_steps", "timestep_scaling"):
                 if config.get(f) is not None:
@@ -378,16 +392,15 @@ def _lms(cfg: SamplerConfig, n: int, order: int = 4) -> _Raw:
     return _Raw(ts, A, B, C, 1 / np.sqrt(sig[:n] ** 2 + 1), _init_sigma(cfg, sig))
 
 
-def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
-    """DPM-Solver++(2M) in data prediction, Lu et al. 2022, algorithm 2."""
-    acp = alphas_cumprod(cfg)
-    train = _train_sigmas(acp)
+def _dpm_schedule(cfg: SamplerConfig, n: int, floor_cosine: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps and sigmas (final 0 appended) of DPM-Solver and UniPC in diffusers."""
+    train = _train_sigmas(alphas_cumprod(cfg))
     T = cfg.num_train_timesteps
     if cfg.use_karras_sigmas:
         sigmas = _karras(train[::-1], n)
         ts = _sigma_to_t(sigmas, np.log(train))
-        # diffusers rounds, except for the cosine schedule, where the int64 cast truncates
-        ts = np.floor(ts) if cfg.beta_schedule == "squaredcos_cap_v2" else np.round(ts)
+        # diffusers rounds; DPM-Solver truncates (int64 cast) for the cosine schedule
+        ts = np.floor(ts) if floor_cosine and cfg.beta_schedule == "squaredcos_cap_v2" else np.round(ts)
     else:
         if cfg.timestep_spacing == "linspace":
             ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
@@ -396,7 +409,13 @@ def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
         else:
             ts = np.arange(T, 0, -T / n).round() - 1
         sigmas = np.interp(ts, np.arange(len(train)), train)
-    sig = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+    return ts, np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+
+
+def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
+    """DPM-Solver++(2M) in data prediction, Lu et al. 2022, algorithm 2."""
+    acp = alphas_cumprod(cfg)
+    ts, sig = _dpm_schedule(cfg, n, floor_cosine=True)
     S = len(ts)
     alpha = 1 / np.sqrt(sig ** 2 + 1)
     sigma_t = sig * alpha
@@ -454,6 +473,104 @@ def _lcm(cfg: SamplerConfig, n: int) -> _Raw:
     return _Raw(ts.astype(np.float64), A, B, C, np.ones(n), 1.0)
 
 
+class _Lin(dict):
+    """A linear combination of loop quantities, {("s" | "m", step): coefficient}, for deriving table rows."""
+
+    def __add__(self, other: "_Lin") -> "_Lin":
+        out = _Lin(self)
+        for k, v in other.items():
+            out[k] = out.get(k, 0.0) + v
+        return out
+
+    def __sub__(self, other: "_Lin") -> "_Lin":
+        return self + other * -1.0
+
+    def __mul__(self, c: float) -> "_Lin":
+        return _Lin({k: v * float(c) for k, v in self.items()})
+
+    __rmul__ = __mul__
+
+
+def _unipc(cfg: SamplerConfig, n: int) -> _Raw:
+    """UniPC with the B(h) = e^h - 1 variant ('bh2'), data prediction (Zhao et al. 2023, arXiv:2302.04867).
+
+    The corrector refines the sample the model was just evaluated at, so the chain's sample is not the
+    U-Net input. Both are linear in the U-Net inputs s_j and outputs m_j, so the recurrences are run once on
+    symbolic combinations (``_Lin``) and each step's next U-Net input is read off as a table row.
+    """
+    ts, sig = _dpm_schedule(cfg, n, floor_cosine=False)
+    S, order_max = len(ts), cfg.solver_order
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    sigma_t = sig * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma_t)
+
+    def data(j: int) -> _Lin:  # D_j = x0 prediction at step j, from U-Net input s_j and output m_j
+        px, pm = _x0_coefs(cfg.prediction_type, acp_from_sigma(sig[j]), "ddpm")
+        return _Lin({("s", j): px, ("m", j): pm})
+
+    def coefficients(h: float, rks: list[float], order: int):
+        hh = -h
+        with np.errstate(invalid="ignore", divide="ignore"):
+            h_phi_1 = np.expm1(hh)
+            h_phi_k, B_h = h_phi_1 / hh - 1, np.expm1(hh)
+            R, b, fact = [], [], 1
+            for k in range(1, order + 1):
+                R.append(np.power(np.array(rks + [1.0]), k - 1))
+                b.append(h_phi_k * fact / B_h)
+                fact *= k + 1
+                h_phi_k = h_phi_k / hh - 1 / fact
+        return h_phi_1, B_h, np.array(R), np.array(b)
+
+    def residual(t: int, s0: int, history: list[int], order: int, model_t: _Lin | None) -> tuple[_Lin, _Lin]:
+        """(x_t_ - x_t, the base term's model part) of the predictor (model_t None) or corrector, from s0 to t.
+
+        x_t = (sigma_t / sigma_s0) * x - alpha_t * h_phi_1 * D_s0 - residual: the first two terms depend only
+        on the chain sample x, which is why the corrector can start from the predictor's result.
+        """
+        h = lam[t] - lam[s0]
+        m0 = data(history[-1])
+        rks, d1s = [], []
+        for k in range(1, order):
+            rk = (lam[s0 - k] - lam[s0]) / h
+            rks.append(rk)
+            d1s.append((data(history[-(k + 1)]) - m0) * (1 / rk))
+        h_phi_1, B_h, R, b = coefficients(h, rks, order)
+        if model_t is None:
+            rhos = [0.5] if order == 2 else (list(np.linalg.solve(R[:-1, :-1], b[:-1])) if d1s else [])
+            res = _Lin()
+        else:
+            rhos = [0.5] if order == 1 else list(np.linalg.solve(R, b))
+            res, rhos = (model_t - m0) * rhos[-1], rhos[:-1]
+        for r, d in zip(rhos, d1s):
+            res = res + d * r
+        return res * (alpha[t] * B_h), m0 * (alpha[t] * h_phi_1)
+
+    rows: list[_Lin] = []
+    history: list[int] = []  # steps whose data prediction is kept (diffusers' model_outputs)
+    previous_residual, this_order, warm = None, 1, 0
+    for i in range(S):
+        x = _Lin({("s", i): 1.0})  # the U-Net input s_i: the predictor's result x_t_ - residual
+        if previous_residual is not None and (i - 1) not in cfg.disable_corrector:
+            corr, _ = residual(i, i - 1, history, this_order, data(i))
+            x = x + previous_residual - corr  # corrected: x_t_ - corrector residual
+        history = (history + [i])[-order_max:]
+        this_order = min(order_max, S - i) if cfg.lower_order_final else order_max
+        this_order = min(this_order, warm + 1)
+        pred, base = residual(i + 1, i, history, this_order, None)
+        rows.append(x * (sigma_t[i + 1] / sigma_t[i]) - base - pred)
+        previous_residual = pred
+        warm = min(warm + 1, order_max)
+    depth = 1 + max(i - j for i, row in enumerate(rows) for (_, j) in row)
+    if depth > min(STATE_DEPTH, OUTPUT_DEPTH):
+        raise SamplerError(f"unipc with solver_order {order_max} needs history {depth}, more than the update holds")
+    A, B, C = _alloc(S, depth, depth)
+    for i, row in enumerate(rows):
+        for (kind, j), v in row.items():
+            (A if kind == "s" else B)[i, i - j] += v
+    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
+
+
 def acp_from_sigma(sigma: float) -> float:
     """alpha_bar for the Karras sigma: sigma^2 = (1 - a) / a."""
     return 1.0 / (sigma * sigma + 1.0)
@@ -468,6 +585,7 @@ _BUILDERS = {
     "dpmpp_2m": _dpmpp_2m,
     "dpmpp_2m_karras": _dpmpp_2m,
     "lcm": _lcm,
+    "unipc": _unipc,
 }
 
 

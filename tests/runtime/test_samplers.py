@@ -117,8 +117,25 @@ def test_sampler_config_round_trips_through_json():
         (dict(SD15, timestep_spacing="karras"), "ddim", 10, "timestep_spacing"),
         (dict(SD15, thresholding=True), "ddim", 10, "thresholding"),
         (dict(SD15, skip_prk_steps=False), "pndm", 10, "Runge-Kutta"),
+        (dict(SD15, _class_name="UniPCMultistepScheduler", lower_order_final=False), "unipc", 10, "diverges"),
+        (dict(SD15, _class_name="UniPCMultistepScheduler", solver_type="bh1"), "unipc", 10, "bh2"),
+        (SD15, "lcm", 60, "at most original_inference_steps = 50"),
     ],
 )
 def test_bad_sampler_requests_raise_a_clear_error(config, name, steps, needle):
     with pytest.raises(SamplerError, match=needle):
         build_table(SamplerConfig.from_scheduler_config(config, name), steps)
+
+
+@pytest.mark.parametrize("variant", [{"solver_order": 3}, {"disable_corrector": [0, 3]}, {"use_karras_sigmas": True},
+                                     {"prediction_type": "v_prediction", "solver_order": 1}],
+                         ids=lambda v: ",".join(f"{k}={v[k]}" for k in v))
+def test_unipc_options_from_its_scheduler_config_match_diffusers(variant):
+    config = dict(SD15, _class_name="UniPCMultistepScheduler", **variant)
+    table = build_table(SamplerConfig.from_scheduler_config(config), 12)
+    rng = np.random.default_rng(1)
+    z0, *rest = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(1 + table.num_steps))
+    _, want_inputs, want = diffusers_trajectory("unipc", config, 12, z0, rest, rest)
+    got_inputs, got = our_trajectory(table, z0, rest, rest)
+    assert all(rel(g, w) <= 1e-5 for g, w in zip(got_inputs, want_inputs))
+    assert rel(got, want) <= 1e-5

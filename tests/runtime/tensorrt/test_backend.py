@@ -26,7 +26,7 @@ def generate(folder, backend, **kwargs):
     return Pipeline.from_dir(folder, backend=backend)(**args)
 
 
-@pytest.mark.parametrize("sampler", ["pndm", "lms", "dpmpp_2m", "euler_a", "lcm"])
+@pytest.mark.parametrize("sampler", ["pndm", "lms", "dpmpp_2m", "euler_a", "lcm", "unipc"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_device_loop_gives_the_host_loop_image(fake_gpu, request, precision, sampler):
     folder = built(request.getfixturevalue(f"{precision}_folder"))
