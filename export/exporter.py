@@ -115,18 +115,16 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     """Export ``config.model`` into ``config.out``; returns the manifest written there."""
     config.check()
     out = Path(config.out).expanduser()
-    if out.exists() and not config.force:
-        raise OutputExistsError(f"output folder {out} already exists (pass --force to replace it)")
 
     from sdtrt.export.loaders import load_model, resolve_source
 
     resolve_source(config.model, allow_pickle=config.allow_pickle)
-    t0 = time.perf_counter()
-    log(f"loading {config.model} ...")
-    model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed)
-    log(f"  loaded in {time.perf_counter() - t0:.1f}s")
     tmp = _prepare_out(out, config.force)
+    t0 = time.perf_counter()
     try:
+        log(f"loading {config.model} ...")
+        model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed)
+        log(f"  loaded in {time.perf_counter() - t0:.1f}s")
         manifest = _export_into(model, config, tmp, log)
         _commit(tmp, out)
     except BaseException:
@@ -141,7 +139,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
 
     from sdtrt.export import onnx_tools
     from sdtrt.export.graphs import graph_specs, vae_scale_factor
-    from sdtrt.export.validate import format_table, ort_session, validate_graph
+    from sdtrt.export.validate import format_table, validate_graph
 
     specs = graph_specs(model)
     vae_scale = vae_scale_factor(model)
@@ -184,7 +182,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
             f.unlink()
         log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
         cases = default_cases(name, ranges)
-        results = validate_graph(spec, final, cases, config.precision, session=ort_session(final))
+        results = validate_graph(spec, final, cases, config.precision)
         table += [(name, "fp32" if spec.fp32_all or config.precision == "fp32" else "fp16", r) for r in results]
         failed = [r for r in results if not r.passed]
         if failed:

@@ -180,14 +180,14 @@ def step(table: SamplerTable, i: int, states: list[np.ndarray], outputs: list[np
     acc = out if out is not None else np.empty_like(states[0])
     tmp = scratch if scratch is not None else np.empty_like(acc)
     np.multiply(states[0], float(table.state_coef[i, 0]), out=acc)
-    terms = [(float(table.state_coef[i, j]), states[j]) for j in range(1, min(len(states), table.state_coef.shape[1]))]
-    terms += [(float(table.model_coef[i, j]), outputs[j]) for j in range(min(len(outputs), table.model_coef.shape[1]))]
+    for coefs, history, start in ((table.state_coef[i], states, 1), (table.model_coef[i], outputs, 0)):
+        for j in range(start, min(len(history), len(coefs))):
+            if coefs[j] != 0.0:
+                np.multiply(history[j], float(coefs[j]), out=tmp)
+                acc += tmp
     if table.noise_coef[i] != 0.0:
-        terms.append((float(table.noise_coef[i]), noise))
-    for coef, x in terms:
-        if coef != 0.0:
-            np.multiply(x, coef, out=tmp)
-            acc += tmp
+        np.multiply(noise, float(table.noise_coef[i]), out=tmp)
+        acc += tmp
     return acc
 
 

@@ -30,18 +30,21 @@ class Device:
     def __init__(self, cudart):
         self.cudart = cudart
         self.stream = api.check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._owned: list[int] = []
 
     def malloc(self, nbytes: int) -> int:
-        ptr = api.check(self.cudart, self.cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc")
-        self._owned.append(int(ptr))
-        return int(ptr)
+        return int(api.check(self.cudart, self.cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc"))
+
+    def free(self, ptr: int) -> None:
+        api.check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
 
     def pinned(self, shape, dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         ptr = api.check(self.cudart, self.cudart.cudaMallocHost(nbytes), "cudaMallocHost")
         buf = (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * nbytes).from_address(int(ptr))))
         return buf.view(dtype).reshape(shape)
+
+    def free_pinned(self, array: np.ndarray) -> None:
+        api.check(self.cudart, self.cudart.cudaFreeHost(array.ctypes.data), "cudaFreeHost")
 
     def upload(self, dst: int, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
@@ -119,6 +122,8 @@ class TrtEngine:
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, cap = self._buffers.get(name, (0, 0))
         if cap < nbytes:
+            if ptr:
+                self.device.free(ptr)
             ptr, cap = self.device.malloc(nbytes), nbytes
             self._buffers[name] = (ptr, cap)
         return ptr
@@ -135,6 +140,8 @@ class TrtEngine:
             shape = tuple(ctx.get_tensor_shape(spec.name))
             host = self._host.get(spec.name)
             if host is None or host.shape != shape:
+                if host is not None:
+                    self.device.free_pinned(host)
                 host = self._host[spec.name] = self.device.pinned(shape, self._dtypes[spec.name])
             ptr = self._buffer(spec.name, host.nbytes)
             ctx.set_tensor_address(spec.name, ptr)
@@ -155,10 +162,16 @@ class DeviceLoop:
         self.use_cuda_graph = use_cuda_graph
         self._key = None
         self._graph_exec = None
+        self._allocated: list[int] = []  # this loop's device buffers, freed when the shape changes
+        self.result: np.ndarray | None = None
         self.captures = 0  # how many times a CUDA graph was captured (tests and benchmarks read it)
 
     def _setup(self, shape: tuple[int, ...], text_shape: tuple[int, ...], steps: int) -> None:
         d = self.device
+        for ptr in self._allocated:
+            d.free(ptr)
+        if self.result is not None:
+            d.free_pinned(self.result)
         n = int(np.prod(shape))
         self.n32 = n * 4
         out_dtype = self.unet.input_dtype("noise_pred")
@@ -172,6 +185,8 @@ class DeviceLoop:
         self.timesteps = d.malloc(steps * 4)  # (S,)
         self.guidance = d.malloc(4)
         self.embeddings = d.malloc(int(np.prod(text_shape)) * self.unet.input_dtype("encoder_hidden_states").itemsize)
+        self._allocated = [*self.states, *self.outputs, self.unet_in, self.noise_all, self.zero_noise, self.coefs_all,
+                           self.timesteps, self.guidance, self.embeddings]
         self.result = d.pinned(shape, np.float32)
         for ctx, shapes in ((self.unet.context, {"latents": shape, "encoder_hidden_states": text_shape,
                                                   "timestep": (1,), "guidance_scale": (1,)}),

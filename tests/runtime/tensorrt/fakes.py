@@ -58,7 +58,7 @@ class FakeCudart:
         self._pinned: list[np.ndarray] = []
         self.capture: list | None = None
         self.log: list[str] = []  # what ran, in order: "exec:<engine>", "memcpy", "graph", ...
-        self.bytes_allocated = 0
+        self.bytes_allocated = 0  # live device bytes
 
     ok = property(lambda self: self.cudaError_t.cudaSuccess)
 
@@ -69,6 +69,15 @@ class FakeCudart:
         self._next += (int(size) + 4095) // 4096 * 4096 + 4096
         self.bytes_allocated += int(size)
         return self.ok, ptr
+
+    def cudaFree(self, devPtr):
+        arr = self._allocs.pop(devPtr)  # KeyError: freeing what was never allocated
+        self.bytes_allocated -= arr.size
+        return (self.ok,)
+
+    def cudaFreeHost(self, ptr):
+        self._pinned = [b for b in self._pinned if b.ctypes.data != ptr]
+        return (self.ok,)
 
     def cudaMallocHost(self, size):
         buf = np.zeros(int(size), np.uint8)

@@ -129,3 +129,13 @@ def test_cli_generate_with_tensorrt_missing_says_what_to_install(tiny_fp16, caps
     code = main(["generate", str(tiny_fp16[0]), "a cat", "--backend", "tensorrt", "-o", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install tensorrt-cu12" in err
+
+
+def test_changing_shapes_frees_what_the_previous_shape_used(fake_gpu, fp16_folder):
+    _, cudart = fake_gpu
+    pipe = Pipeline.from_dir(built(fp16_folder), backend="tensorrt")
+    live = []
+    for h in (64, 96, 64, 96, 64):
+        pipe("a cat", num_inference_steps=3, height=h, width=64, seed=1, output_type="np")
+        live.append(cudart.bytes_allocated)
+    assert live[2] == live[4] and live[1] == live[3]  # no growth when returning to a shape
