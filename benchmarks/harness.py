@@ -22,6 +22,7 @@ import numpy as np
 
 from sdtrt.config import to_dict
 from sdtrt.errors import UsageError
+from sdtrt.parity import psnr
 
 SCHEMA = "sdtrt-bench/1"
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
@@ -279,11 +280,6 @@ def _summary(samples: list[dict[str, float]], batch: int) -> dict[str, Any]:
         "unet_it_per_s": steps / med("unet"),
         "steps": steps,
     }
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def host_overhead(engine_dir: str, steps: int = 50, size: int = 512, sampler: str = "dpmpp_2m") -> dict[str, Any]:

@@ -239,7 +239,7 @@ def _export_update_graph(model, config: ExportConfig, folder: Path, unet: Compon
     path = folder / "sampler_update.onnx"
     channels = int(model.vae.config.latent_channels)
     build_update_graph(path, channels, model_dtype, latents_dtype, config.opset)
-    results = validate_update_graph(path, channels, model_dtype, model.scheduler_config,
+    results = validate_update_graph(path, channels, model_dtype,
                                     default_cases("sampler_update", config.ranges), vae_scale)
     table += [("sampler_update", "fp32", r) for r in results]
     if not all(r.passed for r in results):

@@ -3,7 +3,7 @@ PyTorch FP32 module on the same inputs (cf. Apple ml-stable-diffusion's per-mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +11,8 @@ import numpy as np
 
 from sdtrt.export.graphs import GraphSpec
 from sdtrt.manifest import ValidationResult
+from sdtrt.parity import TOLERANCE, compare, format_table  # noqa: F401  (re-exported: this module's API)
 
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 # The gate checks the guided path at a typical guidance scale (it multiplies the error of cond - uncond).
 GATE_GUIDANCE = 7.5
 
@@ -37,13 +37,25 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def case_inputs(spec: GraphSpec, case: ValidationCase, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    options = {"guidance_scale": GATE_GUIDANCE, **case.options}
+    return spec.make_inputs(case.batch, case.height, case.width, rng, options)
+
+
+def recorded(result: ValidationResult, feeds: dict[str, np.ndarray]) -> ValidationResult:
+    """The result with the case's input shapes and scalar values, so `sdtrt build` can check engines at
+    the same shapes (values are regenerated there, torch-free)."""
+    return replace(result, inputs={n: tuple(int(d) for d in v.shape) for n, v in feeds.items()},
+                   values={n: float(v.reshape(-1)[0]) for n, v in feeds.items()
+                           if v.size == 1 and v.dtype.kind == "f"})
+
+
 def run_case(spec: GraphSpec, session, case: ValidationCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(onnx output, torch FP32 output) for one case; fp16 graphs get the fp16-rounded inputs."""
     import torch
 
-    rng = np.random.default_rng(seed)
-    options = {"guidance_scale": GATE_GUIDANCE, **case.options}
-    feeds = spec.make_inputs(case.batch, case.height, case.width, rng, options)
+    feeds = case_inputs(spec, case, seed)
     input_types = {i.name: i.type for i in session.get_inputs()}
     onnx_feeds = {}
     for name, value in feeds.items():
@@ -57,38 +69,17 @@ def run_case(spec: GraphSpec, session, case: ValidationCase, seed: int = 0) -> t
     return got.astype(np.float32), want
 
 
-def compare(got: np.ndarray, want: np.ndarray, label: str, tolerance: float) -> ValidationResult:
-    if got.shape != want.shape:
-        return ValidationResult(shape=f"{label} (shape {got.shape} != {want.shape})", max_abs_error=float("inf"),
-                                max_rel_error=float("inf"), tolerance=tolerance, passed=False)
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    max_abs = float(np.nanmax(diff)) if np.isfinite(got).all() else float("inf")
-    scale = float(np.abs(want).max()) or 1.0
-    rel = max_abs / scale
-    return ValidationResult(shape=label, max_abs_error=max_abs, max_rel_error=rel, tolerance=tolerance,
-                            passed=bool(rel <= tolerance))
-
-
 def validate_graph(spec: GraphSpec, path: Path, cases: list[ValidationCase], precision: str,
                    session=None) -> tuple[ValidationResult, ...]:
     session = session or ort_session(path)
     results = []
     for i, case in enumerate(cases):
         got, want = run_case(spec, session, case, seed=i)
-        results.append(compare(got, want, case.label(), TOLERANCE[precision]))
+        results.append(recorded(compare(got, want, case.label(), TOLERANCE[precision]), case_inputs(spec, case, i)))
     return tuple(results)
 
 
-def format_table(rows: list[tuple[str, str, ValidationResult]]) -> str:
-    header = f"{'component':<13} {'precision':<9} {'shape':<50} {'max rel err':>11} {'tolerance':>9}  ok"
-    lines = [header, "-" * len(header)]
-    for component, precision, r in rows:
-        lines.append(f"{component:<13} {precision:<9} {r.shape:<50} {r.max_rel_error:>11.2e} {r.tolerance:>9.0e}  "
-                     f"{'yes' if r.passed else 'NO'}")
-    return "\n".join(lines)
-
-
-def validate_update_graph(path: Path, latent_channels: int, model_dtype: str, scheduler_config: dict,
+def validate_update_graph(path: Path, latent_channels: int, model_dtype: str,
                           cases: list[ValidationCase], vae_scale: int = 8) -> tuple[ValidationResult, ...]:
     """The sampler-update graph against ``samplers.step`` on real table rows (PLMS, LMS, Euler ancestral)."""
     from sdtrt.runtime.samplers import (OUTPUT_DEPTH, STATE_DEPTH, SamplerConfig, build_table, coefficient_row,
@@ -104,7 +95,9 @@ def validate_update_graph(path: Path, latent_channels: int, model_dtype: str, sc
         noise = rng.standard_normal(shape).astype(np.float32)
         worst = None
         for sampler, row in (("pndm", 4), ("lms", 3), ("euler_a", 0)):
-            table = build_table(SamplerConfig.from_scheduler_config(scheduler_config, sampler), 10)
+            # SD's schedule, not the model's: the graph is checked on real table rows, whatever the model's
+            # scheduler settings are (a setting no sampler supports must not fail the export)
+            table = build_table(SamplerConfig(name=sampler), 10)
             feeds = {f"state_{j}": states[j] for j in range(STATE_DEPTH)}
             feeds |= {f"model_output_{j}": outputs[j] for j in range(OUTPUT_DEPTH)}
             feeds |= {"noise": noise, "coefs": coefficient_row(table, row)}
@@ -115,5 +108,5 @@ def validate_update_graph(path: Path, latent_channels: int, model_dtype: str, sc
             if got_cast.dtype != np.dtype(model_dtype) and not np.array_equal(got_cast, got.astype(got_cast.dtype)):
                 r = ValidationResult(r.shape + " (cast output differs)", r.max_abs_error, r.max_rel_error, r.tolerance, False)
             worst = r if worst is None or r.max_rel_error > worst.max_rel_error or not r.passed else worst
-        results.append(worst)
+        results.append(recorded(worst, feeds))
     return tuple(results)

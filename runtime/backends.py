@@ -22,6 +22,10 @@ class BackendError(SdtrtError):
     """A backend cannot be used here (missing package, no GPU, engine mismatch)."""
 
 
+class DeviceMemoryError(BackendError):
+    """The GPU has not enough free memory for what was asked."""
+
+
 class ShapeError(SdtrtError):
     """An input shape is outside what the engine was exported or built for."""
 
@@ -42,8 +46,45 @@ def check_shapes(name: str, engine, shapes: dict[str, tuple[int, ...]]) -> None:
                 raise ShapeError(f"{name}: {problem}")
 
 
+def output_shapes(component: Component, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Each output's shape, from the values its named dimensions take in the given input shapes."""
+    dims: dict[str, int] = {}
+    for spec in component.inputs:
+        if spec.name in input_shapes:
+            dims.update({d: int(n) for d, n in zip(spec.shape, input_shapes[spec.name]) if isinstance(d, str)})
+    return {spec.name: tuple(d if isinstance(d, int) else dims[d] for d in spec.shape) for spec in component.outputs}
+
+
+class EngineSet(dict):
+    """name -> engine, plus what the engines share (a TensorRT session); ``close()`` frees all of it."""
+
+    def __init__(self, *args, resources: list | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resources = list(resources or [])
+
+    def reserve(self, plan: dict[str, dict[str, tuple[int, ...]]]) -> None:
+        """Tell engines that size memory per shape (TensorRT) every input shape of a coming generation at once."""
+        for name, shapes in plan.items():
+            reserve = getattr(self.get(name), "reserve", None)
+            if reserve is not None:
+                reserve(shapes)
+
+    def close(self) -> None:
+        for engine in self.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+        for resource in self.resources:
+            resource.close()
+        self.resources = []
+        self.clear()
+
+
 class OrtEngine:
-    """ONNX Runtime session over one exported graph (CPU, or CUDA with IO binding)."""
+    """ONNX Runtime session over one exported graph (CPU, or CUDA with IO binding).
+
+    Also a ``device_loop.Launcher``: with raw device pointers bound through the IO binding, the
+    denoising loop keeps latents and model outputs on the device (``OrtMemory``)."""
 
     def __init__(self, path: Path, component: Component, provider: str = "CPUExecutionProvider", threads: int = 0):
         import onnxruntime as ort
@@ -69,20 +110,97 @@ class OrtEngine:
                                    f"{declared.get(arg.name)}; re-export the model")
             self._dtypes[arg.name] = np.dtype(dtype)
         self._cuda = provider == "CUDAExecutionProvider"
+        self._binding = self.session.io_binding() if self._cuda else None  # one per engine, rebound per call
+        self._device = ("cuda", 0) if self._cuda else ("cpu", 0)
+        self._shapes = {s.name: tuple(s.shape) for s in component.inputs + component.outputs
+                        if all(isinstance(d, int) for d in s.shape)}
+        self._ptrs: dict[str, int] = {}
 
     def input_dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]
 
+    dtype = input_dtype
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._cuda:
             return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
-        binding = self.session.io_binding()
+        binding = self._binding
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in self._output_names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+
+    # -- Launcher (device loop) ------------------------------------------------------------------------
+    def set_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Shapes of the device loop's tensors; output shapes follow from the named dimensions."""
+        self._shapes.update({n: tuple(s) for n, s in shapes.items()})
+        self._shapes.update(output_shapes(self.component, self._shapes))
+        if self._binding is None:
+            self._binding = self.session.io_binding()
+
+    def bind(self, name: str, ptr: int) -> None:
+        self._ptrs[name] = ptr
+
+    def launch(self) -> None:
+        binding, (device, index) = self._binding, self._device
+        for arg in self.session.get_inputs():
+            binding.bind_input(arg.name, device, index, self._dtypes[arg.name], self._shapes[arg.name], self._ptrs[arg.name])
+        for name in self._output_names:
+            binding.bind_output(name, device, index, self._dtypes[name], self._shapes[name], self._ptrs[name])
+        self.session.run_with_iobinding(binding)
+
+
+class OrtMemory:
+    """Device buffers as ONNX Runtime OrtValues ('cuda', or 'cpu' where tests run the device loop)."""
+
+    def __init__(self, device: str = "cuda", device_id: int = 0):
+        self.device, self.device_id = device, device_id
+        self.live: dict[int, object] = {}  # pointer -> OrtValue that owns it
+
+    def malloc(self, nbytes: int) -> int:
+        import onnxruntime as ort
+
+        value = ort.OrtValue.ortvalue_from_shape_and_type([max(int(nbytes), 1)], np.uint8, self.device, self.device_id)
+        ptr = int(value.data_ptr())
+        self.live[ptr] = value
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        del self.live[ptr]
+
+    def upload(self, ptr: int, array: np.ndarray) -> None:
+        value = self.live[ptr]
+        data = np.zeros(value.shape()[0], np.uint8)
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        data[: raw.size] = raw
+        value.update_inplace(data)
+
+    def download(self, out: np.ndarray, ptr: int) -> None:
+        raw = self.live[ptr].numpy()
+        out.reshape(-1).view(np.uint8)[:] = raw[: out.nbytes]
+
+    def zero(self, ptr: int, nbytes: int) -> None:
+        self.upload(ptr, np.zeros(0, np.uint8))
+
+    def barrier(self) -> None:
+        """Make the uploads visible to the next launch. ``update_inplace`` copies with cudaMemcpy on the legacy
+        stream, which may return before the data lands, and ONNX Runtime computes on a stream of its own."""
+        if self.device == "cuda":
+            cuda_context_synchronize()
+
+    def sync(self) -> None:
+        pass  # run_with_iobinding returns when the outputs are written
+
+    def host(self, shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def free_host(self, array: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        self.live.clear()
 
 
 _ORT_TYPES = {"tensor(float16)": "float16", "tensor(float)": "float32", "tensor(int32)": "int32",
@@ -105,12 +223,40 @@ def ort_provider(backend: str) -> str:
 
 
 def _has_cuda_device() -> bool:
+    """True only when the NVIDIA driver itself reports a device (libcuda through ctypes): cuda-python is not
+    asked, since a cuda-python 13 on a CUDA 12 driver says "no device" where onnxruntime-gpu works."""
+    return cuda_driver_device_count() > 0
+
+
+def cuda_driver_device_count() -> int:
+    """Devices the NVIDIA driver reports (through ctypes, no cuda-python needed); 0 without a driver."""
+    return cuda_driver_info()[1]
+
+
+def cuda_context_synchronize() -> None:
+    """Wait for all work in this thread's CUDA context (cuCtxSynchronize); nothing without a driver or context."""
+    import ctypes
+
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        return True  # onnxruntime-gpu installed without cuda-python: let ORT decide
-    err, count = cudart.cudaGetDeviceCount()
-    return err == cudart.cudaError_t.cudaSuccess and count > 0
+        ctypes.CDLL("libcuda.so.1").cuCtxSynchronize()
+    except OSError:
+        pass
+
+
+def cuda_driver_info() -> tuple[int, int]:
+    """(driver CUDA version as 12040 for 12.4, device count) from libcuda itself; (0, 0) without a driver."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, 0
+    version, count = ctypes.c_int(0), ctypes.c_int(0)
+    if cuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return 0, 0
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return version.value, 0
+    return version.value, count.value
 
 
 def available_backends() -> list[str]:
@@ -131,8 +277,12 @@ def available_backends() -> list[str]:
     return found
 
 
-def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0) -> dict[str, Engine]:
-    """Engines for every graph. ``auto`` prefers TensorRT where the folder has engines and they load."""
+def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0,
+                 device_loop: bool | None = None) -> EngineSet:
+    """Engines for every graph. ``auto`` prefers TensorRT where the folder has engines and they load.
+
+    ``device_loop``: run the denoising loop with the sampler-update graph and IO binding, states on the
+    device (default: on ONNX Runtime's CUDA provider; on the CPU the NumPy loop is used)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "tensorrt" or (backend == "auto" and manifest.tensorrt is not None):
@@ -145,12 +295,22 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
                 raise
             # auto: engines for another GPU/version, or no TensorRT here; ONNX Runtime still works
     provider = ort_provider(backend)
-    engines = {}
+    on_device = provider == "CUDAExecutionProvider" if device_loop is None else device_loop
+    engines = EngineSet()
     for name, component in manifest.components.items():
-        if name == "sampler_update":  # only device loops use it; on the host the update is NumPy
+        if name == "sampler_update" and not on_device:  # on the host the update is NumPy
             continue
         path = Path(folder) / component.file
         if not path.is_file():
             raise BackendError(f"{path} is missing (listed in manifest.json)")
         engines[name] = OrtEngine(path, component, provider, threads)
+    if on_device:
+        from sdtrt.runtime.device_loop import DeviceLoop
+
+        update = engines.pop("sampler_update", None)
+        if update is None:
+            raise BackendError(f"{folder} has no sampler_update graph for the device loop; re-export the model")
+        memory = OrtMemory("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+        engines["unet"].device_loop = DeviceLoop(memory, engines["unet"], update)
+        engines.resources.append(memory)
     return engines

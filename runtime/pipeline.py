@@ -40,19 +40,32 @@ class Pipeline:
         self.scheduler_config = scheduler_config
 
     @classmethod
-    def from_dir(cls, folder: str | Path, backend: str = "auto", threads: int = 0) -> "Pipeline":
-        """Load an engine folder. ``threads``: CPU threads for ONNX Runtime (0: its default, all cores)."""
+    def from_dir(cls, folder: str | Path, backend: str = "auto", threads: int = 0,
+                 device_loop: bool | None = None) -> "Pipeline":
+        """Load an engine folder. ``threads``: CPU threads for ONNX Runtime (0: its default, all cores);
+        ``device_loop``: see ``backends.load_engines`` (TensorRT always runs the loop on the device)."""
         folder = Path(folder)
         manifest = Manifest.load(folder)
-        tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length)
-        sched_file = folder / manifest.scheduler_config
-        try:
-            scheduler_config = json.loads(sched_file.read_text())
-        except (OSError, json.JSONDecodeError) as ex:
-            from sdtrt.errors import ManifestError
+        tokenizer, scheduler_config = _assets(folder, manifest)  # before the engines: fail fast, cheaply
+        engines = load_engines(folder, manifest, backend, threads, device_loop)
+        return cls(folder, manifest, engines, tokenizer, scheduler_config)
 
-            raise ManifestError(f"cannot read {sched_file}: {ex}") from None
-        return cls(folder, manifest, load_engines(folder, manifest, backend, threads), tokenizer, scheduler_config)
+    @classmethod
+    def from_engines(cls, folder: str | Path, manifest: Manifest, engines: dict) -> "Pipeline":
+        """A pipeline over engines already loaded (``sdtrt build`` verifies engines before installing them)."""
+        return cls(Path(folder), manifest, engines, *_assets(Path(folder), manifest))
+
+    def close(self) -> None:
+        """Free the engines and everything they hold on the device (contexts, buffers, CUDA graphs)."""
+        close = getattr(self.engines, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def backend_name(self) -> str:
@@ -82,12 +95,17 @@ class Pipeline:
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
         n_text = 2 * len(prompts) if cfg else len(prompts)
-        check_shapes("text_encoder", self.engines["text_encoder"],
-                     {"input_ids": (n_text, info.max_text_length)})
-        check_shapes("unet", self.engines["unet"],
-                     {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length,
-                                                                   info.text_hidden_size)})
-        check_shapes("vae_decoder", self.engines["vae_decoder"], {"latents": shape})
+        plan = {  # every engine's input shapes for this generation
+            "text_encoder": {"input_ids": (n_text, info.max_text_length)},
+            "unet": {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length,
+                                                                  info.text_hidden_size)},
+            "vae_decoder": {"latents": shape},
+        }
+        for name, shapes in plan.items():
+            check_shapes(name, self.engines[name], shapes)
+        reserve = getattr(self.engines, "reserve", None)
+        if reserve is not None:
+            reserve(plan)
 
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
@@ -215,6 +233,18 @@ class Pipeline:
                 callback(i + 1, table.num_steps)
         timings["unet"], timings["sampler_update"] = unet_s, update_s
         return states[0]
+
+
+def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
+    """The tokenizer and scheduler config of an engine folder."""
+    from sdtrt.errors import ManifestError
+
+    tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length)
+    sched_file = folder / manifest.scheduler_config
+    try:
+        return tokenizer, json.loads(sched_file.read_text())
+    except (OSError, json.JSONDecodeError) as ex:
+        raise ManifestError(f"cannot read {sched_file}: {ex}") from None
 
 
 def save_png(image, path: Path, parameters: str) -> None:

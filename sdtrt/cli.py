@@ -177,9 +177,11 @@ def _add_build(sub) -> None:
     p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN:OPT:MAX")
     p.add_argument("--size", type=_triple, default=(256, 512, 1024), metavar="MIN:OPT:MAX", help="pixels")
     p.add_argument("--static", type=_size, default=None, metavar="WxH", help="one fixed shape (batch = OPT, guidance on)")
-    p.add_argument("--timing-cache", default=None, metavar="PATH", help="default: DIR/timing.cache")
+    p.add_argument("--timing-cache", default=None, metavar="PATH", help="timing cache file (default: DIR/timing.trt<version>.sm<cc>.cache)")
     p.add_argument("--workspace", type=float, default=None, metavar="GB")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    p.add_argument("--no-verify", action="store_true",
+                   help="install the engines without checking them against ONNX Runtime on this GPU")
     p.set_defaults(func=_cmd_build)
 
 
@@ -187,8 +189,39 @@ def _cmd_build(args) -> int:
     from sdtrt.runtime.tensorrt.build import BuildConfig, build_engines
 
     cfg = BuildConfig(batch=args.batch, size=args.size, static=args.static, timing_cache=args.timing_cache,
-                      workspace_gb=args.workspace, opt_level=args.opt_level)
+                      workspace_gb=args.workspace, opt_level=args.opt_level, verify=not args.no_verify)
     build_engines(args.dir, cfg, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="what this machine can run: TensorRT, CUDA, driver, GPU, and a folder's engines",
+                       description="Report TensorRT, cuda-python, driver and CUDA versions, the GPU, ONNX Runtime's "
+                                   "providers and whether DIR's engines match this machine (exit 0 when it could report).")
+    p.add_argument("dir", nargs="?", default=None, help="engine folder to check (optional)")
+    p.add_argument("--run", action="store_true",
+                   help="also run a short generation on DIR's TensorRT engines and compare it with ONNX Runtime")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args) -> int:
+    from sdtrt.runtime.doctor import diagnose, run_check
+
+    from pathlib import Path
+
+    if args.run and args.dir is None:
+        raise UsageError("--run needs an engine folder: sdtrt doctor DIR --run")
+    if args.dir is not None and not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir} is {'a file, not' if Path(args.dir).exists() else 'not'} an engine folder")
+    mark = {True: "ok", False: "!!", None: "  "}
+    for f in diagnose(args.dir):
+        print(f"{mark[f.ok]} {f.label + ':':<18} {f.value}")
+    if args.run:
+        check = run_check(args.dir)
+        print(f"{mark[check.passed]} {'run:':<18} {check.batch}x {check.width}x{check.height}, {check.steps} "
+              f"{check.sampler} steps, TensorRT vs {check.reference}: PSNR {check.psnr_db:.1f} dB "
+              f"(need {check.min_psnr_db:.0f})")
+        return 0 if check.passed else 1
     return 0
 
 
@@ -222,6 +255,17 @@ def _cmd_info(args) -> int:
         for island in c.fp32_islands:
             print(f"      fp32: {island}")
     print("  exported with " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    if m.tensorrt is not None:
+        b = m.tensorrt
+        print(f"  TensorRT engines: TensorRT {b.version} for {b.gpu} (sm_{b.compute_capability}), "
+              f"{'static' if b.static else 'dynamic'} profile")
+        if b.verification:
+            worst = max((r for rs in b.verification.values() for r in rs), key=lambda r: r.max_rel_error)
+            e2e = f"; end to end PSNR {b.end_to_end.psnr_db:.1f} dB" if b.end_to_end else ""
+            print(f"    verified on that GPU against ONNX Runtime: worst max rel err {worst.max_rel_error:.2e} "
+                  f"(tolerance {worst.tolerance:g}){e2e}")
+        else:
+            print("    not verified (built with --no-verify)")
     print("this machine can run it with: " + ", ".join(available_backends()))
     return 0
 
@@ -281,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_bench(sub)
     _add_build(sub)
+    _add_doctor(sub)
     return parser
 
 

@@ -51,6 +51,8 @@ class ValidationResult:
     max_rel_error: float  # max|onnx - torch| / max|torch|
     tolerance: float
     passed: bool
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the case's input shapes
+    values: dict[str, float] = field(default_factory=dict)  # its scalar inputs (timestep, guidance_scale)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,21 @@ class BuiltEngine:
 
 
 @dataclass(frozen=True)
+class EndToEndCheck:
+    """A short generation on the TensorRT device loop against the same on ONNX Runtime (``sdtrt build``)."""
+
+    psnr_db: float  # 999 when the images are identical, 0 when one is not finite
+    min_psnr_db: float
+    passed: bool
+    width: int
+    height: int
+    batch: int
+    steps: int
+    sampler: str
+    reference: str  # the ONNX Runtime backend that made the reference image
+
+
+@dataclass(frozen=True)
 class TensorRTBuild:
     """What `sdtrt build` made, and for which TensorRT and GPU: engines run only there."""
 
@@ -119,6 +136,9 @@ class TensorRTBuild:
     opt_level: int = 3
     workspace_gb: float | None = None
     static: bool = False
+    # each engine against ONNX Runtime on the same ONNX, on the GPU it was built on (empty: --no-verify)
+    verification: dict[str, tuple[ValidationResult, ...]] = field(default_factory=dict)
+    end_to_end: EndToEndCheck | None = None
 
 
 @dataclass(frozen=True)

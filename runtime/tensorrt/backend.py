@@ -1,12 +1,18 @@
 """TensorRT backend: engines on CUDA buffers, and the denoising loop entirely on the device.
 
-- One device-memory block, sized by the largest context's need, is shared by every execution context
-  (they run one after another on one stream), which keeps VRAM down.
-- The loop runs the U-Net engine and the sampler-update engine back to back. The ring of states and
-  model outputs is passed by address (``set_tensor_address``), all per-step timesteps, coefficient rows
-  and noise are uploaded before the loop, so a step needs no host work and no synchronisation.
-- For a fixed shape and step count the whole loop is captured once as a CUDA graph and replayed;
-  a new shape re-captures. The result comes back through pinned host memory.
+Follows trtexec's inference code (``samples/common/sampleInference.cpp``) and the rules of
+``NvInferRuntime.h``:
+
+- one stream (non-blocking, so nothing on the legacy default stream can break a capture);
+- one device-memory block shared by every execution context (they run one after another on that
+  stream), sized by what the shapes in use need (``update_device_memory_size_for_shapes``), grown
+  when a larger shape comes, never sized for the profile maximum up front;
+- every ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` return is checked: a
+  refused address keeps the old one, which would silently reuse step 0's inputs;
+- the denoising loop is ``runtime.device_loop.DeviceLoop``; each shape runs once eagerly (TensorRT sets
+  up lazily), then is captured as a CUDA graph and replayed. A capture that fails is ended, its graph
+  destroyed, a warning given once, and that shape runs without a graph (trtexec's ``endCaptureOnError``);
+- ``close()`` (or ``with``) frees contexts, graphs, buffers, pinned memory, the shared block and the stream.
 
 Engines are refused, with the command that fixes it, when they were built for another TensorRT
 version or GPU, when a file is corrupt, or when a shape is outside the engine's profile.
@@ -14,54 +20,197 @@ version or GPU, when a file is corrupt, or when a shape is outside the engine's 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from sdtrt.manifest import Component, Manifest, TensorSpec
-from sdtrt.runtime.backends import BackendError, ShapeError
-from sdtrt.runtime.samplers import OUTPUT_DEPTH, STATE_DEPTH, SamplerTable, coefficient_row
+from sdtrt.runtime.backends import BackendError, DeviceMemoryError, EngineSet, ShapeError
+from sdtrt.runtime.device_loop import DeviceLoop, aligned
 from sdtrt.runtime.tensorrt import api
 
+log = logging.getLogger("sdtrt")
+REQUIRED = ("text_encoder", "unet", "vae_decoder", "sampler_update")
 
-class Device:
-    """The CUDA stream, allocations and copies one pipeline uses (cuda-python's runtime API)."""
+
+class CudaMemory:
+    """The stream, allocations and copies of one backend instance (cuda-python's runtime API).
+
+    Counts what it holds, so ``close()`` can free everything and tests can see leaks."""
 
     def __init__(self, cudart):
         self.cudart = cudart
-        self.stream = api.check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = api.check(cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+                                "cudaStreamCreateWithFlags")
+        self.live: dict[int, int] = {}  # device pointer -> bytes
+        self.pinned_live: dict[int, int] = {}
+
+    def _call(self, result, what: str):
+        return api.check(self.cudart, result, what)
 
     def malloc(self, nbytes: int) -> int:
-        return int(api.check(self.cudart, self.cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc"))
+        nbytes = max(aligned(nbytes), 256)
+        err, ptr = self.cudart.cudaMalloc(nbytes)
+        if err == self.cudart.cudaError_t.cudaErrorMemoryAllocation:
+            free = self.free_bytes()
+            raise DeviceMemoryError(f"not enough GPU memory: {nbytes / 2**30:.2f} GiB more are needed, "
+                                    f"{free / 2**30:.2f} GiB are free; use a smaller size or batch, or free the GPU")
+        ptr = int(self._call((err, ptr), f"cudaMalloc({nbytes} bytes)"))
+        self.live[ptr] = nbytes
+        return ptr
 
     def free(self, ptr: int) -> None:
-        api.check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
+        if self.live.pop(ptr, None) is not None:
+            self._call(self.cudart.cudaFree(ptr), "cudaFree")
 
-    def pinned(self, shape, dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        ptr = api.check(self.cudart, self.cudart.cudaMallocHost(nbytes), "cudaMallocHost")
-        buf = (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * nbytes).from_address(int(ptr))))
-        return buf.view(dtype).reshape(shape)
+    def free_bytes(self) -> int:
+        err, free, _total = self.cudart.cudaMemGetInfo()
+        return int(free) if err == self.cudart.cudaError_t.cudaSuccess else 0
 
-    def free_pinned(self, array: np.ndarray) -> None:
-        api.check(self.cudart, self.cudart.cudaFreeHost(array.ctypes.data), "cudaFreeHost")
+    def host(self, shape, dtype) -> np.ndarray:
+        """A page-locked host array (device-to-host copies into pageable memory are synchronous)."""
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        ptr = int(self._call(self.cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        self.pinned_live[ptr] = nbytes
+        buf = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * nbytes).from_address(ptr))
+        return buf[: int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
-    def upload(self, dst: int, array: np.ndarray) -> None:
+    def free_host(self, array: np.ndarray) -> None:
+        ptr = int(array.ctypes.data)
+        if self.pinned_live.pop(ptr, None) is not None:
+            self._call(self.cudart.cudaFreeHost(ptr), "cudaFreeHost")
+
+    def upload(self, ptr: int, array: np.ndarray) -> None:
+        # From pageable memory: the copy is staged before this returns, so ``array`` may go away.
         array = np.ascontiguousarray(array)
-        api.check(self.cudart, self.cudart.cudaMemcpyAsync(dst, array.ctypes.data, array.nbytes,
-                                                           self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
-                  "cudaMemcpyAsync")
+        if array.nbytes > self.live.get(ptr, 0):
+            raise BackendError(f"internal error: upload of {array.nbytes} bytes into a buffer of {self.live.get(ptr, 0)}")
+        self._call(self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+                   "cudaMemcpyAsync (upload)")
 
-    def download(self, out: np.ndarray, src: int) -> None:
-        api.check(self.cudart, self.cudart.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes,
-                                                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
-                  "cudaMemcpyAsync")
+    def download(self, out: np.ndarray, ptr: int) -> None:
+        self._call(self.cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
+                   "cudaMemcpyAsync (download)")
 
     def zero(self, ptr: int, nbytes: int) -> None:
-        api.check(self.cudart, self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self.stream), "cudaMemsetAsync")
+        self._call(self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self.stream), "cudaMemsetAsync")
+
+    def barrier(self) -> None:
+        pass  # uploads and launches share one stream: already ordered
 
     def sync(self) -> None:
-        api.check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        self._call(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        """Free everything; keeps going past a failed call so one error does not leak the rest."""
+        if self.stream is None:
+            return
+        cudart, stream = self.cudart, self.stream
+        self.stream = None
+        cudart.cudaStreamSynchronize(stream)  # nothing may still use what is freed below
+        for ptr in list(self.live):
+            self.live.pop(ptr)
+            cudart.cudaFree(ptr)
+        for ptr in list(self.pinned_live):
+            self.pinned_live.pop(ptr)
+            cudart.cudaFreeHost(ptr)
+        cudart.cudaStreamDestroy(stream)
+
+
+class CudaGraphs:
+    """Capture the enqueued loop once per key and replay it; one graph exists at a time.
+
+    The first run of a key is eager (TensorRT's lazy set-up must not happen inside a capture); the
+    capture follows in the same call and is replayed from the next call on."""
+
+    def __init__(self, memory: CudaMemory, enabled: bool = True):
+        self.memory, self.cudart, self.enabled = memory, memory.cudart, enabled
+        self.exec = None
+        self.key = None
+        self.captures = 0  # successful captures (tests and benchmarks read it)
+        self.failed: set = set()  # keys whose capture failed: they run eagerly
+        self._warned = False
+
+    def reset(self) -> None:
+        if self.exec is not None:
+            api.check(self.cudart, self.cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
+            self.exec, self.key = None, None
+
+    def run(self, key, enqueue) -> None:
+        cudart, stream = self.cudart, self.memory.stream
+        if self.exec is not None and self.key == key:
+            api.check(cudart, cudart.cudaGraphLaunch(self.exec, stream), "cudaGraphLaunch")
+            return
+        enqueue()
+        if self.enabled and key not in self.failed:
+            self.reset()
+            self._capture(key, enqueue)
+
+    def _capture(self, key, enqueue) -> None:
+        cudart, stream = self.cudart, self.memory.stream
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        api.check(cudart, cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+        problem = None
+        try:
+            enqueue()
+        except BackendError as ex:  # a refused launch: the captured graph must not be used
+            problem = str(ex)
+        except BaseException:
+            _, graph = cudart.cudaStreamEndCapture(stream)  # leave the stream usable, then re-raise
+            if graph is not None:
+                cudart.cudaGraphDestroy(graph)
+            raise
+        err, graph = cudart.cudaStreamEndCapture(stream)  # always end the capture, even after a failure
+        if err != cudart.cudaError_t.cudaSuccess:
+            problem = problem or api.error_name(cudart, err)
+        elif problem is None:
+            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+            if err == cudart.cudaError_t.cudaSuccess:
+                self.exec, self.key = graph_exec, key
+                self.captures += 1
+            else:
+                problem = f"cudaGraphInstantiate: {api.error_name(cudart, err)}"
+        if graph is not None:  # cuda-python gives None with an error; the exec keeps what it needs
+            api.check(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        if problem is not None:
+            self.failed.add(key)
+            if not self._warned:
+                log.warning("CUDA graph capture failed (%s); this shape runs without a CUDA graph", problem)
+                self._warned = True
+
+
+class SharedContextMemory:
+    """One device-memory block for every execution context, grown to the largest need seen so far.
+
+    ``generation`` increases whenever the block moves, so a captured graph that points into the old
+    block is re-captured."""
+
+    def __init__(self, memory: CudaMemory):
+        self.memory = memory
+        self.ptr, self.size, self.generation = 0, 0, 0
+        self.contexts: list = []
+
+    def fit(self, engine: "TrtEngine") -> None:
+        """Size the block for ``engine``'s context at its current input shapes, and attach it."""
+        ctx = engine.context
+        need = int(ctx.update_device_memory_size_for_shapes())
+        if need <= 0:  # 0 means TensorRT could not compute it: take the profile's bound
+            need = int(engine.engine.get_device_memory_size_for_profile_v2(0))
+        if need > self.size:
+            new = self.memory.malloc(need)  # first: if it fails, the contexts keep the old block
+            old, self.ptr, self.size = self.ptr, new, aligned(need)
+            self.generation += 1
+            for other in self.contexts:
+                other.set_device_memory(self.ptr, self.size)
+            if old:
+                self.memory.sync()  # nothing may still run in the old block
+                self.memory.free(old)
+        if ctx not in self.contexts:
+            self.contexts.append(ctx)
+        ctx.set_device_memory(self.ptr, self.size)
 
 
 def profile_component(component: Component, profile: dict[str, tuple]) -> Component:
@@ -75,19 +224,15 @@ def profile_component(component: Component, profile: dict[str, tuple]) -> Compon
     return Component(**{**component.__dict__, "inputs": tuple(inputs)})
 
 
-def set_shape(context, name: str, shape: tuple, engine_name: str) -> None:
-    if not context.set_input_shape(name, tuple(shape)):
-        raise ShapeError(f"{engine_name}: {name} shape {tuple(shape)} is outside the engine profile "
-                         "(rebuild with `sdtrt build --size/--batch`)")
-
-
 class TrtEngine:
-    """One deserialized engine and its execution context (host arrays in and out, for the one-shot graphs)."""
+    """One deserialized engine and its execution context; also the device loop's launcher for it."""
 
     range_label = "engine profile (rebuild with `sdtrt build --size/--batch`)"
 
-    def __init__(self, trt, runtime, device: Device, path: Path, component: Component, profile):
-        self.trt, self.device, self.path = trt, device, path
+    def __init__(self, trt, runtime, memory: CudaMemory, shared: SharedContextMemory, path: Path,
+                 component: Component, profile):
+        self.trt, self.memory, self.shared, self.path = trt, memory, shared, path
+        self.label = path.name
         try:
             data = path.read_bytes()
         except OSError as ex:
@@ -103,155 +248,106 @@ class TrtEngine:
                                f"rebuild it with `sdtrt build {path.parent}`")
         self.component = profile_component(component, profile)
         self._dtypes = {s.name: np.dtype(s.dtype) for s in component.inputs + component.outputs}
-        self.context = None
+        self._dynamic = {s.name for s in component.inputs if not all(isinstance(d, int) for d in s.shape)}
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {path.name}")
+        self.stream = int(memory.stream)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (ptr, capacity bytes)
         self._host: dict[str, np.ndarray] = {}
 
-    @property
-    def device_memory_size(self) -> int:
-        return int(self.engine.device_memory_size_v2)
-
-    def attach(self, memory: int, size: int) -> None:
-        """Create the context on the shared device-memory block."""
-        self.context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        self.context.set_device_memory(memory, size)
-
-    def input_dtype(self, name: str) -> np.dtype:
+    # -- Launcher (device loop) ------------------------------------------------------------------------
+    def dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]
 
+    input_dtype = dtype
+
+    def set_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            if name in self._dynamic and not self.context.set_input_shape(name, tuple(int(d) for d in shape)):
+                raise ShapeError(f"{self.label}: {name} shape {tuple(shape)} is outside the engine profile "
+                                 "(rebuild with `sdtrt build --size/--batch`)")
+        self.shared.fit(self)
+
+    def bind(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, int(ptr)):
+            raise BackendError(f"TensorRT refused the address {int(ptr):#x} of {name} in {self.label} "
+                               "(device pointers must be 256-byte aligned)")
+
+    def launch(self) -> None:
+        if not self.context.execute_async_v3(self.stream):
+            raise BackendError(f"TensorRT failed to enqueue {self.label} (see the TensorRT log above)")
+
+    # -- one-shot use (text encoder, VAE) --------------------------------------------------------------
     def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, cap = self._buffers.get(name, (0, 0))
-        if cap < nbytes:
-            if ptr:
-                self.device.free(ptr)
-            ptr, cap = self.device.malloc(nbytes), nbytes
-            self._buffers[name] = (ptr, cap)
+        old, cap = self._buffers.get(name, (0, 0))
+        if cap >= nbytes:
+            return old
+        ptr = self.memory.malloc(nbytes)  # first: if it fails, the old buffer stays valid
+        self._buffers[name] = (ptr, aligned(nbytes))
+        if old:
+            self.memory.sync()
+            self.memory.free(old)
         return ptr
 
+    def reserve(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Size the shared context memory for a generation at these shapes before anything runs in it, so a
+        later, larger engine does not move the block under a captured loop."""
+        self.set_shapes(shapes)
+        loop = getattr(self, "device_loop", None)
+        if loop is not None and "latents" in shapes:
+            loop.update.set_shapes({name: shapes["latents"] for name in loop._update_inputs()})
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ctx = self.context
+        self.set_shapes({name: value.shape for name, value in feeds.items()})
         for name, value in feeds.items():
             ptr = self._buffer(name, value.nbytes)
-            self.device.upload(ptr, value)
-            set_shape(ctx, name, value.shape, self.path.name)
-            ctx.set_tensor_address(name, ptr)
+            self.memory.upload(ptr, value)
+            self.bind(name, ptr)
         outputs = {}
         for spec in self.component.outputs:
-            shape = tuple(ctx.get_tensor_shape(spec.name))
+            shape = tuple(self.context.get_tensor_shape(spec.name))
             host = self._host.get(spec.name)
             if host is None or host.shape != shape:
                 if host is not None:
-                    self.device.free_pinned(host)
-                host = self._host[spec.name] = self.device.pinned(shape, self._dtypes[spec.name])
+                    self.memory.sync()
+                    self.memory.free_host(host)
+                host = self._host[spec.name] = self.memory.host(shape, self._dtypes[spec.name])
             ptr = self._buffer(spec.name, host.nbytes)
-            ctx.set_tensor_address(spec.name, ptr)
+            self.bind(spec.name, ptr)
             outputs[spec.name] = (host, ptr)
-        if not ctx.execute_async_v3(self.device.stream):
-            raise BackendError(f"TensorRT failed to run {self.path.name}")
+        self.launch()
         for host, ptr in outputs.values():
-            self.device.download(host, ptr)
-        self.device.sync()
+            self.memory.download(host, ptr)
+        self.memory.sync()
         return {name: host.copy() for name, (host, _) in outputs.items()}
 
+    def close(self) -> None:
+        loop = getattr(self, "device_loop", None)
+        try:
+            if loop is not None:
+                loop.close()
+            for ptr, _ in self._buffers.values():
+                self.memory.free(ptr)
+            for host in self._host.values():
+                self.memory.free_host(host)
+        finally:  # whatever failed above, the session's close() frees the rest
+            self._buffers, self._host = {}, {}
+            self.context = None
+            self.engine = None
 
-class DeviceLoop:
-    """U-Net + sampler update on the device for a whole generation (see the module docstring)."""
 
-    def __init__(self, device: Device, unet: TrtEngine, update: TrtEngine, use_cuda_graph: bool = True):
-        self.device, self.unet, self.update = device, unet, update
-        self.use_cuda_graph = use_cuda_graph
-        self._key = None
-        self._graph_exec = None
-        self._allocated: list[int] = []  # this loop's device buffers, freed when the shape changes
-        self.result: np.ndarray | None = None
-        self.captures = 0  # how many times a CUDA graph was captured (tests and benchmarks read it)
+class TrtDeviceLoop(DeviceLoop):
+    """The shared device loop with a CUDA graph per shape, re-set up when the shared block moves."""
 
-    def _setup(self, shape: tuple[int, ...], text_shape: tuple[int, ...], steps: int) -> None:
-        d = self.device
-        for ptr in self._allocated:
-            d.free(ptr)
-        if self.result is not None:
-            d.free_pinned(self.result)
-        n = int(np.prod(shape))
-        self.n32 = n * 4
-        out_dtype = self.unet.input_dtype("noise_pred")
-        in_dtype = self.unet.input_dtype("latents")
-        self.states = [d.malloc(self.n32) for _ in range(STATE_DEPTH + 1)]  # ring: s_i at i % 5, fp32
-        self.outputs = [d.malloc(n * out_dtype.itemsize) for _ in range(OUTPUT_DEPTH)]  # ring: m_i at i % 5
-        self.unet_in = d.malloc(n * in_dtype.itemsize)
-        self.noise_all = d.malloc(self.n32 * steps)  # (S, B, C, h, w)
-        self.zero_noise = d.malloc(self.n32)
-        self.coefs_all = d.malloc(steps * (STATE_DEPTH + OUTPUT_DEPTH + 1) * 4)  # (S, 10)
-        self.timesteps = d.malloc(steps * 4)  # (S,)
-        self.guidance = d.malloc(4)
-        self.embeddings = d.malloc(int(np.prod(text_shape)) * self.unet.input_dtype("encoder_hidden_states").itemsize)
-        self._allocated = [*self.states, *self.outputs, self.unet_in, self.noise_all, self.zero_noise, self.coefs_all,
-                           self.timesteps, self.guidance, self.embeddings]
-        self.result = d.pinned(shape, np.float32)
-        for ctx, shapes in ((self.unet.context, {"latents": shape, "encoder_hidden_states": text_shape,
-                                                  "timestep": (1,), "guidance_scale": (1,)}),
-                            (self.update.context, {s.name: shape for s in self.update.component.inputs if s.name != "coefs"})):
-            for name, value in shapes.items():
-                set_shape(ctx, name, value, "unet" if ctx is self.unet.context else "sampler_update")
-        set_shape(self.update.context, "coefs", (STATE_DEPTH + OUTPUT_DEPTH + 1,), "sampler_update")
-        self._graph_exec = None
+    def __init__(self, memory: CudaMemory, shared: SharedContextMemory, unet: TrtEngine, update: TrtEngine,
+                 use_cuda_graph: bool = True):
+        super().__init__(memory, unet, update, CudaGraphs(memory, use_cuda_graph))
+        self.shared = shared
 
-    def _enqueue_loop(self, steps: int, stochastic: bool) -> None:
-        """Every step's two engine launches; no host synchronisation anywhere in here."""
-        u, up, stream = self.unet.context, self.update.context, self.device.stream
-        ring = STATE_DEPTH + 1
-        u.set_tensor_address("latents", self.unet_in)
-        u.set_tensor_address("encoder_hidden_states", self.embeddings)
-        u.set_tensor_address("guidance_scale", self.guidance)
-        up.set_tensor_address("next_latents", self.unet_in)
-        for i in range(steps):
-            u.set_tensor_address("timestep", self.timesteps + 4 * i)
-            u.set_tensor_address("noise_pred", self.outputs[i % OUTPUT_DEPTH])
-            u.execute_async_v3(stream)
-            for j in range(STATE_DEPTH):
-                up.set_tensor_address(f"state_{j}", self.states[(i - j) % ring])
-            for j in range(OUTPUT_DEPTH):
-                up.set_tensor_address(f"model_output_{j}", self.outputs[(i - j) % OUTPUT_DEPTH])
-            up.set_tensor_address("noise", self.noise_all + self.n32 * i if stochastic else self.zero_noise)
-            up.set_tensor_address("coefs", self.coefs_all + 4 * (STATE_DEPTH + OUTPUT_DEPTH + 1) * i)
-            up.set_tensor_address("next_state", self.states[(i + 1) % ring])
-            up.execute_async_v3(stream)
-
-    def run(self, table: SamplerTable, state0: np.ndarray, embeddings: np.ndarray, guidance: float,
-            noises: np.ndarray | None) -> np.ndarray:
-        d, cudart = self.device, self.device.cudart
-        steps = table.num_steps
-        key = (state0.shape, embeddings.shape, steps, table.stochastic)
-        if key != self._key:
-            self._setup(state0.shape, embeddings.shape, steps)
-            self._key = key
-        for ptr in self.states:  # history beyond step 0 has coefficient 0, but 0 * NaN is NaN
-            d.zero(ptr, self.n32)
-        d.zero(self.zero_noise, self.n32)
-        d.upload(self.states[0], state0.astype(np.float32))
-        d.upload(self.unet_in, state0.astype(self.unet.input_dtype("latents")))
-        d.upload(self.embeddings, embeddings)
-        d.upload(self.guidance, np.array([guidance], np.float32))
-        d.upload(self.timesteps, table.timesteps.astype(np.float32))
-        d.upload(self.coefs_all, np.stack([coefficient_row(table, i) for i in range(steps)]))
-        if table.stochastic:
-            d.upload(self.noise_all, noises)
-        if self._graph_exec is not None:
-            api.check(cudart, cudart.cudaGraphLaunch(self._graph_exec, d.stream), "cudaGraphLaunch")
-        else:
-            # First run of a shape runs eagerly (TensorRT's lazy set-up must not happen inside a capture),
-            # then the loop is captured for the next runs.
-            self._enqueue_loop(steps, table.stochastic)
-            if self.use_cuda_graph:
-                api.check(cudart, cudart.cudaStreamBeginCapture(
-                    d.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
-                self._enqueue_loop(steps, table.stochastic)
-                graph = api.check(cudart, cudart.cudaStreamEndCapture(d.stream), "cudaStreamEndCapture")
-                self._graph_exec = api.check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-                self.captures += 1
-        d.download(self.result, self.states[steps % (STATE_DEPTH + 1)])
-        d.sync()
-        return self.result.copy()
+    def generation(self) -> int:
+        # A VAE or text-encoder run may have grown (moved) the shared block since the last set-up.
+        return self.shared.generation
 
 
 def check_fingerprint(manifest: Manifest, trt, device: api.DeviceInfo, folder: Path) -> None:
@@ -267,23 +363,55 @@ def check_fingerprint(manifest: Manifest, trt, device: api.DeviceInfo, folder: P
                            f"this GPU is {device.name} (sm_{device.compute_capability}); {rebuild}")
 
 
-def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, use_cuda_graph: bool = True) -> dict:
+class TrtSession:
+    """What the engines of one folder share: TensorRT runtime, stream, shared context memory."""
+
+    def __init__(self, trt, cudart):
+        self.trt, self.cudart = trt, cudart
+        self.memory = CudaMemory(cudart)
+        self.shared = SharedContextMemory(self.memory)
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines: list[TrtEngine] = []
+
+    def load(self, path: Path, component: Component, profile) -> TrtEngine:
+        engine = TrtEngine(self.trt, self.runtime, self.memory, self.shared, path, component, profile)
+        self.engines.append(engine)
+        return engine
+
+    def close(self) -> None:
+        if self.memory.stream is None:
+            return
+        try:
+            self.memory.sync()
+            self.shared.contexts = []  # contexts go before their engines
+            for engine in self.engines:
+                engine.close()
+        finally:
+            self.engines = []
+            self.shared.ptr = self.shared.size = 0
+            self.memory.close()  # frees the shared block and anything left
+
+
+def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, use_cuda_graph: bool = True,
+                     files: dict[str, str] | None = None) -> EngineSet:
+    """Engines of ``folder`` for the pipeline; ``files`` overrides engine file names (build's verification)."""
     trt = trt or api.import_tensorrt()
+    api.check_tensorrt_version(trt)
     cudart = cudart or api.import_cudart()
     device_info = api.device_info(cudart)
     check_fingerprint(manifest, trt, device_info, folder)
-    device = Device(cudart)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engines = {}
-    for name, built in manifest.tensorrt.engines.items():
-        engines[name] = TrtEngine(trt, runtime, device, Path(folder) / built.file, manifest.components[name], built.profile)
-    missing = {"text_encoder", "unet", "vae_decoder", "sampler_update"} - set(engines)
+    missing = set(REQUIRED) - set(manifest.tensorrt.engines)
     if missing:
         raise BackendError(f"engines missing for {', '.join(sorted(missing))}: rebuild with `sdtrt build {folder}`")
-    size = max(e.device_memory_size for e in engines.values())
-    shared = device.malloc(size)
-    for e in engines.values():
-        e.attach(shared, size)
+    session = TrtSession(trt, cudart)
+    engines = EngineSet(resources=[session])
+    try:
+        for name, built in manifest.tensorrt.engines.items():
+            path = Path(folder) / (files or {}).get(name, built.file)
+            engines[name] = session.load(path, manifest.components[name], built.profile)
+    except BaseException:
+        session.close()
+        raise
     update = engines.pop("sampler_update")
-    engines["unet"].device_loop = DeviceLoop(device, engines["unet"], update, use_cuda_graph)
+    engines["unet"].device_loop = TrtDeviceLoop(session.memory, session.shared, engines["unet"], update, use_cuda_graph)
     return engines

@@ -2,9 +2,10 @@
 
 Strongly typed networks: precision comes from the ONNX (TensorRT 11 has no FP16 builder flag; on 10.x the
 STRONGLY_TYPED flag gives the same behaviour). Optimization profiles come from the manifest's ranges (or
-a static shape), the timing cache lives in the folder and is reused, engines are named with the
-TensorRT version and compute capability, and the manifest records what was built with what.
-Written against the TensorRT Python API 10.x/11.x directly; polygraphy's loaders are not needed.
+a static shape), the timing cache lives in the folder keyed by TensorRT version and GPU and is reused,
+engines are named with the TensorRT version and compute capability, and the manifest records what was
+built with what. Every engine is verified on this GPU against ONNX Runtime (``verify.py``) before it is
+installed. Written against the TensorRT Python API 10.x/11.x directly; polygraphy's loaders are not needed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, sha256_file
 
 Triple = tuple[int, int, int]
-TIMING_CACHE = "timing.cache"
 
 
 class BuildError(SdtrtError):
@@ -31,9 +31,10 @@ class BuildConfig:
     batch: Triple = (1, 1, 4)  # min, opt, max images
     size: Triple = (256, 512, 1024)  # min, opt, max pixels (height and width)
     static: tuple[int, int] | None = None  # (width, height): one fixed shape, batch fixed at opt, guidance on
-    timing_cache: str | None = None  # default: DIR/timing.cache
+    timing_cache: str | None = None  # default: DIR/timing.trt<version>.sm<cc>.cache
     workspace_gb: float | None = None
     opt_level: int = 3  # builder_optimization_level, 0..5
+    verify: bool = True  # check every engine against ONNX Runtime on this GPU before installing it
 
     def check(self, manifest: Manifest) -> None:
         for label, (lo, opt, hi) in (("batch", self.batch), ("size", self.size)):
@@ -80,69 +81,183 @@ def profile_shapes(component: Component, cfg: BuildConfig, model: ModelInfo) -> 
     return shapes
 
 
-def engine_file(component: str, trt_version: str, compute_capability: str) -> str:
-    return f"{component}.trt{trt_version}.sm{compute_capability}.plan"
+def engine_file(component: str, trt_version: str, compute_capability: str, sha256: str) -> str:
+    """``unet.trt10.16.1.11.sm90.1a2b3c4d.plan``: where it runs, and which build (a new build never overwrites
+    the files the installed manifest points at, so switching manifests is the one atomic step of an install)."""
+    return f"{component}.trt{trt_version}.sm{compute_capability}.{sha256[:8]}.plan"
+
+
+def timing_cache_file(trt_version: str, compute_capability: str) -> str:
+    """Default cache name: TensorRT refuses a cache made by another version or on another GPU."""
+    return f"timing.trt{trt_version}.sm{compute_capability}.cache"
 
 
 def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(memoryview(data))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class TimingCache:
+    """The builder's timing cache, kept in a file between engines and between builds.
+
+    ``set_timing_cache`` refuses a cache made on another GPU or TensorRT version, ``create_timing_cache``
+    can give nothing for a corrupt file, and ``get_timing_cache`` can return None: each falls back to a
+    fresh cache (or none) with one warning, never a failed build."""
+
+    def __init__(self, path: Path, log: Callable[[str], None]):
+        self.path, self.log = path, log
+        try:
+            self.data = path.read_bytes() if path.is_file() else b""
+        except OSError as ex:
+            log(f"warning: cannot read timing cache {path} ({ex.strerror}); starting a fresh one")
+            self.data = b""
+        self.reused = bool(self.data)
+        self._warned = False
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self.log(f"warning: {message}")
+            self._warned = True
+
+    def attach(self, config) -> None:
+        if self.data:
+            cache = config.create_timing_cache(self.data)
+            if cache is not None and config.set_timing_cache(cache, False):
+                return
+            self._warn(f"timing cache {self.path} was made for another GPU or TensorRT version, or is corrupt; "
+                       "starting a fresh one (it will be overwritten)")
+            self.data, self.reused = b"", False
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
+            self._warn("TensorRT refused a fresh timing cache; building without one")
+
+    def save(self, config) -> None:
+        cache = config.get_timing_cache()
+        if cache is None:
+            self._warn("TensorRT returned no timing cache; timings of this build are not kept")
+            return
+        self.data = bytes(memoryview(cache.serialize()))
+        try:
+            _write_atomic(self.path, self.data)  # after each engine, so an interrupted build keeps what it learned
+        except OSError as ex:
+            self._warn(f"cannot write timing cache {self.path} ({ex.strerror})")
 
 
 def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
                   log: Callable[[str], None] = print) -> Manifest:
-    """Build every graph of ``folder`` into an engine; returns (and saves) the updated manifest."""
+    """Build every graph of ``folder`` into an engine, verify them on this GPU (unless ``cfg.verify`` is
+    off) and install them; returns (and saves) the updated manifest.
+
+    Engines are written to temporary files and renamed into place only after every one was built and
+    verified: a failed or interrupted build leaves the previous engines and manifest as they were."""
     from sdtrt.runtime.tensorrt import api
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
     cfg.check(manifest)
     trt = trt or api.import_tensorrt()
+    api.check_tensorrt_version(trt)
     cudart = cudart or api.import_cudart()
     device = api.device_info(cudart)
     version = api.trt_version(trt)
     logger = trt.Logger(trt.Logger.WARNING)
-    cache_path = Path(cfg.timing_cache) if cfg.timing_cache else folder / TIMING_CACHE
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = TimingCache(Path(cfg.timing_cache) if cfg.timing_cache else
+                        folder / timing_cache_file(version, device.compute_capability), log)
     log(f"TensorRT {version} on {device.name} (sm_{device.compute_capability}); timing cache "
-        f"{'reused from' if cache_bytes else 'new at'} {cache_path}")
+        f"{'reused from' if cache.reused else 'new at'} {cache.path}")
     built: dict[str, BuiltEngine] = {}
-    for name, component in manifest.components.items():
-        t0 = time.perf_counter()
-        shapes = profile_shapes(component, cfg, manifest.model)
-        builder = trt.Builder(logger)
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(folder / component.file)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BuildError(f"TensorRT cannot parse {component.file}: {errors or 'unknown error'}")
-        config = builder.create_builder_config()
-        if cfg.workspace_gb:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * 2**30))
-        config.builder_optimization_level = cfg.opt_level
-        profile = builder.create_optimization_profile()
-        for input_name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(input_name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, False)
-        log(f"  {name}: building ({'static' if cfg.static else 'dynamic'} profile) ...")
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise BuildError(f"TensorRT failed to build {component.file} (see the TensorRT log above)")
-        out = folder / engine_file(name, version, device.compute_capability)
-        _write_atomic(out, plan)
-        cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
-        _write_atomic(cache_path, cache_bytes)  # after each engine, so an interrupted build keeps what it learned
-        built[name] = BuiltEngine(file=out.name, sha256=sha256_file(out), size_bytes=out.stat().st_size,
-                                  profile=shapes,
-                                  build_seconds=round(time.perf_counter() - t0, 1))
-        log(f"  {name}: {out.name} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
-    record = TensorRTBuild(version=version, gpu=device.name, compute_capability=device.compute_capability,
-                           engines=built, timing_cache=str(cache_path), opt_level=cfg.opt_level,
-                           workspace_gb=cfg.workspace_gb, static=cfg.static is not None)
-    manifest = replace(manifest, tensorrt=record)
-    manifest.save(folder)
+    pending: dict[str, Path] = {}  # component -> temporary engine file
+    moved: list[Path] = []  # engines renamed into place, not yet installed by the manifest
+    old = manifest.tensorrt
+    try:
+        for name, component in manifest.components.items():
+            t0 = time.perf_counter()
+            shapes = profile_shapes(component, cfg, manifest.model)
+            builder = trt.Builder(logger)
+            network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse_from_file(str(folder / component.file)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise BuildError(f"TensorRT cannot parse {component.file}: {errors or 'unknown error'}")
+            config = builder.create_builder_config()
+            if cfg.workspace_gb:
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * 2**30))
+            config.builder_optimization_level = cfg.opt_level
+            profile = builder.create_optimization_profile()
+            for input_name, (lo, opt, hi) in shapes.items():
+                profile.set_shape(input_name, lo, opt, hi)
+            config.add_optimization_profile(profile)
+            cache.attach(config)
+            log(f"  {name}: building ({'static' if cfg.static else 'dynamic'} profile) ...")
+            plan = builder.build_serialized_network(network, config)
+            if plan is None:
+                raise BuildError(f"TensorRT failed to build {component.file} (see the TensorRT log above)")
+            tmp = pending[name] = folder / f".{name}.plan.tmp-{os.getpid()}"
+            _write_atomic(tmp, plan)
+            cache.save(config)
+            digest = sha256_file(tmp)
+            final = engine_file(name, version, device.compute_capability, digest)
+            built[name] = BuiltEngine(file=final, sha256=digest, size_bytes=tmp.stat().st_size,
+                                      profile=shapes, build_seconds=round(time.perf_counter() - t0, 1))
+            log(f"  {name}: {final} ({built[name].size_bytes / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+        record = TensorRTBuild(version=version, gpu=device.name, compute_capability=device.compute_capability,
+                               engines=built, timing_cache=str(cache.path), opt_level=cfg.opt_level,
+                               workspace_gb=cfg.workspace_gb, static=cfg.static is not None)
+        if cfg.verify:
+            record = _verify(folder, replace(manifest, tensorrt=record), {n: p.name for n, p in pending.items()},
+                             trt, cudart, log)
+        else:
+            log("  verification skipped (--no-verify): nothing shows these engines compute what the ONNX does")
+        for name in list(pending):  # new names: the installed manifest's files are untouched
+            os.replace(pending.pop(name), folder / built[name].file)
+            moved.append(folder / built[name].file)
+        manifest = replace(manifest, tensorrt=record)
+        manifest.save(folder)  # the switch: before it the old engines are installed, after it the new ones
+        moved.clear()
+    finally:  # an error or an interrupt: remove what is not installed
+        for tmp in pending.values():
+            tmp.unlink(missing_ok=True)
+        keep = {e.file for e in old.engines.values()} if old is not None else set()
+        for path in moved:
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+    if old is not None:  # engines of an earlier build are stale now
+        for stale in {e.file for e in old.engines.values()} - {e.file for e in record.engines.values()}:
+            (folder / stale).unlink(missing_ok=True)
     return manifest
+
+
+def _verify(folder: Path, manifest: Manifest, files: dict[str, str], trt, cudart, log) -> TensorRTBuild:
+    """Run both checks of ``verify`` on the not-yet-installed engines; raise if either fails."""
+    from sdtrt.parity import format_table
+    from sdtrt.runtime.tensorrt.backend import load_trt_engines
+    from sdtrt.runtime.tensorrt.verify import end_to_end, reference_backend, verify_engines
+
+    log(f"  verifying each engine against ONNX Runtime ({reference_backend()}) on the same ONNX ...")
+    engines = load_trt_engines(folder, manifest, trt, cudart, files=files)
+    try:
+        by_name = {**engines, "sampler_update": engines["unet"].device_loop.update}
+        results = verify_engines(folder, manifest, by_name, log)
+        rows = [(name, manifest.components[name].precision, r) for name, rs in results.items() for r in rs]
+        log(format_table(rows))
+        failed = [(name, r) for name, r in ((n, r) for n, rs in results.items() for r in rs) if not r.passed]
+        if failed:
+            name, worst = max(failed, key=lambda f: f[1].max_rel_error)
+            raise BuildError(f"the {name} engine does not match ONNX Runtime at {worst.shape}: max relative error "
+                             f"{worst.max_rel_error:.3g} > {worst.tolerance:g}; engines not installed (this is a "
+                             "TensorRT or driver problem worth reporting; --no-verify installs them anyway)")
+        e2e = end_to_end(folder, manifest, engines)
+    finally:
+        engines.close()
+    log(f"  end to end: {e2e.batch}x {e2e.width}x{e2e.height}, {e2e.steps} {e2e.sampler} steps, TensorRT device loop "
+        f"vs {e2e.reference}: PSNR {e2e.psnr_db:.1f} dB (need {e2e.min_psnr_db:.0f})")
+    if not e2e.passed:
+        raise BuildError(f"a generation on the new engines differs from ONNX Runtime (PSNR {e2e.psnr_db:.1f} dB < "
+                         f"{e2e.min_psnr_db:.0f}); engines not installed (--no-verify installs them anyway)")
+    return replace(manifest.tensorrt, verification=results, end_to_end=e2e)

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from sdtrt.parity import psnr
 from sdtrt.runtime import Pipeline
 from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT, SAMPLERS
 
-
-
-def psnr(a, b):
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def diffusers_images(folder, sampler, prompts, negatives, steps, guidance, height, width, latents, noises=()):

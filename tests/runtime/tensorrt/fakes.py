@@ -1,24 +1,44 @@
-"""Fakes of the TensorRT and cuda-python objects sdtrt touches.
+"""Fakes of the TensorRT and cuda-python objects sdtrt touches, as strict as the real ones.
 
 Class, method and parameter names mirror the real bindings (test_api_contract checks them against
-tensorrt 10.x and 11.x), so the fake cannot drift from the real API. Unlike a mock, the fake engines
-compute: a "plan" names its ONNX file, and an execution context reads its inputs from simulated device
-memory at the addresses it was given, runs the graph in ONNX Runtime and writes the outputs back.
-CUDA-graph capture records launches instead of running them, and a graph launch replays them, so
-tests check addressing and capture numerically.
+tensorrt 10.x/11.x and cuda-bindings 12.x/13.x), so the fakes cannot drift from the real API. Unlike
+mocks, the fake engines compute: a "plan" names its ONNX file, and an execution context reads its
+inputs from simulated device memory at the addresses it was given, runs the graph in ONNX Runtime and
+writes the outputs back.
+
+The rules the fakes enforce are the ones a real GPU enforces (NvInferRuntime.h, the CUDA runtime
+documentation, trtexec's sampleInference.cpp), because a kinder fake hides exactly the bugs that give
+a user a NaN image on their first run:
+- device memory from ``cudaMalloc`` is garbage (every byte 0xFF: NaN in fp16 and fp32), never zeros;
+- ``set_tensor_address`` refuses a pointer that is not 256-byte aligned (returns False, keeps the old one);
+- ``execute_async_v3`` returns False when an address or a dynamic shape is unset, when the context has
+  no device memory or too little for its shapes, or (during a capture) when the shape never ran
+  eagerly; a failed enqueue inside a capture invalidates it;
+- during stream capture, ``cudaMalloc``/``cudaFree``/``cudaMallocHost``, a stream synchronisation and a
+  copy to or from pageable host memory fail with cudaErrorStreamCaptureUnsupported and invalidate the
+  capture; ending an invalidated capture gives cudaErrorStreamCaptureInvalidated and no graph;
+- work on a stream runs when the host waits for it (``cudaStreamSynchronize``, ``cudaFree``, a copy into
+  pageable memory), not when it is issued: a result read before a synchronisation is stale;
+- ``cudaMalloc`` fails with cudaErrorMemoryAllocation beyond ``memory_limit``;
+- streams, graphs, graph execs, device and pinned allocations are counted, so leaks show;
+- a TensorRT context scribbles over its device-memory block when it runs, as real kernels do;
+- a timing cache carries the TensorRT version and compute capability it was made with and is
+  refused (``set_timing_cache`` returns False) on another; garbage bytes give no cache at all.
 """
 
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
               "tensor(int64)": np.int64}
+GARBAGE = 0xFF  # what fresh device memory holds here: NaN as fp16 and as fp32
 
 
 # ---- cuda-python runtime ---------------------------------------------------------------------------------
@@ -29,11 +49,19 @@ class _Enum(int):
         obj.name = name
         return obj
 
+    def __repr__(self):
+        return f"<{self.name}: {int(self)}>"
+
 
 class FakeCudart:
     class cudaError_t:
         cudaSuccess = _Enum(0, "cudaSuccess")
+        cudaErrorInvalidValue = _Enum(1, "cudaErrorInvalidValue")
+        cudaErrorMemoryAllocation = _Enum(2, "cudaErrorMemoryAllocation")
+        cudaErrorInsufficientDriver = _Enum(35, "cudaErrorInsufficientDriver")
         cudaErrorNoDevice = _Enum(100, "cudaErrorNoDevice")
+        cudaErrorStreamCaptureUnsupported = _Enum(900, "cudaErrorStreamCaptureUnsupported")
+        cudaErrorStreamCaptureInvalidated = _Enum(901, "cudaErrorStreamCaptureInvalidated")
 
     class cudaMemcpyKind:
         cudaMemcpyHostToDevice = _Enum(1, "cudaMemcpyHostToDevice")
@@ -42,6 +70,9 @@ class FakeCudart:
     class cudaStreamCaptureMode:
         cudaStreamCaptureModeGlobal = _Enum(0, "cudaStreamCaptureModeGlobal")
         cudaStreamCaptureModeThreadLocal = _Enum(1, "cudaStreamCaptureModeThreadLocal")
+        cudaStreamCaptureModeRelaxed = _Enum(2, "cudaStreamCaptureModeRelaxed")
+
+    cudaStreamNonBlocking = 1
 
     @dataclass
     class cudaDeviceProp:
@@ -50,94 +81,202 @@ class FakeCudart:
         minor: int
         totalGlobalMem: int
 
-    def __init__(self, name="NVIDIA H100 80GB HBM3", major=9, minor=0, devices=1):
-        self.prop = self.cudaDeviceProp(name.encode(), major, minor, 80 * 2**30)
-        self.devices = devices
+    def __init__(self, name="NVIDIA H100 80GB HBM3", major=9, minor=0, devices=1, driver=12090, runtime=12090,
+                 total_memory=80 * 2**30, memory_limit: int | None = None):
+        self.prop = self.cudaDeviceProp(name.encode(), major, minor, total_memory)
+        self.devices, self.driver, self.runtime = devices, driver, runtime
+        self.memory_limit = memory_limit if memory_limit is not None else total_memory
+        self.pending: list = []  # work issued to the stream and not yet run
         self._allocs: dict[int, np.ndarray] = {}
         self._next = 1 << 40
-        self._pinned: list[np.ndarray] = []
-        self.capture: list | None = None
-        self.log: list[str] = []  # what ran, in order: "exec:<engine>", "memcpy", "graph", ...
-        self.bytes_allocated = 0  # live device bytes
+        self._pinned: dict[int, np.ndarray] = {}
+        self.streams: set[int] = set()
+        self.graphs: dict[int, list] = {}  # live cudaGraph_t handles
+        self.execs: dict[int, list] = {}  # live cudaGraphExec_t handles
+        self._handle = 1000
+        self.capture: dict | None = None  # {"stream", "mode", "ops", "invalid"}
+        self.log: list[str] = []  # what ran, in order: "exec:<engine>", "memcpy", "sync", "graph", ...
 
     ok = property(lambda self: self.cudaError_t.cudaSuccess)
 
+    @property
+    def bytes_allocated(self) -> int:
+        return sum(a.size for a in self._allocs.values())
+
+    def live(self) -> dict[str, int]:
+        """Everything a program must give back: tests check it returns to zero."""
+        return {"device allocations": len(self._allocs), "pinned allocations": len(self._pinned),
+                "streams": len(self.streams), "graphs": len(self.graphs), "graph execs": len(self.execs)}
+
+    def _new_handle(self) -> int:
+        self._handle += 1
+        return self._handle
+
+    # capture rules
+    def _unsafe_in_capture(self, what: str):
+        """An API call CUDA forbids while a stream is capturing: it fails and invalidates the capture."""
+        if self.capture is None or self.capture["mode"] == self.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed \
+                and what.startswith("cudaMalloc"):
+            return None
+        self.capture["invalid"] = self.capture["invalid"] or what
+        self.log.append(f"capture-invalidated:{what}")
+        return self.cudaError_t.cudaErrorStreamCaptureUnsupported
+
+    def _run(self, op):
+        if self.capture is not None:
+            self.capture["ops"].append(op)
+        else:
+            self.pending.append(op)
+
+    def _drain(self):
+        """The host waits for the stream: everything issued so far runs, in order."""
+        ops, self.pending = self.pending, []
+        for op in ops:
+            op()
+
     # device memory
     def cudaMalloc(self, size):
+        if err := self._unsafe_in_capture("cudaMalloc"):
+            return err, None
+        if self.bytes_allocated + int(size) > self.memory_limit:
+            return self.cudaError_t.cudaErrorMemoryAllocation, None
         ptr = self._next
-        self._allocs[ptr] = np.zeros(int(size), np.uint8)
-        self._next += (int(size) + 4095) // 4096 * 4096 + 4096
-        self.bytes_allocated += int(size)
+        self._allocs[ptr] = np.full(int(size), GARBAGE, np.uint8)
+        self._next += (int(size) + 4095) // 4096 * 4096 + 4096  # 512-byte (and more) aligned, as cudaMalloc
         return self.ok, ptr
 
     def cudaFree(self, devPtr):
-        arr = self._allocs.pop(devPtr)  # KeyError: freeing what was never allocated
-        self.bytes_allocated -= arr.size
-        return (self.ok,)
-
-    def cudaFreeHost(self, ptr):
-        self._pinned = [b for b in self._pinned if b.ctypes.data != ptr]
+        if err := self._unsafe_in_capture("cudaFree"):
+            return (err,)
+        if int(devPtr) not in self._allocs:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        self._drain()  # cudaFree synchronises the device
+        del self._allocs[int(devPtr)]
         return (self.ok,)
 
     def cudaMallocHost(self, size):
-        buf = np.zeros(int(size), np.uint8)
-        self._pinned.append(buf)
+        if err := self._unsafe_in_capture("cudaMallocHost"):
+            return err, None
+        buf = np.full(max(int(size), 1), GARBAGE, np.uint8)
+        self._pinned[buf.ctypes.data] = buf
         return self.ok, buf.ctypes.data
+
+    def cudaFreeHost(self, ptr):
+        if err := self._unsafe_in_capture("cudaFreeHost"):
+            return (err,)
+        if int(ptr) not in self._pinned:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        self._drain()
+        del self._pinned[int(ptr)]
+        return (self.ok,)
+
+    def cudaMemGetInfo(self):
+        return self.ok, self.prop.totalGlobalMem - self.bytes_allocated, self.prop.totalGlobalMem
 
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
         """Bytes [ptr, ptr + nbytes) of simulated device memory (a writable view)."""
         for base, arr in self._allocs.items():
             if base <= ptr and ptr + nbytes <= base + arr.size:
                 return arr[ptr - base: ptr - base + nbytes]
-        raise AssertionError(f"access to unallocated device memory {ptr:#x} (+{nbytes})")
+        raise AssertionError(f"access to unallocated device memory {ptr:#x} (+{nbytes}): an illegal address on a GPU")
 
-    def _run(self, op):
-        if self.capture is not None:
-            self.capture.append(op)
-        else:
-            op()
+    def _pinned_range(self, ptr: int, nbytes: int) -> bool:
+        return any(base <= ptr and ptr + nbytes <= base + arr.size for base, arr in self._pinned.items())
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        host = src if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else dst
+        if not self._pinned_range(int(host), int(count)) and (err := self._unsafe_in_capture("pageable cudaMemcpyAsync")):
+            return (err,)
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice and not self._pinned_range(int(host), int(count)):
+            staged = bytes((ctypes.c_char * int(count)).from_address(int(src)))  # pageable: copied before return
+            src_bytes = lambda: staged  # noqa: E731
+        else:
+            src_bytes = lambda: bytes((ctypes.c_char * int(count)).from_address(int(src)))  # noqa: E731
+
         def op():
             self.log.append("memcpy")
             if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
-                ctypes.memmove(self.view(dst, count).ctypes.data, src, count)
+                self.view(int(dst), int(count))[:] = np.frombuffer(src_bytes(), np.uint8)
             else:
-                ctypes.memmove(dst, self.view(src, count).ctypes.data, count)
+                ctypes.memmove(int(dst), self.view(int(src), int(count)).ctypes.data, int(count))
         self._run(op)
+        if kind == self.cudaMemcpyKind.cudaMemcpyDeviceToHost and not self._pinned_range(int(host), int(count)) \
+                and self.capture is None:
+            self._drain()  # into pageable memory the copy is synchronous
         return (self.ok,)
 
     def cudaMemsetAsync(self, devPtr, value, count, stream):
-        self._run(lambda: self.view(devPtr, count).fill(value))
+        self.view(int(devPtr), int(count))  # an invalid pointer fails at the call
+        self._run(lambda: self.view(int(devPtr), int(count)).fill(value))
         return (self.ok,)
 
-    # streams, graphs, devices
+    # streams and graphs
     def cudaStreamCreate(self):
-        return self.ok, 7
+        return self.cudaStreamCreateWithFlags(0)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        handle = self._new_handle()
+        self.streams.add(handle)
+        return self.ok, handle
+
+    def cudaStreamDestroy(self, stream):
+        if int(stream) not in self.streams:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        self._drain()  # the work already issued still completes
+        self.streams.discard(int(stream))
+        return (self.ok,)
 
     def cudaStreamSynchronize(self, stream):
+        if err := self._unsafe_in_capture("cudaStreamSynchronize"):
+            return (err,)
+        self._drain()
         self.log.append("sync")
         return (self.ok,)
 
     def cudaStreamBeginCapture(self, stream, mode):
         assert self.capture is None, "nested capture"
-        self.capture = []
+        assert int(stream) in self.streams, "capture on an unknown stream"
+        self.capture = {"stream": int(stream), "mode": mode, "ops": [], "invalid": None}
         return (self.ok,)
 
     def cudaStreamEndCapture(self, stream):
-        ops, self.capture = self.capture, None
-        return self.ok, ops
+        capture, self.capture = self.capture, None
+        if capture is None:
+            return self.cudaError_t.cudaErrorInvalidValue, None
+        if capture["invalid"]:
+            return self.cudaError_t.cudaErrorStreamCaptureInvalidated, None
+        handle = self._new_handle()
+        self.graphs[handle] = capture["ops"]
+        return self.ok, handle
 
     def cudaGraphInstantiate(self, graph, flags):
-        return self.ok, list(graph)
+        if int(graph) not in self.graphs:
+            return self.cudaError_t.cudaErrorInvalidValue, None
+        handle = self._new_handle()
+        self.execs[handle] = list(self.graphs[int(graph)])
+        return self.ok, handle
 
     def cudaGraphLaunch(self, graphExec, stream):
+        if int(graphExec) not in self.execs:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
         self.log.append("graph")
-        for op in graphExec:
-            op()
+        self.pending.extend(self.execs[int(graphExec)])
         return (self.ok,)
 
+    def cudaGraphDestroy(self, graph):
+        if self.graphs.pop(int(graph), None) is None:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        return (self.ok,)
+
+    def cudaGraphExecDestroy(self, graphExec):
+        if self.execs.pop(int(graphExec), None) is None:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        return (self.ok,)
+
+    # devices and versions
     def cudaGetDeviceCount(self):
+        if not self.driver:
+            return self.cudaError_t.cudaErrorInsufficientDriver, None
         if not self.devices:
             return self.cudaError_t.cudaErrorNoDevice, 0
         return self.ok, self.devices
@@ -145,8 +284,20 @@ class FakeCudart:
     def cudaGetDeviceProperties(self, device):
         return self.ok, self.prop
 
+    def cudaDriverGetVersion(self):
+        return self.ok, self.driver
+
+    def cudaRuntimeGetVersion(self):
+        return self.ok, self.runtime
+
+
+FAKED_CUDART = tuple(n for n, v in vars(FakeCudart).items() if n.startswith("cuda") and inspect.isfunction(v))
+
 
 # ---- tensorrt --------------------------------------------------------------------------------------------
+
+CURRENT: dict = {"cudart": None, "version": "10.16.1.11"}  # the fake GPU and TensorRT a test runs on
+
 
 class _Severity:
     WARNING = _Enum(2, "WARNING")
@@ -211,12 +362,19 @@ class IOptimizationProfile:
         self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
+def _device_tag() -> dict:
+    cudart = CURRENT["cudart"]
+    return {"trt": CURRENT["version"], "cc": f"{cudart.prop.major}{cudart.prop.minor}" if cudart else "?"}
+
+
 class ITimingCache:
-    def __init__(self, data: bytes):
-        self.entries = json.loads(data) if data else []
+    _MAGIC = b"FAKE-TRT-TIMING-CACHE\n"
+
+    def __init__(self, header: dict, entries: list):
+        self.header, self.entries = header, entries
 
     def serialize(self):
-        return json.dumps(self.entries).encode()
+        return self._MAGIC + json.dumps({"header": self.header, "entries": self.entries}).encode()
 
 
 class IBuilderConfig:
@@ -234,9 +392,17 @@ class IBuilderConfig:
         return len(self.profiles) - 1
 
     def create_timing_cache(self, serialized_timing_cache):
-        return ITimingCache(bytes(serialized_timing_cache))
+        data = bytes(serialized_timing_cache)
+        if not data:
+            return ITimingCache(_device_tag(), [])
+        if not data.startswith(ITimingCache._MAGIC):
+            return None  # not a timing cache: TensorRT logs an error and returns nothing
+        body = json.loads(data[len(ITimingCache._MAGIC):])
+        return ITimingCache(body["header"], body["entries"])
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.header != _device_tag() and not ignore_mismatch:
+            return False  # made on another GPU or TensorRT version
         self.cache = cache
         return True
 
@@ -246,6 +412,7 @@ class IBuilderConfig:
 
 class Builder:
     fail_on: set[str] = set()  # ONNX file names whose build "fails" (returns None, as TensorRT does)
+    wrong: set[str] = set()  # ONNX file names whose engine computes a wrong result (for verification tests)
     built: list[dict] = []
 
     def __init__(self, logger):
@@ -261,13 +428,15 @@ class Builder:
         return IOptimizationProfile()
 
     def build_serialized_network(self, network, config):
-        if Path(network.onnx).name in self.fail_on:
+        name = Path(network.onnx).name
+        if name in self.fail_on:
             return None
-        config.cache.entries.append(Path(network.onnx).name)  # the build "learns" timings
+        if config.cache is not None:
+            config.cache.entries.append(name)  # the build "learns" timings
         plan = {"onnx": network.onnx, "strongly_typed": bool(network.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))),
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "opt_level": config.builder_optimization_level, "workspace": config.pools.get(MemoryPoolType.WORKSPACE),
-                "version": __version__}
+                "version": CURRENT["version"], "wrong": name in self.wrong, "cached": config.cache is not None}
         Builder.built.append(plan)
         return json.dumps(plan).encode()
 
@@ -281,6 +450,8 @@ class Runtime:
             plan = json.loads(bytes(serialized_engine))
         except (ValueError, UnicodeDecodeError):
             return None  # TensorRT logs and returns None for a corrupt plan
+        if plan.get("version") != CURRENT["version"]:
+            return None  # a plan of another TensorRT version does not deserialize
         return ICudaEngine(plan)
 
 
@@ -293,8 +464,14 @@ class ICudaEngine:
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.name = Path(plan["onnx"]).stem
-        # deterministic and different per engine, so "one block sized by the largest" is testable
-        self._memory = 1000 * (1 + len(self.session.get_inputs())) + Path(plan["onnx"]).stat().st_size % 997
+        # Activation memory grows with the input sizes and differs per engine, so "one block sized for the
+        # shapes in use" is testable.
+        self._base = 4096 * (1 + len(self._inputs)) + Path(plan["onnx"]).stat().st_size % 997
+
+    def _memory_for(self, shapes: dict[str, tuple]) -> int:
+        # a VAE decoder's activations (full-resolution convolutions) dwarf the U-Net's, as in Stable Diffusion
+        per_element = 64 if self.name.startswith("vae") else 2
+        return self._base + per_element * sum(int(np.prod(s)) for s in shapes.values())
 
     @property
     def num_io_tensors(self):
@@ -303,39 +480,55 @@ class ICudaEngine:
     def get_tensor_name(self, index):
         return (list(self._inputs) + self._outputs)[index]
 
+    def _max_shapes(self):
+        return {n: tuple(self.plan["profile"][n][2]) if n in self.plan["profile"] else tuple(i.shape)
+                for n, i in self._inputs.items()}
+
     @property
     def device_memory_size_v2(self):
-        return self._memory
+        return self._memory_for(self._max_shapes())
+
+    def get_device_memory_size_for_profile_v2(self, profile_index):
+        return self._memory_for(self._max_shapes())
 
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
         return IExecutionContext(self, strategy)
 
 
 class IExecutionContext:
-    cudart: FakeCudart  # set by the test
-
     def __init__(self, engine, strategy):
         self.engine, self.strategy = engine, strategy
         self.memory: tuple[int, int] | None = None
         self.shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self._out_shapes: dict = {}
+        self._eager: set = set()  # shape sets that ran outside a capture (TensorRT's lazy set-up is done)
+
+    @property
+    def cudart(self) -> FakeCudart:
+        return CURRENT["cudart"]
 
     def set_device_memory(self, memory, size):
         assert self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED
-        assert size >= self.engine.device_memory_size_v2
-        self.memory = (memory, size)
+        self.memory = (int(memory), int(size))
+
+    def _dynamic(self):
+        return [n for n, i in self.engine._inputs.items() if any(not isinstance(d, int) for d in i.shape)]
 
     def set_input_shape(self, name, shape):
         if name not in self.engine._inputs:
             return False
         lo, _, hi = self.engine.plan["profile"].get(name, (shape, None, shape))
-        if any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)) or len(shape) != len(lo):
+        if len(shape) != len(lo) or any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)):
             return False  # outside the profile, as TensorRT reports
-        self.shapes[name] = tuple(shape)
+        self.shapes[name] = tuple(int(d) for d in shape)
         return True
 
     def set_tensor_address(self, name, memory):
+        if name not in self.engine._inputs and name not in self.engine._outputs:
+            return False
+        if int(memory) % 256:
+            return False  # "The pointer must have at least 256-byte alignment"; the old address stays
         self.addresses[name] = int(memory)
         return True
 
@@ -343,6 +536,14 @@ class IExecutionContext:
         if name in self.shapes:
             return self.shapes[name]
         return tuple(self.engine._inputs[name].shape)  # static input
+
+    def _all_shapes(self):
+        return {n: self._input_shape(n) for n in self.engine._inputs}
+
+    def update_device_memory_size_for_shapes(self):
+        if any(n not in self.shapes for n in self._dynamic()):
+            return 0
+        return self.engine._memory_for(self._all_shapes())
 
     def get_tensor_shape(self, name):
         key = tuple(self._input_shape(n) for n in self.engine._inputs)
@@ -352,41 +553,63 @@ class IExecutionContext:
             self._out_shapes[key] = dict(zip(self.engine._outputs, (o.shape for o in outs)))
         return self._out_shapes[key][name]
 
-    def execute_async_v3(self, stream_handle):
-        assert self.memory is not None, "context has no device memory"
+    def _refuse(self, why: str) -> bool:
         cudart = self.cudart
-        # what a launch captures: the addresses and shapes at enqueue time
-        addresses, shapes = dict(self.addresses), {n: self._input_shape(n) for n in self.engine._inputs}
+        cudart.log.append(f"enqueue-refused:{self.engine.name}:{why}")
+        if cudart.capture is not None:
+            cudart.capture["invalid"] = cudart.capture["invalid"] or f"enqueue failed ({why})"
+        return False
+
+    def execute_async_v3(self, stream_handle):
+        cudart = self.cudart
+        if any(n not in self.shapes for n in self._dynamic()):
+            return self._refuse("input shape unset")
+        shapes = self._all_shapes()
+        if self.memory is None:
+            return self._refuse("no device memory")
+        mem_ptr, mem_size = self.memory
+        need = self.engine._memory_for(shapes)
+        if mem_size < need:
+            return self._refuse(f"device memory {mem_size} < {need} needed for these shapes")
+        for n in list(self.engine._inputs) + self.engine._outputs:
+            if n not in self.addresses:
+                return self._refuse(f"address of {n} unset")
+        key = tuple(sorted(shapes.items()))
+        if cudart.capture is not None and key not in self._eager:
+            return self._refuse("first run of these shapes inside a capture (TensorRT sets up lazily)")
+        if cudart.capture is None:
+            self._eager.add(key)
+        addresses = dict(self.addresses)  # what a launch captures: the addresses at enqueue time
+        wrong = self.engine.plan.get("wrong", False)
 
         def op():
             cudart.log.append(f"exec:{self.engine.name}")
+            cudart.view(mem_ptr, need)[:] = GARBAGE  # kernels use their activation memory
             feeds = {}
             for n, info in self.engine._inputs.items():
                 dtype = np.dtype(ORT_DTYPES[info.type])
                 count = int(np.prod(shapes[n])) * dtype.itemsize
                 feeds[n] = cudart.view(addresses[n], count).view(dtype).reshape(shapes[n]).copy()
             for n, value in zip(self.engine._outputs, self.engine.session.run(None, feeds)):
+                if wrong:
+                    value = (value * 1.25).astype(value.dtype)
                 cudart.view(addresses[n], value.nbytes)[:] = np.ascontiguousarray(value).view(np.uint8).reshape(-1)
         cudart._run(op)
         return True
 
 
-__version__ = "10.16.1.11"
-
-
-def fake_tensorrt(version: str = "10.16.1.11"):
-    """A module-like namespace with the fake classes and the given version."""
+def fake_tensorrt(version: str = "10.16.1.11", cudart: FakeCudart | None = None):
+    """A module-like namespace with the fake classes and the given version, on the given fake GPU."""
     import types
 
     module = types.ModuleType("tensorrt")
-    for name in ("Logger", "NetworkDefinitionCreationFlag", "MemoryPoolType", "ExecutionContextAllocationStrategy",
-                 "Builder", "OnnxParser", "Runtime", "IBuilderConfig", "IOptimizationProfile", "ITimingCache",
-                 "ICudaEngine", "IExecutionContext", "INetworkDefinition"):
+    for name in FAKED_CLASSES + ("INetworkDefinition",):
         setattr(module, name, globals()[name])
     module.__version__ = version
-    global __version__
-    __version__ = version
+    CURRENT["version"] = version
+    CURRENT["cudart"] = cudart
     Builder.fail_on = set()
+    Builder.wrong = set()
     Builder.built = []
     return module
 

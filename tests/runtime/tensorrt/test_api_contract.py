@@ -156,7 +156,7 @@ def fake_mismatches(api: dict) -> list[str]:
         for member, attr in vars(fake_cls).items():
             if member.startswith("_") and member != "__init__":
                 continue
-            if member in ("fail_on", "built", "cudart"):  # test controls, not API
+            if member in ("fail_on", "wrong", "built", "cudart"):  # test controls, not API
                 continue
             if member not in real:
                 problems.append(f"{name}.{member}")
@@ -218,3 +218,147 @@ def test_weak_typing_names_are_gone_in_11_and_unused_by_sdtrt(real_api):
     assert not any(c[:1] == ("BuilderFlag",) for c in chains)
     if real_api["version"].startswith("11."):
         assert "FP16" not in real_api["classes"].get("BuilderFlag", {"FP16": 1}) or "BuilderFlag" not in real_api["module"]
+
+
+# ---- cuda-python: the runtime calls sdtrt makes, and the fake's, against the real cuda-bindings -------------
+
+CUDA_WHEELS = ("12.8.0", "12.9.4", "13.0.0", "13.5.0")  # the oldest the extras admit, and the newest, per major
+CUDA_SOURCES = sorted((Path(__file__).parents[3] / "runtime").rglob("*.py"))
+
+CUDA_DUMP = r"""
+import inspect, json
+from cuda.bindings import runtime as rt
+import cuda.bindings
+out = {"version": cuda.bindings.__version__, "functions": {}, "enums": {}, "values": []}
+for name in dir(rt):
+    if not name.startswith("cuda"):
+        continue
+    obj = getattr(rt, name)
+    if isinstance(obj, type) and hasattr(obj, "__members__"):
+        out["enums"][name] = sorted(obj.__members__)
+    elif callable(obj) and not isinstance(obj, type):
+        try:
+            params = inspect.signature(obj).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        out["functions"][name] = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    else:
+        out["values"].append(name)
+print(json.dumps(out))
+"""
+
+
+def _site_with(tmp_path_factory, requirement: str, key: str) -> Path:
+    root = tmp_path_factory.mktemp(key)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                           requirement, "cuda-pathfinder", "-d", str(root)], capture_output=True, text=True)
+    wheels = sorted(root.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) < 2:
+        pytest.skip(f"cannot download {requirement} (no package registry?): {proc.stderr.strip()[-200:]}")
+    site = root / "site"
+    for wheel in wheels:
+        zipfile.ZipFile(wheel).extractall(site)
+    return site
+
+
+@pytest.fixture(scope="session", params=CUDA_WHEELS)
+def real_cuda(request, tmp_path_factory):
+    site = _site_with(tmp_path_factory, f"cuda-bindings=={request.param}", f"cuda{request.param}")
+    out = subprocess.run([sys.executable, "-c", CUDA_DUMP], env=dict(os.environ, PYTHONPATH=str(site)),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    api = json.loads(out.stdout)
+    assert api["version"] == request.param
+    return api, site
+
+
+def cuda_uses() -> tuple[dict[str, set[int]], set[tuple[str, ...]]]:
+    """Every ``cudart.NAME(...)`` call (with its positional argument counts) and ``cudart.A.B`` chain in runtime/."""
+    calls: dict[str, set[int]] = {}
+    chains = set()
+    for path in CUDA_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                value = node.func.value
+                if isinstance(value, ast.Name) and value.id == "cudart":
+                    calls.setdefault(node.func.attr, set()).add(len(node.args))
+                elif isinstance(value, ast.Attribute) and value.attr == "cudart":  # self.cudart.X(...)
+                    calls.setdefault(node.func.attr, set()).add(len(node.args))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+                base = node.value.value
+                is_cudart = (isinstance(base, ast.Name) and base.id == "cudart") or \
+                            (isinstance(base, ast.Attribute) and base.attr == "cudart")
+                if is_cudart:
+                    chains.add((node.value.attr, node.attr))
+    return calls, chains
+
+
+def cuda_problems(api: dict, calls: dict[str, set[int]], chains) -> list[str]:
+    problems = []
+    for name, counts in sorted(calls.items()):
+        params = api["functions"].get(name)
+        if params is None:
+            problems.append(f"cudart.{name} does not exist")
+            continue
+        problems += [f"cudart.{name} takes {len(params)} arguments ({', '.join(params)}), sdtrt passes {n}"
+                     for n in sorted(counts) if n != len(params)]
+    for enum, member in sorted(chains):
+        if enum in api["functions"]:
+            continue
+        if member not in api["enums"].get(enum, []):
+            problems.append(f"cudart.{enum}.{member} does not exist")
+    return problems
+
+
+def test_every_cuda_call_sdtrt_makes_exists_with_that_many_arguments(real_cuda):
+    api, _ = real_cuda
+    calls, chains = cuda_uses()
+    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamBeginCapture", "cudaGraphExecDestroy"} <= set(calls)
+    assert ("cudaError_t", "cudaSuccess") in chains  # the scan sees the code
+    assert cuda_problems(api, calls, chains) == []
+    assert "cudaStreamNonBlocking" in api["values"]
+
+
+def test_the_fake_cudart_has_the_real_names_and_parameters(real_cuda):
+    api, _ = real_cuda
+    problems = []
+    for name in fakes.FAKED_CUDART:
+        params = [p for p in inspect.signature(getattr(fakes.FakeCudart, name)).parameters if p != "self"]
+        if api["functions"].get(name) != params:
+            problems.append(f"{name}({', '.join(params)}) vs real {api['functions'].get(name)}")
+    for enum in ("cudaError_t", "cudaMemcpyKind", "cudaStreamCaptureMode"):
+        mine = [m for m in vars(getattr(fakes.FakeCudart, enum)) if m.startswith("cuda")]
+        problems += [f"{enum}.{m}" for m in mine if m not in api["enums"][enum]]
+    assert problems == []
+
+
+def test_the_cuda_contract_catches_a_wrong_call(real_cuda):
+    api, _ = real_cuda
+    assert cuda_problems(api, {"cudaMemcpyAsync": {4}, "cudaMallocc": {1}}, {("cudaMemcpyKind", "HostToDevice")}) == [
+        "cudart.cudaMallocc does not exist",
+        "cudart.cudaMemcpyAsync takes 5 arguments (dst, src, count, kind, stream), sdtrt passes 4",
+        "cudart.cudaMemcpyKind.HostToDevice does not exist"]
+
+
+def test_real_cuda_python_without_a_driver_gives_one_clear_line(real_cuda, tmp_path):
+    """Where this machine has no NVIDIA driver, the real bindings answer as they do on a GPU box without one:
+    sdtrt must say so in one line (cuda-bindings 12.8 raises RuntimeError there instead of returning an error)."""
+    from sdtrt.runtime.backends import cuda_driver_info
+
+    if cuda_driver_info()[0]:
+        pytest.skip("this machine has an NVIDIA driver")
+    _, site = real_cuda
+    import sdtrt
+
+    repo_site = str(Path(sdtrt.__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), repo_site, os.environ.get("PYTHONPATH", "")]))
+    probe = ("from sdtrt.runtime.tensorrt import api\n"
+             "from sdtrt.runtime.backends import BackendError, _has_cuda_device\n"
+             "assert _has_cuda_device() is False\n"
+             "try:\n    api.device_info(api.import_cudart())\nexcept BackendError as ex:\n    print(ex)\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("no NVIDIA driver found"), out.stdout
+    doctor = subprocess.run([sys.executable, "-m", "sdtrt", "doctor"], env=env, capture_output=True, text=True)
+    assert doctor.returncode == 0 and "Traceback" not in doctor.stderr, doctor.stderr[-2000:]
+    assert "NVIDIA driver:     not found" in doctor.stdout

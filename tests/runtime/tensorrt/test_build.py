@@ -1,6 +1,8 @@
-"""`sdtrt build` logic against the TensorRT fake: profiles, naming, fingerprints, timing cache, refusals."""
+"""`sdtrt build` logic against the TensorRT fake: profiles, naming, fingerprints, timing cache, verification of
+every engine against ONNX Runtime before it is installed, refusals."""
 
 import json
+import re
 
 import pytest
 
@@ -11,11 +13,13 @@ from sdtrt.manifest import Manifest
 from sdtrt.runtime.tensorrt.build import BuildConfig, BuildError, build_engines, engine_file, profile_shapes
 from tests.runtime.tensorrt import fakes
 
-SMALL = BuildConfig(batch=(1, 1, 2), size=(64, 128, 256))
+SMALL = BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), verify=False)
+VERIFIED = BuildConfig(batch=(1, 1, 2), size=(64, 128, 256))
 
 
 def test_build_config_round_trips_through_json():
-    cfg = BuildConfig(batch=(1, 2, 4), size=(256, 512, 768), static=(512, 384), timing_cache="x", workspace_gb=2.5, opt_level=5)
+    cfg = BuildConfig(batch=(1, 2, 4), size=(256, 512, 768), static=(512, 384), timing_cache="x", workspace_gb=2.5, opt_level=5,
+                      verify=False)
     assert from_dict(BuildConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
 
 
@@ -43,7 +47,7 @@ def test_static_profile_pins_every_dimension(tiny_fp16):
 
 
 def test_engine_names_carry_tensorrt_version_and_compute_capability():
-    assert engine_file("unet", "10.16.1.11", "90") == "unet.trt10.16.1.11.sm90.plan"
+    assert engine_file("unet", "10.16.1.11", "90", "1a2b3c4d5e6f") == "unet.trt10.16.1.11.sm90.1a2b3c4d.plan"
 
 
 def test_build_writes_strongly_typed_engines_and_records_them(fake_gpu, fp16_folder):
@@ -54,20 +58,53 @@ def test_build_writes_strongly_typed_engines_and_records_them(fake_gpu, fp16_fol
     assert (record.version, record.gpu, record.compute_capability) == ("10.16.1.11", "NVIDIA H100 80GB HBM3", "90")
     assert set(record.engines) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
     for name, engine in record.engines.items():
-        assert engine.file == f"{name}.trt10.16.1.11.sm90.plan" and (fp16_folder / engine.file).is_file()
+        assert engine.file == f"{name}.trt10.16.1.11.sm90.{engine.sha256[:8]}.plan"
+        assert (fp16_folder / engine.file).is_file()
     assert all(plan["strongly_typed"] for plan in fakes.Builder.built)
     assert record.engines["unet"].profile["latents"] == ((1, 4, 8, 8), (1, 4, 16, 16), (2, 4, 32, 32))
     assert not list(fp16_folder.glob(".*tmp"))
 
 
-def test_timing_cache_is_kept_in_the_folder_and_reused(fake_gpu, fp16_folder):
+def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu_and_reused(fake_gpu, fp16_folder):
     build_engines(fp16_folder, SMALL, log=lambda s: None)
-    first = json.loads((fp16_folder / "timing.cache").read_bytes())
-    assert len(first) == 4
+    path = fp16_folder / "timing.trt10.16.1.11.sm90.cache"
+    first = fakes.IBuilderConfig().create_timing_cache(path.read_bytes())
+    assert first.header == {"trt": "10.16.1.11", "cc": "90"} and len(first.entries) == 4
     logs = []
     build_engines(fp16_folder, SMALL, log=logs.append)
     assert "reused" in logs[0]
-    assert json.loads((fp16_folder / "timing.cache").read_bytes()) == first * 2  # loaded, then extended
+    again = fakes.IBuilderConfig().create_timing_cache(path.read_bytes())
+    assert again.entries == first.entries * 2  # loaded, then extended
+    assert all(plan["cached"] for plan in fakes.Builder.built)
+
+
+def test_defect_a_timing_cache_from_another_gpu_is_replaced_with_a_warning(fake_gpu, fp16_folder):
+    _, cudart = fake_gpu
+    cache = fp16_folder / "shared.cache"
+    build_engines(fp16_folder, BuildConfig(**{**SMALL.__dict__, "timing_cache": str(cache)}), log=lambda s: None)
+    cudart.prop = cudart.cudaDeviceProp(b"NVIDIA A100-SXM4-80GB", 8, 0, 80 * 2**30)  # the same path on another GPU
+    logs = []
+    manifest = build_engines(fp16_folder, BuildConfig(**{**SMALL.__dict__, "timing_cache": str(cache)}), log=logs.append)
+    warnings = [line for line in logs if line.startswith("warning:")]
+    assert len(warnings) == 1 and "made for another GPU or TensorRT version" in warnings[0]
+    assert manifest.tensorrt.compute_capability == "80"
+    assert fakes.IBuilderConfig().create_timing_cache(cache.read_bytes()).header == {"trt": "10.16.1.11", "cc": "80"}
+    assert all(plan["cached"] for plan in fakes.Builder.built[-4:])  # a fresh cache, not none
+
+
+def test_a_corrupt_timing_cache_is_replaced_with_a_warning(fake_gpu, fp16_folder):
+    (fp16_folder / "timing.trt10.16.1.11.sm90.cache").write_bytes(b"\x00not a cache")
+    logs = []
+    build_engines(fp16_folder, SMALL, log=logs.append)
+    assert sum("or is corrupt; starting a fresh one" in line for line in logs) == 1
+
+
+def test_defect_no_timing_cache_from_tensorrt_is_a_warning_not_a_crash(fake_gpu, fp16_folder, monkeypatch):
+    monkeypatch.setattr(fakes.IBuilderConfig, "get_timing_cache", lambda self: None)
+    logs = []
+    manifest = build_engines(fp16_folder, SMALL, log=logs.append)
+    assert sum("TensorRT returned no timing cache" in line for line in logs) == 1
+    assert set(manifest.tensorrt.engines) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
 
 
 def test_builder_options_reach_the_config(fake_gpu, fp16_folder):
@@ -108,9 +145,91 @@ def test_cli_build_without_tensorrt_names_the_package(tiny_fp16, capsys):
     code = main(["build", str(tiny_fp16[0]), "--size", "64:128:256", "--batch", "1:1:2"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith("sdtrt build: error: TensorRT is not available (pip install tensorrt-cu12")
+    assert err.startswith("sdtrt build: error: TensorRT is not available: pip install 'sdtrt[tensorrt-cu12]'")
 
 
-def test_cli_build_with_the_fake(fake_gpu, fp16_folder, capsys):
+def test_cli_build_with_the_fake_verifies_and_prints_the_table(fake_gpu, fp16_folder, capsys):
     assert main(["build", str(fp16_folder), "--size", "64:128:256", "--batch", "1:1:2", "--opt-level", "4"]) == 0
-    assert "unet.trt10.16.1.11.sm90.plan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert re.search(r"unet\.trt10\.16\.1\.11\.sm90\.[0-9a-f]{8}\.plan", err)
+    assert "max rel err" in err and "end to end:" in err and " NO" not in err
+
+
+# ---- verification on the target GPU --------------------------------------------------------------------
+
+def test_build_verifies_every_engine_against_onnxruntime_and_records_it(fake_gpu, fp16_folder):
+    manifest = build_engines(fp16_folder, VERIFIED, log=lambda s: None)
+    checks = manifest.tensorrt.verification
+    assert set(checks) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
+    for name, results in checks.items():
+        labels = [r.shape for r in results]
+        assert any(label.startswith("export case") for label in labels), (name, labels)  # the export's own shapes
+        assert any(label.startswith("profile") for label in labels), (name, labels)  # and the engine's profile
+        assert all(r.passed and r.max_rel_error == 0.0 for r in results)  # the fake runs the very same ONNX
+    e2e = manifest.tensorrt.end_to_end
+    assert e2e.passed and e2e.psnr_db >= 60 and (e2e.width, e2e.height, e2e.batch) == (64, 64, 1)
+    assert Manifest.load(fp16_folder) == manifest  # and it round-trips through manifest.json
+
+
+def test_unet_is_checked_with_and_without_guidance(tiny_fp16):
+    from sdtrt.runtime.tensorrt.verify import engine_cases
+
+    manifest = tiny_fp16[1]
+    cases = engine_cases(manifest.components["unet"], profile_shapes(manifest.components["unet"], SMALL, manifest.model))
+    text_rows = {c[1]["encoder_hidden_states"][0] // c[1]["latents"][0] for c in cases}
+    assert text_rows == {1, 2}
+
+
+@pytest.mark.parametrize("wrong", ["unet.onnx", "sampler_update.onnx", "vae_decoder.onnx"])
+def test_an_engine_that_computes_something_else_is_not_installed(fake_gpu, fp16_folder, wrong):
+    before = (fp16_folder / "manifest.json").read_text()
+    fakes.Builder.wrong = {wrong}
+    name = wrong.removesuffix(".onnx")
+    with pytest.raises(BuildError, match=rf"the {name} engine does not match ONNX Runtime at .*engines not installed"):
+        build_engines(fp16_folder, VERIFIED, log=lambda s: None)
+    assert not list(fp16_folder.glob("*.plan")) and not list(fp16_folder.glob(".*tmp*"))
+    assert (fp16_folder / "manifest.json").read_text() == before
+
+
+def test_a_failed_rebuild_keeps_the_engines_that_were_there(fake_gpu, fp16_folder):
+    first = build_engines(fp16_folder, VERIFIED, log=lambda s: None)
+    plans = {p.name: p.read_bytes() for p in fp16_folder.glob("*.plan")}
+    fakes.Builder.wrong = {"text_encoder.onnx"}
+    with pytest.raises(BuildError):
+        build_engines(fp16_folder, BuildConfig(batch=(1, 1, 2), size=(64, 64, 128)), log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in fp16_folder.glob("*.plan")} == plans
+    assert Manifest.load(fp16_folder) == first
+
+
+def test_cli_build_of_a_wrong_engine_is_one_line_and_exit_2(fake_gpu, fp16_folder, capsys):
+    fakes.Builder.wrong = {"text_encoder.onnx"}
+    code = main(["build", str(fp16_folder), "--size", "64:128:256", "--batch", "1:1:2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("sdtrt build: error: the text_encoder engine does not match ONNX Runtime")
+
+
+def test_no_verify_installs_without_checking_and_says_so(fake_gpu, fp16_folder):
+    fakes.Builder.wrong = {"unet.onnx"}
+    logs = []
+    manifest = build_engines(fp16_folder, SMALL, log=logs.append)
+    assert manifest.tensorrt.verification == {} and manifest.tensorrt.end_to_end is None
+    assert any("verification skipped (--no-verify)" in line for line in logs)
+
+
+def test_static_build_is_verified_at_its_shape(fake_gpu, fp16_folder):
+    manifest = build_engines(fp16_folder, BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), static=(96, 64)),
+                             log=lambda s: None)
+    unet = manifest.tensorrt.verification["unet"]
+    assert [r.shape for r in unet] == ["profile min latents=1x4x8x12 encoder_hidden_states=2x77x32"]
+    e2e = manifest.tensorrt.end_to_end
+    assert (e2e.width, e2e.height, e2e.batch) == (96, 64, 1) and e2e.passed
+
+
+def test_engines_of_an_earlier_tensorrt_version_are_removed_after_a_rebuild(fake_gpu, fp16_folder, monkeypatch):
+    build_engines(fp16_folder, SMALL, log=lambda s: None)
+    trt, cudart = fake_gpu
+    monkeypatch.setattr(trt, "__version__", "11.4.0.106")
+    fakes.CURRENT["version"] = "11.4.0.106"
+    build_engines(fp16_folder, SMALL, log=lambda s: None)
+    names = sorted(p.name for p in fp16_folder.glob("*.plan"))
+    assert len(names) == 4 and all(".trt11.4.0.106.sm90." in n for n in names)

@@ -8,10 +8,10 @@ from tests.runtime.tensorrt import fakes
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Fake TensorRT 10.16 and an H100 behind cuda-python, installed where sdtrt looks them up."""
-    trt = fakes.fake_tensorrt("10.16.1.11")
+    """Fake TensorRT 10.16 and an H100 behind cuda-python (tests/runtime/tensorrt/fakes.py), installed where sdtrt
+    looks them up."""
     cudart = fakes.FakeCudart()
-    fakes.IExecutionContext.cudart = cudart
+    trt = fakes.fake_tensorrt("10.16.1.11", cudart)
     monkeypatch.setattr(api, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(api, "import_cudart", lambda: cudart)
     return trt, cudart
