@@ -201,7 +201,13 @@ def _peak_memory(pid: int, cuda_torch: bool) -> dict[str, float]:
 
 
 def _worker(kind: str, cfg_json: str, conn) -> None:
+    import signal
+
     from sdtrt.config import from_dict
+
+    # Ctrl-C reaches the whole process group: the parent handles it (and ends this process), so the worker
+    # prints no traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     cfg = from_dict(BenchConfig, json.loads(cfg_json))
     t0 = time.perf_counter()
@@ -250,10 +256,11 @@ class _Client:
         self.close()
         return mem
 
-    def close(self) -> None:
-        self.proc.join(timeout=30)
+    def close(self, wait: float = 30) -> None:
+        self.proc.join(timeout=wait)
         if self.proc.is_alive():
             self.proc.kill()
+            self.proc.join(timeout=5)
 
 
 class BenchError(UsageError):
@@ -369,11 +376,14 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         raise UsageError(f"batch {cfg.batch} is outside the exported range {r.batch_min}..{r.batch_max}")
     systems = ["sdtrt"] + ([] if cfg.baseline == "none" else ["baseline"])
     log(f"starting {', '.join(systems)} ...")
-    clients = {k: _Client(k, cfg) for k in systems}
+    clients: dict[str, _Client] = {}
     samples: dict[tuple[int, int], dict[str, list]] = {}
     images: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     cold: dict[str, float] = {}
+    finished = False
     try:
+        for k in systems:
+            clients[k] = _Client(k, cfg)
         for w, h in cfg.sizes:
             per = samples.setdefault((w, h), {k: [] for k in systems})
             for i in range(cfg.warmup + cfg.runs):
@@ -386,9 +396,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                     tag = "warm-up" if i < cfg.warmup else f"run {i - cfg.warmup + 1}/{cfg.runs}"
                     log(f"  {w}x{h} {k:<8} {tag}: {t['total']:.2f}s")
         memory = {k: c.finish() for k, c in clients.items()}
-    finally:
+        finished = True
+    finally:  # after an error or Ctrl-C the workers are ended at once, not waited for
         for c in clients.values():
-            c.close()
+            c.close(wait=30 if finished else 0)
     results = []
     for (w, h), per in samples.items():
         entry = {"size": f"{w}x{h}", "batch": cfg.batch, "systems": {}}

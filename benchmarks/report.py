@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdtrt.fsutil import atomic_path
+
 COMPONENTS = (("text_encoder", "text encoder"), ("unet", "U-Net (all steps)"), ("sampler_update", "sampler update (all steps)"),
               ("vae_decoder", "VAE decode"))
 
@@ -90,7 +92,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                  f"{env.get('gpu') or env.get('cpu')}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(Path(path), suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

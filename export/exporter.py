@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrt.errors import OutputExistsError, UsageError, ValidationError
+from sdtrt.fsutil import remove_stale, temp_path
 from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
 from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
 
@@ -84,27 +85,31 @@ def tool_versions() -> dict[str, str]:
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
+    remove_stale(out.parent, out.name)  # what an export killed before it could clean up left behind
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path {out} is a file, not a folder (--force replaces folders only)")
     if out.exists() and not force:
         raise OutputExistsError(f"output folder {out} already exists (pass --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {out} exists and is not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as ex:
         raise UsageError(f"cannot create {out.parent}: {ex.strerror}") from None
     if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"cannot write to {out.parent}")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        raise UsageError(f"cannot write to {out.parent}: permission denied")
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as ex:
+        raise UsageError(f"cannot write to {out.parent}: {ex.strerror}") from None
     return tmp
 
 
 def _commit(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temp_path(out, "old")
         out.rename(old)
     tmp.rename(out)
     if old is not None:
@@ -139,6 +144,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
 
     from sdtrt.export import onnx_tools
     from sdtrt.export.graphs import graph_specs, vae_scale_factor
+    from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table, validate_graph
 
     specs = graph_specs(model)
@@ -159,10 +165,16 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     components: dict[str, Component] = {}
     table = []
     total = len(COMPONENTS) + 1
+    memory = {name: memory_model(specs[name], vae_scale) for name in COMPONENTS}
+    for name in COMPONENTS:  # before any slow work: every gate case must fit in memory
+        _check_gate_memory(name, specs[name], default_cases(name, ranges),
+                           *specs[name].tensor_specs(ranges, vae_scale, config.precision), memory[name])
     for step, name in enumerate(COMPONENTS, start=1):
         spec = specs[name]
         prefix = f"[{step}/{total}] {name}:"
         t = time.perf_counter()
+        inputs, outputs = spec.tensor_specs(ranges, vae_scale, config.precision)
+        cases = default_cases(name, ranges)
         log(f"{prefix} tracing to ONNX (opset {config.opset}) ...")
         sample = spec.make_inputs(2, trace_h, trace_w, np.random.default_rng(0), {})
         traced = work / f"{name}.onnx"
@@ -181,7 +193,6 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
         for f in work.iterdir():  # free disk before the next component
             f.unlink()
         log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
-        cases = default_cases(name, ranges)
         results = validate_graph(spec, final, cases, config.precision)
         table += [(name, "fp32" if spec.fp32_all or config.precision == "fp32" else "fp16", r) for r in results]
         failed = [r for r in results if not r.passed]
@@ -192,16 +203,16 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
                 f"{name} ({config.precision}) does not match PyTorch at {worst.shape}: "
                 f"max relative error {worst.max_rel_error:.3g} > {worst.tolerance:g}"
             )
-        inputs, outputs = spec.tensor_specs(ranges, vae_scale, config.precision)
         actual = onnx_tools.io_types(final)
         for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
             if actual[t_spec.name] != t_spec.dtype:
                 raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
         components[name] = Component(
-            file=final.name, sha256=sha256_file(final),
+            file=final.name, sha256=sha256_file(final), memory=memory[name],
             size_bytes=final.stat().st_size + sum((folder / e).stat().st_size for e in external),
             precision="fp32" if spec.fp32_all or config.precision == "fp32" else "fp16",
-            inputs=inputs, outputs=outputs, external_data=tuple(external), fp32_islands=tuple(islands),
+            inputs=inputs, outputs=outputs, external_data=tuple(external),
+            external_sha256={e: sha256_file(folder / e) for e in external}, fp32_islands=tuple(islands),
             validation=results,
             notes=_notes(name),
         )
@@ -224,6 +235,23 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     )
     manifest.save(folder)
     return manifest
+
+
+def _check_gate_memory(name: str, spec, cases, inputs, outputs, memory) -> None:
+    """Refuse, before tracing, a parity-gate case that cannot fit in this machine's memory."""
+    from sdtrt.export.validate import case_inputs
+    from sdtrt.memory import available_bytes, gb, peak_bytes
+
+    avail = available_bytes()
+    if avail is None:
+        return
+    probe = Component(file="", sha256="", size_bytes=0, precision="fp32", inputs=inputs, outputs=outputs, memory=memory)
+    for i, case in enumerate(cases):
+        need = peak_bytes(probe, {n: v.shape for n, v in case_inputs(spec, case, i).items()})
+        if need > avail:
+            raise UsageError(f"the parity gate runs {name} at {case.label()}, which needs about {gb(need)} in ONNX Runtime; "
+                             f"{gb(avail)} are available: lower --size MIN or --batch (the gate runs at the range's "
+                             "smallest sizes)")
 
 
 def _export_update_graph(model, config: ExportConfig, folder: Path, unet: Component, vae_scale: int, total: int,

@@ -25,6 +25,15 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # sdtrt logs its own progress
+
+
+def _quiet(*modules) -> None:
+    """No per-file progress bars from transformers/diffusers in the middle of sdtrt's log."""
+    for module in modules:
+        logging = getattr(getattr(module, "utils", None), "logging", None)
+        if logging is not None and hasattr(logging, "disable_progress_bar"):
+            logging.disable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -104,9 +113,11 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if not index_file.is_file():
         raise ModelSourceError(f"{path} is not a diffusers model folder: model_index.json is missing")
     try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as ex:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as ex:
         raise ModelSourceError(f"{index_file} is not valid JSON ({ex})") from None
+    if not isinstance(index, dict):
+        raise ModelSourceError(f"{index_file} does not hold a JSON object")
     pipeline_class = index.get("_class_name", "")
     if "XL" in pipeline_class:
         raise ModelSourceError(f"{path} is a {pipeline_class}: {BUILTIN_ARCHITECTURES['sdxl'].unsupported_reason}")
@@ -131,26 +142,45 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
 def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel:
     index = _check_diffusers_folder(path, allow_pickle)
     _offline()
+    import diffusers
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _quiet(diffusers, transformers)
+
     use_safetensors = None if allow_pickle else True
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
-                                                     use_safetensors=use_safetensors)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, use_safetensors=use_safetensors)
-        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, use_safetensors=use_safetensors)
-    except (OSError, ValueError, KeyError) as ex:
-        first_line = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-        raise ModelSourceError(f"cannot load the model in {path}: {first_line}") from None
+
+    def load(component: str, loader, **kwargs):
+        # transformers, diffusers and torch raise whatever type the malformed file provokes (TypeError for a config
+        # value of the wrong type, UnpicklingError for a pickle torch refuses, ...): at this boundary any of them
+        # means "this component cannot be loaded", said in one line
+        try:
+            return loader(path / component, local_files_only=True, **kwargs)
+        except Exception as ex:  # noqa: BLE001
+            first = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
+            raise ModelSourceError(f"cannot load {component} from {path}: {type(ex).__name__}"
+                                   f"{': ' + first[:300] if first else ''}") from None
+
+    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, use_safetensors=use_safetensors)
+    positions = int(text_encoder.config.max_position_embeddings)
+    if len(tokenizer) < 3 or tokenizer.eos_token_id is None or not 3 <= tokenizer.model_max_length <= positions:
+        # transformers builds an empty tokenizer from a folder without vocabulary files, with no length limit
+        raise ModelSourceError(f"{path / 'tokenizer'} holds no usable CLIP tokenizer: {len(tokenizer)} tokens, "
+                               f"model_max_length {tokenizer.model_max_length} (the text encoder has {positions} "
+                               "positions); vocab.json, merges.txt and tokenizer_config.json are needed")
+    unet = load("unet", UNet2DConditionModel.from_pretrained, use_safetensors=use_safetensors)
+    vae = load("vae", AutoencoderKL.from_pretrained, use_safetensors=use_safetensors)
     if getattr(unet.config, "addition_embed_type", None):
         raise ModelSourceError(f"{path}: U-Nets with added conditioning ({unet.config.addition_embed_type}) are not supported yet")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     try:
-        scheduler_config = json.loads(scheduler_file.read_text())
-    except (OSError, json.JSONDecodeError) as ex:
+        scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as ex:
         raise ModelSourceError(f"cannot read {scheduler_file}: {ex}") from None
+    if not isinstance(scheduler_config, dict):
+        raise ModelSourceError(f"{scheduler_file} does not hold a JSON object")
     cross_dim = unet.config.cross_attention_dim
     family = {768: "sd1", 1024: "sd2"}.get(cross_dim, "custom")
     return LoadedModel(

@@ -12,7 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from sdtrt.errors import SdtrtError
+from sdtrt.errors import ManifestError, SdtrtError
+from sdtrt.integrity import folder_files, verify_files
 from sdtrt.manifest import Component
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
@@ -277,6 +278,14 @@ def available_backends() -> list[str]:
     return found
 
 
+def check_integrity(folder: Path, entries, fix: str) -> None:
+    """Refuse files that are not the ones the manifest describes (see ``sdtrt.integrity``)."""
+    problems = verify_files(Path(folder), entries)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ManifestError(f"{problems[0]}{more}; {fix}")
+
+
 def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0,
                  device_loop: bool | None = None) -> EngineSet:
     """Engines for every graph. ``auto`` prefers TensorRT where the folder has engines and they load.
@@ -296,14 +305,16 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
             # auto: engines for another GPU/version, or no TensorRT here; ONNX Runtime still works
     provider = ort_provider(backend)
     on_device = provider == "CUDAExecutionProvider" if device_loop is None else device_loop
-    engines = EngineSet()
-    for name, component in manifest.components.items():
-        if name == "sampler_update" and not on_device:  # on the host the update is NumPy
-            continue
-        path = Path(folder) / component.file
+    names = [n for n in manifest.components if n != "sampler_update" or on_device]  # on the host the update is NumPy
+    for name in names:
+        path = Path(folder) / manifest.components[name].file
         if not path.is_file():
             raise BackendError(f"{path} is missing (listed in manifest.json)")
-        engines[name] = OrtEngine(path, component, provider, threads)
+    check_integrity(folder, folder_files(manifest, components=tuple(names)), "re-export the model")
+    engines = EngineSet()
+    for name in names:
+        engines[name] = OrtEngine(Path(folder) / manifest.components[name].file, manifest.components[name], provider,
+                                  threads)
     if on_device:
         from sdtrt.runtime.device_loop import DeviceLoop
 

@@ -9,6 +9,7 @@ backend and machine.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,28 @@ from typing import Callable
 
 import numpy as np
 
-from sdtrt.errors import UsageError
+from sdtrt.errors import MemoryLimitError, NumericalError, UsageError
+from sdtrt.fsutil import atomic_path
 from sdtrt.manifest import Manifest
+from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
 from sdtrt.runtime.backends import check_shapes, load_engines
+from sdtrt.runtime.request import GenerationRequest
 from sdtrt.runtime.samplers import SamplerConfig, SamplerTable, build_table, step
 from sdtrt.runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger("sdtrt")
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A checked request, resolved against the engine folder (``Pipeline.plan``)."""
+
+    table: SamplerTable
+    height: int
+    width: int
+    cfg: bool  # classifier-free guidance on (guidance > 1)
+    shape: tuple[int, ...]  # latents (B, C, h, w)
+    shapes: dict[str, dict[str, tuple[int, ...]]]  # engine -> input -> shape
 
 
 @dataclass
@@ -80,35 +98,80 @@ class Pipeline:
                  width: int | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  scheduler: str | None = None, latents: np.ndarray | None = None, output_type: str = "pil",
                  callback: Callable[[int, int], None] | None = None) -> GenerationResult:
-        timings: dict[str, float] = {}
-        t_start = time.perf_counter()
+        """Generate images (diffusers' StableDiffusionPipeline argument names). ``seed`` -1 or None: random.
+        Raises ``UsageError`` (bad arguments), ``ShapeError`` (outside the engines' ranges) or
+        ``NumericalError`` (the result is not finite) instead of returning a wrong image."""
+        req = GenerationRequest.create(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                                       seed, num_images_per_prompt, scheduler, output_type)
+        if callback is not None and not callable(callback):
+            raise UsageError(f"callback must be callable, got {type(callback).__name__}")
+        return self.generate(req, latents=latents, callback=callback)
+
+    def plan(self, req: GenerationRequest) -> "GenerationPlan":
+        """Everything about ``req`` that can be checked before any compute: sizes, batch, sampler, every engine's
+        input shapes. Raises the error the generation would raise."""
         info = self.manifest.model
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = negative_prompt if negative_prompt is not None else ""
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-        height = height or info.default_size
-        width = width or info.default_size
-        self._check_arguments(prompts, negatives, num_inference_steps, guidance_scale, height, width,
-                              num_images_per_prompt, output_type)
-        table = self.sampler_table(scheduler, num_inference_steps)
-        cfg = guidance_scale > 1.0  # as diffusers: no negative branch at guidance <= 1
-        batch = len(prompts) * num_images_per_prompt
+        height, width = req.height or info.default_size, req.width or info.default_size
+        self._check_request(req, height, width)
+        table = self.sampler_table(req.scheduler, req.num_inference_steps)
+        cfg = req.guidance_scale > 1.0  # as diffusers: no negative branch at guidance <= 1
+        shapes = self._engine_shapes(len(req.prompt), req.num_images_per_prompt, height, width, cfg)
+        for name, engine_shapes in shapes.items():
+            check_shapes(name, self.engines[name], engine_shapes)
+        self._check_memory(len(req.prompt), req.num_images_per_prompt, height, width, cfg)
+        return GenerationPlan(table, height, width, cfg, shapes["vae_decoder"]["latents"], shapes)
+
+    def _engine_shapes(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool) -> dict:
+        """Every engine's input shapes for a generation."""
+        info = self.manifest.model
+        batch = prompts * per_prompt
         shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
-        n_text = 2 * len(prompts) if cfg else len(prompts)
-        plan = {  # every engine's input shapes for this generation
-            "text_encoder": {"input_ids": (n_text, info.max_text_length)},
+        return {
+            "text_encoder": {"input_ids": ((2 if cfg else 1) * prompts, info.max_text_length)},
             "unet": {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length,
                                                                   info.text_hidden_size)},
             "vae_decoder": {"latents": shape},
         }
-        for name, shapes in plan.items():
-            check_shapes(name, self.engines[name], shapes)
+
+    def _memory_need(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool) -> int:
+        shapes = self._engine_shapes(prompts, per_prompt, height, width, cfg)
+        return max(peak_bytes(self.manifest.components[n], s) for n, s in shapes.items())
+
+    def _check_memory(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool) -> None:
+        """On ONNX Runtime's CPU provider (host memory), refuse what cannot fit before it starts."""
+        if not all(getattr(e, "provider", "") == "CPUExecutionProvider" for e in self.engines.values()):
+            return  # TensorRT and CUDA: device memory, checked when it is allocated
+        need = self._memory_need(prompts, per_prompt, height, width, cfg)
+        avail = available_bytes()
+        if not need or avail is None or need * ARENA_FACTOR <= avail:
+            return
+        what = f"{prompts * per_prompt} x {width}x{height}"
+        if need <= avail:
+            log.warning("%s may run out of memory: it needs %s to %s (ONNX Runtime's attention; its arena can hold "
+                        "twice one run), %s are available", what, gb(need), gb(need * ARENA_FACTOR), gb(avail))
+            return
+        step = max(64, 8 * self.manifest.model.vae_scale_factor)
+        fits = next((s for s in range(min(height, width) // step * step, self.manifest.ranges.size_min - 1, -step)
+                     if self._memory_need(prompts, per_prompt, s, s, cfg) * ARENA_FACTOR <= avail), None)
+        hint = f"{fits}x{fits} fits" if fits else "no size of this folder's range fits at this batch"
+        if prompts * per_prompt > 1 and self._memory_need(1, 1, height, width, cfg) * ARENA_FACTOR <= avail:
+            hint += f"; one image at {width}x{height} fits"
+        raise MemoryLimitError(f"{what} needs about {gb(need)} of memory for ONNX Runtime's attention on the CPU, "
+                               f"{gb(avail)} are available: {hint} (or use a GPU backend)")
+
+
+    def generate(self, req: GenerationRequest, latents: np.ndarray | None = None,
+                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        info = self.manifest.model
+        plan = self.plan(req)
+        table, height, width, cfg, shape, batch = plan.table, plan.height, plan.width, plan.cfg, plan.shape, req.batch
         reserve = getattr(self.engines, "reserve", None)
         if reserve is not None:
-            reserve(plan)
+            reserve(plan.shapes)
 
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2**63))
+        seed = req.seed if req.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         rng = np.random.Generator(np.random.PCG64(seed))
         if latents is None:
             latents = rng.standard_normal(shape, dtype=np.float32)  # (B, C, h, w)
@@ -116,67 +179,77 @@ class Pipeline:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.shape != shape:
                 raise UsageError(f"latents have shape {latents.shape}, expected {shape} for this batch and size")
+            if not np.isfinite(latents).all():
+                raise UsageError("latents must be finite")
 
         t = time.perf_counter()
-        embeddings = self._encode(prompts, negatives if cfg else None, num_images_per_prompt)  # (kB, 77, D)
+        embeddings = self._encode(list(req.prompt), list(req.negative_prompt) if cfg else None,
+                                  req.num_images_per_prompt)  # (kB, 77, D)
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        final = self._denoise(table, latents, embeddings, guidance_scale, rng, callback, timings)  # (B, C, h, w)
+        final = self._denoise(table, latents, embeddings, req.guidance_scale, rng, callback, timings)  # (B, C, h, w)
         timings["denoise"] = time.perf_counter() - t
         timings["steps"] = table.num_steps
+        if not np.isfinite(final).all():  # once per generation: a NaN image must never be written as black
+            raise NumericalError(
+                f"the denoised latents hold NaN/Inf after {table.num_steps} U-Net calls ({table.name}, guidance "
+                f"{req.guidance_scale:g}): the U-Net overflowed"
+                + (" in fp16 (re-export with --precision fp32, or lower the guidance scale)"
+                   if self.manifest.precision == "fp16" else " (lower the guidance scale)"))
 
         t = time.perf_counter()
         vae = self.engines["vae_decoder"]
         image = vae.run({"latents": final.astype(vae.input_dtype("latents"))})["image"]  # (B, 3, H, W) in [-1, 1]
         timings["vae_decoder"] = time.perf_counter() - t
+        if not np.isfinite(image).all():
+            raise NumericalError(
+                "the VAE decoder produced NaN/Inf from finite latents: "
+                + ("an fp16 overflow in the VAE (its fp16 export keeps fp32 only where the VAE config sets "
+                   "force_upcast): re-export with --precision fp32"
+                   if self.manifest.components["vae_decoder"].precision == "fp16" else "the VAE weights are broken"))
         image = np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # (B, H, W, 3)
         timings["total"] = time.perf_counter() - t_start
 
-        sampler = table.name
         params = []
         for k in range(batch):
-            p = prompts[k // num_images_per_prompt]
-            n = negatives[k // num_images_per_prompt]
+            p = req.prompt[k // req.num_images_per_prompt]
+            n = req.negative_prompt[k // req.num_images_per_prompt]
             params.append(
-                f"{p}\nNegative prompt: {n}\nSteps: {num_inference_steps}, Sampler: {sampler}, CFG scale: {guidance_scale}, "
-                f"Seed: {seed}, Size: {width}x{height}, Batch index: {k}, Model: {info.family}, Precision: {self.manifest.precision}"
+                f"{p}\nNegative prompt: {n}\nSteps: {req.num_inference_steps}, Sampler: {table.name}, "
+                f"CFG scale: {req.guidance_scale:g}, Seed: {seed}, Size: {width}x{height}, Batch index: {k}, "
+                f"Model: {info.family}, Precision: {self.manifest.precision}"
             )
-        if output_type == "np":
+        if req.output_type == "np":
             return GenerationResult(image, seed, params, timings)
         from PIL import Image
 
         images = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in image]
         return GenerationResult(images, seed, params, timings)
 
-    def _check_arguments(self, prompts, negatives, steps, guidance, height, width, per_prompt, output_type) -> None:
+    def _check_request(self, req: GenerationRequest, height: int, width: int) -> None:
         ranges = self.manifest.ranges
-        if not prompts:
-            raise UsageError("no prompt given")
-        if len(negatives) != len(prompts):
-            raise UsageError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if not isinstance(steps, int) or steps < 1:
-            raise UsageError(f"steps must be a positive integer, got {steps!r}")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise UsageError(f"guidance scale must be >= 0, got {guidance}")
-        if per_prompt < 1:
-            raise UsageError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
+        factor = max(8, self.manifest.model.vae_scale_factor)
         for label, v in (("height", height), ("width", width)):
             if v % 8 or v % self.manifest.model.vae_scale_factor:
-                raise UsageError(f"{label} {v} is not a multiple of {max(8, self.manifest.model.vae_scale_factor)}")
+                raise UsageError(f"{label} {v} is not a multiple of {factor}")
             if not ranges.size_min <= v <= ranges.size_max:
                 raise UsageError(f"{label} {v} is outside the exported range {ranges.size_min}..{ranges.size_max} "
                                  f"(re-export with --size to change it)")
-        batch = len(prompts) * per_prompt
-        if not ranges.batch_min <= batch <= ranges.batch_max:
-            raise UsageError(f"batch {batch} (prompts x images per prompt) is outside the exported range "
+        if not ranges.batch_min <= req.batch <= ranges.batch_max:
+            raise UsageError(f"batch {req.batch} (prompts x images per prompt) is outside the exported range "
                              f"{ranges.batch_min}..{ranges.batch_max}")
-        if output_type not in ("pil", "np"):
-            raise UsageError(f"output_type must be 'pil' or 'np', not {output_type!r}")
 
     def _encode(self, prompts: list[str], negatives: list[str] | None, per_prompt: int) -> np.ndarray:
         texts = (negatives or []) + prompts
-        ids, _ = self.tokenizer(texts)  # (kP, 77)
+        ids, dropped = self.tokenizer(texts)  # (kP, 77)
+        labels = [f"negative prompt {i + 1}" for i in range(len(negatives or []))] + \
+                 [f"prompt {i + 1}" for i in range(len(prompts))]
+        for label, extra in zip(labels, dropped):
+            if extra:
+                label = label.rsplit(" ", 1)[0] if len(prompts) == 1 else label  # "prompt 1" of one is "prompt"
+                log.warning("%s is longer than %d tokens: its last %d tokens were dropped", label,
+                            self.tokenizer.max_length, extra)
         hidden = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (kP, 77, D)
         # each prompt's embedding repeated per image, negatives first: (kB, 77, D)
         embeddings = np.repeat(hidden, per_prompt, axis=0)
@@ -242,9 +315,12 @@ def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
     tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length)
     sched_file = folder / manifest.scheduler_config
     try:
-        return tokenizer, json.loads(sched_file.read_text())
-    except (OSError, json.JSONDecodeError) as ex:
+        config = json.loads(sched_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as ex:
         raise ManifestError(f"cannot read {sched_file}: {ex}") from None
+    if not isinstance(config, dict):
+        raise ManifestError(f"{sched_file} does not hold a JSON object")
+    return tokenizer, config
 
 
 def save_png(image, path: Path, parameters: str) -> None:
@@ -253,7 +329,5 @@ def save_png(image, path: Path, parameters: str) -> None:
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with atomic_path(Path(path)) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)

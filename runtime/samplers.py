@@ -51,17 +51,109 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 # diffusers scheduler class -> our sampler name (the model's default sampler)
-SCHEDULER_CLASSES = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
+# diffusers scheduler class -> our sampler name (a model's default sampler; DPM-Solver++ keeps its config's own
+# Karras setting, as diffusers would)
+SCHEDULER_CLASSES = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if name != "dpmpp_2m_karras"}
+
+_COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+               prediction_type="epsilon", steps_offset=0)
+_THRESHOLD = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+_SIGMAS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+_FLOW = dict(use_flow_sigmas=False, flow_shift=1.0, use_dynamic_shifting=False, time_shift_type="exponential")
+# Each diffusers scheduler class's __init__ defaults (tests compare them with the installed diffusers). A key a
+# model's config does not set takes its class default, as diffusers' ``from_config`` does; so does every key of a
+# sampler picked on another class's config (a PNDM config without clip_sample means clip_sample=True to DDIM).
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": dict(_COMMON, **_THRESHOLD, clip_sample=True, set_alpha_to_one=True, clip_sample_range=1.0,
+                          timestep_spacing="leading", rescale_betas_zero_snr=False),
+    "PNDMScheduler": dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
+    "LMSDiscreteScheduler": dict(_COMMON, **_SIGMAS, timestep_spacing="linspace"),
+    "EulerDiscreteScheduler": dict(_COMMON, **_SIGMAS, interpolation_type="linear", sigma_min=None, sigma_max=None,
+                                   timestep_spacing="linspace", timestep_type="discrete", rescale_betas_zero_snr=False,
+                                   final_sigmas_type="zero"),
+    "EulerAncestralDiscreteScheduler": dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+    "DPMSolverMultistepScheduler": dict(_COMMON, **_THRESHOLD, **_SIGMAS, **_FLOW, solver_order=2,
+                                        algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+                                        euler_at_final=False, use_lu_lambdas=False, final_sigmas_type="zero",
+                                        lambda_min_clipped=-math.inf, variance_type=None, timestep_spacing="linspace",
+                                        rescale_betas_zero_snr=False),
+    "LCMScheduler": dict(_COMMON, **_THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         original_inference_steps=50, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True,
+                         timestep_spacing="leading", timestep_scaling=10.0, rescale_betas_zero_snr=False),
+    "UniPCMultistepScheduler": dict(_COMMON, **_THRESHOLD, **_SIGMAS, **_FLOW, solver_order=2, predict_x0=True,
+                                    solver_type="bh2", lower_order_final=True, disable_corrector=[], solver_p=None,
+                                    timestep_spacing="linspace", final_sigmas_type="zero", rescale_betas_zero_snr=False,
+                                    sigma_min=None, sigma_max=None, shift_terminal=None),
+}
+# Keys read into SamplerConfig (validated there); every other key is inert for the table (_INERT) or must keep the
+# one value a linear table expresses (_FIXED): anything else is refused, never ignored.
+_MODELED = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "timestep_spacing", "steps_offset", "set_alpha_to_one", "use_karras_sigmas", "solver_order", "solver_type",
+            "lower_order_final", "euler_at_final", "disable_corrector", "original_inference_steps", "timestep_scaling"}
+_INERT = {"dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range", "flow_shift", "time_shift_type"}
+_INERT_FOR = {"LCMScheduler": {"set_alpha_to_one", "steps_offset", "timestep_spacing"}}  # LCM's own grid ignores them
+_FIXED: dict[str, tuple[Any, str]] = {
+    "clip_sample": (False, "it clamps the predicted sample, which no linear update can do (SD models set it false)"),
+    "thresholding": (False, "dynamic thresholding is not linear"),
+    "rescale_betas_zero_snr": (False, "zero-terminal-SNR rescaling is not implemented"),
+    "skip_prk_steps": (True, "PNDM's Runge-Kutta warm-up is not implemented; PLMS (skip_prk_steps=true) is"),
+    "use_exponential_sigmas": (False, "exponential sigmas are not implemented"),
+    "use_beta_sigmas": (False, "beta sigmas are not implemented"),
+    "use_lu_lambdas": (False, "Lu lambdas are not implemented"),
+    "use_flow_sigmas": (False, "flow-matching sigmas are not implemented"),
+    "use_dynamic_shifting": (False, "dynamic shifting is not implemented"),
+    "interpolation_type": ("linear", "only linear sigma interpolation is implemented"),
+    "timestep_type": ("discrete", "continuous timesteps are not implemented"),
+    "sigma_min": (None, "custom sigma ranges are not implemented"),
+    "sigma_max": (None, "custom sigma ranges are not implemented"),
+    "shift_terminal": (None, "terminal shifting is not implemented"),
+    "final_sigmas_type": ("zero", "only a final sigma of zero is implemented"),
+    "algorithm_type": ("dpmsolver++", "only the deterministic DPM-Solver++ is implemented"),
+    "variance_type": (None, "learned variances are not implemented"),
+    "lambda_min_clipped": (-math.inf, "lambda clipping is not implemented"),
+    "predict_x0": (True, "only UniPC's data prediction is implemented"),
+    "solver_p": (None, "a custom UniPC solver is not implemented"),
+}
 
 
 class SamplerError(UsageError):
     """Unknown sampler, or a scheduler config a linear table cannot express."""
+
+
+def diffusers_config(config: dict[str, Any], class_name: str) -> dict[str, Any]:
+    """What ``getattr(diffusers, class_name).from_config(config)`` runs with: every __init__ key of the class,
+    from the config where it sets it (and does not list it in ``_use_default_values``), else the class default."""
+    defaults = CLASS_DEFAULTS[class_name]
+    unset = set(config.get("_use_default_values") or ())
+    return {k: (config[k] if k in config and k not in unset else v) for k, v in defaults.items()}
+
+
+def _check(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise SamplerError(f"scheduler config: {key} must be {what}, got {value!r}")
+
+
+def _number(key: str, value: Any, lo: float, hi: float, integer: bool = False):
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    _check(ok, key, value, f"{'an integer' if integer else 'a finite number'} in [{lo:g}, {hi:g}]")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple) -> Any:
+    _check(isinstance(value, str) and value in choices, key, value, "one of " + ", ".join(map(repr, choices)))
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    _check(isinstance(value, bool), key, value, "true or false")
+    return value
 
 
 @dataclass(frozen=True)
@@ -90,55 +182,73 @@ class SamplerConfig:
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any], name: str | None = None, **overrides) -> "SamplerConfig":
-        """Read a diffusers ``scheduler_config.json``; ``name`` picks another sampler on the same schedule."""
-        name = name or SCHEDULER_CLASSES.get(config.get("_class_name", ""), "")
-        if not name:
-            raise SamplerError(f"scheduler {config.get('_class_name')!r} has no built-in sampler; pick one of {', '.join(SAMPLERS)}")
+        """Read a diffusers ``scheduler_config.json`` as diffusers reads it for the sampler asked (that class's
+        defaults for what the config does not set); ``name`` picks another sampler on the same schedule.
+        ``overrides``: SamplerConfig fields (e.g. ``eta``)."""
+        if not isinstance(config, dict):
+            raise SamplerError("scheduler config must be a JSON object")
+        if name is None:
+            class_name = config.get("_class_name", "")
+            name = SCHEDULER_CLASSES.get(class_name) if isinstance(class_name, str) else None
+            if name is None:
+                raise SamplerError(f"the model's scheduler {class_name!r} has no built-in sampler; pick one with "
+                                   f"--scheduler ({', '.join(SAMPLERS)})")
+            if name == "dpmpp_2m" and config.get("use_karras_sigmas") is True:
+                name = "dpmpp_2m_karras"  # the model's own DPM-Solver++, Karras or not as its config says
         if name not in SAMPLERS:
             raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-        if config.get("clip_sample") and name in ("ddim",):
-            raise SamplerError("clip_sample=True is not linear and is not supported (SD models set it False)")
-        if config.get("rescale_betas_zero_snr"):
-            raise SamplerError("rescale_betas_zero_snr is not supported yet")
-        if config.get("thresholding"):
-            raise SamplerError("dynamic thresholding is not linear and is not supported")
-        if name == "pndm" and config.get("skip_prk_steps") is False:
-            raise SamplerError("PNDM with Runge-Kutta warm-up steps (skip_prk_steps=False) is not supported; use PLMS")
-        kwargs: dict[str, Any] = {"name": name}
-        for f in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-                  "timestep_spacing", "steps_offset", "set_alpha_to_one"):
-            if config.get(f) is not None:
-                kwargs[f] = config[f]
-        if config.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(float(b) for b in config["trained_betas"])
-        if name == "dpmpp_2m_karras":
-            kwargs["use_karras_sigmas"] = True
-        elif name in ("euler", "lms", "dpmpp_2m") and config.get("_class_name") == _CLASS_OF.get(name):
-            kwargs["use_karras_sigmas"] = bool(config.get("use_karras_sigmas", False))
-        if name == "unipc" and config.get("_class_name") == "UniPCMultistepScheduler":
-            if config.get("solver_type", "bh2") != "bh2" or not config.get("predict_x0", True):
-                raise SamplerError("unipc supports solver_type 'bh2' with predict_x0 (diffusers' defaults)")
-            kwargs["solver_order"] = int(config.get("solver_order", 2))
-            kwargs["disable_corrector"] = tuple(config.get("disable_corrector") or ())
-            kwargs["use_karras_sigmas"] = bool(config.get("use_karras_sigmas", False))
-            kwargs["lower_order_final"] = bool(config.get("lower_order_final", True))
+        class_name, named = DIFFUSERS_EQUIVALENT[name]
+        eff = {**diffusers_config(config, class_name), **named}
+        inert = _INERT | _INERT_FOR.get(class_name, set())
+        for key, value in eff.items():
+            if key in _FIXED and key not in inert and value != _FIXED[key][0]:
+                raise SamplerError(f"{name} ({class_name}) with {key}={value!r} is not supported: {_FIXED[key][1]}")
+        T = _number("num_train_timesteps", eff["num_train_timesteps"], 2, 100_000, integer=True)
+        kwargs: dict[str, Any] = dict(
+            name=name, num_train_timesteps=T,
+            beta_start=float(_number("beta_start", eff["beta_start"], 1e-8, 0.999)),
+            beta_end=float(_number("beta_end", eff["beta_end"], 1e-8, 0.999)),
+            beta_schedule=_choice("beta_schedule", eff["beta_schedule"], ("linear", "scaled_linear", "squaredcos_cap_v2")),
+            prediction_type=_choice("prediction_type", eff["prediction_type"], ("epsilon", "v_prediction")),
+        )
+        betas = eff["trained_betas"]
+        if betas is not None:
+            _check(isinstance(betas, (list, tuple)) and len(betas) == T, "trained_betas", f"<{type(betas).__name__}>",
+                   f"a list of num_train_timesteps = {T} numbers")
+            kwargs["trained_betas"] = tuple(float(_number("trained_betas[i]", b, 1e-12, 0.999999)) for b in betas)
+        if "timestep_spacing" not in inert:
+            kwargs["timestep_spacing"] = _choice("timestep_spacing", eff["timestep_spacing"],
+                                                 ("leading", "trailing", "linspace"))
+            kwargs["steps_offset"] = _number("steps_offset", eff["steps_offset"], 0, T - 1, integer=True)
+        if "set_alpha_to_one" in eff and "set_alpha_to_one" not in inert:
+            kwargs["set_alpha_to_one"] = _flag("set_alpha_to_one", eff["set_alpha_to_one"])
+        if "use_karras_sigmas" in eff:
+            kwargs["use_karras_sigmas"] = _flag("use_karras_sigmas", eff["use_karras_sigmas"])
+        if class_name == "DPMSolverMultistepScheduler":
+            _number("solver_order", eff["solver_order"], 2, 2, integer=True)  # dpmpp_2m: second-order multistep only
+            kwargs["solver_type"] = _choice("solver_type", eff["solver_type"], ("midpoint", "heun"))
+            kwargs["lower_order_final"] = _flag("lower_order_final", eff["lower_order_final"])
+            kwargs["euler_at_final"] = _flag("euler_at_final", eff["euler_at_final"])
+        if class_name == "UniPCMultistepScheduler":
+            kwargs["solver_order"] = _number("solver_order", eff["solver_order"], 1, 3, integer=True)
+            _choice("solver_type", eff["solver_type"], ("bh2",))
+            kwargs["lower_order_final"] = _flag("lower_order_final", eff["lower_order_final"])
+            corrector = eff["disable_corrector"]
+            _check(isinstance(corrector, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                 for i in corrector),
+                   "disable_corrector", corrector, "a list of step indices")
+            kwargs["disable_corrector"] = tuple(corrector)
             if not kwargs["lower_order_final"] and kwargs["solver_order"] > 1:
                 raise SamplerError("unipc with lower_order_final=False takes a higher-order step into sigma 0 and "
                                    "diverges (diffusers returns inf); set lower_order_final=True")
-        if name == "lcm" and config.get("_class_name") == "LCMScheduler":
-            for f in ("original_inference_steps", "timestep_scaling"):
-                if config.get(f) is not None:
-                    kwargs[f] = config[f]
+        if class_name == "LCMScheduler":
+            kwargs["original_inference_steps"] = _number("original_inference_steps", eff["original_inference_steps"],
+                                                         1, T, integer=True)
+            kwargs["timestep_scaling"] = float(_number("timestep_scaling", eff["timestep_scaling"], 1e-6, 1e6))
         kwargs.update(overrides)
-        out = cls(**kwargs)
-        if out.prediction_type not in ("epsilon", "v_prediction"):
-            raise SamplerError(f"prediction_type {out.prediction_type!r} is not supported (epsilon, v_prediction)")
-        if out.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise SamplerError(f"timestep_spacing {out.timestep_spacing!r} is not supported (leading, trailing, linspace)")
-        return out
+        return cls(**kwargs)
 
 
-_CLASS_OF = {v: k for k, v in SCHEDULER_CLASSES.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,10 +404,8 @@ def _ddim(cfg: SamplerConfig, n: int) -> _Raw:
     return _Raw(ts, A, B, C, np.ones(n), 1.0)
 
 
-def _pndm(cfg: SamplerConfig, n: int) -> _Raw:
-    """PLMS (skip_prk_steps): the first two evaluations form a 2nd-order warm-up from the same sample."""
-    acp = alphas_cumprod(cfg)
-    final = 1.0 if cfg.set_alpha_to_one else acp[0]
+def _pndm_timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
+    """PLMS's timesteps: the second-to-last base timestep repeats (its warm-up evaluates it twice)."""
     T, r = cfg.num_train_timesteps, cfg.num_train_timesteps // n
     if cfg.timestep_spacing == "linspace":
         base = np.linspace(0, T - 1, n).round()
@@ -305,7 +413,15 @@ def _pndm(cfg: SamplerConfig, n: int) -> _Raw:
         base = (np.arange(0, n) * r).round() + cfg.steps_offset
     else:
         base = np.round(np.arange(T, 0, -T / n))[::-1] - 1
-    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
+    return np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
+
+
+def _pndm(cfg: SamplerConfig, n: int) -> _Raw:
+    """PLMS (skip_prk_steps): the first two evaluations form a 2nd-order warm-up from the same sample."""
+    acp = alphas_cumprod(cfg)
+    final = 1.0 if cfg.set_alpha_to_one else acp[0]
+    r = cfg.num_train_timesteps // n
+    ts = _pndm_timesteps(cfg, n)
     S = len(ts)
     A, B, C = _alloc(S, 2, 5)
     plms = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
@@ -449,15 +565,19 @@ def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
     return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
 
 
-def _lcm(cfg: SamplerConfig, n: int) -> _Raw:
-    """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv:2310.04378, algorithm 1):
-    x0 from the consistency function, re-noised to the next timestep; the last step returns x0."""
-    acp = alphas_cumprod(cfg)
+def _lcm_timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
     T, orig = cfg.num_train_timesteps, cfg.original_inference_steps
     if n > orig:
         raise SamplerError(f"lcm supports at most original_inference_steps = {orig} steps, got {n}")
     origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-    ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+    return origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+
+
+def _lcm(cfg: SamplerConfig, n: int) -> _Raw:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv:2310.04378, algorithm 1):
+    x0 from the consistency function, re-noised to the next timestep; the last step returns x0."""
+    acp = alphas_cumprod(cfg)
+    ts = _lcm_timesteps(cfg, n)
     A, B, C = _alloc(n, 1, 1)
     for i, t in enumerate(ts.astype(int)):
         a_t = acp[t]
@@ -589,19 +709,42 @@ _BUILDERS = {
 }
 
 
-def build_table(cfg: SamplerConfig, num_inference_steps: int) -> SamplerTable:
-    """Compute the coefficient table for ``num_inference_steps`` (the loop runs ``table.num_steps`` U-Net calls)."""
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise SamplerError(f"steps must be a positive integer, got {num_inference_steps!r}")
-    if num_inference_steps > cfg.num_train_timesteps:
-        raise SamplerError(f"steps ({num_inference_steps}) cannot exceed the {cfg.num_train_timesteps} training timesteps")
-    if cfg.name not in _BUILDERS:
-        raise SamplerError(f"unknown sampler {cfg.name!r}; choose one of {', '.join(SAMPLERS)}")
-    if cfg.name == "pndm" and num_inference_steps < 2:
-        raise SamplerError("pndm needs at least 2 steps")
-    if cfg.name == "dpmpp_2m_karras" and not cfg.use_karras_sigmas:
-        cfg = replace(cfg, use_karras_sigmas=True)
-    raw = _BUILDERS[cfg.name](cfg, num_inference_steps)
+_TIMESTEPS = {  # each sampler's timesteps alone (cheap), to check a step count before building its table
+    "ddim": lambda cfg, n: _spaced(cfg, n, integer=True),
+    "pndm": _pndm_timesteps,
+    "lms": lambda cfg, n: _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)[0],
+    "euler": lambda cfg, n: _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)[0],
+    "euler_a": lambda cfg, n: _sigma_schedule(cfg, n, karras=False)[0],
+    "dpmpp_2m": lambda cfg, n: _dpm_schedule(cfg, n, floor_cosine=True)[0],
+    "dpmpp_2m_karras": lambda cfg, n: _dpm_schedule(cfg, n, floor_cosine=True)[0],
+    "lcm": _lcm_timesteps,
+    "unipc": lambda cfg, n: _dpm_schedule(cfg, n, floor_cosine=False)[0],
+}
+
+
+def _timesteps_fit(cfg: SamplerConfig, n: int) -> bool:
+    """Whether every timestep of ``n`` steps lies in the training range (diffusers indexes past its schedule, or
+    wraps around to the end, when one does not: leading spacing with steps_offset at n = T, trailing at some n)."""
+    try:
+        ts = _TIMESTEPS[cfg.name](cfg, n)
+    except (IndexError, ValueError, ZeroDivisionError, SamplerError):
+        return False
+    if not (len(ts) and np.isfinite(ts).all() and ts.min() >= 0 and ts.max() <= cfg.num_train_timesteps - 1):
+        return False
+    # multistep solvers divide by the step between sigmas: a repeated timestep (rounding at n near T) is a 0
+    repeats_matter = cfg.name in ("dpmpp_2m", "unipc", "lms") and not cfg.use_karras_sigmas
+    return not (repeats_matter and np.any(np.diff(ts) >= 0))
+
+
+def _nearest_fitting(cfg: SamplerConfig, n: int, reach: int = 64) -> str:
+    lo = next((m for m in range(n - 1, max(n - reach, 0), -1) if _timesteps_fit(cfg, m)), None)
+    hi = next((m for m in range(n + 1, min(n + reach, cfg.num_train_timesteps) + 1) if _timesteps_fit(cfg, m)), None)
+    near = [str(m) for m in (lo, hi) if m is not None]
+    return f"; {' or '.join(near)} steps work" if near else ""
+
+
+def _table(cfg: SamplerConfig, raw: _Raw) -> SamplerTable:
+    """Fold c_in into the raw coefficients, so the state is the U-Net input."""
     S = len(raw.timesteps)
     c_in = np.concatenate([raw.c_in, [1.0]])  # the state after the last step is the plain sample
     A = np.zeros_like(raw.A)
@@ -612,3 +755,39 @@ def build_table(cfg: SamplerConfig, num_inference_steps: int) -> SamplerTable:
         name=cfg.name, timesteps=raw.timesteps, state_coef=A, model_coef=c_in[1:, None] * raw.B,
         noise_coef=c_in[1:] * raw.C, init_scale=float(c_in[0] * raw.init_noise_sigma), extras=raw.extras,
     )
+
+
+def build_table(cfg: SamplerConfig, num_inference_steps: int) -> SamplerTable:
+    """Compute the coefficient table for ``num_inference_steps`` (the loop runs ``table.num_steps`` U-Net calls).
+
+    Every table that comes back is finite: a step count whose timesteps fall outside the model's training range
+    is refused (naming the nearest counts that work), and any non-finite coefficient is an error, never an image."""
+    n = num_inference_steps
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise SamplerError(f"steps must be a positive integer, got {n!r}")
+    n = int(n)
+    if n > cfg.num_train_timesteps:
+        raise SamplerError(f"steps ({n}) cannot exceed the {cfg.num_train_timesteps} training timesteps")
+    if cfg.name not in _BUILDERS:
+        raise SamplerError(f"unknown sampler {cfg.name!r}; choose one of {', '.join(SAMPLERS)}")
+    if cfg.name == "pndm" and n < 2:
+        raise SamplerError("pndm needs at least 2 steps")
+    if cfg.name == "dpmpp_2m_karras" and not cfg.use_karras_sigmas:
+        cfg = replace(cfg, use_karras_sigmas=True)
+    if cfg.name == "lcm":
+        _lcm_timesteps(cfg, n)  # its own limit, with its own message
+    if not _timesteps_fit(cfg, n):
+        raise SamplerError(f"{cfg.name} cannot run {n} steps on this model's schedule ({cfg.timestep_spacing} spacing, "
+                           f"steps_offset {cfg.steps_offset}, {cfg.num_train_timesteps} training steps): a timestep "
+                           f"would fall outside 0..{cfg.num_train_timesteps - 1} or repeat{_nearest_fitting(cfg, n)}")
+    try:
+        with np.errstate(all="ignore"):
+            table = _table(cfg, _BUILDERS[cfg.name](cfg, n))
+    except (ZeroDivisionError, OverflowError, np.linalg.LinAlgError):
+        table = None
+    finite = table is not None and math.isfinite(table.init_scale) and all(
+        np.isfinite(a).all() for a in (table.timesteps, table.state_coef, table.model_coef, table.noise_coef))
+    if not finite:
+        raise SamplerError(f"{cfg.name} with {n} steps gives non-finite coefficients on this model's schedule; "
+                           "use fewer steps or another sampler")
+    return table

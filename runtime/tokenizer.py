@@ -7,14 +7,12 @@ BOS, tokens, EOS, then the pad token, exactly ``max_length`` ids.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from sdtrt.errors import ManifestError
 
-log = logging.getLogger("sdtrt")
 
 
 class ClipTokenizer:
@@ -30,10 +28,20 @@ class ClipTokenizer:
         except Exception as ex:  # the Rust side raises a plain Exception on malformed files
             raise ManifestError(f"cannot read {path}: {ex}") from None
         config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        self.max_length = int(min(config.get("model_max_length", max_length), max_length))
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except (OSError, ValueError) as ex:
+            raise ManifestError(f"cannot read {config_file}: {ex}") from None
+        if not isinstance(config, dict):
+            raise ManifestError(f"{config_file} does not hold a JSON object")
+        limit = config.get("model_max_length", max_length)
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 3:
+            raise ManifestError(f"{config_file}: model_max_length must be a number of tokens, got {limit!r}")
+        self.max_length = int(min(limit, max_length))
         pad = config.get("pad_token", "<|endoftext|>")
-        pad = pad["content"] if isinstance(pad, dict) else pad
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if not isinstance(pad, str):
+            raise ManifestError(f"{config_file}: pad_token must be a token, got {pad!r}")
         self.pad_id = self._tok.token_to_id(pad)
         if self.pad_id is None:
             raise ManifestError(f"pad token {pad!r} of {config_file} is not in the vocabulary")
@@ -47,9 +55,8 @@ class ClipTokenizer:
         for row, encoding in enumerate(self._tok.encode_batch(list(prompts))):
             tokens = encoding.ids
             extra = max(0, len(tokens) - self.max_length)
-            if extra:
+            if extra:  # the caller warns, naming the prompt as the user numbers it
                 tokens = tokens[: self.max_length - 1] + tokens[-1:]  # keep EOS, as CLIP's truncation does
-                log.warning("prompt %d is longer than %d tokens: %d tokens were dropped", row, self.max_length, extra)
             ids[row, : len(tokens)] = tokens
             dropped.append(extra)
         return ids, dropped

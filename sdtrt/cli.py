@@ -1,19 +1,37 @@
 """``sdtrt`` command line: a thin layer that turns library calls into one line and an exit code.
 
-Every ``SdtrtError`` is printed as ``sdtrt <command>: error: <message>`` with exit code 2; usage
-errors from argparse get the same single-line form.
+- ``SdtrtError`` (bad input, missing files, unsupported models): ``sdtrt <command>: error: <message>``, exit 2;
+  argparse usage errors get the same single line;
+- an ``OSError`` the library did not expect (disk full, permissions, read-only filesystem): one line with the
+  OS's reason and the file, exit 2;
+- anything else is an internal error: one line asking for a report, exit 1;
+- Ctrl-C: ``interrupted``, exit 130; SIGTERM: ``terminated``, exit 143 (both clean up like an error);
+- a closed stdout (``sdtrt info DIR | head``): quiet, exit 141.
+``SDTRT_DEBUG=1`` shows the Python traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import Sequence
 
 from sdtrt.errors import SdtrtError, UsageError
 
+REPORT = "https://github.com/sdtrt/sdtrt/issues"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
+
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, no usage dump
         raise UsageError(message)
 
@@ -31,135 +49,6 @@ def _range(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a model to ONNX + manifest (needs sdtrt[export])",
-                       description="Export a Stable Diffusion model to validated ONNX graphs and a manifest.")
-    p.add_argument("model", help="diffusers folder, or a built-in architecture: tiny, sd15, sd21")
-    p.add_argument("--out", help="engine folder to write (default: engines/<model name>)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--batch", type=_range, default=(1, 4), metavar="MIN:MAX", help="batch range (default 1:4)")
-    p.add_argument("--size", type=_range, default=(256, 1024), metavar="MIN:MAX",
-                   help="image height/width range in pixels, multiples of 8 (default 256:1024)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow pickled (.bin) weights in a diffusers folder; only for files you trust")
-    p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args) -> int:
-    from pathlib import Path
-
-    try:
-        from sdtrt.export import ExportConfig, export
-    except ImportError as ex:
-        raise SdtrtError(f"export needs the [export] extra (pip install 'sdtrt[export]'): {ex}") from None
-    out = args.out or str(Path("engines") / Path(args.model.rstrip("/")).name)
-    config = ExportConfig(
-        model=args.model, out=out, precision=args.precision, batch_min=args.batch[0], batch_max=args.batch[1],
-        size_min=args.size[0], size_max=args.size[1], opset=args.opset, force=args.force,
-        allow_pickle=args.allow_pickle, seed=args.seed,
-    )
-    export(config)
-    return 0
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 512x512, got {text!r}") from None
-    return w, h
-
-
-def _add_generate(sub) -> None:
-    from sdtrt.runtime.backends import BACKENDS
-    from sdtrt.runtime.samplers import SAMPLERS
-
-    p = sub.add_parser("generate", help="generate images from an engine folder",
-                       description="Text to image with the engines of an engine folder (no torch needed).")
-    p.add_argument("dir", help="engine folder written by `sdtrt export`")
-    p.add_argument("prompt")
-    p.add_argument("-n", "--negative", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (<= 1 disables guidance)")
-    p.add_argument("--seed", type=int, default=None, help="seed (NumPy PCG64); random if not given")
-    p.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
-    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's scheduler)")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("-o", "--output", default="out.png", help="PNG path; with several images, -1, -2 ... are added")
-    p.set_defaults(func=_cmd_generate)
-
-
-def _check_writable(output: str) -> None:
-    """Fail before any work if ``output`` cannot be written."""
-    import os
-    from pathlib import Path
-
-    path = Path(output)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
-    if path.is_dir():
-        raise UsageError(f"cannot write {output}: it is a folder")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"cannot write {output}: permission denied")
-
-
-def _output_paths(output: str, count: int):
-    from pathlib import Path
-
-    path = Path(output)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"output {output} must end in .png")
-    _check_writable(output)
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
-
-
-def _cmd_generate(args) -> int:
-    from sdtrt.runtime import Pipeline, save_png
-
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.cfg < 0:
-        raise UsageError(f"--cfg must be >= 0, got {args.cfg}")
-    if args.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
-    paths = _output_paths(args.output, args.num_images)
-    pipe = Pipeline.from_dir(args.dir, backend=args.backend)
-    width, height = args.size or (None, None)
-    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                  height=height, width=width, seed=args.seed, num_images_per_prompt=args.num_images,
-                  scheduler=args.scheduler, callback=_progress_bar("denoising"))
-    for image, params, path in zip(result.images, result.parameters, paths):
-        try:
-            save_png(image, path, params)
-        except OSError as ex:
-            raise SdtrtError(f"cannot write {path}: {ex.strerror or ex}") from None
-        print(path)
-    t = result.timings
-    print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, denoise {t['denoise']:.2f}s, "
-          f"vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
-    return 0
-
-
-def _progress_bar(label: str):
-    width = 30
-
-    def show(done: int, total: int) -> None:
-        if not sys.stderr.isatty() and done != total:
-            return
-        filled = width * done // total
-        end = "\n" if done == total else ""
-        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
 def _triple(text: str) -> tuple[int, int, int]:
     try:
         values = [int(p) for p in text.split(":")]
@@ -170,15 +59,195 @@ def _triple(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 512x512, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"width and height must be positive, got {text!r}")
+    return w, h
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _need(extra: str, *modules: str) -> None:
+    """Refuse before any work when an optional dependency is missing, naming the extra that brings it."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SdtrtError(f"this needs {', '.join(missing)}: pip install 'sdtrt[{extra}]' "
+                         f"(install torch==2.13.0 first on CPU machines)")
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model to validated ONNX + manifest (needs sdtrt[export])",
+                       description="Export a Stable Diffusion model to ONNX graphs, each checked against PyTorch "
+                                   "(parity gate), and a manifest. Nothing is written unless every graph passes.")
+    p.add_argument("model", help="diffusers folder, or a built-in architecture: tiny, small, sd15, sd21")
+    p.add_argument("--out", help="engine folder to write (default: engines/<model name>)")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                   help="graph precision; fp16 keeps FP32 where fp16 overflows")
+    p.add_argument("--batch", type=_range, default=(1, 4), metavar="MIN:MAX", help="batch range the graphs are validated for")
+    p.add_argument("--size", type=_range, default=(256, 1024), metavar="MIN:MAX",
+                   help="image height/width range in pixels, multiples of 8")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled (.bin) weights in a diffusers folder; only for files you trust")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out must not be empty")
+    _need("export", "torch", "diffusers", "transformers", "onnx")
+    from sdtrt.export import ExportConfig, export
+
+    out = args.out or str(Path("engines") / Path(args.model.rstrip("/")).name)
+    config = ExportConfig(
+        model=args.model, out=out, precision=args.precision, batch_min=args.batch[0], batch_max=args.batch[1],
+        size_min=args.size[0], size_max=args.size[1], opset=args.opset, force=args.force,
+        allow_pickle=args.allow_pickle, seed=args.seed,
+    )
+    export(config)
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+
+def _add_generate(sub) -> None:
+    from sdtrt.runtime.backends import BACKENDS
+    from sdtrt.runtime.samplers import SAMPLERS
+
+    p = sub.add_parser("generate", help="generate images from an engine folder",
+                       description="Text to image with the engines of an engine folder (no torch needed).")
+    p.add_argument("dir", help="engine folder written by `sdtrt export`")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-n", "--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--cfg", type=_finite, default=7.5,
+                   help="guidance scale, 0..100 (<= 1 runs without guidance, as diffusers)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed (NumPy PCG64), 0..2^64-1; -1 or none: random (the seed used is printed and saved)")
+    p.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's scheduler)")
+    p.add_argument("--num-images", type=int, default=1, help="images for the prompt, generated as one batch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="PNG path; with --num-images N > 1 the images go to NAME-0.png .. NAME-(N-1).png")
+    p.add_argument("--force", action="store_true", help="overwrite existing images (default: refuse)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _output_paths(output: str, count: int, force: bool):
+    """The PNG paths, checked before any work: writable, a .png, and (without --force) not there yet."""
+    from pathlib import Path
+
+    from sdtrt.fsutil import check_writable
+
+    path = Path(output)
+    if not output.strip():
+        raise UsageError("-o/--output must not be empty")
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"output {output} must end in .png")
+    paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+    for target in paths:
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.exists():
+            raise UsageError(f"cannot write {target}: folder {folder} does not exist")
+        if not folder.is_dir():
+            raise UsageError(f"cannot write {target}: {folder} is a file, not a folder")
+        if target.is_dir():
+            raise UsageError(f"cannot write {target}: it is a folder")
+        if target.exists() and not force:
+            raise UsageError(f"{target} exists (pass --force to overwrite it)")
+        try:
+            check_writable(target)
+        except OSError as ex:
+            raise UsageError(f"cannot write {target}: {ex.strerror or ex}") from None
+    return paths
+
+
+def _cmd_generate(args) -> int:
+    from sdtrt.runtime import Pipeline, save_png
+    from sdtrt.runtime.request import GenerationRequest
+
+    width, height = args.size or (None, None)
+    request = GenerationRequest.create(args.prompt, args.negative, args.steps, args.cfg, height, width, args.seed,
+                                       args.num_images)
+    paths = _output_paths(args.output, args.num_images, args.force)
+    request = _replace(request, scheduler=args.scheduler)
+    with Pipeline.from_dir(args.dir, backend=args.backend) as pipe:
+        table = pipe.plan(request).table  # every check, before any compute
+        if table.num_steps != request.num_inference_steps:
+            print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps} steps "
+                  "(its warm-up evaluates one step twice)", file=sys.stderr)
+        with _progress(table.num_steps) as bar:
+            result = pipe.generate(request, callback=bar)
+        for image, params, path in zip(result.images, result.parameters, paths):
+            save_png(image, path, params)
+            print(path)
+        t = result.timings
+        print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, denoise {t['denoise']:.2f}s, "
+              f"vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
+    return 0
+
+
+def _replace(request, **changes):
+    from dataclasses import replace
+
+    return replace(request, **changes)
+
+
+class _progress:
+    """A tqdm bar over U-Net evaluations (hidden when stderr is not a terminal), as a pipeline callback."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="denoising", unit="U-Net call", file=sys.stderr, leave=False,
+                        disable=None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+# ---- build, doctor -----------------------------------------------------------------------------------------
+
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="build TensorRT engines from an engine folder (on the target GPU)",
-                       description="Build one FP16/FP32 (as typed in the ONNX) TensorRT engine per graph, no torch needed.")
-    p.add_argument("dir")
-    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN:OPT:MAX")
-    p.add_argument("--size", type=_triple, default=(256, 512, 1024), metavar="MIN:OPT:MAX", help="pixels")
+                       description="Build one TensorRT engine per graph, precision as typed in the ONNX, verify each "
+                                   "against ONNX Runtime on this GPU, then install them. No torch needed.")
+    p.add_argument("dir", help="engine folder written by `sdtrt export`")
+    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN:OPT:MAX", help="batch profile")
+    p.add_argument("--size", type=_triple, default=(256, 512, 1024), metavar="MIN:OPT:MAX",
+                   help="height/width profile in pixels")
     p.add_argument("--static", type=_size, default=None, metavar="WxH", help="one fixed shape (batch = OPT, guidance on)")
-    p.add_argument("--timing-cache", default=None, metavar="PATH", help="timing cache file (default: DIR/timing.trt<version>.sm<cc>.cache)")
-    p.add_argument("--workspace", type=float, default=None, metavar="GB")
+    p.add_argument("--timing-cache", default=None, metavar="PATH",
+                   help="timing cache file (default: DIR/timing.trt<version>.sm<cc>.cache)")
+    p.add_argument("--workspace", type=_finite, default=None, metavar="GB", help="builder workspace limit")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--no-verify", action="store_true",
                    help="install the engines without checking them against ONNX Runtime on this GPU")
@@ -205,9 +274,9 @@ def _add_doctor(sub) -> None:
 
 
 def _cmd_doctor(args) -> int:
-    from sdtrt.runtime.doctor import diagnose, run_check
-
     from pathlib import Path
+
+    from sdtrt.runtime.doctor import diagnose, run_check
 
     if args.run and args.dir is None:
         raise UsageError("--run needs an engine folder: sdtrt doctor DIR --run")
@@ -225,17 +294,30 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
+# ---- info --------------------------------------------------------------------------------------------------
+
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="show an engine folder's manifest and what can run it here")
-    p.add_argument("dir")
+    p = sub.add_parser("info", help="show an engine folder's manifest and what can run it here",
+                       description="Describe an engine folder: model, graphs, parity results, TensorRT engines, and "
+                                   "the backends of this machine that can run it.")
+    p.add_argument("dir", help="engine folder")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every graph and engine file and compare with the manifest (exit 2 on a mismatch)")
     p.set_defaults(func=_cmd_info)
 
 
 def _cmd_info(args) -> int:
+    from pathlib import Path
+
+    from sdtrt.fsutil import remove_stale
+    from sdtrt.integrity import folder_files, verify_files
     from sdtrt.manifest import Manifest
     from sdtrt.runtime.backends import available_backends
 
-    m = Manifest.load(args.dir)
+    folder = Path(args.dir)
+    remove_stale(folder.parent, folder.name)  # an export killed before it could clean up
+    m = Manifest.load(folder)
+    remove_stale(folder)
     info = m.model
     print(f"{args.dir}: {info.family} from {info.source}, {m.precision}, manifest schema {m.schema_version}")
     print(f"  prediction {info.prediction_type}, {info.latent_channels} latent channels, VAE x{info.vae_scale_factor} "
@@ -266,9 +348,19 @@ def _cmd_info(args) -> int:
                   f"(tolerance {worst.tolerance:g}){e2e}")
         else:
             print("    not verified (built with --no-verify)")
+    problems = verify_files(folder, folder_files(m), full=args.verify, use_cache=not args.verify)
+    if args.verify:
+        for entry in folder_files(m):
+            status = next((p for p in problems if p.startswith(entry.file + ":")), None)
+            print(f"  {'MISMATCH' if status else 'ok':<8} {entry.file}" + (f" ({status.split(': ', 1)[1]})" if status else ""))
+    if problems:
+        print(f"this folder cannot run: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return 2 if args.verify else 0
     print("this machine can run it with: " + ", ".join(available_backends()))
     return 0
 
+
+# ---- bench -------------------------------------------------------------------------------------------------
 
 def _add_bench(sub) -> None:
     from sdtrt.runtime.backends import BACKENDS
@@ -277,22 +369,40 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the runtime against eager PyTorch (diffusers)",
                        description="Latency, per-component time, memory and fidelity of sdtrt against diffusers.")
     p.add_argument("dir", help="engine folder")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--baseline", choices=("torch", "torch-compile", "none"), default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="sdtrt's backend")
+    p.add_argument("--baseline", choices=("torch", "torch-compile", "none"), default="torch",
+                   help="what to compare with (diffusers' StableDiffusionPipeline)")
     p.add_argument("--size", type=_size, nargs="+", default=None, metavar="WxH", help="one or more sizes (default: the model's)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--scheduler", choices=SAMPLERS, default=None)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per system (default: library default)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--batch", type=int, default=1, help="images per generation")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per size and system")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per system (0: the library's default; at most 4x the cores)")
     p.add_argument("--out", help="write the full result as JSON here")
-    p.add_argument("--plot", help="write a per-component bar chart (PNG) here")
+    p.add_argument("--plot", help="write a per-component bar chart (PNG) here (needs matplotlib)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
     import json
+
+    from sdtrt.fsutil import check_writable
+
+    if args.baseline != "none":
+        _need("bench", "torch", "diffusers", "transformers")
+    if args.plot:
+        _need("bench", "matplotlib")
+    cores = os.cpu_count() or 1
+    if not 0 <= args.threads <= 4 * cores:
+        raise UsageError(f"--threads must be 0 (default) or 1..{4 * cores} (4x the {cores} cores), got {args.threads}")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            try:
+                check_writable(path)
+            except OSError as ex:
+                raise UsageError(f"{flag}: cannot write {path}: {ex.strerror or ex}") from None
 
     from sdtrt.benchmarks.harness import BenchConfig, run_bench
     from sdtrt.benchmarks.report import markdown, plot
@@ -303,9 +413,6 @@ def _cmd_bench(args) -> int:
     sizes = tuple(args.size) if args.size else ((manifest.model.default_size,) * 2,)
     cfg = BenchConfig(engine_dir=args.dir, backend=args.backend, baseline=args.baseline, sizes=sizes, steps=args.steps,
                       batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads)
-    for path in (args.out, args.plot):
-        if path:
-            _check_writable(path)
     result = run_bench(cfg)
     result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
     print(markdown(result))
@@ -315,6 +422,8 @@ def _cmd_bench(args) -> int:
         plot(result, args.plot)
     return 0
 
+
+# ---- main --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtrt", description="Stable Diffusion on TensorRT / ONNX Runtime")
@@ -335,23 +444,96 @@ def _version() -> str:
     return f"sdtrt {__version__}"
 
 
+class _StderrHandler:
+    """Library warnings as ``sdtrt <command>: warning: ...`` lines on the current stderr, while main() runs."""
+
+    def __init__(self, prefix: str):
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                print(f"{prefix}: warning: {record.getMessage()}", file=sys.stderr)
+
+        self.logger = logging.getLogger("sdtrt")
+        self.handler = Handler(logging.WARNING)
+
+    def __enter__(self):
+        import logging
+
+        self.logger.addHandler(self.handler)
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     command = next((a for a in argv if not a.startswith("-")), "")
     prefix = f"sdtrt {command}".strip()
+    debug = os.environ.get("SDTRT_DEBUG", "") not in ("", "0")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 2
-        return args.func(args)
+        with _StderrHandler(prefix):
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            return args.func(args)
     except SdtrtError as ex:
+        if debug:
+            raise
         print(f"{prefix}: error: {ex}", file=sys.stderr)
         return ex.exit_code
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prefix}: terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # the reader went away (`| head`): say nothing more
+        _silence_stdout()
+        return 141
+    except OSError as ex:
+        if debug:
+            raise
+        where = f": {ex.filename}" if getattr(ex, "filename", None) else ""
+        print(f"{prefix}: error: {ex.strerror or ex}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prefix}: error: out of memory: use a smaller size or batch", file=sys.stderr)
+        return 2
+    except Exception as ex:  # a bug: one line, and where to report it
+        if debug:
+            raise
+        first = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
+        print(f"{prefix}: internal error: {type(ex).__name__}{': ' + first if first else ''} (please report this at "
+              f"{REPORT}; SDTRT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -98,7 +98,6 @@ def to_json(obj: Any) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a sibling temp file, then rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_json(obj) if not isinstance(obj, str) else obj)
-    tmp.replace(path)
+    from sdtrt.fsutil import write_atomic
+
+    write_atomic(Path(path), to_json(obj) if not isinstance(obj, str) else obj)

@@ -29,3 +29,11 @@ class ValidationError(SdtrtError):
 
 class OutputExistsError(SdtrtError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class NumericalError(SdtrtError):
+    """A generation produced NaN/Inf (fp16 overflow, extreme guidance): refused instead of writing a black image."""
+
+
+class MemoryLimitError(SdtrtError):
+    """What was asked needs more memory than this machine has available: refused before it starts."""

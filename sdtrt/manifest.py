@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sdtrt.errors import ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # sampler_update: needed by the device loops only
 
 # A dimension is either fixed (int) or named and dynamic (str, e.g. "batch", "height").
 Dim = int | str
@@ -56,6 +58,29 @@ class ValidationResult:
 
 
 @dataclass(frozen=True)
+class AttentionSite:
+    """One attention of a graph, as the export measured it: its score matrix is rows x heads x q x k, with
+    rows = ``rows_per_row`` x dim 0 of ``rows_input`` and q, k = a x (spatial size) + b tokens, the spatial size
+    being the product of the dims after the first two of the graph's first 4-D input (its latent pixels)."""
+
+    rows_input: str
+    rows_per_row: float
+    heads: int
+    query: tuple[float, float]
+    key: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What a graph's peak working memory grows with (``sdtrt.memory`` turns it into bytes for a shape)."""
+
+    attention: tuple[AttentionSite, ...] = ()
+    # elements of the largest intermediate tensor per row: a x (spatial size) + b
+    activation: tuple[float, float] = (0.0, 0.0)
+    activation_rows_input: str = ""
+
+
+@dataclass(frozen=True)
 class Component:
     file: str
     sha256: str
@@ -64,9 +89,11 @@ class Component:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     external_data: tuple[str, ...] = ()
+    external_sha256: dict[str, str] = field(default_factory=dict)  # external data file -> sha256
     fp32_islands: tuple[str, ...] = ()  # what was kept in FP32 inside an fp16 graph, and why
     validation: tuple[ValidationResult, ...] = ()
     notes: str = ""
+    memory: MemoryModel | None = None  # None: exported before sdtrt recorded it (no estimate, no refusal)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
@@ -177,19 +204,63 @@ class Manifest:
                 "(re-export the model with this sdtrt)"
             )
         try:
-            return from_dict(cls, data)
-        except ValueError as ex:
+            manifest = from_dict(cls, data)
+        except (ValueError, TypeError) as ex:
             raise ManifestError(f"manifest.json is malformed: {ex}") from None
+        problem = manifest.problem()
+        if problem:
+            raise ManifestError(f"manifest.json holds impossible values: {problem} (re-export the model)")
+        return manifest
+
+    def problem(self) -> str | None:
+        """Why these values cannot describe a working engine folder, or None."""
+        m, r = self.model, self.ranges
+        checks = [
+            (m.latent_channels >= 1, f"latent_channels = {m.latent_channels}"),
+            (m.vae_scale_factor >= 1 and m.vae_scale_factor & (m.vae_scale_factor - 1) == 0,
+             f"vae_scale_factor = {m.vae_scale_factor} (a power of 2)"),
+            (math.isfinite(m.vae_scaling_factor) and m.vae_scaling_factor > 0, f"vae_scaling_factor = {m.vae_scaling_factor}"),
+            (m.text_hidden_size >= 1, f"text_hidden_size = {m.text_hidden_size}"),
+            (m.max_text_length >= 3, f"max_text_length = {m.max_text_length}"),
+            (m.vocab_size >= 1, f"vocab_size = {m.vocab_size}"),
+            (m.prediction_type in ("epsilon", "v_prediction"), f"prediction_type = {m.prediction_type!r}"),
+            (1 <= r.batch_min <= r.batch_max, f"batch range {r.batch_min}..{r.batch_max}"),
+            (8 <= r.size_min <= r.size_max and r.size_min % 8 == 0 and r.size_max % 8 == 0,
+             f"size range {r.size_min}..{r.size_max}"),
+            (self.precision in ("fp16", "fp32"), f"precision = {self.precision!r}"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                return what
+        for name in REQUIRED_COMPONENTS:
+            if name not in self.components:
+                return f"no {name} component"
+        for name, c in self.components.items():
+            for spec in c.inputs + c.outputs:
+                if spec.dtype not in ("float16", "float32", "int32", "int64"):
+                    return f"{name}.{spec.name} has dtype {spec.dtype!r}"
+                if not (len(spec.shape) == len(spec.min_shape) == len(spec.max_shape)) or any(
+                        lo < 0 or lo > hi for lo, hi in zip(spec.min_shape, spec.max_shape)):
+                    return f"{name}.{spec.name} has inconsistent shapes"
+        return None
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
         folder = Path(folder)
+        if folder.is_file():
+            raise ManifestError(f"{folder} is a file, not an engine folder (give the folder `sdtrt export` wrote)")
         if not folder.is_dir():
             raise ManifestError(f"engine folder {folder} does not exist")
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{path} not found: is {folder} an sdtrt engine folder (made by `sdtrt export`)?")
-        return cls.from_json(path.read_text())
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ManifestError(f"{path} is not UTF-8 text: not a manifest written by sdtrt") from None
+        except OSError as ex:
+            raise ManifestError(f"cannot read {path}: {ex.strerror}") from None
+        return cls.from_json(text)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

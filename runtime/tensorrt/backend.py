@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.manifest import Component, Manifest, TensorSpec
-from sdtrt.runtime.backends import BackendError, DeviceMemoryError, EngineSet, ShapeError
+from sdtrt.integrity import FileEntry
+from sdtrt.runtime.backends import BackendError, DeviceMemoryError, EngineSet, ShapeError, check_integrity
 from sdtrt.runtime.device_loop import DeviceLoop, aligned
 from sdtrt.runtime.tensorrt import api
 
@@ -403,6 +404,9 @@ def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, us
     missing = set(REQUIRED) - set(manifest.tensorrt.engines)
     if missing:
         raise BackendError(f"engines missing for {', '.join(sorted(missing))}: rebuild with `sdtrt build {folder}`")
+    if files is None:  # (build's verification loads engines it has just hashed)
+        check_integrity(folder, [FileEntry(e.file, e.sha256, e.size_bytes) for e in manifest.tensorrt.engines.values()],
+                        f"rebuild with `sdtrt build {folder}`")
     session = TrtSession(trt, cudart)
     engines = EngineSet(resources=[session])
     try:

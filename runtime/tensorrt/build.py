@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.fsutil import remove_stale, temp_path, write_atomic
 from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, sha256_file
 
 Triple = tuple[int, int, int]
@@ -92,17 +93,6 @@ def timing_cache_file(trt_version: str, compute_capability: str) -> str:
     return f"timing.trt{trt_version}.sm{compute_capability}.cache"
 
 
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class TimingCache:
     """The builder's timing cache, kept in a file between engines and between builds.
 
@@ -144,7 +134,7 @@ class TimingCache:
             return
         self.data = bytes(memoryview(cache.serialize()))
         try:
-            _write_atomic(self.path, self.data)  # after each engine, so an interrupted build keeps what it learned
+            write_atomic(self.path, self.data)  # after each engine, so an interrupted build keeps what it learned
         except OSError as ex:
             self._warn(f"cannot write timing cache {self.path} ({ex.strerror})")
 
@@ -161,6 +151,7 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
     folder = Path(folder)
     manifest = Manifest.load(folder)
     cfg.check(manifest)
+    remove_stale(folder)  # engine and cache temporaries of a build that was killed
     trt = trt or api.import_tensorrt()
     api.check_tensorrt_version(trt)
     cudart = cudart or api.import_cudart()
@@ -198,8 +189,9 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
             plan = builder.build_serialized_network(network, config)
             if plan is None:
                 raise BuildError(f"TensorRT failed to build {component.file} (see the TensorRT log above)")
-            tmp = pending[name] = folder / f".{name}.plan.tmp-{os.getpid()}"
-            _write_atomic(tmp, plan)
+            tmp = pending[name] = temp_path(folder / f"{name}.plan")
+            with open(tmp, "wb") as fh:
+                fh.write(memoryview(plan))
             cache.save(config)
             digest = sha256_file(tmp)
             final = engine_file(name, version, device.compute_capability, digest)

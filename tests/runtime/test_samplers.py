@@ -2,6 +2,7 @@
 model outputs and noise must agree within relative error 1e-5."""
 
 import json
+import re
 from unittest import mock
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from sdtrt.config import from_dict, to_dict
-from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT, SAMPLERS, SamplerConfig, SamplerError, build_table, step
+from sdtrt.runtime.samplers import (CLASS_DEFAULTS, DIFFUSERS_EQUIVALENT, SAMPLERS, SamplerConfig, SamplerError,
+                                    build_table, step)
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
@@ -113,7 +115,7 @@ def test_sampler_config_round_trips_through_json():
         (SD15, "heun", 10, "unknown sampler 'heun'"),
         (SD15, "ddim", 0, "positive integer"),
         (SD15, "ddim", 1001, "cannot exceed"),
-        (dict(SD15, prediction_type="sample"), "ddim", 10, "prediction_type 'sample'"),
+        (dict(SD15, prediction_type="sample"), "ddim", 10, "prediction_type must be one of 'epsilon', 'v_prediction', got 'sample'"),
         (dict(SD15, timestep_spacing="karras"), "ddim", 10, "timestep_spacing"),
         (dict(SD15, thresholding=True), "ddim", 10, "thresholding"),
         (dict(SD15, skip_prk_steps=False), "pndm", 10, "Runge-Kutta"),
@@ -139,3 +141,120 @@ def test_unipc_options_from_its_scheduler_config_match_diffusers(variant):
     got_inputs, got = our_trajectory(table, z0, rest, rest)
     assert all(rel(g, w) <= 1e-5 for g, w in zip(got_inputs, want_inputs))
     assert rel(got, want) <= 1e-5
+
+
+# ---- the scheduler config as diffusers reads it ---------------------------------------------------------
+
+def test_class_defaults_are_diffusers_own():
+    import inspect
+
+    import diffusers
+
+    for cls_name, defaults in CLASS_DEFAULTS.items():
+        params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+        theirs = {k: p.default for k, p in params.items() if k != "self"}
+        assert defaults == theirs, cls_name
+
+
+def test_every_diffusers_setting_is_modelled_inert_or_refused():
+    # a key diffusers adds must be decided on: read, ignored because it cannot change the table, or refused
+    from sdtrt.runtime.samplers import _FIXED, _INERT, _INERT_FOR, _MODELED
+
+    for cls_name, defaults in CLASS_DEFAULTS.items():
+        unknown = set(defaults) - _MODELED - _INERT - _INERT_FOR.get(cls_name, set()) - set(_FIXED)
+        assert not unknown, (cls_name, unknown)
+
+
+SPARSE = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "skip_prk_steps": True,
+          "steps_offset": 1}  # no beta_schedule, clip_sample, spacing, ...: each class fills in its own defaults
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in ("ddim", "lcm")])
+def test_keys_the_config_does_not_set_take_the_samplers_class_defaults(name):
+    steps = 12
+    table = build_table(SamplerConfig.from_scheduler_config(SPARSE, name), steps)
+    rng = np.random.default_rng(3)
+    z0, *rest = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(1 + 2 * table.num_steps))
+    outputs, noises = rest[:table.num_steps], rest[table.num_steps:]
+    timesteps, want_inputs, want = diffusers_trajectory(name, SPARSE, steps, z0, outputs, noises)
+    np.testing.assert_allclose(table.timesteps, timesteps, rtol=1e-6, atol=1e-4)
+    _, got = our_trajectory(table, z0, outputs, noises)
+    assert rel(got, want) <= 1e-5
+
+
+def test_ddim_on_a_config_without_clip_sample_is_refused_as_diffusers_would_clip():
+    # DDIMScheduler's own default is clip_sample=True; running the table anyway would silently differ
+    with pytest.raises(SamplerError, match=r"ddim \(DDIMScheduler\) with clip_sample=True is not supported: it clamps"):
+        SamplerConfig.from_scheduler_config(SPARSE, "ddim")
+    assert SamplerConfig.from_scheduler_config(dict(SPARSE, clip_sample=False), "ddim").beta_schedule == "linear"
+
+
+def test_use_default_values_are_not_read_from_the_config():
+    config = dict(SD15, _use_default_values=["beta_schedule"])  # saved by diffusers for keys it defaulted
+    assert SamplerConfig.from_scheduler_config(config, "euler").beta_schedule == "linear"
+
+
+def test_the_models_own_dpm_solver_keeps_its_karras_setting():
+    config = dict(SD15, _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True)
+    assert SamplerConfig.from_scheduler_config(config).name == "dpmpp_2m_karras"
+    assert SamplerConfig.from_scheduler_config(config, "dpmpp_2m").use_karras_sigmas is False  # named: no Karras
+    assert SamplerConfig.from_scheduler_config(config, "euler").use_karras_sigmas is True  # as diffusers' from_config
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("euler", "interpolation_type", "log_linear"), ("euler", "timestep_type", "continuous"),
+    ("euler", "final_sigmas_type", "sigma_min"), ("lms", "use_exponential_sigmas", True),
+    ("dpmpp_2m", "algorithm_type", "sde-dpmsolver++"), ("dpmpp_2m", "lambda_min_clipped", -5.1),
+    ("dpmpp_2m", "use_lu_lambdas", True), ("dpmpp_2m", "variance_type", "learned_range"),
+    ("unipc", "predict_x0", False), ("euler_a", "rescale_betas_zero_snr", True), ("lcm", "thresholding", True),
+])
+def test_settings_a_table_cannot_express_are_refused_by_name(name, key, value):
+    with pytest.raises(SamplerError, match=re.escape(f"{name} (") + r"\w+\) with " + re.escape(f"{key}={value!r} is not supported")):
+        SamplerConfig.from_scheduler_config(dict(SD15, **{key: value}), name)
+
+
+def test_settings_that_cannot_change_the_table_are_ignored():
+    cfg = SamplerConfig.from_scheduler_config(dict(SD15, sample_max_value=3.0, dynamic_thresholding_ratio=0.5), "ddim")
+    assert cfg.name == "ddim"
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("beta_start", "abc", "beta_start must be a finite number in"),
+    ("beta_end", float("nan"), "beta_end must be a finite number"),
+    ("num_train_timesteps", 1000.5, "num_train_timesteps must be an integer"),
+    ("steps_offset", -1, "steps_offset must be an integer in"),
+    ("beta_schedule", "cosine", "beta_schedule must be one of"),
+    ("set_alpha_to_one", "no", "set_alpha_to_one must be true or false"),
+    ("trained_betas", [0.1, 0.2], "trained_betas must be a list of num_train_timesteps = 1000 numbers"),
+])
+def test_malformed_scheduler_settings_get_one_clear_message(key, value, needle):
+    with pytest.raises(SamplerError, match=needle):
+        SamplerConfig.from_scheduler_config(dict(SD15, **{key: value}), "ddim")
+
+
+# ---- every step count the CLI accepts gives a finite table or a clear refusal ----------------------------
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_step_counts_near_the_training_length_are_finite_or_refused(name, config_name):
+    for steps in (1, 2, 61, 499, 998, 999, 1000):
+        try:
+            table = build_table(SamplerConfig.from_scheduler_config(CONFIGS[config_name], name), steps)
+        except SamplerError as ex:
+            assert ("steps work" in str(ex) or "at most original_inference_steps" in str(ex)
+                    or "at least 2 steps" in str(ex)), str(ex)
+            continue
+        assert all(np.isfinite(a).all() for a in (table.timesteps, table.state_coef, table.model_coef, table.noise_coef))
+        assert 0 <= table.timesteps.min() and table.timesteps.max() <= 999
+
+
+def test_a_refused_step_count_names_the_nearest_that_work():
+    with pytest.raises(SamplerError, match=r"ddim cannot run 1000 steps .* outside 0..999 or repeat; 999 steps work"):
+        build_table(SamplerConfig.from_scheduler_config(SD15, "ddim"), 1000)
+    trailing = CONFIGS["v-trailing"]
+    with pytest.raises(SamplerError, match=r"cannot run 61 steps .*; 60 or 62 steps work"):
+        build_table(SamplerConfig.from_scheduler_config(trailing, "euler"), 61)
+
+
+def test_numpy_integer_steps_are_accepted():
+    assert build_table(SamplerConfig.from_scheduler_config(SD15, "euler"), np.int64(7)).num_steps == 7

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sdtrt.cli import main
+from sdtrt.errors import ManifestError
 from sdtrt.parity import psnr
 from sdtrt.runtime import Pipeline
 from sdtrt.runtime.backends import BackendError, ShapeError
@@ -323,10 +324,27 @@ def test_refuses_engines_of_another_gpu(fake_gpu, fp16_folder):
         Pipeline.from_dir(folder, backend="tensorrt")
 
 
-def test_refuses_a_corrupt_engine_and_frees_what_it_loaded(fake_gpu, fp16_folder):
+def test_refuses_an_engine_file_that_is_not_the_one_built(fake_gpu, fp16_folder):
+    folder = built(fp16_folder)
+    next(folder.glob("vae_decoder.*.plan")).write_bytes(b"\x00garbage")
+    with pytest.raises(ManifestError, match=r"vae_decoder\.trt10\.16\.1\.11\.sm90\.[0-9a-f]{8}\.plan: 8 bytes, "
+                                           r"manifest.json says \d+: replaced or truncated; rebuild with `sdtrt build"):
+        Pipeline.from_dir(folder, backend="tensorrt")
+
+
+def test_refuses_an_engine_tensorrt_cannot_load_and_frees_what_it_loaded(fake_gpu, fp16_folder):
+    import dataclasses
+
+    from sdtrt.manifest import Manifest, sha256_file
+
     folder = built(fp16_folder)
     _, cudart = fake_gpu
-    next(folder.glob("vae_decoder.*.plan")).write_bytes(b"\x00garbage")
+    plan = next(folder.glob("vae_decoder.*.plan"))
+    plan.write_bytes(b"\x00garbage")  # as a plan of another TensorRT build would be, with a manifest to match
+    m = Manifest.load(folder)
+    engines = dict(m.tensorrt.engines)
+    engines["vae_decoder"] = dataclasses.replace(engines["vae_decoder"], sha256=sha256_file(plan), size_bytes=8)
+    dataclasses.replace(m, tensorrt=dataclasses.replace(m.tensorrt, engines=engines)).save(folder)
     with pytest.raises(BackendError, match=r"vae_decoder\.trt10\.16\.1\.11\.sm90\.[0-9a-f]{8}\.plan is corrupt"):
         Pipeline.from_dir(folder, backend="tensorrt")
     assert cudart.live()["streams"] == 0

@@ -1,0 +1,95 @@
+"""Files are written whole or not at all: every writer goes through a sibling ``.NAME.tmp-PID`` and a rename.
+
+A crash or SIGKILL can still leave such a temporary behind; it names the process that made it, so a later
+run removes the ones whose process is gone (``remove_stale``) and never touches a live writer's file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\..*)?$")
+
+
+def temp_path(path: Path, kind: str = "tmp", suffix: str = "") -> Path:
+    """``dir/.name.tmp-PID`` for ``dir/name``; ``suffix`` keeps an extension some writers need (``.png``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}{suffix}")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` entries in ``folder`` (for one NAME, or any) whose process is
+    gone; returns what was removed. Unreadable folders and vanished entries are skipped."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or (name is not None and m.group("name") != name) or pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to ``path``, on any failure removed."""
+    tmp = temp_path(path, suffix=suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    with atomic_path(Path(path)) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(memoryview(data))
+
+
+def check_writable(path: Path) -> None:
+    """Raise ``OSError`` (with the OS's reason) unless a file can be created beside ``path`` and renamed onto it:
+    the folder exists, is writable, is a real filesystem and the name is not too long."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory", str(path))
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.close(fd)
+    finally:
+        tmp.unlink()

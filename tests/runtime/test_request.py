@@ -1,0 +1,87 @@
+"""The Python API takes what users pass and refuses the rest with the CLI's messages (typed errors, no traceback
+from deep inside), and a NaN result is an error, never a black image."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sdtrt.config import from_dict, to_dict
+from sdtrt.errors import NumericalError, SdtrtError, UsageError
+from sdtrt.runtime import Pipeline
+from sdtrt.runtime.request import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_fp32):
+    with Pipeline.from_dir(tiny_fp32[0]) as p:
+        yield p
+
+
+SMALL = dict(num_inference_steps=2, height=64, width=64, scheduler="euler", output_type="np")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(prompt=None), "prompt must be a string or a list of strings, got None"),
+    (dict(prompt=["a", 3]), "prompt 2 must be a string, got int"),
+    (dict(prompt=[]), "no prompt given"),
+    (dict(prompt="a", negative_prompt=["x", "y"]), "2 negative prompts for 1 prompts"),
+    (dict(prompt="a", guidance_scale="7"), "guidance scale must be a number, got '7'"),
+    (dict(prompt="a", guidance_scale=float("nan")), "guidance scale must be finite"),
+    (dict(prompt="a", guidance_scale=True), "guidance scale must be a number"),
+    (dict(prompt="a", seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(prompt="a", seed=-7), "seed must be a non-negative integer (or -1 for a random one)"),
+    (dict(prompt="a", num_inference_steps=2.0), "steps must be an integer, got 2.0"),
+    (dict(prompt="a", num_images_per_prompt=0), "num_images_per_prompt must be at least 1"),
+    (dict(prompt="a", height=70), "height 70 is not a multiple of 8"),
+    (dict(prompt="a", output_type="latent"), "output_type must be 'pil' or 'np'"),
+    (dict(prompt="a", scheduler=3), "scheduler must be a sampler name"),
+    (dict(prompt="a\udcff"), "prompt is not valid UTF-8 text"),
+    (dict(prompt="a", callback=5), "callback must be callable"),
+    (dict(prompt="a", latents=np.full((1, 4, 8, 8), np.nan, np.float32)), "latents must be finite"),
+])
+def test_bad_arguments_raise_usage_errors(pipe, kwargs, needle):
+    with pytest.raises(UsageError) as info:
+        pipe(**{**SMALL, **kwargs})
+    assert needle in str(info.value)
+
+
+def test_numpy_scalars_are_accepted(pipe):
+    result = pipe("a cat", **{**SMALL, "num_inference_steps": np.int64(2), "seed": np.uint64(3),
+                              "guidance_scale": np.float32(5.0), "height": np.int32(64)})
+    again = pipe("a cat", **{**SMALL, "seed": 3, "guidance_scale": 5.0})
+    np.testing.assert_array_equal(result.images, again.images)
+
+
+def test_request_round_trips_through_json():
+    req = GenerationRequest.create(["a cat", "a dog"], "blurry", 12, 6.5, 96, 64, 7, 2, "dpmpp_2m", "np")
+    assert from_dict(GenerationRequest, json.loads(json.dumps(to_dict(req)))) == req
+    assert req.negative_prompt == ("blurry", "blurry") and req.batch == 4
+
+
+def _broken(pipe, monkeypatch, name, output):
+    engine = pipe.engines[name]
+    real = engine.run
+
+    def run(feeds):
+        out = real(feeds)
+        return {k: np.full_like(v, np.nan) for k, v in out.items()} if output else out
+
+    monkeypatch.setattr(engine, "run", run)
+
+
+def test_nan_from_the_unet_is_an_error_naming_the_cause(pipe, monkeypatch):
+    _broken(pipe, monkeypatch, "unet", True)
+    with pytest.raises(NumericalError, match=r"the denoised latents hold NaN/Inf after 2 U-Net calls \(euler, guidance "
+                                             r"7.5\): the U-Net overflowed"):
+        pipe("a cat", **SMALL)
+
+
+def test_nan_from_the_vae_is_an_error_naming_the_cause(pipe, monkeypatch):
+    _broken(pipe, monkeypatch, "vae_decoder", True)
+    with pytest.raises(NumericalError, match="the VAE decoder produced NaN/Inf from finite latents"):
+        pipe("a cat", **SMALL)
+
+
+def test_typed_errors_share_one_base_class():
+    assert issubclass(NumericalError, SdtrtError) and issubclass(UsageError, SdtrtError)
