@@ -140,7 +140,7 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
 
 
 def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel:
-    index = _check_diffusers_folder(path, allow_pickle)
+    _check_diffusers_folder(path, allow_pickle)
     _offline()
     import diffusers
     import transformers

@@ -530,7 +530,6 @@ def _dpm_schedule(cfg: SamplerConfig, n: int, floor_cosine: bool) -> tuple[np.nd
 
 def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
     """DPM-Solver++(2M) in data prediction, Lu et al. 2022, algorithm 2."""
-    acp = alphas_cumprod(cfg)
     ts, sig = _dpm_schedule(cfg, n, floor_cosine=True)
     S = len(ts)
     alpha = 1 / np.sqrt(sig ** 2 + 1)

@@ -40,3 +40,26 @@ def tiny_diffusers_dir(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("tiny_diffusers") / "model"
     tiny_model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def engine(tiny_fp32, tmp_path):
+    """A private copy of the tiny fp32 export, so a test may break it."""
+    import shutil
+
+    out = tmp_path / "engine"
+    shutil.copytree(tiny_fp32[0], out)
+    return out
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``sdtrt ARGS`` in-process: (exit code, stdout, stderr stripped)."""
+    from sdtrt.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err.strip()
+
+    return run

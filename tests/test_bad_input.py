@@ -11,25 +11,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from sdtrt.cli import main
-
-
-@pytest.fixture
-def engine(tiny_fp32, tmp_path):
-    out = tmp_path / "engine"
-    import shutil
-
-    shutil.copytree(tiny_fp32[0], out)
-    return out
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err.strip()
 
 
 def one_line(code, err, command, needle, exit_code=2, progress=False):
@@ -65,14 +49,14 @@ def dead_pid() -> int:
     (["--size", "0x64"], "width and height must be positive"),
     (["--size", "60x64"], "width 60 is not a multiple of 8"),
 ])
-def test_bad_generation_values(capsys, engine, tmp_path, flags, needle):
-    code, _, err = run(capsys, "generate", engine, "a cat", "-o", tmp_path / "x.png", *flags)
+def test_bad_generation_values(cli, engine, tmp_path, flags, needle):
+    code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / "x.png", *flags)
     one_line(code, err, "generate", needle)
     assert not (tmp_path / "x.png").exists()
 
 
-def test_seed_minus_one_means_random_as_in_a1111(capsys, engine, tmp_path):
-    code, out, err = run(capsys, "generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--seed", -1,
+def test_seed_minus_one_means_random_as_in_a1111(cli, engine, tmp_path):
+    code, out, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--seed", -1,
                          "-o", tmp_path / "x.png")
     assert code == 0, err
     assert "Seed: " in __import__("PIL.Image").Image.open(tmp_path / "x.png").text["parameters"]
@@ -93,21 +77,21 @@ def test_a_prompt_that_is_not_utf8(engine, tmp_path):
     ("exists.png", "exists.png exists (pass --force to overwrite it)"),
     ("", "-o/--output must not be empty"),
 ])
-def test_output_paths_the_os_refuses_are_checked_before_any_work(capsys, engine, tmp_path, target, needle, monkeypatch):
+def test_output_paths_the_os_refuses_are_checked_before_any_work(cli, engine, tmp_path, target, needle, monkeypatch):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "exists.png").write_bytes(b"mine")
     monkeypatch.chdir(tmp_path)
     import sdtrt.runtime.pipeline as pipeline
 
     monkeypatch.setattr(pipeline.Pipeline, "from_dir", lambda *a, **k: pytest.fail("loaded engines before checking -o"))
-    code, _, err = run(capsys, "generate", engine, "a cat", "-o", target)
+    code, _, err = cli("generate", engine, "a cat", "-o", target)
     one_line(code, err, "generate", needle)
     assert (tmp_path / "exists.png").read_bytes() == b"mine"
 
 
-def test_force_overwrites_an_existing_image(capsys, engine, tmp_path):
+def test_force_overwrites_an_existing_image(cli, engine, tmp_path):
     (tmp_path / "x.png").write_bytes(b"old")
-    code, _, err = run(capsys, "generate", engine, "a cat", "--steps", 2, "--size", "64x64", "-o", tmp_path / "x.png",
+    code, _, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "-o", tmp_path / "x.png",
                        "--force")
     assert code == 0, err and (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -132,29 +116,29 @@ def _edit_manifest(engine, edit):
     (lambda e: (e / "tokenizer" / "tokenizer.json").write_text(""), "cannot read"),
     (lambda e: (e / "unet.onnx").write_bytes((e / "vae_decoder.onnx").read_bytes()), "unet.onnx: "),
 ])
-def test_broken_engine_folders(capsys, engine, tmp_path, breakage, needle):
+def test_broken_engine_folders(cli, engine, tmp_path, breakage, needle):
     breakage(engine)
-    code, _, err = run(capsys, "generate", engine, "a cat", "--size", "64x64", "-o", tmp_path / "x.png")
+    code, _, err = cli("generate", engine, "a cat", "--size", "64x64", "-o", tmp_path / "x.png")
     one_line(code, err, "generate", needle)
 
 
-def test_a_graph_from_another_export_is_refused(capsys, engine, tiny_fp16, tmp_path):
+def test_a_graph_from_another_export_is_refused(cli, engine, tiny_fp16, tmp_path):
     (engine / "unet.onnx").write_bytes((tiny_fp16[0] / "unet.onnx").read_bytes())
-    code, _, err = run(capsys, "generate", engine, "a cat", "--size", "64x64", "-o", tmp_path / "x.png")
+    code, _, err = cli("generate", engine, "a cat", "--size", "64x64", "-o", tmp_path / "x.png")
     one_line(code, err, "generate", "unet.onnx: ")
     assert "differs from manifest.json" in err or "manifest.json says" in err
 
 
-def test_a_file_given_as_the_engine_folder(capsys, engine, tmp_path):
-    code, _, err = run(capsys, "generate", engine / "unet.onnx", "a cat", "-o", tmp_path / "x.png")
+def test_a_file_given_as_the_engine_folder(cli, engine, tmp_path):
+    code, _, err = cli("generate", engine / "unet.onnx", "a cat", "-o", tmp_path / "x.png")
     one_line(code, err, "generate", "is a file, not an engine folder")
 
 
-def test_a_generation_that_cannot_fit_in_memory_is_refused_before_it_runs(capsys, engine, tmp_path, monkeypatch):
+def test_a_generation_that_cannot_fit_in_memory_is_refused_before_it_runs(cli, engine, tmp_path, monkeypatch):
     import sdtrt.runtime.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "available_bytes", lambda: 2 * 10**8)
-    code, _, err = run(capsys, "generate", engine, "a cat", "--size", "512x512", "--num-images", 4,
+    code, _, err = cli("generate", engine, "a cat", "--size", "512x512", "--num-images", 4,
                        "-o", tmp_path / "x.png")
     one_line(code, err, "generate", "needs about")
     assert "fits" in err and not list(tmp_path.glob("x*.png"))
@@ -167,24 +151,24 @@ def test_a_generation_that_cannot_fit_in_memory_is_refused_before_it_runs(capsys
     ("afile", "is a file, not a folder (--force replaces folders only)"),
     ("afile/sub", "cannot create"),
 ])
-def test_bad_export_outputs(capsys, tmp_path, out, needle, monkeypatch):
+def test_bad_export_outputs(cli, tmp_path, out, needle, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
-    code, _, err = run(capsys, "export", "tiny", "--out", out, "--force")
+    code, _, err = cli("export", "tiny", "--out", out, "--force")
     one_line(code, err, "export", needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
-def test_export_without_the_export_extra_says_what_to_install(capsys, tmp_path, monkeypatch):
+def test_export_without_the_export_extra_says_what_to_install(cli, tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    code, _, err = run(capsys, "export", "tiny", "--out", tmp_path / "o")
+    code, _, err = cli("export", "tiny", "--out", tmp_path / "o")
     one_line(code, err, "export", "this needs torch: pip install 'sdtrt[export]'")
 
 
-def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(cli, tmp_path, monkeypatch):
     import errno
 
     from sdtrt.export import onnx_tools
@@ -193,18 +177,18 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(capsys, tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o"))
 
     monkeypatch.setattr(onnx_tools, "convert_to_fp16", full)
-    code, _, err = run(capsys, "export", "tiny", "--out", tmp_path / "o", "--size", "64:128")
+    code, _, err = cli("export", "tiny", "--out", tmp_path / "o", "--size", "64:128")
     assert code == 2 and err.splitlines()[-1].startswith("sdtrt export: error: No space left on device")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_stale_temporary_of_a_killed_export_is_removed(tmp_path, capsys):
+def test_a_stale_temporary_of_a_killed_export_is_removed(tmp_path, cli):
     stale = tmp_path / f".o.tmp-{dead_pid()}"
     (stale / "unet.onnx").parent.mkdir()
     (stale / "unet.onnx").write_bytes(b"half")
     live = tmp_path / f".o.tmp-{os.getpid()}x"  # not ours to touch (not even a valid name)
     live.mkdir()
-    code, _, err = run(capsys, "export", "tiny", "--out", tmp_path / "o", "--size", "64:128")
+    code, _, err = cli("export", "tiny", "--out", tmp_path / "o", "--size", "64:128")
     assert code == 0, err
     assert not stale.exists() and live.exists()
 
@@ -231,19 +215,19 @@ def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     (lambda d: (d / "scheduler" / "scheduler_config.json").write_text("[]"), "does not hold a JSON object"),
     (lambda d: (d / "model_index.json").write_bytes(b"\xff"), "is not valid JSON"),
 ])
-def test_malformed_diffusers_folders(capsys, tmp_path, tiny_diffusers_dir, breakage, needle):
+def test_malformed_diffusers_folders(cli, tmp_path, tiny_diffusers_dir, breakage, needle):
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_diffusers_dir, model)
     breakage(model)
-    code, _, err = run(capsys, "export", model, "--out", tmp_path / "o", "--size", "64:128")
+    code, _, err = cli("export", model, "--out", tmp_path / "o", "--size", "64:128")
     one_line(code, err, "export", needle, progress=True)
     assert "Loading weights" not in err  # no third-party progress bars in sdtrt's log
     assert not (tmp_path / "o").exists()
 
 
-def test_a_pickle_torch_refuses_under_allow_pickle(capsys, tmp_path, tiny_diffusers_dir):
+def test_a_pickle_torch_refuses_under_allow_pickle(cli, tmp_path, tiny_diffusers_dir):
     import shutil
 
     model = tmp_path / "model"
@@ -251,7 +235,7 @@ def test_a_pickle_torch_refuses_under_allow_pickle(capsys, tmp_path, tiny_diffus
     for f in (model / "vae").glob("*.safetensors"):
         f.unlink()
     (model / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    code, _, err = run(capsys, "export", model, "--out", tmp_path / "o", "--size", "64:128", "--allow-pickle")
+    code, _, err = cli("export", model, "--out", tmp_path / "o", "--size", "64:128", "--allow-pickle")
     one_line(code, err, "export", "cannot load vae", progress=True)
 
 
@@ -267,25 +251,25 @@ def test_info_into_a_closed_pipe_is_quiet(engine):
     assert proc.returncode in (0, 141) and "Traceback" not in err and "Exception ignored" not in err, err
 
 
-def test_info_does_not_call_a_folder_with_a_missing_graph_runnable(capsys, engine):
+def test_info_does_not_call_a_folder_with_a_missing_graph_runnable(cli, engine):
     (engine / "unet.onnx").unlink()
-    code, out, _ = run(capsys, "info", engine)
+    code, out, _ = cli("info", engine)
     assert code == 0 and out.splitlines()[-1].startswith("this folder cannot run: unet.onnx: missing")
 
 
-def test_info_verify_hashes_everything_and_names_the_mismatch(capsys, engine):
-    assert run(capsys, "info", engine, "--verify")[0] == 0
+def test_info_verify_hashes_everything_and_names_the_mismatch(cli, engine):
+    assert cli("info", engine, "--verify")[0] == 0
     data = bytearray((engine / "vae_decoder.onnx").read_bytes())
     data[-1] ^= 1  # same size, one bit: only a hash sees it
     (engine / "vae_decoder.onnx").write_bytes(bytes(data))
-    code, out, _ = run(capsys, "info", engine, "--verify")
+    code, out, _ = cli("info", engine, "--verify")
     assert code == 2 and "MISMATCH vae_decoder.onnx (its sha256 differs from manifest.json" in out
 
 
-def test_info_removes_stale_temporaries_of_a_killed_export(capsys, engine):
+def test_info_removes_stale_temporaries_of_a_killed_export(cli, engine):
     stale = engine.parent / f".{engine.name}.tmp-{dead_pid()}"
     stale.mkdir()
-    assert run(capsys, "info", engine)[0] == 0 and not stale.exists()
+    assert cli("info", engine)[0] == 0 and not stale.exists()
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -293,12 +277,12 @@ def test_info_removes_stale_temporaries_of_a_killed_export(capsys, engine):
     (["--threads", "100000"], "--threads must be 0 (default) or 1.."),
     (["--steps", "0", "--baseline", "none"], "--steps must be at least 1"),
 ])
-def test_bad_bench_options(capsys, engine, flags, needle):
-    code, _, err = run(capsys, "bench", engine, *flags)
+def test_bad_bench_options(cli, engine, flags, needle):
+    code, _, err = cli("bench", engine, *flags)
     one_line(code, err, "bench", needle)
 
 
-def test_bench_plot_without_matplotlib_fails_before_running(capsys, engine, monkeypatch, tmp_path):
+def test_bench_plot_without_matplotlib_fails_before_running(cli, engine, monkeypatch, tmp_path):
     import importlib.util
 
     from sdtrt.benchmarks import harness
@@ -306,30 +290,30 @@ def test_bench_plot_without_matplotlib_fails_before_running(capsys, engine, monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     monkeypatch.setattr(harness, "run_bench", lambda cfg: pytest.fail("ran before checking --plot"))
-    code, _, err = run(capsys, "bench", engine, "--baseline", "none", "--plot", tmp_path / "p.png")
+    code, _, err = cli("bench", engine, "--baseline", "none", "--plot", tmp_path / "p.png")
     one_line(code, err, "bench", "this needs matplotlib: pip install 'sdtrt[bench]'")
 
 
-def test_ctrl_c_is_one_line_and_130(capsys, engine, monkeypatch, tmp_path):
+def test_ctrl_c_is_one_line_and_130(cli, engine, monkeypatch, tmp_path):
     import sdtrt.runtime.pipeline as pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline.Pipeline, "generate", interrupted)
-    code, _, err = run(capsys, "generate", engine, "a cat", "--size", "64x64", "--scheduler", "euler",
+    code, _, err = cli("generate", engine, "a cat", "--size", "64x64", "--scheduler", "euler",
                        "-o", tmp_path / "x.png")
     assert code == 130 and err == "sdtrt generate: interrupted"
 
 
-def test_an_internal_error_asks_for_a_report_and_debug_shows_the_traceback(capsys, engine, monkeypatch, tmp_path):
+def test_an_internal_error_asks_for_a_report_and_debug_shows_the_traceback(cli, engine, monkeypatch, tmp_path):
     import sdtrt.runtime.pipeline as pipeline
 
     def bug(*a, **k):
         raise ZeroDivisionError("oops")
 
     monkeypatch.setattr(pipeline.Pipeline, "generate", bug)
-    code, _, err = run(capsys, "generate", engine, "a cat", "--size", "64x64", "--scheduler", "euler",
+    code, _, err = cli("generate", engine, "a cat", "--size", "64x64", "--scheduler", "euler",
                        "-o", tmp_path / "x.png")
     assert code == 1 and len(err.splitlines()) == 1
     assert err.startswith("sdtrt generate: internal error: ZeroDivisionError: oops (please report this at ")
@@ -350,14 +334,14 @@ def test_help_shows_defaults_and_describes_every_option():
             assert "(default: 30)" in text and "(default: 7.5)" in text
 
 
-def test_numbered_outputs_are_documented_and_written_as_documented(capsys, engine, tmp_path):
-    code, out, err = run(capsys, "generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--num-images", 2,
+def test_numbered_outputs_are_documented_and_written_as_documented(cli, engine, tmp_path):
+    code, out, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--num-images", 2,
                          "-o", tmp_path / "img.png")
     assert code == 0, err
     assert out.split() == [str(tmp_path / "img-0.png"), str(tmp_path / "img-1.png")]
 
 
-def test_progress_counts_unet_evaluations_honestly(capsys, engine, tmp_path):
-    code, _, err = run(capsys, "generate", engine, "a cat", "--steps", 4, "--size", "64x64", "--scheduler", "pndm",
+def test_progress_counts_unet_evaluations_honestly(cli, engine, tmp_path):
+    code, _, err = cli("generate", engine, "a cat", "--steps", 4, "--size", "64x64", "--scheduler", "pndm",
                        "-o", tmp_path / "x.png")
     assert code == 0 and "pndm: 5 U-Net evaluations for 4 steps" in err

@@ -1,30 +1,13 @@
 """`sdtrt generate` and `sdtrt info` on a tiny export: outputs, and one-line errors with exit code 2."""
 
 import json
-import shutil
 
 import pytest
 from PIL import Image
 
-from sdtrt.cli import main
 
-
-@pytest.fixture
-def engine(tiny_fp32, tmp_path):
-    # a private copy, so tests may break it
-    out = tmp_path / "engine"
-    shutil.copytree(tiny_fp32[0], out)
-    return out
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
-
-
-def test_generate_writes_pngs_whose_parameters_read_back(engine, tmp_path, capsys):
-    code, out, err = run_cli(capsys, "generate", engine, "a lighthouse at dusk", "-n", "fog", "--steps", 3, "--seed", 11,
+def test_generate_writes_pngs_whose_parameters_read_back(engine, tmp_path, cli):
+    code, out, err = cli("generate", engine, "a lighthouse at dusk", "-n", "fog", "--steps", 3, "--seed", 11,
                              "--size", "96x64", "--scheduler", "euler_a", "--num-images", 2, "-o", tmp_path / "img.png")
     assert code == 0, err
     paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
@@ -37,8 +20,8 @@ def test_generate_writes_pngs_whose_parameters_read_back(engine, tmp_path, capsy
     assert "seed 11" in err
 
 
-def test_info_describes_the_engine_folder(engine, capsys):
-    code, out, _ = run_cli(capsys, "info", engine)
+def test_info_describes_the_engine_folder(engine, cli):
+    code, out, _ = cli("info", engine)
     assert code == 0
     assert "tiny" in out and "unet" in out and "encoder_hidden_states" in out
     assert "onnxruntime-cpu" in out.splitlines()[-1]
@@ -50,28 +33,28 @@ def assert_one_line_error(code, err, needle):
     assert err.startswith("sdtrt generate: error: ") and needle in err, err
 
 
-def test_missing_engine_folder(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "generate", tmp_path / "nope", "a cat", "-o", tmp_path / "x.png")
+def test_missing_engine_folder(cli, tmp_path):
+    code, _, err = cli("generate", tmp_path / "nope", "a cat", "-o", tmp_path / "x.png")
     assert_one_line_error(code, err, "does not exist")
 
 
-def test_missing_manifest(capsys, engine, tmp_path):
+def test_missing_manifest(cli, engine, tmp_path):
     (engine / "manifest.json").unlink()
-    code, _, err = run_cli(capsys, "generate", engine, "a cat", "-o", tmp_path / "x.png")
+    code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / "x.png")
     assert_one_line_error(code, err, "manifest.json not found")
 
 
 @pytest.mark.parametrize("content, needle", [("{not json", "not valid JSON"), ('{"schema_version": 1}', "malformed"),
                                              ("[]", "JSON object")])
-def test_corrupt_manifest(capsys, engine, tmp_path, content, needle):
+def test_corrupt_manifest(cli, engine, tmp_path, content, needle):
     (engine / "manifest.json").write_text(content)
-    code, _, err = run_cli(capsys, "generate", engine, "a cat", "-o", tmp_path / "x.png")
+    code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / "x.png")
     assert_one_line_error(code, err, needle)
 
 
-def test_manifest_listing_a_missing_graph(capsys, engine, tmp_path):
+def test_manifest_listing_a_missing_graph(cli, engine, tmp_path):
     (engine / "unet.onnx").unlink()
-    code, _, err = run_cli(capsys, "generate", engine, "a cat", "-o", tmp_path / "x.png")
+    code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / "x.png")
     assert_one_line_error(code, err, "unet.onnx is missing")
 
 
@@ -88,23 +71,23 @@ def test_manifest_listing_a_missing_graph(capsys, engine, tmp_path):
         (["--backend", "onnxruntime-cuda"], "onnxruntime-gpu"),
     ],
 )
-def test_bad_generation_arguments(capsys, engine, tmp_path, flags, needle):
-    code, _, err = run_cli(capsys, "generate", engine, "a cat", "-o", tmp_path / "x.png", *flags)
+def test_bad_generation_arguments(cli, engine, tmp_path, flags, needle):
+    code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / "x.png", *flags)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("target, needle", [("missing/x.png", "does not exist"), ("folder.png", "is a folder"),
                                             ("x.jpg", "must end in .png")])
-def test_unwritable_output_path(capsys, engine, tmp_path, target, needle):
+def test_unwritable_output_path(cli, engine, tmp_path, target, needle):
     (tmp_path / "folder.png").mkdir()
-    code, _, err = run_cli(capsys, "generate", engine, "a cat", "-o", tmp_path / target)
+    code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / target)
     assert_one_line_error(code, err, needle)
 
 
-def test_generate_reads_the_manifest_ranges_not_tiny_defaults(capsys, engine, tmp_path):
+def test_generate_reads_the_manifest_ranges_not_tiny_defaults(cli, engine, tmp_path):
     data = json.loads((engine / "manifest.json").read_text())
     data["ranges"]["size_max"] = 128
     (engine / "manifest.json").write_text(json.dumps(data))
-    code, _, err = run_cli(capsys, "generate", engine, "a cat", "--size", "256x256", "-o", tmp_path / "x.png")
+    code, _, err = cli("generate", engine, "a cat", "--size", "256x256", "-o", tmp_path / "x.png")
     assert_one_line_error(code, err, "64..128")
