@@ -36,6 +36,7 @@ class ExportConfig:
     force: bool = False
     allow_pickle: bool = False
     seed: int = 0  # weights of built-in architectures
+    max_chunks: int = 3  # prompts up to 75 x max_chunks tokens (A1111's 75-token chunks, concatenated)
 
     def check(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -51,14 +52,17 @@ class ExportConfig:
             raise UsageError(f"size range {self.size_min}:{self.size_max} has MIN > MAX")
         if self.opset < 17:
             raise UsageError(f"opset must be >= 17, got {self.opset}")
+        if not 1 <= self.max_chunks <= 16:
+            raise UsageError(f"--max-chunks must be 1..16 (75 tokens each), got {self.max_chunks}")
 
     @property
     def ranges(self) -> Ranges:
         return Ranges(self.batch_min, self.batch_max, self.size_min, self.size_max)
 
 
-def default_cases(component: str, ranges: Ranges):
-    """Two shapes per graph: the smallest, and an odd batch with a non-square size."""
+def default_cases(component: str, ranges: Ranges, max_chunks: int = 1):
+    """Two shapes per graph: the smallest, and an odd batch with a non-square size (and, for the U-Net, a prompt
+    of several 77-token chunks)."""
     from sdtrt.export.validate import ValidationCase
 
     b2 = min(ranges.batch_max, max(ranges.batch_min, 3))
@@ -68,7 +72,8 @@ def default_cases(component: str, ranges: Ranges):
     if component == "unet":
         # Both ways the graph runs: without guidance (B embeddings) and with it (2B embeddings).
         small = ValidationCase(small.batch, small.height, small.width, {"cfg": False, "timestep": 1.0})
-        other = ValidationCase(other.batch, other.height, other.width, {"cfg": True, "timestep": 981.0})
+        other = ValidationCase(other.batch, other.height, other.width,
+                               {"cfg": True, "timestep": 981.0, **({"chunks": 2} if max_chunks > 1 else {})})
     return [small, other]
 
 
@@ -143,7 +148,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     import numpy as np
 
     from sdtrt.export import onnx_tools
-    from sdtrt.export.graphs import graph_specs, vae_scale_factor
+    from sdtrt.export.graphs import CLIP_SKIPS, graph_specs, vae_scale_factor
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table, validate_graph
 
@@ -165,18 +170,20 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     components: dict[str, Component] = {}
     table = []
     total = len(COMPONENTS) + 1
+    seq, chunks = int(model.tokenizer.model_max_length), config.max_chunks
     memory = {name: memory_model(specs[name], vae_scale) for name in COMPONENTS}
     for name in COMPONENTS:  # before any slow work: every gate case must fit in memory
-        _check_gate_memory(name, specs[name], default_cases(name, ranges),
-                           *specs[name].tensor_specs(ranges, vae_scale, config.precision), memory[name])
+        _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
+                           *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
     for step, name in enumerate(COMPONENTS, start=1):
         spec = specs[name]
         prefix = f"[{step}/{total}] {name}:"
         t = time.perf_counter()
-        inputs, outputs = spec.tensor_specs(ranges, vae_scale, config.precision)
-        cases = default_cases(name, ranges)
+        inputs, outputs = spec.tensor_specs(ranges, vae_scale, config.precision, seq, chunks)
+        cases = default_cases(name, ranges, chunks)
         log(f"{prefix} tracing to ONNX (opset {config.opset}) ...")
-        sample = spec.make_inputs(2, trace_h, trace_w, np.random.default_rng(0), {})
+        # two chunks: no text-length axis can be specialised to 77
+        sample = spec.make_inputs(2, trace_h, trace_w, np.random.default_rng(0), {"chunks": 2})
         traced = work / f"{name}.onnx"
         onnx_tools.trace_to_onnx(spec, sample, traced, config.opset)
         inferred = work / f"{name}.shapes.onnx"
@@ -228,7 +235,8 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
             latent_channels=int(model.vae.config.latent_channels), vae_scale_factor=vae_scale,
             vae_scaling_factor=float(model.vae.config.scaling_factor), text_hidden_size=int(te.hidden_size),
             max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
-            default_size=int(model.unet.config.sample_size) * vae_scale,
+            default_size=int(model.unet.config.sample_size) * vae_scale, max_chunks=config.max_chunks,
+            clip_skips=CLIP_SKIPS,
             weights_seed=config.seed if model.source in BUILTIN_ARCHITECTURES else None,
         ),
         precision=config.precision, ranges=ranges, components=components, tools=tool_versions(),

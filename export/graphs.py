@@ -16,8 +16,13 @@ from sdtrt.export.loaders import LoadedModel
 from sdtrt.manifest import Ranges, TensorSpec
 
 
+CLIP_SKIPS = 2  # hidden states before the last 1 and 2 layers are exported too (diffusers' clip_skip 1 and 2)
+
+
 class TextEncoderGraph(torch.nn.Module):
-    """input_ids (B, 77) int32 -> last hidden state (B, 77, D), what the U-Net cross-attends to."""
+    """input_ids (R, 77) int32, one prompt chunk per row -> hidden states (R, 77, D), what the U-Net attends to:
+    the last layer's, and with CLIP skip s = 1..CLIP_SKIPS the one s layers before it with the final layer norm
+    applied (diffusers' ``clip_skip``; A1111's "Clip skip: s + 1", ``sd_hijack_clip.encode_with_transformers``)."""
 
     def __init__(self, text_encoder):
         super().__init__()
@@ -25,7 +30,11 @@ class TextEncoderGraph(torch.nn.Module):
 
     def forward(self, input_ids):
         # int32 in the graph (TensorRT has no int64 bindings to speak of); CLIP's embedding takes int64.
-        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+        out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+        # transformers 5 dropped CLIPTextModel's text_model wrapper; 4.x has it
+        norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        skipped = [norm(out.hidden_states[-(s + 1)]) for s in range(1, CLIP_SKIPS + 1)]
+        return (out.last_hidden_state, *skipped)
 
 
 class UNetGraph(torch.nn.Module):
@@ -88,10 +97,11 @@ class GraphSpec:
     fp32_all: bool = False  # the whole graph computes in FP32 (fp16 I/O only)
     fp32_reason: str = ""
 
-    def tensor_specs(self, ranges: Ranges, vae_scale: int, precision: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    def tensor_specs(self, ranges: Ranges, vae_scale: int, precision: str, text_length: int = 77,
+                     max_chunks: int = 1) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         def spec(s: InputSpec) -> TensorSpec:
             dtype = "float16" if precision == "fp16" and s.dtype == "float32" and not s.keep_fp32 else s.dtype
-            return tensor_spec(s.name, dtype, s.dims, ranges, vae_scale)
+            return tensor_spec(s.name, dtype, s.dims, ranges, vae_scale, text_length, max_chunks)
 
         return tuple(spec(s) for s in self.inputs), tuple(spec(s) for s in self.outputs)
 
@@ -103,11 +113,13 @@ class GraphSpec:
         }
 
 
-def dim_bounds(ranges: Ranges, vae_scale: int) -> dict[str, tuple[int, int]]:
-    """Inclusive bounds of every named dimension, from the export's pixel and batch ranges."""
+def dim_bounds(ranges: Ranges, vae_scale: int, text_length: int = 77, max_chunks: int = 1) -> dict[str, tuple[int, int]]:
+    """Inclusive bounds of every named dimension, from the export's pixel, batch and prompt-chunk ranges."""
     return {
         "batch": (ranges.batch_min, ranges.batch_max),
         "text_batch": (ranges.batch_min, 2 * ranges.batch_max),  # [negative; positive] with guidance
+        "text_rows": (1, 2 * ranges.batch_max * max_chunks),  # every chunk of every prompt and negative prompt
+        "text_length": (text_length, text_length * max_chunks),  # 77 tokens per chunk, chunks concatenated
         "height": (ranges.size_min, ranges.size_max),
         "width": (ranges.size_min, ranges.size_max),
         "latent_height": (ranges.size_min // vae_scale, ranges.size_max // vae_scale),
@@ -115,8 +127,9 @@ def dim_bounds(ranges: Ranges, vae_scale: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def tensor_spec(name: str, dtype: str, dims: tuple, ranges: Ranges, vae_scale: int) -> TensorSpec:
-    bounds = dim_bounds(ranges, vae_scale)
+def tensor_spec(name: str, dtype: str, dims: tuple, ranges: Ranges, vae_scale: int, text_length: int = 77,
+                max_chunks: int = 1) -> TensorSpec:
+    bounds = dim_bounds(ranges, vae_scale, text_length, max_chunks)
     lo = tuple(d if isinstance(d, int) else bounds[d][0] for d in dims)
     hi = tuple(d if isinstance(d, int) else bounds[d][1] for d in dims)
     return TensorSpec(name=name, dtype=dtype, shape=tuple(dims), min_shape=lo, max_shape=hi)
@@ -133,16 +146,17 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
     vae_scale = vae_scale_factor(model)
 
     def text_inputs(batch, height, width, rng, opts):
-        ids = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)  # (B, 77)
+        ids = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)  # (R, 77)
         return {"input_ids": ids}
 
     def unet_inputs(batch, height, width, rng, opts):
         h, w = height // vae_scale, width // vae_scale
         k = 2 if opts.get("cfg", True) else 1
+        length = seq * opts.get("chunks", 1)
         return {
             "latents": rng.standard_normal((batch, channels, h, w)).astype(np.float32),  # (B, C, h, w)
             "timestep": np.array([opts.get("timestep", 981.0)], dtype=np.float32),  # (1,)
-            "encoder_hidden_states": rng.standard_normal((k * batch, seq, hidden)).astype(np.float32),  # (kB, 77, D)
+            "encoder_hidden_states": rng.standard_normal((k * batch, length, hidden)).astype(np.float32),  # (kB, 77c, D)
             "guidance_scale": np.array([opts.get("guidance_scale", 7.5)], dtype=np.float32),  # (1,)
         }
 
@@ -156,9 +170,11 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         "text_encoder": GraphSpec(
             name="text_encoder",
             module=TextEncoderGraph(model.text_encoder).eval(),
-            # text_batch: negative and positive prompts are encoded in one call
-            inputs=(InputSpec("input_ids", "int32", ("text_batch", seq)),),
-            outputs=(InputSpec("last_hidden_state", "float32", ("text_batch", seq, hidden)),),
+            # text_rows: every 77-token chunk of every prompt and negative prompt, encoded in one call
+            inputs=(InputSpec("input_ids", "int32", ("text_rows", seq)),),
+            outputs=(InputSpec("last_hidden_state", "float32", ("text_rows", seq, hidden)),
+                     *(InputSpec(f"hidden_state_skip{s}", "float32", ("text_rows", seq, hidden))
+                       for s in range(1, CLIP_SKIPS + 1))),
             make_inputs=text_inputs,
         ),
         "unet": GraphSpec(
@@ -167,7 +183,7 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
             inputs=(
                 InputSpec("latents", "float32", ("batch", channels, "latent_height", "latent_width")),
                 InputSpec("timestep", "float32", (1,), keep_fp32=True),
-                InputSpec("encoder_hidden_states", "float32", ("text_batch", seq, hidden)),
+                InputSpec("encoder_hidden_states", "float32", ("text_batch", "text_length", hidden)),
                 InputSpec("guidance_scale", "float32", (1,), keep_fp32=True),
             ),
             outputs=(InputSpec("noise_pred", "float32", ("batch", out_channels, "latent_height", "latent_width")),),

@@ -87,6 +87,13 @@ def build_builtin(arch: Architecture, seed: int = 0) -> LoadedModel:
     # One seed per component, so changing one component's shape leaves the others' weights alone.
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
+    # Trained CLIP layer norms have non-trivial scales and biases; left at (1, 0), every token of the final hidden
+    # state has mean exactly 0, and A1111's emphasis (which rescales by the chunk's mean) would divide noise by noise.
+    for module in text_encoder.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            with torch.no_grad():
+                module.weight.add_(0.1 * torch.randn_like(module.weight))
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**arch.unet)
     torch.manual_seed(seed + 2)

@@ -21,7 +21,10 @@ from sdtrt.errors import MemoryLimitError, NumericalError, UsageError
 from sdtrt.fsutil import atomic_path
 from sdtrt.manifest import Manifest
 from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
+from sdtrt import __version__
 from sdtrt.runtime.backends import check_shapes, load_engines
+from sdtrt.runtime.infotext import A1111_SAMPLERS, create_infotext
+from sdtrt.runtime.prompts import PromptChunks, chunk_prompt, join_chunks
 from sdtrt.runtime.request import GenerationRequest
 from sdtrt.runtime.samplers import SamplerConfig, SamplerTable, build_table, step
 from sdtrt.runtime.tokenizer import ClipTokenizer
@@ -34,11 +37,14 @@ class GenerationPlan:
     """A checked request, resolved against the engine folder (``Pipeline.plan``)."""
 
     table: SamplerTable
+    sampler: SamplerConfig
     height: int
     width: int
     cfg: bool  # classifier-free guidance on (guidance > 1)
     shape: tuple[int, ...]  # latents (B, C, h, w)
     shapes: dict[str, dict[str, tuple[int, ...]]]  # engine -> input -> shape
+    texts: tuple[str, ...]  # what the text encoder encodes, in row order (negatives first, "" for padding)
+    chunks: dict[str, PromptChunks]  # each text as 77-token chunks with emphasis weights
 
 
 @dataclass
@@ -90,58 +96,95 @@ class Pipeline:
         engine = next(iter(self.engines.values()))
         return getattr(engine, "provider", type(engine).__name__)
 
+    def sampler_config(self, scheduler: str | None) -> SamplerConfig:
+        return SamplerConfig.from_scheduler_config(self.scheduler_config, scheduler)
+
     def sampler_table(self, scheduler: str | None, steps: int) -> SamplerTable:
-        return build_table(SamplerConfig.from_scheduler_config(self.scheduler_config, scheduler), steps)
+        return build_table(self.sampler_config(scheduler), steps)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  scheduler: str | None = None, latents: np.ndarray | None = None, output_type: str = "pil",
-                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Generate images (diffusers' StableDiffusionPipeline argument names). ``seed`` -1 or None: random.
+                 callback: Callable[[int, int], None] | None = None, clip_skip: int | None = None) -> GenerationResult:
+        """Generate images (diffusers' StableDiffusionPipeline argument names). Prompts use A1111's syntax: emphasis
+        ``(word:1.3)``, ``BREAK``, and any length up to the export's ``--max-chunks`` x 75 tokens. ``seed`` -1 or
+        None: random. ``clip_skip``: as diffusers (1 = the hidden state one layer before the last).
         Raises ``UsageError`` (bad arguments), ``ShapeError`` (outside the engines' ranges) or
         ``NumericalError`` (the result is not finite) instead of returning a wrong image."""
         req = GenerationRequest.create(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                       seed, num_images_per_prompt, scheduler, output_type)
+                                       seed, num_images_per_prompt, scheduler, output_type, clip_skip)
         if callback is not None and not callable(callback):
             raise UsageError(f"callback must be callable, got {type(callback).__name__}")
         return self.generate(req, latents=latents, callback=callback)
 
-    def plan(self, req: GenerationRequest) -> "GenerationPlan":
-        """Everything about ``req`` that can be checked before any compute: sizes, batch, sampler, every engine's
-        input shapes. Raises the error the generation would raise."""
+    def plan(self, req: GenerationRequest) -> GenerationPlan:
+        """Everything about ``req`` that can be checked before any compute: sizes, batch, sampler, prompt chunks,
+        every engine's input shapes, memory. Raises the error the generation would raise."""
         info = self.manifest.model
         height, width = req.height or info.default_size, req.width or info.default_size
         self._check_request(req, height, width)
-        table = self.sampler_table(req.scheduler, req.num_inference_steps)
+        sampler = self.sampler_config(req.scheduler)
+        table = build_table(sampler, req.num_inference_steps)
         cfg = req.guidance_scale > 1.0  # as diffusers: no negative branch at guidance <= 1
-        shapes = self._engine_shapes(len(req.prompt), req.num_images_per_prompt, height, width, cfg)
+        texts, chunks = self._chunk(req, cfg)
+        k = max(c.count for c in chunks.values())
+        rows = sum(chunks[t].count for t in texts)
+        shapes = self._engine_shapes(len(req.prompt), req.num_images_per_prompt, height, width, cfg, rows, k)
         for name, engine_shapes in shapes.items():
             check_shapes(name, self.engines[name], engine_shapes)
-        self._check_memory(len(req.prompt), req.num_images_per_prompt, height, width, cfg)
-        return GenerationPlan(table, height, width, cfg, shapes["vae_decoder"]["latents"], shapes)
+        self._check_memory(len(req.prompt), req.num_images_per_prompt, height, width, cfg, rows, k)
+        return GenerationPlan(table, sampler, height, width, cfg, shapes["vae_decoder"]["latents"], shapes, texts, chunks)
 
-    def _engine_shapes(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool) -> dict:
-        """Every engine's input shapes for a generation."""
+    def _chunk(self, req: GenerationRequest, cfg: bool) -> tuple[tuple[str, ...], dict[str, PromptChunks]]:
+        """Each distinct text as A1111 chunks; the texts in encoder order, with "" where padding needs it."""
+        info, tok = self.manifest.model, self.tokenizer
+        if req.clip_skip and req.clip_skip > info.clip_skips:
+            raise UsageError(f"clip_skip {req.clip_skip}: this folder's text encoder returns up to clip_skip "
+                             f"{info.clip_skips} (A1111's Clip skip {info.clip_skips + 1}); re-export for more")
+        labelled = ([(n, f"negative prompt {i + 1}") for i, n in enumerate(req.negative_prompt)] if cfg else []) + \
+                   [(p, f"prompt {i + 1}") for i, p in enumerate(req.prompt)]
+        chunks: dict[str, PromptChunks] = {}
+        for text, label in labelled:
+            if text not in chunks:
+                chunks[text] = chunk_prompt(text, tok.fragments, tok.bos_id, tok.eos_id, tok.pad_id, tok.comma_id)
+            if chunks[text].count > info.max_chunks:
+                label = label.rsplit(" ", 1)[0] if len(req.prompt) == 1 else label
+                raise UsageError(f"{label} needs {chunks[text].count} chunks of 75 tokens ({chunks[text].token_count} "
+                                 f"tokens); this folder was exported for at most {info.max_chunks} (re-export with "
+                                 f"--max-chunks {chunks[text].count})")
+        texts = list(chunks)
+        k = max(c.count for c in chunks.values())
+        if any(c.count < k for c in chunks.values()) and "" not in chunks:  # padding: the empty prompt's encoding
+            chunks[""] = chunk_prompt("", tok.fragments, tok.bos_id, tok.eos_id, tok.pad_id, tok.comma_id)
+            texts.append("")
+        return tuple(texts), chunks
+
+    def _engine_shapes(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int | None = None,
+                       chunks: int = 1) -> dict:
+        """Every engine's input shapes for a generation (``rows``: text-encoder rows, ``chunks``: prompt chunks)."""
         info = self.manifest.model
         batch = prompts * per_prompt
         shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
+        rows = rows if rows is not None else (2 if cfg else 1) * prompts * chunks
         return {
-            "text_encoder": {"input_ids": ((2 if cfg else 1) * prompts, info.max_text_length)},
-            "unet": {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length,
+            "text_encoder": {"input_ids": (rows, info.max_text_length)},
+            "unet": {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length * chunks,
                                                                   info.text_hidden_size)},
             "vae_decoder": {"latents": shape},
         }
 
-    def _memory_need(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool) -> int:
-        shapes = self._engine_shapes(prompts, per_prompt, height, width, cfg)
+    def _memory_need(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int | None = None,
+                     chunks: int = 1) -> int:
+        shapes = self._engine_shapes(prompts, per_prompt, height, width, cfg, rows, chunks)
         return max(peak_bytes(self.manifest.components[n], s) for n, s in shapes.items())
 
-    def _check_memory(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool) -> None:
+    def _check_memory(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int,
+                      chunks: int) -> None:
         """On ONNX Runtime's CPU provider (host memory), refuse what cannot fit before it starts."""
         if not all(getattr(e, "provider", "") == "CPUExecutionProvider" for e in self.engines.values()):
             return  # TensorRT and CUDA: device memory, checked when it is allocated
-        need = self._memory_need(prompts, per_prompt, height, width, cfg)
+        need = self._memory_need(prompts, per_prompt, height, width, cfg, rows, chunks)
         avail = available_bytes()
         if not need or avail is None or need * ARENA_FACTOR <= avail:
             return
@@ -152,9 +195,9 @@ class Pipeline:
             return
         step = max(64, 8 * self.manifest.model.vae_scale_factor)
         fits = next((s for s in range(min(height, width) // step * step, self.manifest.ranges.size_min - 1, -step)
-                     if self._memory_need(prompts, per_prompt, s, s, cfg) * ARENA_FACTOR <= avail), None)
+                     if self._memory_need(prompts, per_prompt, s, s, cfg, rows, chunks) * ARENA_FACTOR <= avail), None)
         hint = f"{fits}x{fits} fits" if fits else "no size of this folder's range fits at this batch"
-        if prompts * per_prompt > 1 and self._memory_need(1, 1, height, width, cfg) * ARENA_FACTOR <= avail:
+        if prompts * per_prompt > 1 and self._memory_need(1, 1, height, width, cfg, None, chunks) * ARENA_FACTOR <= avail:
             hint += f"; one image at {width}x{height} fits"
         raise MemoryLimitError(f"{what} needs about {gb(need)} of memory for ONNX Runtime's attention on the CPU, "
                                f"{gb(avail)} are available: {hint} (or use a GPU backend)")
@@ -166,7 +209,7 @@ class Pipeline:
         t_start = time.perf_counter()
         info = self.manifest.model
         plan = self.plan(req)
-        table, height, width, cfg, shape, batch = plan.table, plan.height, plan.width, plan.cfg, plan.shape, req.batch
+        table, shape, batch = plan.table, plan.shape, req.batch
         reserve = getattr(self.engines, "reserve", None)
         if reserve is not None:
             reserve(plan.shapes)
@@ -183,8 +226,7 @@ class Pipeline:
                 raise UsageError("latents must be finite")
 
         t = time.perf_counter()
-        embeddings = self._encode(list(req.prompt), list(req.negative_prompt) if cfg else None,
-                                  req.num_images_per_prompt)  # (kB, 77, D)
+        embeddings = self._encode(req, plan)  # (kB, 77c, D)
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -211,15 +253,7 @@ class Pipeline:
         image = np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # (B, H, W, 3)
         timings["total"] = time.perf_counter() - t_start
 
-        params = []
-        for k in range(batch):
-            p = req.prompt[k // req.num_images_per_prompt]
-            n = req.negative_prompt[k // req.num_images_per_prompt]
-            params.append(
-                f"{p}\nNegative prompt: {n}\nSteps: {req.num_inference_steps}, Sampler: {table.name}, "
-                f"CFG scale: {req.guidance_scale:g}, Seed: {seed}, Size: {width}x{height}, Batch index: {k}, "
-                f"Model: {info.family}, Precision: {self.manifest.precision}"
-            )
+        params = [self._infotext(req, plan, seed, k) for k in range(batch)]
         if req.output_type == "np":
             return GenerationResult(image, seed, params, timings)
         from PIL import Image
@@ -240,20 +274,39 @@ class Pipeline:
             raise UsageError(f"batch {req.batch} (prompts x images per prompt) is outside the exported range "
                              f"{ranges.batch_min}..{ranges.batch_max}")
 
-    def _encode(self, prompts: list[str], negatives: list[str] | None, per_prompt: int) -> np.ndarray:
-        texts = (negatives or []) + prompts
-        ids, dropped = self.tokenizer(texts)  # (kP, 77)
-        labels = [f"negative prompt {i + 1}" for i in range(len(negatives or []))] + \
-                 [f"prompt {i + 1}" for i in range(len(prompts))]
-        for label, extra in zip(labels, dropped):
-            if extra:
-                label = label.rsplit(" ", 1)[0] if len(prompts) == 1 else label  # "prompt 1" of one is "prompt"
-                log.warning("%s is longer than %d tokens: its last %d tokens were dropped", label,
-                            self.tokenizer.max_length, extra)
-        hidden = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (kP, 77, D)
-        # each prompt's embedding repeated per image, negatives first: (kB, 77, D)
-        embeddings = np.repeat(hidden, per_prompt, axis=0)
-        return embeddings.astype(self.engines["unet"].input_dtype("encoder_hidden_states"))
+    def _encode(self, req: GenerationRequest, plan: GenerationPlan) -> np.ndarray:
+        """Text-encoder rows of every chunk of every distinct text, one call; emphasis, chunks joined and padded;
+        then [negatives; prompts], each repeated per image: (kB, 77c, D)."""
+        ids = np.concatenate([plan.chunks[t].ids for t in plan.texts])  # (R, 77)
+        out = f"hidden_state_skip{req.clip_skip}" if req.clip_skip else "last_hidden_state"
+        hidden = self.engines["text_encoder"].run({"input_ids": ids})[out]  # (R, 77, D)
+        empty = None
+        if "" in plan.texts:  # the empty prompt pads shorter prompts (A1111's pad_cond)
+            row = sum(plan.chunks[t].count for t in plan.texts[:plan.texts.index("")])
+            empty = hidden[row].astype(np.float32)  # (77, D)
+        encoded = dict(zip(plan.texts, join_chunks(hidden, [plan.chunks[t] for t in plan.texts], empty)))  # (77k, D)
+        order = (list(req.negative_prompt) if plan.cfg else []) + list(req.prompt)
+        stacked = np.stack([encoded[t] for t in order])  # (kP, 77c, D)
+        return np.repeat(stacked, req.num_images_per_prompt, axis=0).astype(
+            self.engines["unet"].input_dtype("encoder_hidden_states"))
+
+    def _infotext(self, req: GenerationRequest, plan: GenerationPlan, seed: int, k: int) -> str:
+        """A1111's ``parameters`` text for image ``k`` of the batch."""
+        name, schedule = A1111_SAMPLERS[plan.table.name]
+        if schedule is None and plan.sampler.use_karras_sigmas:
+            schedule = "Karras"
+        return create_infotext(req.prompt[k // req.num_images_per_prompt],
+                               req.negative_prompt[k // req.num_images_per_prompt], {
+            "Steps": req.num_inference_steps, "Sampler": name, "Schedule type": schedule,
+            "CFG scale": f"{req.guidance_scale:g}", "Seed": seed, "Size": f"{plan.width}x{plan.height}",
+            "Model hash": self.manifest.components["unet"].sha256[:10], "Model": self.model_name,
+            "Clip skip": req.clip_skip + 1 if req.clip_skip else None,
+            "Batch size": req.batch if req.batch > 1 else None, "Batch pos": k if req.batch > 1 else None,
+            "Version": f"sdtrt {__version__}"})
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.manifest.model.source.rstrip("/")).name or self.manifest.model.family
 
     def _denoise(self, table: SamplerTable, latents: np.ndarray, embeddings: np.ndarray, guidance: float,
                  rng: np.random.Generator, callback, timings: dict[str, float]) -> np.ndarray:

@@ -79,6 +79,7 @@ class GenerationRequest:
     num_images_per_prompt: int = 1
     scheduler: str | None = None  # None: the model's own scheduler
     output_type: str = "pil"  # "pil" or "np"
+    clip_skip: int | None = None  # diffusers' meaning: text-encoder layers skipped at the end (A1111's "Clip skip" - 1)
 
     @property
     def batch(self) -> int:
@@ -87,7 +88,7 @@ class GenerationRequest:
     @classmethod
     def create(cls, prompt: Any, negative_prompt: Any = None, num_inference_steps: Any = 50, guidance_scale: Any = 7.5,
                height: Any = None, width: Any = None, seed: Any = None, num_images_per_prompt: Any = 1,
-               scheduler: Any = None, output_type: Any = "pil") -> "GenerationRequest":
+               scheduler: Any = None, output_type: Any = "pil", clip_skip: Any = None) -> "GenerationRequest":
         if prompt is None:
             raise UsageError("prompt must be a string or a list of strings, got None")
         prompts = _texts(prompt, "prompt")
@@ -118,4 +119,5 @@ class GenerationRequest:
             width=None if width is None else integer(width, "width", 1),
             seed=seed, num_images_per_prompt=integer(num_images_per_prompt, "num_images_per_prompt", 1),
             scheduler=scheduler, output_type=output_type,
+            clip_skip=None if clip_skip is None else integer(clip_skip, "clip_skip", 0),
         )

@@ -1,7 +1,9 @@
 """CLIP tokenizer from the engine folder, on Hugging Face ``tokenizers`` (Rust), without transformers.
 
-Produces the ids transformers' ``CLIPTokenizer(..., padding="max_length", truncation=True)`` gives:
-BOS, tokens, EOS, then the pad token, exactly ``max_length`` ids.
+``__call__`` produces the ids transformers' ``CLIPTokenizer(..., padding="max_length", truncation=True)``
+gives: BOS, tokens, EOS, then the pad token, exactly ``max_length`` ids. ``fragments`` gives the ids of
+``CLIPTokenizer(texts, add_special_tokens=False)``, which A1111's long-prompt rule chunks itself
+(``runtime/prompts.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.errors import ManifestError
-
 
 
 class ClipTokenizer:
@@ -45,8 +46,23 @@ class ClipTokenizer:
         self.pad_id = self._tok.token_to_id(pad)
         if self.pad_id is None:
             raise ManifestError(f"pad token {pad!r} of {config_file} is not in the vocabulary")
+        self.bos_id, self.eos_id = (self._special(config, key, default, config_file) for key, default in
+                                    (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>")))
+        self.comma_id = self._tok.token_to_id(",</w>")  # where A1111 may cut a long prompt
         self._tok.no_truncation()
         self._tok.no_padding()
+
+    def _special(self, config: dict, key: str, default: str, config_file: Path) -> int:
+        token = config.get(key, default)
+        token = token.get("content") if isinstance(token, dict) else token
+        ident = self._tok.token_to_id(token) if isinstance(token, str) else None
+        if ident is None:
+            raise ManifestError(f"{key} {token!r} of {config_file} is not in the vocabulary")
+        return ident
+
+    def fragments(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS and without truncation."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def __call__(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
         """(ids (N, max_length) int32, tokens dropped per prompt by truncation)."""

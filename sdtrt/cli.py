@@ -107,6 +107,8 @@ def _add_export(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled (.bin) weights in a diffusers folder; only for files you trust")
     p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
+    p.add_argument("--max-chunks", type=int, default=3,
+                   help="longest prompt, in 75-token chunks (A1111's long-prompt rule; the U-Net's text axis is 77 x this)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -122,7 +124,7 @@ def _cmd_export(args) -> int:
     config = ExportConfig(
         model=args.model, out=out, precision=args.precision, batch_min=args.batch[0], batch_max=args.batch[1],
         size_min=args.size[0], size_max=args.size[1], opset=args.opset, force=args.force,
-        allow_pickle=args.allow_pickle, seed=args.seed,
+        allow_pickle=args.allow_pickle, seed=args.seed, max_chunks=args.max_chunks,
     )
     export(config)
     return 0
@@ -130,23 +132,33 @@ def _cmd_export(args) -> int:
 
 # ---- generate ----------------------------------------------------------------------------------------------
 
+DEFAULTS = {"steps": 30, "cfg": 7.5}
+
+
 def _add_generate(sub) -> None:
     from sdtrt.runtime.backends import BACKENDS
     from sdtrt.runtime.samplers import SAMPLERS
 
+    unset = argparse.SUPPRESS  # flags a PNG's parameters may set; given ones win
     p = sub.add_parser("generate", help="generate images from an engine folder",
-                       description="Text to image with the engines of an engine folder (no torch needed).")
+                       description="Text to image with the engines of an engine folder (no torch needed). Prompts use "
+                                   "A1111's syntax: (word:1.3), (word), [word], BREAK, any length up to the export's "
+                                   "--max-chunks x 75 tokens.")
     p.add_argument("dir", help="engine folder written by `sdtrt export`")
-    p.add_argument("prompt", help="what to draw")
-    p.add_argument("-n", "--negative", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--cfg", type=_finite, default=7.5,
-                   help="guidance scale, 0..100 (<= 1 runs without guidance, as diffusers)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("prompt", nargs="?", default=unset, help="what to draw (optional with --from-png)")
+    p.add_argument("-n", "--negative", default=unset, help="negative prompt (default: none)")
+    p.add_argument("--steps", type=int, default=unset, help="denoising steps (default: 30)")
+    p.add_argument("--cfg", type=_finite, default=unset,
+                   help="guidance scale, 0..100; <= 1 runs without guidance, as diffusers (default: 7.5)")
+    p.add_argument("--seed", type=int, default=unset,
                    help="seed (NumPy PCG64), 0..2^64-1; -1 or none: random (the seed used is printed and saved)")
-    p.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
-    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's scheduler)")
-    p.add_argument("--num-images", type=int, default=1, help="images for the prompt, generated as one batch")
+    p.add_argument("--size", type=_size, default=unset, metavar="WxH", help="image size (default: the model's)")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=unset, help="sampler (default: the model's scheduler)")
+    p.add_argument("--clip-skip", type=int, default=unset, metavar="N",
+                   help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before, ...")
+    p.add_argument("--num-images", type=int, default=unset, help="images for the prompt, one batch (default: 1)")
+    p.add_argument("--from-png", default=None, metavar="PNG",
+                   help="replay the generation parameters of a PNG (sdtrt's or A1111's); flags given override them")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
     p.add_argument("-o", "--output", default="out.png",
@@ -184,23 +196,57 @@ def _output_paths(output: str, count: int, force: bool):
     return paths
 
 
+def _generation_settings(args) -> tuple[dict, int | None]:
+    """The generation's arguments from the flags, a replayed PNG and the defaults, in that order of precedence;
+    and, for an image of a replayed batch, which image of the batch to keep."""
+    given = {k: getattr(args, k) for k in ("prompt", "negative", "steps", "cfg", "seed", "size", "scheduler",
+                                           "clip_skip", "num_images") if hasattr(args, k)}
+    keep = None
+    if args.from_png:
+        from sdtrt.runtime.infotext import read_png_parameters, replay
+
+        r = replay(read_png_parameters(args.from_png))
+        png = {"prompt": r.prompt, "negative": r.negative_prompt, "steps": r.steps, "cfg": r.cfg, "seed": r.seed,
+               "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
+               "clip_skip": r.clip_skip, "num_images": r.batch_size, "karras": r.karras, "model_hash": r.model_hash}
+        if r.batch_size > 1 and "num_images" not in given:
+            keep = r.batch_pos  # the seed drew the whole batch: regenerate it, keep the one image
+        given = {**{k: v for k, v in png.items() if v is not None}, **given}
+    if "prompt" not in given:
+        raise UsageError("a prompt is needed (or --from-png IMAGE)")
+    settings = {"negative": "", **DEFAULTS, "seed": None, "size": None, "scheduler": None, "clip_skip": 1,
+                "num_images": 1, **given}
+    if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
+        raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
+                         f"{settings['clip_skip']}")
+    return settings, keep
+
+
 def _cmd_generate(args) -> int:
     from sdtrt.runtime import Pipeline, save_png
     from sdtrt.runtime.request import GenerationRequest
 
-    width, height = args.size or (None, None)
-    request = GenerationRequest.create(args.prompt, args.negative, args.steps, args.cfg, height, width, args.seed,
-                                       args.num_images)
-    paths = _output_paths(args.output, args.num_images, args.force)
-    request = _replace(request, scheduler=args.scheduler)
+    s, keep = _generation_settings(args)
+    width, height = s["size"] or (None, None)
+    request = GenerationRequest.create(s["prompt"], s["negative"], s["steps"], s["cfg"], height, width, s["seed"],
+                                       s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1)
+    paths = _output_paths(args.output, 1 if keep is not None else s["num_images"], args.force)
     with Pipeline.from_dir(args.dir, backend=args.backend) as pipe:
-        table = pipe.plan(request).table  # every check, before any compute
+        plan = pipe.plan(request)  # every check, before any compute
+        if s.get("karras") and not plan.sampler.use_karras_sigmas:
+            raise UsageError(f"the image used {plan.table.name} with the Karras schedule, which this model's scheduler "
+                             "config does not set; pass --scheduler to choose another sampler")
+        if s.get("model_hash") and s["model_hash"] != pipe.manifest.components["unet"].sha256[:10]:
+            print(f"sdtrt generate: warning: the image was made with model hash {s['model_hash']}, this folder's is "
+                  f"{pipe.manifest.components['unet'].sha256[:10]}: the result will differ", file=sys.stderr)
+        table = plan.table
         if table.num_steps != request.num_inference_steps:
             print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps} steps "
                   "(its warm-up evaluates one step twice)", file=sys.stderr)
         with _progress(table.num_steps) as bar:
             result = pipe.generate(request, callback=bar)
-        for image, params, path in zip(result.images, result.parameters, paths):
+        images = list(zip(result.images, result.parameters))
+        for (image, params), path in zip(images if keep is None else images[keep:keep + 1], paths):
             save_png(image, path, params)
             print(path)
         t = result.timings
@@ -321,7 +367,10 @@ def _cmd_info(args) -> int:
     info = m.model
     print(f"{args.dir}: {info.family} from {info.source}, {m.precision}, manifest schema {m.schema_version}")
     print(f"  prediction {info.prediction_type}, {info.latent_channels} latent channels, VAE x{info.vae_scale_factor} "
-          f"(scaling {info.vae_scaling_factor}), text {info.max_text_length} tokens x {info.text_hidden_size}")
+          f"(scaling {info.vae_scaling_factor}), text {info.text_hidden_size}-d")
+    print(f"  prompts up to {info.max_chunks} chunk(s) of {info.max_text_length - 2} tokens "
+          f"({info.max_text_length} x {info.max_chunks} on the U-Net's text axis), Clip skip 1.."
+          f"{info.clip_skips + 1} (A1111's numbering)")
     r = m.ranges
     print(f"  batch {r.batch_min}..{r.batch_max}, size {r.size_min}..{r.size_max} px (multiples of 8), "
           f"default {info.default_size}x{info.default_size}")

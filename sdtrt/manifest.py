@@ -115,6 +115,8 @@ class ModelInfo:
     vocab_size: int
     weights_seed: int | None = None  # built-in architectures: the seed of their random weights
     default_size: int = 512  # pixels: the U-Net's sample_size times the VAE scale factor (diffusers' default)
+    max_chunks: int = 1  # a prompt may take this many 77-token chunks (A1111's 75 tokens + BOS + EOS each)
+    clip_skips: int = 0  # the text encoder also returns hidden_state_skip1 .. skipN
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,8 @@ class Manifest:
             (math.isfinite(m.vae_scaling_factor) and m.vae_scaling_factor > 0, f"vae_scaling_factor = {m.vae_scaling_factor}"),
             (m.text_hidden_size >= 1, f"text_hidden_size = {m.text_hidden_size}"),
             (m.max_text_length >= 3, f"max_text_length = {m.max_text_length}"),
+            (1 <= m.max_chunks <= 64, f"max_chunks = {m.max_chunks}"),
+            (0 <= m.clip_skips <= 64, f"clip_skips = {m.clip_skips}"),
             (m.vocab_size >= 1, f"vocab_size = {m.vocab_size}"),
             (m.prediction_type in ("epsilon", "v_prediction"), f"prediction_type = {m.prediction_type!r}"),
             (1 <= r.batch_min <= r.batch_max, f"batch range {r.batch_min}..{r.batch_max}"),

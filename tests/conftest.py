@@ -42,6 +42,19 @@ def tiny_diffusers_dir(tmp_path_factory, tiny_model):
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """The mid-size built-in (~25M parameters) as a diffusers folder and its fp32 export: parity beyond tiny."""
+    from sdtrt.export.loaders import load_model
+
+    folder = tmp_path_factory.mktemp("small") / "diffusers"
+    load_model("small").save_pretrained(folder)
+    out = folder.parent / "engine"
+    export(ExportConfig(model=str(folder), out=str(out), precision="fp32", size_min=64, size_max=256, batch_max=2),
+           log=lambda s: None)
+    return out, folder
+
+
 @pytest.fixture
 def engine(tiny_fp32, tmp_path):
     """A private copy of the tiny fp32 export, so a test may break it."""

@@ -16,7 +16,8 @@ def test_generate_writes_pngs_whose_parameters_read_back(engine, tmp_path, cli):
     assert image.size == (96, 64)
     params = image.text["parameters"]
     assert params.startswith("a lighthouse at dusk\nNegative prompt: fog\n")
-    assert "Steps: 3, Sampler: euler_a, CFG scale: 7.5, Seed: 11, Size: 96x64, Batch index: 1" in params
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 11, Size: 96x64, Model hash: " in params
+    assert params.endswith("Batch size: 2, Batch pos: 1, Version: sdtrt 0.1.0")
     assert "seed 11" in err
 
 

@@ -58,17 +58,22 @@ class BuildConfig:
 
 
 def dim_triples(cfg: BuildConfig, model: ModelInfo) -> dict[str, Triple]:
-    """min/opt/max of every named dimension, for a dynamic or a static profile."""
+    """min/opt/max of every named dimension, for a dynamic or a static profile. The prompt's text axis stays
+    dynamic even in a static profile (77 tokens per chunk, up to the export's chunks; opt: one chunk)."""
     b, s, f = cfg.batch, cfg.size, model.vae_scale_factor
+    seq, k = model.max_text_length, model.max_chunks
+    text = {"text_length": (seq, seq, seq * k)}
     if cfg.static:
         w, h = cfg.static
         bo = b[1]
-        return {"batch": (bo,) * 3, "text_batch": (2 * bo,) * 3, "height": (h,) * 3, "width": (w,) * 3,
-                "latent_height": (h // f,) * 3, "latent_width": (w // f,) * 3}
+        return {"batch": (bo,) * 3, "text_batch": (2 * bo,) * 3, "text_rows": (1, 2 * bo, 2 * bo * k),
+                "height": (h,) * 3, "width": (w,) * 3, "latent_height": (h // f,) * 3, "latent_width": (w // f,) * 3,
+                **text}
     lat = (s[0] // f, s[1] // f, s[2] // f)
-    # text_batch: B rows without guidance, 2B with it; opt is the guided case
-    return {"batch": b, "text_batch": (b[0], 2 * b[1], 2 * b[2]), "height": s, "width": s,
-            "latent_height": lat, "latent_width": lat}
+    # text_batch: B rows without guidance, 2B with it; opt is the guided case. text_rows: chunks of prompts and
+    # negative prompts, one call
+    return {"batch": b, "text_batch": (b[0], 2 * b[1], 2 * b[2]), "text_rows": (1, 2 * b[1], 2 * b[2] * k),
+            "height": s, "width": s, "latent_height": lat, "latent_width": lat, **text}
 
 
 def profile_shapes(component: Component, cfg: BuildConfig, model: ModelInfo) -> dict[str, tuple[tuple[int, ...], ...]]:

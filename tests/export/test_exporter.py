@@ -90,14 +90,21 @@ def test_unet_graph_folds_classifier_free_guidance_like_diffusers(tiny_fp32, tin
     assert compare(plain, out_c.numpy(), "no cfg", TOLERANCE["fp32"]).passed
 
 
-def test_text_encoder_graph_returns_clip_last_hidden_state(tiny_fp32, tiny_model):
+def test_text_encoder_graph_returns_clip_hidden_states_with_clip_skip(tiny_fp32, tiny_model):
     out, manifest = tiny_fp32
     ids = tiny_model.tokenizer(["a photo of a cat", ""], padding="max_length", max_length=77, truncation=True,
                                return_tensors="np")["input_ids"].astype(np.int32)
-    [got] = ort_session(out / manifest.components["text_encoder"].file).run(None, {"input_ids": ids})
+    got = ort_session(out / manifest.components["text_encoder"].file).run(
+        ["last_hidden_state", "hidden_state_skip1", "hidden_state_skip2"], {"input_ids": ids})
+    te = tiny_model.text_encoder
+    norm = getattr(te, "text_model", te).final_layer_norm
     with torch.no_grad():
-        want = tiny_model.text_encoder(torch.from_numpy(ids).long()).last_hidden_state.numpy()
-    assert compare(got, want, "", TOLERANCE["fp32"]).passed
+        full = te(torch.from_numpy(ids).long(), output_hidden_states=True)
+        # diffusers' encode_prompt with clip_skip: final_layer_norm(hidden_states[-(clip_skip + 1)])
+        want = [full.last_hidden_state] + [norm(full.hidden_states[-(s + 1)]) for s in (1, 2)]
+    for g, w in zip(got, want):
+        assert compare(g, w.numpy(), "", TOLERANCE["fp32"]).passed
+    assert manifest.model.clip_skips == 2 and manifest.model.max_chunks == 3
 
 
 def test_vae_graph_folds_the_scaling_factor(tiny_fp32, tiny_model):

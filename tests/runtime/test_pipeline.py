@@ -59,19 +59,6 @@ def test_tiny_image_without_guidance_matches_diffusers(tiny_fp32, tiny_diffusers
     assert value >= 40
 
 
-@pytest.fixture(scope="session")
-def small_model(tmp_path_factory):
-    from sdtrt.export import ExportConfig, export
-    from sdtrt.export.loaders import load_model
-
-    folder = tmp_path_factory.mktemp("small") / "diffusers"
-    load_model("small").save_pretrained(folder)
-    out = folder.parent / "engine"
-    export(ExportConfig(model=str(folder), out=str(out), precision="fp32", size_min=64, size_max=256, batch_max=2),
-           log=lambda s: None)
-    return out, folder
-
-
 @pytest.mark.parametrize("sampler", ["pndm", "dpmpp_2m_karras", "euler_a"])
 def test_mid_size_image_matches_diffusers(small_model, sampler):
     out, folder = small_model

@@ -1,6 +1,5 @@
 """The runtime tokenizer (tokenizers only) against transformers' CLIPTokenizer on the same files."""
 
-import logging
 
 import numpy as np
 import pytest
@@ -43,16 +42,15 @@ def test_long_prompt_is_truncated_and_the_dropped_tokens_counted(tokenizers):
     assert dropped[:-1] == [0] * (len(CORPUS) - 1)
 
 
-def test_the_truncation_warning_names_the_prompt_as_the_user_numbers_it(tiny_fp32, caplog):
+def test_a_prompt_longer_than_the_export_allows_is_refused_naming_the_prompt(tiny_fp32):
+    from sdtrt.errors import UsageError
     from sdtrt.runtime import Pipeline
 
-    long = CORPUS[-1]
-    with Pipeline.from_dir(tiny_fp32[0]) as pipe, caplog.at_level(logging.WARNING, logger="sdtrt"):
-        pipe(["a cat", long], negative_prompt=[long, "blurry"], num_inference_steps=1, height=64, width=64, seed=1,
-             scheduler="euler")
-        messages = [r.getMessage() for r in caplog.records]
-        caplog.clear()
-        pipe(long, num_inference_steps=1, height=64, width=64, seed=1, scheduler="euler")
-        single = [r.getMessage() for r in caplog.records]
-    assert [m.split(" is longer")[0] for m in messages] == ["negative prompt 1", "prompt 2"]
-    assert single and single[0].startswith("prompt is longer than 77 tokens: its last ")
+    long = " ".join(["castle"] * 300)  # 4+ chunks; the export allows 3
+    with Pipeline.from_dir(tiny_fp32[0]) as pipe:
+        with pytest.raises(UsageError, match=r"^negative prompt 1 needs \d chunks of 75 tokens \(\d+ tokens\); this "
+                                             r"folder was exported for at most 3 \(re-export with --max-chunks \d\)"):
+            pipe(["a cat", "a dog"], negative_prompt=[long, ""], num_inference_steps=1, height=64, width=64,
+                 scheduler="euler")
+        with pytest.raises(UsageError, match=r"^prompt needs"):
+            pipe(long, num_inference_steps=1, height=64, width=64, scheduler="euler")

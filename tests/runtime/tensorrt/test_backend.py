@@ -457,3 +457,17 @@ def test_the_end_to_end_check_compares_with_the_host_loop(fake_gpu, fp16_folder,
     finally:
         engines.close()
     assert seen == [None]  # the reference shares no loop code with the device loop under test
+
+
+def test_prompts_of_several_chunks_run_on_the_device_loop(fake_gpu, fp16_folder):
+    """The text axis (77 x chunks) is dynamic in the profiles; the loop re-sets up when it changes."""
+    folder = built(fp16_folder)
+    long = ", ".join(["a red fox in the snow"] * 7)  # two chunks
+    prompts = ["a cat", long, long + " BREAK (moon:1.2)", "a cat"]
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=4, height=64, width=64, seed=5, output_type="np")
+    with Pipeline.from_dir(folder, backend="onnxruntime-cpu") as host:
+        want = [host(p, **kwargs).images for p in prompts]
+    with Pipeline.from_dir(folder, backend="tensorrt") as pipe:
+        got = [pipe(p, **kwargs).images for p in prompts]
+        assert pipe.engines["unet"].device_loop.captures == 4  # 1, 2, 3, then 1 chunk again: a new graph each time
+    assert all(same_image(w, g) for w, g in zip(want, got))

@@ -28,11 +28,11 @@ def test_dynamic_profile_follows_batch_and_size_ranges(tiny_fp16):
     cfg = BuildConfig(batch=(1, 2, 4), size=(64, 256, 512))
     unet = profile_shapes(manifest.components["unet"], cfg, manifest.model)
     assert unet["latents"] == ((1, 4, 8, 8), (2, 4, 32, 32), (4, 4, 64, 64))
-    # B rows without guidance up to 2B with it; the optimum is the guided batch
-    assert unet["encoder_hidden_states"] == ((1, 77, 32), (4, 77, 32), (8, 77, 32))
+    # B rows without guidance up to 2B with it, one to three 77-token chunks; the optimum: guided, one chunk
+    assert unet["encoder_hidden_states"] == ((1, 77, 32), (4, 77, 32), (8, 231, 32))
     assert "timestep" not in unet and "guidance_scale" not in unet  # static inputs need no profile
     text = profile_shapes(manifest.components["text_encoder"], cfg, manifest.model)
-    assert text["input_ids"] == ((1, 77), (4, 77), (8, 77))
+    assert text["input_ids"] == ((1, 77), (4, 77), (24, 77))  # every chunk of every prompt, one call
     update = profile_shapes(manifest.components["sampler_update"], cfg, manifest.model)
     assert update["state_0"] == unet["latents"] and "coefs" not in update
 
@@ -43,7 +43,7 @@ def test_static_profile_pins_every_dimension(tiny_fp16):
     vae = profile_shapes(manifest.components["vae_decoder"], cfg, manifest.model)
     assert vae["latents"] == ((2, 4, 24, 40),) * 3
     unet = profile_shapes(manifest.components["unet"], cfg, manifest.model)
-    assert unet["encoder_hidden_states"] == ((4, 77, 32),) * 3
+    assert unet["encoder_hidden_states"] == ((4, 77, 32), (4, 77, 32), (4, 231, 32))  # long prompts still fit
 
 
 def test_engine_names_carry_tensorrt_version_and_compute_capability():

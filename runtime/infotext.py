@@ -1,0 +1,147 @@
+"""Generation parameters in AUTOMATIC1111's ``parameters`` text (PNG text chunk), written and read back.
+
+Format (A1111 ``modules/processing.py create_infotext``, parsed by ``modules/infotext_utils.py``)::
+
+    prompt (may span lines)
+    Negative prompt: ...            (omitted when empty)
+    Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model hash: ...
+
+Values holding ``,``, ``:`` or a newline are JSON-quoted. A1111 writes "Clip skip" only above 1, and reads a
+missing one as 1. sdtrt adds "Batch size"/"Batch pos" for images of a batch (the seed draws the whole batch's
+latents at once), which A1111's parser keeps as extra keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from sdtrt.errors import UsageError
+
+# sdtrt sampler -> (A1111 sampler name, A1111 schedule type or None for "Automatic")
+A1111_SAMPLERS = {
+    "ddim": ("DDIM", None), "pndm": ("PLMS", None), "lms": ("LMS", None), "euler": ("Euler", None),
+    "euler_a": ("Euler a", None), "dpmpp_2m": ("DPM++ 2M", None), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "lcm": ("LCM", None), "unipc": ("UniPC", None),
+}
+_LEGACY = {"DPM++ 2M Karras": ("DPM++ 2M", "Karras"), "LMS Karras": ("LMS", "Karras")}  # A1111 before 1.9
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if ("," in text or ":" in text or "\n" in text) else text
+
+
+def unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def create_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
+    """The text A1111 writes: ``params`` in order, None values left out."""
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """A1111's ``parse_generation_parameters``: "Prompt", "Negative prompt" and every ``Key: value``;
+    ``Size`` is split into ``Size-1`` (width) and ``Size-2`` (height)."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        value = unquote(value)
+        m = _SIZE.match(value)
+        if m:
+            out[f"{key}-1"], out[f"{key}-2"] = m.group(1), m.group(2)
+        else:
+            out[key] = value
+    out.setdefault("Clip skip", "1")
+    return out
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a ``parameters`` text asks for, in sdtrt's terms (None: not in the text)."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int | None
+    scheduler: str | None
+    karras: bool  # "Schedule type: Karras" on a sampler whose name does not say it
+    cfg: float | None
+    seed: int | None
+    width: int | None
+    height: int | None
+    clip_skip: int  # A1111's: 1 = the last layer
+    batch_size: int
+    batch_pos: int
+    model_hash: str | None
+
+
+def replay(text: str) -> Replay:
+    """Read a ``parameters`` text (sdtrt's or A1111's) into settings; unsupported samplers are refused by name."""
+    p = parse_infotext(text)
+
+    def number(key, kind):
+        if key not in p:
+            return None
+        try:
+            return kind(float(p[key])) if kind is int else kind(p[key])
+        except ValueError:
+            raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not a number") from None
+
+    scheduler, karras = None, False
+    if "Sampler" in p:
+        name, schedule = _LEGACY.get(p["Sampler"], (p["Sampler"], p.get("Schedule type")))
+        schedule = None if schedule in (None, "", "Automatic") else schedule
+        matches = [k for k, (n, s) in A1111_SAMPLERS.items() if n == name]
+        if not matches:
+            known = sorted({n for n, _ in A1111_SAMPLERS.values()})
+            raise UsageError(f"the image was made with the sampler {p['Sampler']!r}, which sdtrt does not have "
+                             f"({', '.join(known)}); pass --scheduler to choose one")
+        if schedule not in (None, "Karras"):
+            raise UsageError(f"the image was made with schedule type {schedule!r}; sdtrt has Karras and the "
+                             "model's own schedule")
+        exact = [k for k in matches if A1111_SAMPLERS[k][1] == schedule]
+        scheduler = exact[0] if exact else matches[0]
+        karras = schedule == "Karras" and not exact
+    clip = number("Clip skip", int)
+    return Replay(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], steps=number("Steps", int),
+                  scheduler=scheduler, karras=karras, cfg=number("CFG scale", float), seed=number("Seed", int),
+                  width=number("Size-1", int), height=number("Size-2", int), clip_skip=clip or 1,
+                  batch_size=number("Batch size", int) or 1, batch_pos=number("Batch pos", int) or 0,
+                  model_hash=p.get("Model hash"))
+
+
+def read_png_parameters(path) -> str:
+    """The ``parameters`` text chunk of a PNG (sdtrt's or A1111's)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = (getattr(image, "text", None) or {}).get("parameters") or image.info.get("parameters")
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as ex:
+        raise UsageError(f"{path} is not a readable image ({ex})") from None
+    if not text:
+        raise UsageError(f"{path} holds no generation parameters (no 'parameters' text chunk)")
+    return text

@@ -1,0 +1,102 @@
+"""PNG parameters in A1111's format: what sdtrt writes parses with A1111's own rules, an A1111 infotext replays,
+and --from-png reproduces an image bit for bit on the same backend."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from sdtrt.errors import UsageError
+from sdtrt.runtime.infotext import create_infotext, parse_infotext, replay
+
+# A1111's modules/infotext_utils.py, re_param_code and unquote: the format's own reader
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_params(text):
+    last = text.strip().split("\n")[-1]
+    return {k: (json.loads(v) if v[:1] == '"' and v[-1:] == '"' else v) for k, v in A1111_PARAM.findall(last)}
+
+
+A1111_DOC = """girl with an artist's beret, determined, blue eyes, desert scene, computer monitors, heavy makeup, by Alphonse \
+Mucha and Charlie Bowater, ((eyeshadow)), (coquettish), detailed, intricate
+Negative prompt: ugly, fat, obese, chubby, (((deformed))), [blurry], bad anatomy, disfigured, poorly drawn face, \
+mutation, mutated, (extra_limb), (ugly), (poorly drawn hands), messy drawing
+Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b"""
+
+
+def test_an_a1111_infotext_replays_as_sdtrt_settings():
+    r = replay(A1111_DOC)
+    assert r.prompt.startswith("girl with an artist's beret") and r.negative_prompt.endswith("messy drawing")
+    assert (r.steps, r.scheduler, r.cfg, r.seed, r.width, r.height, r.clip_skip) == (20, "euler_a", 7.0, 965400086,
+                                                                                       512, 512, 1)
+    karras = replay("a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64")
+    assert karras.scheduler == "dpmpp_2m_karras" and not karras.karras
+    legacy = replay("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64, Clip skip: 2")
+    assert legacy.scheduler == "dpmpp_2m_karras" and legacy.clip_skip == 2
+    assert replay("a cat\nSteps: 9, Sampler: Euler, Schedule type: Karras, Seed: 3, Size: 8x8").karras
+
+
+def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
+    text = create_infotext("line one\nline two", "", {"Steps": 3, "Model": "a, b: c", "Note": 'say "hi"',
+                                                      "Empty": None})
+    assert "Negative prompt" not in text and "Empty" not in text
+    assert a1111_params(text) == {"Steps": "3", "Model": "a, b: c", "Note": 'say "hi"'}
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "line one\nline two" and parsed["Model"] == "a, b: c"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1", "the sampler 'DPM++ SDE', which sdtrt does not have"),
+    ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Exponential, Seed: 1", "schedule type 'Exponential'"),
+    ("a cat\nSteps: many, Sampler: Euler, CFG scale: 7, Seed: 1", "Steps: 'many', not a number"),
+])
+def test_parameters_sdtrt_cannot_replay_are_refused_by_name(text, needle):
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        replay(text)
+
+
+def test_from_png_reproduces_the_image_bit_for_bit(engine, cli, tmp_path):
+    code, _, err = cli("generate", engine, "a (red:1.2) fox, BREAK snow", "-n", "blurry, (ugly:1.3)", "--size", "96x64",
+                       "--steps", 4, "--seed", 5, "--clip-skip", 2, "--num-images", 2, "--scheduler", "dpmpp_2m_karras",
+                       "-o", tmp_path / "a.png")
+    assert code == 0, err
+    original = Image.open(tmp_path / "a-1.png")
+    params = a1111_params(original.text["parameters"])
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras" and params["Clip skip"] == "2"
+    assert params["Size"] == "96x64" and params["Batch size"] == "2" and params["Batch pos"] == "1"
+    assert re.fullmatch(r"[0-9a-f]{10}", params["Model hash"]) and params["Version"] == "sdtrt 0.1.0"
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-1.png", "-o", tmp_path / "b.png")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "b.png")), np.array(original))
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-1.png", "--seed", 6, "-o", tmp_path / "c.png")
+    assert code == 0, err and "Seed: 6" in Image.open(tmp_path / "c.png").text["parameters"]
+
+
+def test_from_png_replays_an_a1111_image(engine, cli, tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_DOC.replace("Size: 512x512", "Size: 64x64"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a1111.png", "--steps", 2, "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert "the image was made with model hash 45dee52b" in err  # a different model: said, not hidden
+    params = a1111_params(Image.open(tmp_path / "x.png").text["parameters"])
+    assert (params["Sampler"], params["CFG scale"], params["Seed"], params["Steps"]) == ("Euler a", "7", "965400086", "2")
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: Image.new("RGB", (8, 8)).save(p), "holds no generation parameters"),
+    (lambda p: p.write_bytes(b"not an image"), "is not a readable image"),
+    (lambda p: None, "does not exist"),
+])
+def test_from_png_bad_input(engine, cli, tmp_path, make, needle):
+    make(tmp_path / "in.png")
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "in.png", "-o", tmp_path / "x.png")
+    assert code == 2 and err.startswith("sdtrt generate: error: ") and needle in err and len(err.splitlines()) == 1
+
+
+def test_no_prompt_and_no_png_is_one_line(engine, cli, tmp_path):
+    code, _, err = cli("generate", engine, "-o", tmp_path / "x.png")
+    assert code == 2 and err == "sdtrt generate: error: a prompt is needed (or --from-png IMAGE)"
