@@ -207,7 +207,6 @@ class Pipeline:
                  callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        info = self.manifest.model
         plan = self.plan(req)
         table, shape, batch = plan.table, plan.shape, req.batch
         reserve = getattr(self.engines, "reserve", None)
