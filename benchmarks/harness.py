@@ -1,8 +1,9 @@
 """`sdtrt bench`: sdtrt's runtime against eager PyTorch (diffusers), side by side in one run.
 
 Each system lives in its own worker process (so neither pollutes the other's memory figures) and the
-parent drives them interleaved, A, B, A, B, with the same prompt, seed and initial latents. The
-baseline is diffusers' StableDiffusionPipeline built from the same weights as the engine folder.
+parent drives them interleaved, A, B, A, B, with the same prompt, seed, input image and random arrays. The
+baseline is diffusers' StableDiffusionPipeline (``--task img2img``: StableDiffusionImg2ImgPipeline, ``inpaint``:
+StableDiffusionInpaintPipeline) built from the same weights as the engine folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.config import to_dict
-from sdtrt.errors import UsageError
+from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.parity import psnr
 
 SCHEMA = "sdtrt-bench/1"
@@ -43,19 +44,88 @@ class BenchConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     threads: int = 0  # CPU threads for both systems (0: library default)
+    task: str = "txt2img"  # "txt2img", "img2img" or "inpaint" (a synthetic picture; inpaint: its centre masked)
+    strength: float | None = None  # img2img/inpaint (None: the pipelines' defaults)
+    controlnets: int = 0  # the folder's first N ControlNets, each on a synthetic control map
 
     def check(self) -> None:
         if self.baseline not in ("torch", "torch-compile", "none"):
             raise UsageError(f"--baseline must be torch, torch-compile or none, not {self.baseline!r}")
+        if self.task not in TASKS:
+            raise UsageError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.strength is not None and (self.task == "txt2img" or not 0 < self.strength <= 1):
+            raise UsageError("--strength needs --task img2img or inpaint" if self.task == "txt2img"
+                             else f"--strength must be in (0, 1], got {self.strength:g}")
         for label, v, lo in (("--steps", self.steps, 1), ("--batch", self.batch, 1), ("--runs", self.runs, 1),
-                             ("--warmup", self.warmup, 0)):
+                             ("--warmup", self.warmup, 0), ("--controlnet", self.controlnets, 0)):
             if v < lo:
                 raise UsageError(f"{label} must be at least {lo}, got {v}")
 
 
-def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The runtime's seed rule (first PCG64 draw), so both systems start from the same latents."""
-    return np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
+TASKS = ("txt2img", "img2img", "inpaint")
+
+
+def control_maps(count: int, width: int, height: int) -> list:
+    """``count`` synthetic control maps (white lines on black, as an edge map) at this size."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    maps = []
+    for k in range(count):
+        lines = ((x + (k + 1) * y) % (24 + 8 * k) < 2) | ((x - y) % 40 < 2)
+        maps.append(Image.fromarray(np.repeat((lines * 255).astype(np.uint8)[..., None], 3, axis=-1)))
+    return maps
+
+
+def task_inputs(task: str, width: int, height: int) -> dict[str, Any]:
+    """The input image (and mask) of an img2img/inpaint benchmark at this size: a smooth synthetic picture, the
+    middle half of it masked; the same for both systems."""
+    if task == "txt2img":
+        return {}
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([np.sin(6 * x + 1) * 0.5 + 0.5, np.cos(5 * y) * 0.4 + 0.5, (x + y) / 2], -1)
+    out = {"image": Image.fromarray((rgb * 255).astype(np.uint8))}
+    if task == "inpaint":
+        mask = np.zeros((height, width), np.uint8)
+        mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
+        out["mask_image"] = Image.fromarray(mask)
+    return out
+
+
+class _SeedDraws:
+    """diffusers' pipelines draw the VAE posterior and the forward noise from their generator: hand them our seed
+    contract's arrays instead (in the order the runtime draws them, README "Seeds"), so both systems start alike."""
+
+    MODULES = ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.randn_tensor",
+               "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.randn_tensor",
+               "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint.randn_tensor",
+               "diffusers.pipelines.controlnet.pipeline_controlnet.randn_tensor",
+               "diffusers.pipelines.controlnet.pipeline_controlnet_img2img.randn_tensor",
+               "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint.randn_tensor",
+               "diffusers.models.autoencoders.vae.randn_tensor")
+
+    def __init__(self, seed: int):
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, **kwargs):
+        import torch
+
+        draw = torch.from_numpy(self.rng.standard_normal(tuple(shape), dtype=np.float32))
+        return draw.to(device=device, dtype=dtype)
+
+    def __enter__(self):
+        from contextlib import ExitStack
+        from unittest import mock
+
+        self.stack = ExitStack()
+        for target in self.MODULES:
+            self.stack.enter_context(mock.patch(target, side_effect=self))
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
 
 
 # ---- workers (run in child processes) ---------------------------------------------------------------------
@@ -69,14 +139,20 @@ class _Ours:
         self.pipe = Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, threads=cfg.threads)
         self.backend = self.pipe.backend_name
         self.cfg = cfg
+        if cfg.controlnets > len(self.pipe.manifest.controlnets):
+            raise UsageError(f"--controlnet {cfg.controlnets}: {cfg.engine_dir} has {len(self.pipe.manifest.controlnets)}"
+                             " ControlNets (add one with `sdtrt export-controlnet`)")
 
     def generate(self, width: int, height: int, seed: int) -> tuple[np.ndarray, dict[str, float]]:
         c = self.cfg
         r = self.pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
                       height=height, width=width, seed=seed, num_images_per_prompt=c.batch, scheduler=c.scheduler,
-                      output_type="np")
+                      output_type="np", strength=c.strength, **task_inputs(c.task, width, height),
+                      control_images=control_maps(c.controlnets, width, height) if c.controlnets else None)
         t = r.timings
-        return r.images, {"total": t["total"], "text_encoder": t["text_encoder"], "unet": t["unet"],
+        encoder = {"vae_encoder": t["vae_encoder"]} if c.task != "txt2img" else {}
+        control = {"controlnet": t["controlnet"]} if "controlnet" in t else {}
+        return r.images, {"total": t["total"], "text_encoder": t["text_encoder"], **encoder, **control, "unet": t["unet"],
                           "sampler_update": t["sampler_update"], "vae_decoder": t["vae_decoder"], "steps": t["steps"]}
 
 
@@ -105,10 +181,14 @@ class _Baseline:
         self.latent_channels = manifest.model.latent_channels
         self.vae_scale = manifest.model.vae_scale_factor
         self._timers: dict[str, float] = {}
+        self._calls: dict[str, int] = {}
         self._wrap(self.pipe.text_encoder, "forward", "text_encoder")
         self._wrap(self.pipe.unet, "forward", "unet")
         self._wrap(self.pipe.vae, "decode", "vae_decoder")
+        self._wrap(self.pipe.vae, "encode", "vae_encoder")
         self._wrap(self.pipe.scheduler, "step", "sampler_update")
+        if cfg.controlnets:
+            self._wrap(self.pipe.controlnet, "forward", "controlnet")
 
     def _sync(self):
         if self.cuda:
@@ -125,6 +205,7 @@ class _Baseline:
             out = inner(*args, **kwargs)
             self._sync()
             self._timers[label] = self._timers.get(label, 0.0) + time.perf_counter() - t
+            self._calls[label] = self._calls.get(label, 0) + 1
             return out
 
         setattr(obj, method, timed)
@@ -133,37 +214,101 @@ class _Baseline:
         import torch
 
         c = self.cfg
-        shape = (c.batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        latents = torch.from_numpy(initial_latents(seed, shape)).to(self.pipe.device, self.dtype)
-        self._timers = {}
+        self._timers, self._calls = {}, {}
         self._sync()
         t = time.perf_counter()
-        with torch.inference_mode():
-            images = self.pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=c.steps,
-                               guidance_scale=c.guidance_scale, height=height, width=width, latents=latents,
-                               num_images_per_prompt=c.batch, output_type="np").images
+        args = dict(negative_prompt=NEGATIVE, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
+                    num_images_per_prompt=c.batch, output_type="np", **task_inputs(c.task, width, height))
+        if c.task != "img2img":  # img2img's size is its image's
+            args.update(height=height, width=width)
+        if c.strength is not None:
+            args["strength"] = c.strength
+        if c.controlnets:  # the ControlNet pipelines call the input image `image` only for txt2img
+            maps = control_maps(c.controlnets, width, height)
+            args["image" if c.task == "txt2img" else "control_image"] = maps[0] if len(maps) == 1 else maps
+        with torch.inference_mode(), _SeedDraws(seed):
+            images = self.pipe(PROMPT, **args).images
         self._sync()
-        timings = dict(self._timers, total=time.perf_counter() - t, steps=len(self.pipe.scheduler.timesteps))
+        # U-Net calls, not the schedule's length: img2img and inpainting below strength 1 run part of it
+        timings = dict(self._timers, total=time.perf_counter() - t, steps=self._calls["unet"])
         return np.asarray(images, dtype=np.float32), timings
+
+
+def _baseline_model(manifest):
+    """The PyTorch model the export was made from, rebuilt from its source: a built-in's seeded random weights under
+    this sdtrt, or the diffusers folder as it is now."""
+    from sdtrt.export.loaders import load_model
+
+    return load_model(manifest.model.source, seed=manifest.model.weights_seed or 0)
+
+
+def check_baseline_weights(engine_dir: str) -> None:
+    """Refuse a baseline that is not the exported model: the built-in weights changed since the export (another
+    sdtrt), or the diffusers folder was edited or replaced. Its PSNR against our image would then be a wrong number
+    (32 dB instead of 130), not a finding. Each graph of the folder runs on the export's first parity-gate case in
+    ONNX Runtime against the rebuilt module, as the export's gate did."""
+    from sdtrt.export.exporter import default_cases
+    from sdtrt.export.graphs import controlnet_spec, graph_specs
+    from sdtrt.export.validate import validate_graph
+    from sdtrt.manifest import CONTROLNET_PREFIX, Manifest
+
+    folder = Path(engine_dir)
+    manifest = Manifest.load(folder)
+    model = _baseline_model(manifest)
+    specs = graph_specs(model)
+    m = manifest.model
+    for name, component in manifest.controlnets.items():
+        specs[CONTROLNET_PREFIX + name] = controlnet_spec(baseline_controlnet(manifest, model, component),
+                                                          m.latent_channels, m.text_hidden_size, m.max_text_length,
+                                                          m.vae_scale_factor)
+    for name, component in manifest.components.items():
+        if name not in specs:  # the sampler-update graph: no weights
+            continue
+        case = default_cases(name, manifest.ranges, manifest.model.max_chunks)[0]
+        result = validate_graph(specs[name], folder / component.file, [case], manifest.precision)[0]
+        if not result.passed:
+            seed = manifest.model.weights_seed
+            source = manifest.model.source + (f" (weights seed {seed})" if seed is not None else "")
+            raise UsageError(
+                f"the baseline model differs from the one exported to {engine_dir}: {name} rebuilt from {source} is "
+                f"{result.max_rel_error:.2g} (relative) away from {component.file} at {result.shape}, where the "
+                f"export's gate allows {result.tolerance:g}: its weights changed since the export; re-export the "
+                "model to benchmark it")
 
 
 def _diffusers_pipeline(manifest, cfg: BenchConfig):
     import diffusers
 
-    from sdtrt.export.loaders import load_model, make_scheduler
+    from sdtrt.export.loaders import make_scheduler
     from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT
 
-    source = manifest.model.source
-    model = load_model(source, seed=manifest.model.weights_seed or 0)
+    model = _baseline_model(manifest)
     scheduler_config = dict(model.scheduler_config)
     if cfg.scheduler:
         cls, extra = DIFFUSERS_EQUIVALENT[cfg.scheduler]
         scheduler_config.update(extra, _class_name=cls)
-    return diffusers.StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=make_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+                      scheduler=make_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,
+                      requires_safety_checker=False)
+    if cfg.controlnets:
+        models = [baseline_controlnet(manifest, model, c) for c in list(manifest.controlnets.values())[:cfg.controlnets]]
+        pipeline = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
+                    "img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+                    "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[cfg.task]
+        return pipeline(**components, controlnet=models[0] if len(models) == 1 else models)
+    pipeline = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+                "inpaint": diffusers.StableDiffusionInpaintPipeline}[cfg.task]
+    return pipeline(**components)
+
+
+def baseline_controlnet(manifest, model, component):
+    """The PyTorch ControlNet a component was exported from: the built-in rebuilt from its seed, or its folder."""
+    from sdtrt.export.controlnet import BUILTIN_CONTROLNET, builtin_controlnet, load_controlnet_folder
+
+    kind, _, seed = component.source.partition(":")
+    if kind == BUILTIN_CONTROLNET and seed.isdigit():
+        return builtin_controlnet(model.unet, manifest.model.latent_channels, manifest.model.vae_scale_factor, int(seed))
+    return load_controlnet_folder(Path(component.source))
 
 
 def peak_rss_mb() -> float:
@@ -214,6 +359,10 @@ def _worker(kind: str, cfg_json: str, conn) -> None:
     try:
         if cfg.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+        if kind == "check":  # a process of its own: the baseline worker's figures must not include it
+            check_baseline_weights(cfg.engine_dir)
+            conn.send(("ready", {}))
+            return
         runner = _Ours(cfg) if kind == "sdtrt" else _Baseline(cfg)
         conn.send(("ready", {"load_s": time.perf_counter() - t0, "backend": runner.backend}))
         first = True
@@ -225,6 +374,8 @@ def _worker(kind: str, cfg_json: str, conn) -> None:
                 first = False
             conn.send(("ok", (images, timings)))
         conn.send(("memory", _peak_memory(os.getpid(), kind == "baseline" and getattr(runner, "cuda", False))))
+    except SdtrtError as ex:  # a message for the user as it is
+        conn.send(("error", str(ex)))
     except Exception as ex:  # reported to the parent as one line
         conn.send(("error", f"{kind}: {type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"))
 
@@ -283,6 +434,8 @@ def _summary(samples: list[dict[str, float]], batch: int) -> dict[str, Any]:
             "unet_per_step": med("unet") / steps,
             "sampler_update_per_step": med("sampler_update") / steps,
             "vae_decoder": med("vae_decoder"),
+            **({"vae_encoder": med("vae_encoder")} if "vae_encoder" in samples[0] else {}),
+            **({"controlnet_per_step": med("controlnet") / steps} if "controlnet" in samples[0] else {}),
         },
         "unet_it_per_s": steps / med("unet"),
         "steps": steps,
@@ -305,7 +458,8 @@ def host_overhead(engine_dir: str, steps: int = 50, size: int = 512, sampler: st
     shapes = {"text_encoder": (2, info.max_text_length, info.text_hidden_size),
               "unet": (1, info.latent_channels, h, h), "vae_decoder": (1, 3, size, size)}
     engines = {name: NullEngine(manifest.components[name], shape) for name, shape in shapes.items()}
-    pipe = Pipeline(folder, manifest, engines, ClipTokenizer(folder / manifest.tokenizer_dir, info.max_text_length),
+    pipe = Pipeline(folder, manifest, engines, ClipTokenizer(folder / manifest.tokenizer_dir, info.max_text_length,
+                                                             info.vocab_size),
                     _json.loads((folder / manifest.scheduler_config).read_text()))
     runs = [pipe("x", num_inference_steps=steps, height=size, width=size, seed=0, scheduler=sampler,
                  output_type="np").timings for _ in range(5)]
@@ -375,6 +529,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     if not r.batch_min <= cfg.batch <= r.batch_max:
         raise UsageError(f"batch {cfg.batch} is outside the exported range {r.batch_min}..{r.batch_max}")
     systems = ["sdtrt"] + ([] if cfg.baseline == "none" else ["baseline"])
+    if cfg.baseline != "none":
+        log("checking that the baseline rebuilds the exported model ...")
+        _Client("check", cfg).close()
     log(f"starting {', '.join(systems)} ...")
     clients: dict[str, _Client] = {}
     samples: dict[tuple[int, int], dict[str, list]] = {}

@@ -7,8 +7,9 @@ from typing import Any
 
 from sdtrt.fsutil import atomic_path
 
-COMPONENTS = (("text_encoder", "text encoder"), ("unet", "U-Net (all steps)"), ("sampler_update", "sampler update (all steps)"),
-              ("vae_decoder", "VAE decode"))
+COMPONENTS = (("text_encoder", "text encoder"), ("vae_encoder", "VAE encode"),
+              ("controlnet", "ControlNets (all steps)"), ("unet", "U-Net (all steps)"),
+              ("sampler_update", "sampler update (all steps)"), ("vae_decoder", "VAE decode"))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -19,8 +20,11 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     device = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores)"
     lines = [f"Device: {device}; precision {result['precision']}; model {result['model']['family']}; "
-             f"{result['config']['steps']} steps, batch {result['config']['batch']}, runs {result['config']['runs']} "
-             f"(warm-up {result['config']['warmup']})", ""]
+             f"{result['config'].get('task', 'txt2img')}"
+             + (f" with {result['config']['controlnets']} ControlNet(s)" if result["config"].get("controlnets") else "")
+             + (f" (strength {result['config']['strength']:g})" if result["config"].get("strength") else "")
+             + f", {result['config']['steps']} steps, batch {result['config']['batch']}, runs "
+             f"{result['config']['runs']} (warm-up {result['config']['warmup']})", ""]
     for entry in result["results"]:
         systems = entry["systems"]
         ours, base = systems["sdtrt"], systems.get("baseline")
@@ -38,8 +42,11 @@ def markdown(result: dict[str, Any]) -> str:
         row("latency, min (s)", ours["latency_s"]["min"], get(base, "latency_s", "min"))
         row("images/s", ours["images_per_s"], get(base, "images_per_s"))
         row("U-Net it/s", ours["unet_it_per_s"], get(base, "unet_it_per_s"), "{:.2f}")
-        for key, label in (("text_encoder", "text encoder (ms)"), ("unet_per_step", "U-Net per step (ms)"),
+        for key, label in (("text_encoder", "text encoder (ms)"), ("vae_encoder", "VAE encode (ms)"),
+                           ("controlnet_per_step", "ControlNets per step (ms)"), ("unet_per_step", "U-Net per step (ms)"),
                            ("sampler_update_per_step", "sampler update per step (ms)"), ("vae_decoder", "VAE decode (ms)")):
+            if key not in ours["components_s"]:
+                continue
             b = get(base, "components_s", key)
             row(label, ours["components_s"][key] * 1e3, None if b is None else b * 1e3, "{:.2f}")
         if "psnr_db_vs_baseline" in entry:
@@ -78,8 +85,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for name, s in entry["systems"].items():
             c = s["components_s"]
             labels.append(f"{name}\n{entry['size']}")
-            stacks.append([c["text_encoder"], c["unet_per_step"] * s["steps"], c["sampler_update_per_step"] * s["steps"],
-                           c["vae_decoder"]])
+            stacks.append([c["text_encoder"], c.get("vae_encoder", 0.0), c.get("controlnet_per_step", 0.0) * s["steps"],
+                           c["unet_per_step"] * s["steps"],
+                           c["sampler_update_per_step"] * s["steps"], c["vae_decoder"]])
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels), 4.5))
     bottoms = [0.0] * len(labels)
     for i, (_, label) in enumerate(COMPONENTS):

@@ -133,4 +133,18 @@ SDXL = Architecture(
     unsupported_reason="SDXL (two text encoders, pooled and size conditioning) is not supported yet",
 )
 
-BUILTIN_ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (TINY, SMALL, SD15, SD21, SDXL)}
+
+
+def _inpainting(arch: Architecture) -> Architecture:
+    """The inpainting variant of ``arch``: a U-Net with 2C + 1 input channels (latents, mask, masked-image latents),
+    as runwayml's stable-diffusion-inpainting is to SD 1.5."""
+    latent = arch.vae["latent_channels"]
+    return Architecture(name=f"{arch.name}-inpaint", family=arch.family,
+                        description=f"{arch.description}; inpainting U-Net ({2 * latent + 1} input channels)",
+                        text_encoder=arch.text_encoder, unet=dict(arch.unet, in_channels=2 * latent + 1), vae=arch.vae,
+                        scheduler_class=arch.scheduler_class, scheduler=arch.scheduler,
+                        tokenizer_merges=arch.tokenizer_merges, tokenizer_pad_token=arch.tokenizer_pad_token)
+
+
+BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a for a in (TINY, SMALL, SD15, SD21, SDXL, _inpainting(TINY), _inpainting(SMALL), _inpainting(SD15))}

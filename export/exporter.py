@@ -7,20 +7,30 @@ passed the parity gate, so an interrupted or failed export never leaves a half-w
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from sdtrt.errors import OutputExistsError, UsageError, ValidationError
+from sdtrt.errors import ModelSourceError, OutputExistsError, UsageError, ValidationError
 from sdtrt.fsutil import remove_stale, temp_path
 from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
+from sdtrt.export.controlnet import BUILTIN_CONTROLNET, parse_spec
+from sdtrt.manifest import CONTROLNET_PREFIX
 from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
+from sdtrt.runtime.prompts import MAX_CHUNKS
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# torch.onnx.export(dynamo=False), which trace_to_onnx uses, writes opsets up to this one (torch.onnx._constants.
+# ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; tested against torch); above it torch only warns, then fails or writes a graph
+# of a lower opset. A constant, so that checking --opset does not import torch.
+MAX_OPSET = 20
+# Built-in weights are drawn with torch.manual_seed(seed), seed + 1 and seed + 2 (one per component), and torch takes
+# seeds up to 2**64 - 1.
+MAX_WEIGHT_SEED = 2**64 - 3
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class ExportConfig:
     allow_pickle: bool = False
     seed: int = 0  # weights of built-in architectures
     max_chunks: int = 3  # prompts up to 75 x max_chunks tokens (A1111's 75-token chunks, concatenated)
+    controlnets: tuple[str, ...] = ()  # "[NAME=]PATH" of diffusers ControlNetModel folders, or "random"
 
     def check(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -50,10 +61,18 @@ class ExportConfig:
                 raise UsageError(f"image size {v} must be a multiple of 8 and at least 64")
         if self.size_min > self.size_max:
             raise UsageError(f"size range {self.size_min}:{self.size_max} has MIN > MAX")
-        if self.opset < 17:
-            raise UsageError(f"opset must be >= 17, got {self.opset}")
-        if not 1 <= self.max_chunks <= 16:
-            raise UsageError(f"--max-chunks must be 1..16 (75 tokens each), got {self.max_chunks}")
+        if not 17 <= self.opset <= MAX_OPSET:
+            raise UsageError(f"--opset must be 17..{MAX_OPSET} (what torch.onnx.export writes), got {self.opset}")
+        if not 0 <= self.seed <= MAX_WEIGHT_SEED:
+            raise UsageError(f"--seed must be 0..{MAX_WEIGHT_SEED} (the weights of built-in models), got {self.seed}")
+        if not self.out.strip():
+            raise UsageError("the output folder path is empty")  # Path("") is ".": --force would replace it
+        if not 1 <= self.max_chunks <= MAX_CHUNKS:
+            raise UsageError(f"--max-chunks must be 1..{MAX_CHUNKS} (75 tokens each), got {self.max_chunks}")
+        names = [parse_spec(c)[0] for c in self.controlnets]
+        for name in names:
+            if names.count(name) > 1:
+                raise UsageError(f"two ControlNets named {name!r}: give one NAME=PATH")
 
     @property
     def ranges(self) -> Ranges:
@@ -69,7 +88,7 @@ def default_cases(component: str, ranges: Ranges, max_chunks: int = 1):
     w2 = min(ranges.size_max, ranges.size_min + 64)
     small = ValidationCase(ranges.batch_min, ranges.size_min, ranges.size_min)
     other = ValidationCase(b2, ranges.size_min, w2)
-    if component == "unet":
+    if component == "unet" or component.startswith(CONTROLNET_PREFIX):
         # Both ways the graph runs: without guidance (B embeddings) and with it (2B embeddings).
         small = ValidationCase(small.batch, small.height, small.width, {"cfg": False, "timestep": 1.0})
         other = ValidationCase(other.batch, other.height, other.width,
@@ -90,25 +109,47 @@ def tool_versions() -> dict[str, str]:
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
-    remove_stale(out.parent, out.name)  # what an export killed before it could clean up left behind
+    """Check ``out`` can be written (replaced, with ``force``) and make the temporary folder the export fills."""
+    parent = out.parent
+    if not parent.is_dir():  # as generate's -o: a mistyped path is not silently created
+        what = "is a file, not a folder" if parent.exists() else "does not exist (create it first)"
+        raise UsageError(f"cannot create {out}: {'' if parent.exists() else 'folder '}{parent} {what}")
+    remove_stale(parent, out.name)  # what an export killed before it could clean up left behind
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} is a file, not a folder (--force replaces folders only)")
     if out.exists() and not force:
         raise OutputExistsError(f"output folder {out} already exists (pass --force to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as ex:
-        raise UsageError(f"cannot create {out.parent}: {ex.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"cannot write to {out.parent}: permission denied")
+    if out.exists() and not _replaceable(out):
+        raise OutputExistsError(f"{out} is not an sdtrt engine folder (no manifest.json) and not empty: --force "
+                                "replaces only engine folders; choose another --out, or move it away yourself")
     tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
-    try:
+    try:  # not os.access: it says "permission denied" for a read-only filesystem, which mkdir names
         tmp.mkdir()
     except OSError as ex:
-        raise UsageError(f"cannot write to {out.parent}: {ex.strerror}") from None
+        raise UsageError(f"cannot write to {parent}: {ex.strerror}") from None
     return tmp
+
+
+def _replaceable(folder: Path) -> bool:
+    """An empty folder, or one an export wrote (its manifest.json, of any schema version): what --force may delete."""
+    try:
+        if not any(folder.iterdir()):
+            return True
+        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "components" in data
+
+
+def _check_not_source(out: Path, source: Path) -> None:
+    """Refuse an --out that is the model folder, inside it or holds it: --force would delete the model."""
+    out, source = out.resolve(), source.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        where = "is" if out == source else "is inside" if source in out.parents else "contains"
+        raise UsageError(f"--out {out} {where} the model folder {source}: the export would overwrite its own source; "
+                         "choose an --out outside it")
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -125,17 +166,24 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     """Export ``config.model`` into ``config.out``; returns the manifest written there."""
     config.check()
     out = Path(config.out).expanduser()
+    if out.name in ("", "..", "."):  # "." or "x/..": name the folder itself, whose siblings hold the temporaries
+        out = out.resolve()
 
     from sdtrt.export.loaders import load_model, resolve_source
 
-    resolve_source(config.model, allow_pickle=config.allow_pickle)
+    source = resolve_source(config.model, allow_pickle=config.allow_pickle)
+    if isinstance(source, Path):
+        _check_not_source(out, source)
     tmp = _prepare_out(out, config.force)
     t0 = time.perf_counter()
     try:
         log(f"loading {config.model} ...")
         model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed)
         log(f"  loaded in {time.perf_counter() - t0:.1f}s")
-        manifest = _export_into(model, config, tmp, log)
+        _check_scheduler(model.scheduler_config, config.model, log)
+        controlnets = {name: load_controlnet(source, model, config, log, index)
+                       for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
+        manifest = _export_into(model, config, tmp, log, controlnets)
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,16 +192,145 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     return manifest
 
 
-def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
-    import numpy as np
+def _check_scheduler(scheduler_config: dict, source: str, log) -> None:
+    """Refuse, before any tracing, a scheduler config that no sampler of the runtime can run (it would refuse every
+    generation); warn when only the model's own sampler cannot, since ``--scheduler`` picks another."""
+    from sdtrt.runtime.samplers import SAMPLERS, SamplerConfig, SamplerError
 
-    from sdtrt.export import onnx_tools
-    from sdtrt.export.graphs import CLIP_SKIPS, graph_specs, vae_scale_factor
+    try:
+        SamplerConfig.from_scheduler_config(scheduler_config)
+        return
+    except SamplerError as ex:
+        own = ex
+    usable = []
+    for name in SAMPLERS:
+        try:
+            SamplerConfig.from_scheduler_config(scheduler_config, name)
+            usable.append(name)
+        except SamplerError:
+            pass
+    if not usable:
+        raise ModelSourceError(f"cannot export {source}: no sampler of sdtrt can run its scheduler config ({own})")
+    log(f"warning: the model's own sampler cannot run on this runtime ({own}); generate with --scheduler "
+        f"{' / '.join(usable)}")
+
+
+def default_size(sample_size, vae_scale: int, ranges: Ranges, log) -> int:
+    """The manifest's default image size (pixels): diffusers' (the U-Net's sample_size times the VAE factor; the
+    height of a (height, width) sample_size), clamped into the exported range on a multiple of 8 and of the VAE
+    factor, so that a generation without --size runs. ``log`` says when it is not the U-Net's own."""
+    step = math.lcm(8, vae_scale)  # size_min and size_max are multiples of both (checked)
+    if isinstance(sample_size, (list, tuple)) and sample_size:
+        sample_size = sample_size[0]
+    own = sample_size * vae_scale if isinstance(sample_size, int) and not isinstance(sample_size, bool) else 0
+    size = max(min(max(own, ranges.size_min), ranges.size_max) // step * step, ranges.size_min)
+    if size != own:
+        log(f"default size {size}x{size}: the U-Net's sample_size {sample_size!r} x VAE factor {vae_scale} "
+            f"({f'{own} px' if own else 'no size'}) is not a multiple of {step} within the exported range "
+            f"{ranges.size_min}..{ranges.size_max}")
+    return size
+
+
+def load_controlnet(source: str, model, config: ExportConfig, log, index: int = 0):
+    """The ``index``-th ``--controlnet`` (a folder, or the built-in: its weights are seeded with seed + 3 + index, so
+    two built-ins differ), checked against the base ``model``."""
+    from sdtrt.export.controlnet import builtin_controlnet, check_compatible, load_controlnet_folder
+    from sdtrt.export.graphs import vae_scale_factor
+
+    latent, hidden = int(model.vae.config.latent_channels), int(model.text_encoder.config.hidden_size)
+    if source == BUILTIN_CONTROLNET:
+        seed = config.seed + 3 + index
+        log(f"building a random-weight ControlNet shaped like {config.model}'s U-Net (seed {seed}) ...")
+        return builtin_controlnet(model.unet, latent, vae_scale_factor(model), seed), f"{BUILTIN_CONTROLNET}:{seed}"
+    path = Path(source).expanduser()
+    log(f"loading ControlNet {path} ...")
+    controlnet = load_controlnet_folder(path, config.allow_pickle)
+    check_compatible(controlnet, str(path), unet_levels(model.unet.config), latent, hidden, vae_scale_factor(model))
+    return controlnet, str(path)
+
+
+def unet_levels(config) -> list[tuple[int, int]]:
+    from sdtrt.export.controlnet import mid_level, residual_levels
+
+    return [*residual_levels(config), mid_level(config)]
+
+
+def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, force: bool = False, opset: int = 17,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
+    """``sdtrt export-controlnet DIR [NAME=]PATH``: export one more ControlNet into an engine folder, for the U-Net
+    already there (its residual inputs say which ControlNets fit), through the same parity gate; the graph's files
+    are written first, the manifest last (atomically), so an interrupted run leaves the folder as it was."""
+    from sdtrt.export.controlnet import builtin_controlnet, check_compatible, load_controlnet_folder
+    from sdtrt.export.graphs import controlnet_spec
     from sdtrt.export.memory_probe import memory_model
-    from sdtrt.export.validate import format_table, validate_graph
+    from sdtrt.export.validate import format_table
+
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    name, source = parse_spec(spec)
+    key = CONTROLNET_PREFIX + name
+    if key in manifest.components and not force:
+        raise OutputExistsError(f"{folder} already has a ControlNet named {name!r} (pass --force to replace it, or "
+                                "NAME=PATH to add it under another name)")
+    m = manifest.model
+    levels = manifest.residual_levels()
+    if source == BUILTIN_CONTROLNET:
+        if m.weights_seed is None:
+            raise UsageError(f"{BUILTIN_CONTROLNET!r} is shaped like a built-in model's U-Net; {folder} was exported "
+                             f"from {m.source}: give a ControlNet folder")
+        from sdtrt.export.loaders import load_model
+
+        base = load_model(m.source, seed=m.weights_seed)
+        seed = m.weights_seed + 3 + len(manifest.controlnets) - (key in manifest.components)
+        controlnet = builtin_controlnet(base.unet, m.latent_channels, m.vae_scale_factor, seed)
+        source = f"{BUILTIN_CONTROLNET}:{seed}"
+    else:
+        source = str(Path(source).expanduser())
+        log(f"loading ControlNet {source} ...")
+        controlnet = load_controlnet_folder(Path(source), allow_pickle)
+    check_compatible(controlnet, name, levels, m.latent_channels, m.text_hidden_size, m.vae_scale_factor)
+    graph = controlnet_spec(controlnet, m.latent_channels, m.text_hidden_size, m.max_text_length, m.vae_scale_factor)
+    tmp = temp_path(folder / key)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        work = tmp / "_work"
+        work.mkdir()
+        table: list = []
+        component = _export_graph(key, graph, tmp, work, manifest.precision, opset, manifest.ranges,
+                                  m.vae_scale_factor, m.max_text_length, m.max_chunks,
+                                  memory_model(graph, m.vae_scale_factor), source, table, f"{key}:", log)
+        log(format_table(table))
+        work.rmdir()
+        old = manifest.components.get(key)
+        for f in tmp.iterdir():  # new files under names no installed manifest points at, until the manifest switches
+            f.rename(folder / f.name)
+        manifest = replace(manifest, components={**manifest.components, key: component})
+        manifest.save(folder)
+        if old is not None:
+            for f in {old.file, *old.external_data} - {component.file, *component.external_data}:
+                (folder / f).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"added ControlNet {name} to {folder}" + (f"; run `sdtrt build {folder}` to build its TensorRT engine"
+                                                   if manifest.tensorrt is not None else ""))
+    return manifest
+
+
+def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: dict | None = None) -> Manifest:
+    from sdtrt.export.graphs import CLIP_SKIPS, controlnet_spec, graph_specs, vae_scale_factor
+    from sdtrt.export.memory_probe import memory_model
+    from sdtrt.export.validate import format_table
 
     specs = graph_specs(model)
     vae_scale = vae_scale_factor(model)
+    sources = {}
+    for name, (controlnet, source) in (controlnets or {}).items():
+        specs[CONTROLNET_PREFIX + name] = controlnet_spec(controlnet, int(model.vae.config.latent_channels),
+                                                          int(model.text_encoder.config.hidden_size),
+                                                          int(model.tokenizer.model_max_length), vae_scale)
+        sources[CONTROLNET_PREFIX + name] = source
+    names = (*COMPONENTS, *sources)
     for v in (config.size_min, config.size_max):
         if v % vae_scale:
             raise UsageError(f"image size {v} must be a multiple of this model's VAE factor {vae_scale}")
@@ -164,66 +341,18 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     work = folder / "_work"
     work.mkdir()
 
-    # Trace at a latent size that does not divide the U-Net's downsampling factor (see trace_to_onnx),
-    # with batch 2 so no batch axis is specialised to 1.
-    trace_h, trace_w = 17 * vae_scale, 19 * vae_scale
     components: dict[str, Component] = {}
     table = []
-    total = len(COMPONENTS) + 1
+    total = len(names) + 1
     seq, chunks = int(model.tokenizer.model_max_length), config.max_chunks
-    memory = {name: memory_model(specs[name], vae_scale) for name in COMPONENTS}
-    for name in COMPONENTS:  # before any slow work: every gate case must fit in memory
+    memory = {name: memory_model(specs[name], vae_scale) for name in names}
+    for name in names:  # before any slow work: every gate case must fit in memory
         _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
-    for step, name in enumerate(COMPONENTS, start=1):
-        spec = specs[name]
-        prefix = f"[{step}/{total}] {name}:"
-        t = time.perf_counter()
-        inputs, outputs = spec.tensor_specs(ranges, vae_scale, config.precision, seq, chunks)
-        cases = default_cases(name, ranges, chunks)
-        log(f"{prefix} tracing to ONNX (opset {config.opset}) ...")
-        # two chunks: no text-length axis can be specialised to 77
-        sample = spec.make_inputs(2, trace_h, trace_w, np.random.default_rng(0), {"chunks": 2})
-        traced = work / f"{name}.onnx"
-        onnx_tools.trace_to_onnx(spec, sample, traced, config.opset)
-        inferred = work / f"{name}.shapes.onnx"
-        onnx_tools.infer_shapes(traced, inferred)
-        final = folder / f"{name}.onnx"
-        islands: list[str] = []
-        if config.precision == "fp16":
-            log(f"{prefix} converting to fp16 ...")
-            external, islands = onnx_tools.convert_to_fp16(inferred, final, spec)
-        else:
-            import onnx
-
-            external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=True), final)
-        for f in work.iterdir():  # free disk before the next component
-            f.unlink()
-        log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
-        results = validate_graph(spec, final, cases, config.precision)
-        table += [(name, "fp32" if spec.fp32_all or config.precision == "fp32" else "fp16", r) for r in results]
-        failed = [r for r in results if not r.passed]
-        if failed:
-            log(format_table(table))
-            worst = max(failed, key=lambda r: r.max_rel_error)
-            raise ValidationError(
-                f"{name} ({config.precision}) does not match PyTorch at {worst.shape}: "
-                f"max relative error {worst.max_rel_error:.3g} > {worst.tolerance:g}"
-            )
-        actual = onnx_tools.io_types(final)
-        for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
-            if actual[t_spec.name] != t_spec.dtype:
-                raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
-        components[name] = Component(
-            file=final.name, sha256=sha256_file(final), memory=memory[name],
-            size_bytes=final.stat().st_size + sum((folder / e).stat().st_size for e in external),
-            precision="fp32" if spec.fp32_all or config.precision == "fp32" else "fp16",
-            inputs=inputs, outputs=outputs, external_data=tuple(external),
-            external_sha256={e: sha256_file(folder / e) for e in external}, fp32_islands=tuple(islands),
-            validation=results,
-            notes=_notes(name),
-        )
-        log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
+    for step, name in enumerate(names, start=1):
+        components[name] = _export_graph(name, specs[name], folder, work, config.precision, config.opset, ranges,
+                                         vae_scale, seq, chunks, memory[name], sources.get(name, ""), table,
+                                         f"[{step}/{total}] {name}:", log)
     work.rmdir()
     components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
     log(format_table(table))
@@ -235,7 +364,8 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
             latent_channels=int(model.vae.config.latent_channels), vae_scale_factor=vae_scale,
             vae_scaling_factor=float(model.vae.config.scaling_factor), text_hidden_size=int(te.hidden_size),
             max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
-            default_size=int(model.unet.config.sample_size) * vae_scale, max_chunks=config.max_chunks,
+            default_size=default_size(model.unet.config.sample_size, vae_scale, ranges, log),
+            max_chunks=config.max_chunks,
             clip_skips=CLIP_SKIPS,
             weights_seed=config.seed if model.source in BUILTIN_ARCHITECTURES else None,
         ),
@@ -244,6 +374,63 @@ def _export_into(model, config: ExportConfig, folder: Path, log) -> Manifest:
     manifest.save(folder)
     return manifest
 
+
+
+def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, opset: int, ranges: Ranges, vae_scale: int,
+                  seq: int, chunks: int, memory, source: str, table: list, prefix: str, log) -> Component:
+    """Trace one graph to ``folder/NAME.onnx`` (fp16 with its FP32 islands, or fp32), run its parity gate, and
+    describe it: its manifest entry."""
+    import numpy as np
+
+    from sdtrt.export import onnx_tools
+    from sdtrt.export.validate import format_table, validate_graph
+
+    t = time.perf_counter()
+    inputs, outputs = spec.tensor_specs(ranges, vae_scale, precision, seq, chunks)
+    cases = default_cases(name, ranges, chunks)
+    log(f"{prefix} tracing to ONNX (opset {opset}) ...")
+    # Trace at a latent size that does not divide the U-Net's downsampling factor (see trace_to_onnx), with batch 2
+    # so no batch axis is specialised to 1, and two chunks: no text-length axis can be specialised to 77.
+    sample = spec.make_inputs(2, 17 * vae_scale, 19 * vae_scale, np.random.default_rng(0), {"chunks": 2})
+    traced = work / f"{name}.onnx"
+    onnx_tools.trace_to_onnx(spec, sample, traced, opset)
+    inferred = work / f"{name}.shapes.onnx"
+    onnx_tools.infer_shapes(traced, inferred)
+    final = folder / f"{name}.onnx"
+    islands: list[str] = []
+    if precision == "fp16":
+        log(f"{prefix} converting to fp16 ...")
+        external, islands = onnx_tools.convert_to_fp16(inferred, final, spec)
+    else:
+        import onnx
+
+        external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=True), final)
+    for f in work.iterdir():  # free disk before the next component
+        f.unlink()
+    log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
+    results = validate_graph(spec, final, cases, precision)
+    table += [(name, "fp32" if spec.fp32_all or precision == "fp32" else "fp16", r) for r in results]
+    failed = [r for r in results if not r.passed]
+    if failed:
+        log(format_table(table))
+        worst = max(failed, key=lambda r: r.max_rel_error)
+        raise ValidationError(
+            f"{name} ({precision}) does not match PyTorch at {worst.shape}: "
+            f"max relative error {worst.max_rel_error:.3g} > {worst.tolerance:g}"
+        )
+    actual = onnx_tools.io_types(final)
+    for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
+        if actual[t_spec.name] != t_spec.dtype:
+            raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
+    log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
+    return Component(
+        file=final.name, sha256=sha256_file(final), memory=memory,
+        size_bytes=final.stat().st_size + sum((folder / e).stat().st_size for e in external),
+        precision="fp32" if spec.fp32_all or precision == "fp32" else "fp16",
+        inputs=inputs, outputs=outputs, external_data=tuple(external),
+        external_sha256={e: sha256_file(folder / e) for e in external}, fp32_islands=tuple(islands),
+        validation=results, notes=_notes(name), source=source,
+    )
 
 def _check_gate_memory(name: str, spec, cases, inputs, outputs, memory) -> None:
     """Refuse, before tracing, a parity-gate case that cannot fit in this machine's memory."""
@@ -292,11 +479,19 @@ def _export_update_graph(model, config: ExportConfig, folder: Path, unet: Compon
 
 
 def _notes(name: str) -> str:
+    if name.startswith(CONTROLNET_PREFIX):
+        return ("control_image (B, 3, H, W) in [0, 1]; each residual output is its _in input + conditioning_scale x "
+                "this ControlNet's residual (zeros in for the first ControlNet of a step, the previous one's out for the "
+                "next); encoder_hidden_states as the U-Net's")
     return {
         "unet": "encoder_hidden_states holds [negative; positive] (2B rows) for classifier-free guidance, "
-                "or only the positive prompt (B rows) to run without guidance (guidance_scale is then unused)",
+                "or only the positive prompt (B rows) to run without guidance (guidance_scale is then unused); "
+                "down_residual_i / mid_residual: ControlNet residuals added to the skip connections (zeros without)",
         "vae_decoder": "image is in [-1, 1], unclamped: map with clip(x / 2 + 0.5, 0, 1)",
-        "text_encoder": "input_ids padded/truncated to the tokenizer's model_max_length",
-        "sampler_update": "next_state = sum coefs[j] state_j + sum coefs[4+j] model_output_j + coefs[9] noise, "
-                          "coefs = runtime.samplers.coefficient_row(table, i); state_j is the state j steps back",
+        "vae_encoder": "image in [-1, 1]; a posterior sample is latent_mean + latent_std * N(0, 1) (scaling factor "
+                       "folded in)",
+        "text_encoder": "input_ids: one 77-token prompt chunk per row (runtime/prompts.py)",
+        "sampler_update": "lin = sum coefs[j] state_j + sum coefs[4+j] model_output_j + coefs[9] noise; next_state = "
+                          "mask * lin + (1 - mask) * (coefs[10] image_latents + coefs[11] init_noise); coefs = "
+                          "runtime.samplers.coefficient_row(table, i); state_j is the state j steps back",
     }[name]

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from sdtrt.errors import ModelSourceError
 from sdtrt.export.loaders import LoadedModel
-from sdtrt.manifest import Ranges, TensorSpec
+from sdtrt.manifest import Ranges, TensorSpec, dim_value, level_dim
 
 
 CLIP_SKIPS = 2  # hidden states before the last 1 and 2 layers are exported too (diffusers' clip_skip 1 and 2)
@@ -41,6 +42,9 @@ class UNetGraph(torch.nn.Module):
     """One denoising model call with classifier-free guidance folded in (Ho & Salimans 2022).
 
     latents (B, C, h, w), timestep (1,), encoder_hidden_states (k*B, 77, D), guidance_scale (1,)
+    [, mask (B, 1, h, w), masked_image_latents (B, C, h, w): an inpainting U-Net], down_residual_0..n-1
+    (k*B, c_i, h / f_i, w / f_i), mid_residual (k*B, c, h / f, w / f): ControlNet residuals, added to the skip
+    connections as diffusers' ``down_block_additional_residuals`` (zeros without a ControlNet: x + 0 = x exactly)
     -> guided prediction (B, C, h, w).
 
     k = 2: embeddings are [negative; positive]; the U-Net runs once on the doubled batch and returns
@@ -51,19 +55,69 @@ class UNetGraph(torch.nn.Module):
     the plain prediction when k = 1 because then out[0] is cond.
     """
 
-    def __init__(self, unet):
+    def __init__(self, unet, inpainting: bool = False):
         super().__init__()
         self.unet = unet
+        self.inpainting = inpainting
 
-    def forward(self, latents, timestep, encoder_hidden_states, guidance_scale):
+    def forward(self, latents, timestep, encoder_hidden_states, guidance_scale, *extra):
         batch = latents.shape[0]
         k = encoder_hidden_states.shape[0] // batch
-        x = latents.unsqueeze(0).expand(k, -1, -1, -1, -1).reshape(-1, *latents.shape[1:])  # (kB, C, h, w)
+        x = rows(latents, k)  # (kB, C, h, w)
+        if self.inpainting:  # diffusers' 9-channel layout: [latents, mask, masked image]
+            mask, masked_image_latents, *extra = extra
+            x = torch.cat([x, rows(mask, k), rows(masked_image_latents, k)], dim=1)  # (kB, 2C + 1, h, w)
+        *down, mid = extra
         t = timestep.expand(x.shape[0])  # (kB,)
-        out = self.unet(x, t, encoder_hidden_states, return_dict=False)[0]  # (kB, C, h, w)
+        out = self.unet(x, t, encoder_hidden_states, down_block_additional_residuals=tuple(down),
+                        mid_block_additional_residual=mid, return_dict=False)[0]  # (kB, C, h, w)
         out = out.reshape(k, batch, *out.shape[1:])  # (k, B, C, h, w)
         cond, uncond = out[-1], out[0]
         return cond + (guidance_scale - 1.0) * (cond - uncond)
+
+
+def rows(v, k: int):
+    """(B, ...) -> (kB, ...): the same rows for the negative and the positive half of a guided batch."""
+    return v.unsqueeze(0).expand(k, *([-1] * v.dim())).reshape(-1, *v.shape[1:])
+
+
+class ControlNetGraph(torch.nn.Module):
+    """One ControlNet call, guidance folded in as the U-Net's (diffusers' StableDiffusionControlNetPipeline feeds it
+    the doubled latents, the [negative; positive] embeddings and the control image twice).
+
+    latents (B, C, h, w), timestep (1,), encoder_hidden_states (kB, 77c, D), control_image (B, 3, H, W) in [0, 1],
+    conditioning_scale (1,), down_residual_i_in / mid_residual_in (kB, c_i, h / f_i, w / f_i)
+    -> down_residual_i / mid_residual = the input + conditioning_scale * this ControlNet's residual.
+
+    The inputs are what the ControlNets before it in the same step added up (zeros for the first), so several
+    ControlNets sum as diffusers' MultiControlNetModel does, with no extra graph between them."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, latents, timestep, encoder_hidden_states, control_image, conditioning_scale, *accumulated):
+        k = encoder_hidden_states.shape[0] // latents.shape[0]
+        x = rows(latents, k)  # (kB, C, h, w)
+        t = timestep.expand(x.shape[0])  # (kB,)
+        down, mid = self.controlnet(x, t, encoder_hidden_states, controlnet_cond=rows(control_image, k),
+                                    conditioning_scale=conditioning_scale, return_dict=False)
+        return tuple(a + r for a, r in zip(accumulated, (*down, mid)))
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> the latent distribution's mean and standard deviation (B, C, h, w), scaling
+    factor folded in: a posterior sample is mean + std * N(0, 1) (diffusers' DiagonalGaussianDistribution.sample
+    times vae.config.scaling_factor)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, image):
+        dist = self.vae.encode(image, return_dict=False)[0]
+        return dist.mean * self.scaling, dist.std * self.scaling
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -130,8 +184,9 @@ def dim_bounds(ranges: Ranges, vae_scale: int, text_length: int = 77, max_chunks
 def tensor_spec(name: str, dtype: str, dims: tuple, ranges: Ranges, vae_scale: int, text_length: int = 77,
                 max_chunks: int = 1) -> TensorSpec:
     bounds = dim_bounds(ranges, vae_scale, text_length, max_chunks)
-    lo = tuple(d if isinstance(d, int) else bounds[d][0] for d in dims)
-    hi = tuple(d if isinstance(d, int) else bounds[d][1] for d in dims)
+    # a derived dim (latent_height_4 = ceil(latent_height / 4)) is monotone in its base: bounds map to bounds
+    lo = tuple(d if isinstance(d, int) else dim_value(d, {n: b[0] for n, b in bounds.items()}) for d in dims)
+    hi = tuple(d if isinstance(d, int) else dim_value(d, {n: b[1] for n, b in bounds.items()}) for d in dims)
     return TensorSpec(name=name, dtype=dtype, shape=tuple(dims), min_shape=lo, max_shape=hi)
 
 
@@ -140,9 +195,14 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
     seq = int(model.tokenizer.model_max_length)
     hidden = int(te_cfg.hidden_size)
     vocab = int(te_cfg.vocab_size)
-    channels = int(model.unet.config.in_channels)
-    out_channels = int(model.unet.config.out_channels)
     latent_channels = int(model.vae.config.latent_channels)
+    channels = latent_channels
+    unet_channels = int(model.unet.config.in_channels)
+    out_channels = int(model.unet.config.out_channels)
+    inpainting = unet_channels == 2 * latent_channels + 1
+    if unet_channels != latent_channels and not inpainting:
+        raise ModelSourceError(f"a U-Net with {unet_channels} input channels for {latent_channels} latent channels is "
+                               f"not supported ({latent_channels}, or {2 * latent_channels + 1} for inpainting)")
     vae_scale = vae_scale_factor(model)
 
     def text_inputs(batch, height, width, rng, opts):
@@ -153,12 +213,21 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         h, w = height // vae_scale, width // vae_scale
         k = 2 if opts.get("cfg", True) else 1
         length = seq * opts.get("chunks", 1)
-        return {
+        feeds = {
             "latents": rng.standard_normal((batch, channels, h, w)).astype(np.float32),  # (B, C, h, w)
             "timestep": np.array([opts.get("timestep", 981.0)], dtype=np.float32),  # (1,)
             "encoder_hidden_states": rng.standard_normal((k * batch, length, hidden)).astype(np.float32),  # (kB, 77c, D)
             "guidance_scale": np.array([opts.get("guidance_scale", 7.5)], dtype=np.float32),  # (1,)
         }
+        if inpainting:
+            feeds["mask"] = (rng.random((batch, 1, h, w)) < 0.5).astype(np.float32)  # (B, 1, h, w) in {0, 1}
+            feeds["masked_image_latents"] = rng.standard_normal((batch, channels, h, w)).astype(np.float32)
+        # ControlNet residuals: small random values, as a ControlNet gives (zeros would not test the adds)
+        feeds |= residual_feeds(residual_specs(model.unet.config), k * batch, h, w, rng, opts.get("residuals", 0.1))
+        return feeds
+
+    def encoder_inputs(batch, height, width, rng, opts):
+        return {"image": rng.uniform(-1, 1, (batch, 3, height, width)).astype(np.float32)}  # (B, 3, H, W)
 
     def vae_inputs(batch, height, width, rng, opts):
         h, w = height // vae_scale, width // vae_scale
@@ -179,18 +248,33 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         ),
         "unet": GraphSpec(
             name="unet",
-            module=UNetGraph(model.unet).eval(),
+            module=UNetGraph(model.unet, inpainting).eval(),
             inputs=(
                 InputSpec("latents", "float32", ("batch", channels, "latent_height", "latent_width")),
                 InputSpec("timestep", "float32", (1,), keep_fp32=True),
                 InputSpec("encoder_hidden_states", "float32", ("text_batch", "text_length", hidden)),
                 InputSpec("guidance_scale", "float32", (1,), keep_fp32=True),
+                *((InputSpec("mask", "float32", ("batch", 1, "latent_height", "latent_width")),
+                   InputSpec("masked_image_latents", "float32", ("batch", channels, "latent_height", "latent_width")))
+                  if inpainting else ()),
+                *residual_specs(model.unet.config),
             ),
             outputs=(InputSpec("noise_pred", "float32", ("batch", out_channels, "latent_height", "latent_width")),),
             make_inputs=unet_inputs,
             # sin/cos of t * freq: in fp16, t = 999 is only resolved to 0.5, so the embedding is wrong.
             fp32_node_prefixes=("/unet/time_proj/",),
             fp32_reason="timestep sinusoidal embedding (fp16 resolves t near 1000 only to 0.5)",
+        ),
+        "vae_encoder": GraphSpec(
+            name="vae_encoder",
+            module=VaeEncoderGraph(model.vae).eval(),
+            inputs=(InputSpec("image", "float32", ("batch", 3, "height", "width")),),
+            outputs=(InputSpec("latent_mean", "float32", ("batch", latent_channels, "latent_height", "latent_width")),
+                     InputSpec("latent_std", "float32", ("batch", latent_channels, "latent_height", "latent_width"))),
+            make_inputs=encoder_inputs,
+            fp32_all=vae_fp32,
+            fp32_reason="VAE encoder activations overflow fp16 (the VAE config sets force_upcast, as diffusers does)"
+            if vae_fp32 else "",
         ),
         "vae_decoder": GraphSpec(
             name="vae_decoder",
@@ -203,6 +287,59 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
             if vae_fp32 else "",
         ),
     }
+
+
+def residual_specs(config, suffix: str = "") -> tuple[InputSpec, ...]:
+    """The ControlNet residuals a U-Net of ``config`` adds to its skip connections: down_residual_i, mid_residual
+    (kB, channels, latent_height_f, latent_width_f), f the level's downsampling factor (``controlnet.residual_levels``)."""
+    from sdtrt.export.controlnet import mid_level, residual_levels
+
+    levels = [(f"down_residual_{i}", ch, f) for i, (ch, f) in enumerate(residual_levels(config))]
+    levels.append(("mid_residual", *mid_level(config)))
+    return tuple(InputSpec(name + suffix, "float32", ("text_batch", ch, level_dim("latent_height", f),
+                                                      level_dim("latent_width", f))) for name, ch, f in levels)
+
+
+def residual_feeds(specs, rows_: int, h: int, w: int, rng: np.random.Generator, scale: float) -> dict[str, np.ndarray]:
+    values = {"text_batch": rows_, "latent_height": h, "latent_width": w}
+    return {s.name: (scale * rng.standard_normal(tuple(d if isinstance(d, int) else dim_value(d, values)
+                                                        for d in s.dims))).astype(np.float32) for s in specs}
+
+
+def controlnet_spec(controlnet, latent_channels: int, text_hidden: int, text_length: int, vae_scale: int) -> GraphSpec:
+    """The graph of one ControlNet (``ControlNetGraph``) for a base model of these dimensions."""
+    outputs = residual_specs(controlnet.config)
+    accumulated = residual_specs(controlnet.config, "_in")
+
+    def make_inputs(batch, height, width, rng, opts):
+        h, w = height // vae_scale, width // vae_scale
+        k = 2 if opts.get("cfg", True) else 1
+        feeds = {
+            "latents": rng.standard_normal((batch, latent_channels, h, w)).astype(np.float32),  # (B, C, h, w)
+            "timestep": np.array([opts.get("timestep", 981.0)], dtype=np.float32),  # (1,)
+            "encoder_hidden_states": rng.standard_normal(
+                (k * batch, text_length * opts.get("chunks", 1), text_hidden)).astype(np.float32),  # (kB, 77c, D)
+            "control_image": rng.random((batch, 3, height, width)).astype(np.float32),  # (B, 3, H, W) in [0, 1]
+            "conditioning_scale": np.array([opts.get("conditioning_scale", 0.8)], dtype=np.float32),  # (1,)
+        }
+        return feeds | residual_feeds(accumulated, k * batch, h, w, rng, 0.1)
+
+    return GraphSpec(
+        name="controlnet",
+        module=ControlNetGraph(controlnet).eval(),
+        inputs=(
+            InputSpec("latents", "float32", ("batch", latent_channels, "latent_height", "latent_width")),
+            InputSpec("timestep", "float32", (1,), keep_fp32=True),
+            InputSpec("encoder_hidden_states", "float32", ("text_batch", "text_length", text_hidden)),
+            InputSpec("control_image", "float32", ("batch", 3, "height", "width")),
+            InputSpec("conditioning_scale", "float32", (1,), keep_fp32=True),
+            *accumulated,
+        ),
+        outputs=outputs,
+        make_inputs=make_inputs,
+        fp32_node_prefixes=("/controlnet/time_proj/",),
+        fp32_reason="timestep sinusoidal embedding (fp16 resolves t near 1000 only to 0.5)",
+    )
 
 
 def vae_scale_factor(model: LoadedModel) -> int:

@@ -6,8 +6,16 @@ Pickled weights (``.ckpt``, ``.bin``, ``.pt``) are refused unless the caller all
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
+import re
+import sys
+import types
+import typing
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +34,99 @@ def _offline() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # sdtrt logs its own progress
+
+
+@contextmanager
+def _library_logs_silenced():
+    """diffusers logs at error level what it then works around (no safetensors file, before it falls back to the
+    allowed pickle), transformers logs a load report and raises "look at the above report", torch warns about
+    pickle protocols. sdtrt reports what fails itself, in one line: nothing of theirs while a component loads."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in saved:
+        lib.set_verbosity(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, level in saved:
+            lib.set_verbosity(level)
+
+
+# diffusers' state-dict error, one line per tensor
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def _mismatch_error(component: str, path: Path, mismatches: list[tuple[str, str, str]]) -> ModelSourceError:
+    key, weights, config = mismatches[0]
+    more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+    return ModelSourceError(f"cannot load {component} from {path}: the weights do not match {component}/config.json: "
+                            f"size mismatch for {key}: the weights have shape {weights}, the config gives {config}"
+                            f"{more}")
+
+
+def _check_config_types(config_file: Path, cls) -> None:
+    """Refuse a config value of a type ``cls.__init__`` does not take (``"in_channels": "4"``), naming the key and
+    the file: diffusers and transformers fail on it deep inside (``TypeError: not all arguments converted during
+    string formatting``), or build a model that is not the checkpoint's."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # the library names the missing file
+    except (OSError, ValueError) as ex:
+        raise ModelSourceError(f"cannot read {config_file}: {ex}") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{config_file} does not hold a JSON object")
+    init = inspect.unwrap(cls.__init__)
+    namespace = vars(sys.modules[init.__module__])
+    for key, param in inspect.signature(init).parameters.items():
+        if key not in config or param.annotation is inspect.Parameter.empty:
+            continue
+        annotation = param.annotation
+        if isinstance(annotation, str):  # postponed annotations: resolved where the class is defined, or not checked
+            try:
+                annotation = eval(annotation, dict(namespace))  # noqa: S307 (the library's own annotation text)
+            except Exception:  # noqa: BLE001
+                continue
+        if not _conforms(config[key], annotation):
+            raise ModelSourceError(f"{config_file}: {key} must be {_describe(annotation)}, got {config[key]!r}")
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits an annotation; what is not modelled here (Literal, classes) is the library's to
+    check."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is None or tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple):
+        items = {a for a in args if a is not Ellipsis}
+        # diffusers writes Tuple[int] for "ints, any number of them"
+        return isinstance(value, (list, tuple)) and (len(items) != 1 or all(_conforms(v, *items) for v in value))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(tp)))
+    names = {type(None): "null", None: "null", bool: "true or false", int: "an integer", float: "a number",
+             str: "a string", list: "a list", tuple: "a list", dict: "an object"}
+    return names.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
 
 
 def _quiet(*modules) -> None:
@@ -152,33 +253,50 @@ def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     _quiet(diffusers, transformers)
 
     use_safetensors = None if allow_pickle else True
 
-    def load(component: str, loader, **kwargs):
+    def load(component: str, loader, config_class=None, **kwargs):
+        if config_class is not None:
+            _check_config_types(path / component / "config.json", config_class)
         # transformers, diffusers and torch raise whatever type the malformed file provokes (TypeError for a config
         # value of the wrong type, UnpicklingError for a pickle torch refuses, ...): at this boundary any of them
         # means "this component cannot be loaded", said in one line
         try:
-            return loader(path / component, local_files_only=True, **kwargs)
+            with _library_logs_silenced():
+                loaded = loader(path / component, local_files_only=True, **kwargs)
         except Exception as ex:  # noqa: BLE001
+            mismatches = _SIZE_MISMATCH.findall(str(ex))
+            if mismatches:  # the line that says what is wrong, not the summary above it
+                raise _mismatch_error(component, path, mismatches) from None
             first = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
             raise ModelSourceError(f"cannot load {component} from {path}: {type(ex).__name__}"
                                    f"{': ' + first[:300] if first else ''}") from None
+        if not kwargs.get("output_loading_info"):
+            return loaded
+        model, info = loaded
+        mismatches = sorted((key, str(list(weights)), str(list(config)))
+                            for key, weights, config in info.get("mismatched_keys") or ())
+        if mismatches:
+            raise _mismatch_error(component, path, mismatches)
+        return model
 
     tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
-    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, use_safetensors=use_safetensors)
+    # transformers puts a size mismatch in a logged report, not in its error: with ignore_mismatched_sizes it
+    # returns it instead, and load() refuses it
+    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, CLIPTextConfig, use_safetensors=use_safetensors,
+                        output_loading_info=True, ignore_mismatched_sizes=True)
     positions = int(text_encoder.config.max_position_embeddings)
     if len(tokenizer) < 3 or tokenizer.eos_token_id is None or not 3 <= tokenizer.model_max_length <= positions:
         # transformers builds an empty tokenizer from a folder without vocabulary files, with no length limit
         raise ModelSourceError(f"{path / 'tokenizer'} holds no usable CLIP tokenizer: {len(tokenizer)} tokens, "
                                f"model_max_length {tokenizer.model_max_length} (the text encoder has {positions} "
                                "positions); vocab.json, merges.txt and tokenizer_config.json are needed")
-    unet = load("unet", UNet2DConditionModel.from_pretrained, use_safetensors=use_safetensors)
-    vae = load("vae", AutoencoderKL.from_pretrained, use_safetensors=use_safetensors)
+    unet = load("unet", UNet2DConditionModel.from_pretrained, UNet2DConditionModel, use_safetensors=use_safetensors)
+    vae = load("vae", AutoencoderKL.from_pretrained, AutoencoderKL, use_safetensors=use_safetensors)
     if getattr(unet.config, "addition_embed_type", None):
         raise ModelSourceError(f"{path}: U-Nets with added conditioning ({unet.config.addition_embed_type}) are not supported yet")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
@@ -198,6 +316,9 @@ def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel
 
 def resolve_source(source: str, allow_pickle: bool = False) -> Architecture | Path:
     """Check ``source`` without loading weights: a supported built-in, or a loadable diffusers folder."""
+    known = ", ".join(n for n, a in BUILTIN_ARCHITECTURES.items() if a.supported)
+    if not source.strip():  # Path("") is ".", which is not what anyone means
+        raise ModelSourceError(f"the model path is empty: give a diffusers folder or one of the built-ins ({known})")
     if source in BUILTIN_ARCHITECTURES:
         arch = BUILTIN_ARCHITECTURES[source]
         if not arch.supported:
@@ -208,7 +329,6 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Architecture | Pa
     if not path.exists():
         if looks_like_path:
             raise ModelSourceError(f"model path {source} does not exist")
-        known = ", ".join(n for n, a in BUILTIN_ARCHITECTURES.items() if a.supported)
         raise ModelSourceError(f"unknown model {source!r}: give a diffusers folder or one of the built-ins ({known})")
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -90,9 +90,10 @@ def validate_graph(spec: GraphSpec, path: Path, cases: list[ValidationCase], pre
 
 def validate_update_graph(path: Path, latent_channels: int, model_dtype: str,
                           cases: list[ValidationCase], vae_scale: int = 8) -> tuple[ValidationResult, ...]:
-    """The sampler-update graph against ``samplers.step`` on real table rows (PLMS, LMS, Euler ancestral)."""
-    from sdtrt.runtime.samplers import (OUTPUT_DEPTH, STATE_DEPTH, SamplerConfig, build_table, coefficient_row,
-                                        step)
+    """The sampler-update graph against ``samplers.step`` on real table rows (PLMS, LMS, Euler ancestral), with and
+    without 4-channel inpainting's blend (a random mask)."""
+    from sdtrt.runtime.samplers import (OUTPUT_DEPTH, STATE_DEPTH, Blend, SamplerConfig, build_table,
+                                        coefficient_row, step)
 
     session = ort_session(path)
     results = []
@@ -101,19 +102,24 @@ def validate_update_graph(path: Path, latent_channels: int, model_dtype: str,
         shape = (case.batch, latent_channels, case.height // vae_scale, case.width // vae_scale)
         states = [rng.standard_normal(shape).astype(np.float32) for _ in range(STATE_DEPTH)]
         outputs = [rng.standard_normal(shape).astype(model_dtype) for _ in range(OUTPUT_DEPTH)]
-        noise = rng.standard_normal(shape).astype(np.float32)
+        noise, image, init_noise = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+        mask = (rng.random((shape[0], 1) + shape[2:]) < 0.5).astype(np.float32)
         worst = None
-        for sampler, row in (("pndm", 4), ("lms", 3), ("euler_a", 0)):
-            # SD's schedule, not the model's: the graph is checked on real table rows, whatever the model's
-            # scheduler settings are (a setting no sampler supports must not fail the export)
-            table = build_table(SamplerConfig(name=sampler), 10)
+        for sampler, row, blended in (("pndm", 4, False), ("lms", 3, True), ("euler_a", 0, True)):
+            # SD's schedule, not the model's: the graph is checked on real table rows whatever the model's
+            # scheduler settings are (one no sampler supports must not fail the export)
+            table = build_table(SamplerConfig(name=sampler), 10, strength=0.7 if blended else None)
+            m = mask if blended else np.ones_like(mask)
             feeds = {f"state_{j}": states[j] for j in range(STATE_DEPTH)}
             feeds |= {f"model_output_{j}": outputs[j] for j in range(OUTPUT_DEPTH)}
-            feeds |= {"noise": noise, "coefs": coefficient_row(table, row)}
+            feeds |= {"noise": noise, "coefs": coefficient_row(table, row), "mask": m, "image_latents": image,
+                      "init_noise": init_noise}
             got, got_cast = session.run(["next_state", "next_latents"], feeds)
+            blend = Blend(m.astype(np.float64), 1 - m.astype(np.float64), image.astype(np.float64),
+                          init_noise.astype(np.float64), np.zeros(shape)) if blended else None
             want = step(table, row, [x.astype(np.float64) for x in states],
-                        [x.astype(np.float64) for x in outputs], noise.astype(np.float64))
-            r = compare(got, want, f"{case.label()} {sampler} row {row}", 1e-5)
+                        [x.astype(np.float64) for x in outputs], noise.astype(np.float64), blend=blend)
+            r = compare(got, want, f"{case.label()} {sampler} row {row}{' blend' if blended else ''}", 1e-5)
             if got_cast.dtype != np.dtype(model_dtype) and not np.array_equal(got_cast, got.astype(got_cast.dtype)):
                 r = ValidationResult(r.shape + " (cast output differs)", r.max_abs_error, r.max_rel_error, r.tolerance, False)
             worst = r if worst is None or r.max_rel_error > worst.max_rel_error or not r.passed else worst

@@ -14,7 +14,7 @@ import numpy as np
 
 from sdtrt.errors import ManifestError, SdtrtError
 from sdtrt.integrity import folder_files, verify_files
-from sdtrt.manifest import Component
+from sdtrt.manifest import CONTROLNET_PREFIX, Component, resolve_shape
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 
@@ -53,7 +53,7 @@ def output_shapes(component: Component, input_shapes: dict[str, tuple[int, ...]]
     for spec in component.inputs:
         if spec.name in input_shapes:
             dims.update({d: int(n) for d, n in zip(spec.shape, input_shapes[spec.name]) if isinstance(d, str)})
-    return {spec.name: tuple(d if isinstance(d, int) else dims[d] for d in spec.shape) for spec in component.outputs}
+    return {spec.name: resolve_shape(spec.shape, dims) for spec in component.outputs}
 
 
 class EngineSet(dict):
@@ -104,8 +104,15 @@ class OrtEngine:
         self._dtypes = {}
         self._output_names = [o.name for o in self.session.get_outputs()]
         declared = {s.name: s.dtype for s in component.inputs + component.outputs}
+        graph_names = {a.name for a in list(self.session.get_inputs()) + list(self.session.get_outputs())}
+        for name in declared:
+            if name not in graph_names:
+                raise BackendError(f"{path.name} has no tensor {name!r}, which manifest.json lists; re-export the model")
         for arg in list(self.session.get_inputs()) + list(self.session.get_outputs()):
             dtype = _ORT_TYPES.get(arg.type)
+            if arg.name not in declared:
+                raise BackendError(f"{path.name} has a tensor {arg.name!r} that manifest.json does not list; "
+                                   "re-export the model")
             if declared.get(arg.name) != dtype:
                 raise BackendError(f"{path.name}: {arg.name} is {arg.type} in the graph but the manifest says "
                                    f"{declared.get(arg.name)}; re-export the model")
@@ -278,6 +285,11 @@ def available_backends() -> list[str]:
     return found
 
 
+def controlnets(engines: dict) -> dict:
+    """The ControlNet engines among ``engines`` (component name -> engine), for the device loop."""
+    return {name: e for name, e in engines.items() if name.startswith(CONTROLNET_PREFIX)}
+
+
 def check_integrity(folder: Path, entries, fix: str) -> None:
     """Refuse files that are not the ones the manifest describes (see ``sdtrt.integrity``)."""
     problems = verify_files(Path(folder), entries)
@@ -309,7 +321,8 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
     for name in names:
         path = Path(folder) / manifest.components[name].file
         if not path.is_file():
-            raise BackendError(f"{path} is missing (listed in manifest.json)")
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise BackendError(f"{path} {what} (listed in manifest.json as the {name} graph)")
     check_integrity(folder, folder_files(manifest, components=tuple(names)), "re-export the model")
     engines = EngineSet()
     for name in names:
@@ -322,6 +335,6 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
         if update is None:
             raise BackendError(f"{folder} has no sampler_update graph for the device loop; re-export the model")
         memory = OrtMemory("cuda" if provider == "CUDAExecutionProvider" else "cpu")
-        engines["unet"].device_loop = DeviceLoop(memory, engines["unet"], update)
+        engines["unet"].device_loop = DeviceLoop(memory, engines["unet"], update, controlnets=controlnets(engines))
         engines.resources.append(memory)
     return engines

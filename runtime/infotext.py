@@ -93,6 +93,18 @@ class Replay:
     batch_size: int
     batch_pos: int
     model_hash: str | None
+    # made from an image (A1111's img2img keys; "Outpaint" and "Outpaint fill" are sdtrt's)
+    strength: float | None = None
+    mask_blur: float | None = None
+    padding_mask_crop: int | None = None
+    outpaint: tuple[int, int, int, int] | None = None
+    outpaint_fill: str | None = None
+    # ControlNets, in order: A1111's ControlNet extension's fields ("Module", "Model", "Weight", "Guidance Start", ...)
+    controls: tuple[dict, ...] = ()
+
+    @property
+    def from_image(self) -> bool:
+        return self.strength is not None or self.outpaint is not None
 
 
 def replay(text: str) -> Replay:
@@ -103,8 +115,10 @@ def replay(text: str) -> Replay:
         if key not in p:
             return None
         try:
+            if kind is int and re.fullmatch(r"\s*-?\d+\s*", p[key]):
+                return int(p[key])  # exactly: a seed near 2^63 does not survive a float
             return kind(float(p[key])) if kind is int else kind(p[key])
-        except ValueError:
+        except (ValueError, OverflowError):
             raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not a number") from None
 
     scheduler, karras = None, False
@@ -122,12 +136,53 @@ def replay(text: str) -> Replay:
         exact = [k for k in matches if A1111_SAMPLERS[k][1] == schedule]
         scheduler = exact[0] if exact else matches[0]
         karras = schedule == "Karras" and not exact
+
+    def count(key, lo):  # a whole number, not number()'s int(float(...)): "2.5" images is not 2
+        if key not in p:
+            return None
+        if not re.fullmatch(r"\s*\d+\s*", p[key]) or int(p[key]) < lo:
+            raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not a "
+                             f"{'positive' if lo else 'non-negative'} integer")
+        return int(p[key])
+
+    batch_size, batch_pos = count("Batch size", 1) or 1, count("Batch pos", 0) or 0
+    if batch_pos >= batch_size:  # the image to keep of the regenerated batch: one it does not have writes nothing
+        raise UsageError(f"the image's parameters hold Batch pos: {batch_pos} with Batch size: {batch_size}: the "
+                         f"position must be 0..{batch_size - 1} (the PNG's parameters were edited or damaged)")
     clip = number("Clip skip", int)
+    outpaint = None
+    if "Outpaint" in p:
+        if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*){3}", p["Outpaint"]):
+            raise UsageError(f"the image's parameters hold Outpaint: {p['Outpaint']!r}, not 4 pixel counts L,T,R,B")
+        outpaint = tuple(int(v) for v in p["Outpaint"].split(","))
     return Replay(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], steps=number("Steps", int),
                   scheduler=scheduler, karras=karras, cfg=number("CFG scale", float), seed=number("Seed", int),
                   width=number("Size-1", int), height=number("Size-2", int), clip_skip=clip or 1,
-                  batch_size=number("Batch size", int) or 1, batch_pos=number("Batch pos", int) or 0,
-                  model_hash=p.get("Model hash"))
+                  batch_size=batch_size, batch_pos=batch_pos, model_hash=p.get("Model hash"),
+                  # A1111's txt2img writes Denoising strength for its hires. fix pass too: not an input image
+                  strength=None if any(k.startswith("Hires") for k in p) else number("Denoising strength", float),
+                  mask_blur=number("Mask blur", float),
+                  padding_mask_crop=count("Masked area padding", 0) if p.get("Inpaint area") == "Only masked" else None,
+                  outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), controls=_controls(p))
+
+
+def _controls(p: dict[str, str]) -> tuple[dict, ...]:
+    """The "ControlNet N" entries (A1111's ControlNet extension's format: "Module: canny, Model: ..., Weight: 1,
+    Guidance Start: 0, Guidance End: 1, Threshold A: 100, Threshold B: 200"), in order of N."""
+    found = sorted((int(m.group(1)), v) for k, v in p.items() if (m := re.fullmatch(r"ControlNet (\d+)", k)))
+    controls = []
+    for n, value in found:
+        fields = dict(part.split(":", 1) for part in (x.strip() for x in value.split(",")) if ":" in part)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        for key in ("Weight", "Guidance Start", "Guidance End", "Threshold A", "Threshold B"):
+            if key in fields:
+                try:
+                    fields[key] = float(fields[key])
+                except ValueError:
+                    raise UsageError(f"the image's parameters hold ControlNet {n} {key}: {fields[key]!r}, not a "
+                                     "number") from None
+        controls.append(fields)
+    return tuple(controls)
 
 
 def read_png_parameters(path) -> str:

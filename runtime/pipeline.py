@@ -1,9 +1,24 @@
-"""txt2img against the engines of an engine folder: tokenizer -> text encoder -> denoising loop -> VAE.
+"""Generation against the engines of an engine folder: tokenizer -> text encoder -> (VAE encoder) -> one denoising
+loop -> VAE decoder.
 
-Argument names follow diffusers' StableDiffusionPipeline. Seeds use NumPy's Generator (PCG64): the
-initial latents are the first draw, ``standard_normal(shape, float32)``; a stochastic sampler then
-draws one array of the same shape per step, in order. So a seed gives the same image on every
-backend and machine.
+txt2img, img2img, inpainting and outpainting are one ``Pipeline.__call__`` (diffusers' argument names: ``image``,
+``mask_image``, ``strength``, ``mask_blur``, ``padding_mask_crop``, plus ``outpaint``): a task is data for the one
+loop, never a copy of it. It decides the initial state (``SamplerTable.init_scale``/``init_image_scale``: pure noise,
+or the image latents noised to the first timestep), where the schedule starts (``strength``), the constant inputs of
+an inpainting U-Net (mask, masked-image latents) and 4-channel inpainting's blend after every step (a row of the
+table and three arrays). Reference: diffusers' StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and
+StableDiffusionInpaintPipeline; A1111's ``process_images``.
+
+Seeds use NumPy's Generator (PCG64), drawing ``standard_normal(shape, float32)`` arrays in the order diffusers'
+pipelines draw from their generator (README, "Seeds"):
+
+- txt2img: the initial noise (B, C, h, w), then one array per stochastic step;
+- img2img: the VAE posterior sample of the input images (N, C, h, w), then the noise (B, C, h, w), then per step;
+- inpainting: the image's posterior (N, C, h, w) where the image latents are needed (a 4-channel U-Net, or
+  ``strength`` < 1), the noise (B, C, h, w), the masked image's posterior (N, C, h, w: drawn for every U-Net, as
+  diffusers encodes the masked image for both kinds), then per step.
+
+So a seed gives the same image on every backend and machine.
 """
 
 from __future__ import annotations
@@ -11,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,17 +34,33 @@ import numpy as np
 
 from sdtrt.errors import MemoryLimitError, NumericalError, UsageError
 from sdtrt.fsutil import atomic_path
-from sdtrt.manifest import Manifest
+from sdtrt.manifest import CONTROLNET_PREFIX, Manifest
 from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
 from sdtrt import __version__
 from sdtrt.runtime.backends import check_shapes, load_engines
+from sdtrt.runtime.device_loop import residual_shapes
+from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, latent_mask, load_image,
+                                  outpaint_canvas, prepare_control_image, prepare_sources)
 from sdtrt.runtime.infotext import A1111_SAMPLERS, create_infotext
-from sdtrt.runtime.prompts import PromptChunks, chunk_prompt, join_chunks
+from sdtrt.runtime.prompts import MAX_CHUNKS, PromptChunks, chunk_prompt, join_chunks
 from sdtrt.runtime.request import GenerationRequest
-from sdtrt.runtime.samplers import SamplerConfig, SamplerTable, build_table, step
+from sdtrt.runtime.samplers import Blend, SamplerConfig, SamplerTable, build_table, step, with_control
 from sdtrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger("sdtrt")
+
+
+TASKS = ("txt2img", "img2img", "inpaint")
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' defaults for each pipeline
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """The images of an img2img/inpainting request as given (PIL), after outpainting's canvas and the mask blur."""
+
+    task: str  # one of TASKS
+    images: tuple = ()  # PIL images, 1 or one per image of the batch
+    masks: tuple | None = None  # PIL masks (inpainting), as many as images
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,20 @@ class GenerationPlan:
     shapes: dict[str, dict[str, tuple[int, ...]]]  # engine -> input -> shape
     texts: tuple[str, ...]  # what the text encoder encodes, in row order (negatives first, "" for padding)
     chunks: dict[str, PromptChunks]  # each text as 77-token chunks with emphasis weights
+    task: str = "txt2img"
+    strength: float | None = None  # img2img/inpainting: where the schedule starts
+    sources: SourceImages | None = None  # the images (and masks) at the generation's size
+    controls: tuple["Control", ...] = ()  # the ControlNets used, in table.control_scale's column order
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return "mask" in self.shapes["unet"]
+
+    @property
+    def needs_image_latents(self) -> bool:
+        """diffusers encodes the image itself for img2img, and for inpainting when the first state or the blend
+        needs it (a 4-channel U-Net, or strength < 1)."""
+        return self.task == "img2img" or (self.task == "inpaint" and (not self.inpainting_unet or self.strength < 1))
 
 
 @dataclass
@@ -68,6 +113,16 @@ class Pipeline:
                  device_loop: bool | None = None) -> "Pipeline":
         """Load an engine folder. ``threads``: CPU threads for ONNX Runtime (0: its default, all cores);
         ``device_loop``: see ``backends.load_engines`` (TensorRT always runs the loop on the device)."""
+        import os
+
+        if not isinstance(folder, (str, os.PathLike)):
+            raise UsageError(f"the engine folder must be a path, got {type(folder).__name__}")
+        if not str(folder).strip():
+            raise UsageError("the engine folder path is empty")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise UsageError(f"threads must be a non-negative integer (0: ONNX Runtime's default), got {threads!r}")
+        if not isinstance(backend, str):
+            raise UsageError(f"backend must be a name, got {backend!r}")
         folder = Path(folder)
         manifest = Manifest.load(folder)
         tokenizer, scheduler_config = _assets(folder, manifest)  # before the engines: fail fast, cheaply
@@ -106,42 +161,181 @@ class Pipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  scheduler: str | None = None, latents: np.ndarray | None = None, output_type: str = "pil",
-                 callback: Callable[[int, int], None] | None = None, clip_skip: int | None = None) -> GenerationResult:
+                 callback: Callable[[int, int], None] | None = None, clip_skip: int | None = None,
+                 image=None, mask_image=None, strength: float | None = None, mask_blur: float = 0,
+                 padding_mask_crop: int | None = None, outpaint: tuple[int, int, int, int] | None = None,
+                 outpaint_fill: str = "edge", control_images=None, controlnet_conditioning_scale=1.0,
+                 control_guidance_start=0.0, control_guidance_end=1.0, control_preprocessors="none",
+                 canny_thresholds=(100, 200)) -> GenerationResult:
         """Generate images (diffusers' StableDiffusionPipeline argument names). Prompts use A1111's syntax: emphasis
         ``(word:1.3)``, ``BREAK``, and any length up to the export's ``--max-chunks`` x 75 tokens. ``seed`` -1 or
         None: random. ``clip_skip``: as diffusers (1 = the hidden state one layer before the last).
+
+        From an image (diffusers' img2img and inpainting pipelines): ``image`` (a path, PIL image or (H, W, 3)
+        array; or one per image of the batch), ``strength`` in (0, 1] (default 0.8 for img2img, 1.0 for
+        inpainting), ``mask_image`` (white: repaint), ``mask_blur`` (Gaussian radius, pixels),
+        ``padding_mask_crop`` (work on the box around the mask grown by this many pixels, at full size, then paste
+        back: A1111's "inpaint only masked"), ``outpaint=(left, top, right, bottom)`` pixels to add (the new area
+        starts as ``outpaint_fill``: "edge", "reflect" or "gray"; see ``images.outpaint_canvas``). ``height`` and
+        ``width`` default to the image's, rounded down to the model's multiple. ``latents``: the initial noise.
+
+        ControlNets (diffusers' StableDiffusionControlNet*Pipeline names): ``control_images``, a list whose i-th
+        image (path, PIL image or array; None to leave one out) goes to the folder's i-th ControlNet
+        (``manifest.controlnets``); ``controlnet_conditioning_scale``, ``control_guidance_start`` and
+        ``control_guidance_end``: one value, or one per control image; ``control_preprocessors``: "none" (the image
+        is the control map) or "canny" (OpenCV's edges, ``canny_thresholds`` (low, high)).
+
         Raises ``UsageError`` (bad arguments), ``ShapeError`` (outside the engines' ranges) or
         ``NumericalError`` (the result is not finite) instead of returning a wrong image."""
         req = GenerationRequest.create(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                       seed, num_images_per_prompt, scheduler, output_type, clip_skip)
+                                       seed, num_images_per_prompt, scheduler, output_type, clip_skip,
+                                       strength=strength, mask_blur=mask_blur, padding_mask_crop=padding_mask_crop,
+                                       outpaint=outpaint, outpaint_fill=outpaint_fill,
+                                       controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                       control_guidance_start=control_guidance_start,
+                                       control_guidance_end=control_guidance_end,
+                                       control_preprocessors=control_preprocessors, canny_thresholds=canny_thresholds)
         if callback is not None and not callable(callback):
             raise UsageError(f"callback must be callable, got {type(callback).__name__}")
-        return self.generate(req, latents=latents, callback=callback)
+        return self.generate(req, latents=latents, callback=callback, image=image, mask_image=mask_image,
+                             control_images=control_images)
 
-    def plan(self, req: GenerationRequest) -> GenerationPlan:
-        """Everything about ``req`` that can be checked before any compute: sizes, batch, sampler, prompt chunks,
-        every engine's input shapes, memory. Raises the error the generation would raise."""
-        info = self.manifest.model
-        height, width = req.height or info.default_size, req.width or info.default_size
+    def plan(self, req: GenerationRequest, image=None, mask_image=None, control_images=None) -> GenerationPlan:
+        """Everything about ``req`` that can be checked before any compute: the images and masks, control images,
+        sizes, batch, sampler, prompt chunks, every engine's input shapes, memory. Raises the error the generation
+        would raise."""
+        if not isinstance(req, GenerationRequest):
+            raise UsageError(f"expected a GenerationRequest, got {type(req).__name__}")
+        inputs = self.task_inputs(req, image, mask_image)
+        controls = self._control_inputs(req, control_images)
+        height, width = self._size(req, inputs)
         self._check_request(req, height, width)
         sampler = self.sampler_config(req.scheduler)
-        table = build_table(sampler, req.num_inference_steps)
+        strength = None
+        if inputs.task != "txt2img":
+            strength = req.strength if req.strength is not None else DEFAULT_STRENGTH[inputs.task]
+        # img2img always starts from the noised image (diffusers' add_noise, even at strength 1); inpainting at
+        # strength 1 starts from pure noise (diffusers' is_strength_max)
+        table = build_table(sampler, req.num_inference_steps, strength,
+                            from_image=inputs.task == "img2img" or (strength is not None and strength < 1))
         cfg = req.guidance_scale > 1.0  # as diffusers: no negative branch at guidance <= 1
         texts, chunks = self._chunk(req, cfg)
         k = max(c.count for c in chunks.values())
         rows = sum(chunks[t].count for t in texts)
-        shapes = self._engine_shapes(len(req.prompt), req.num_images_per_prompt, height, width, cfg, rows, k)
+        n_images = len(inputs.images)
+        if n_images not in (0, 1, req.batch):
+            raise UsageError(f"{n_images} images for a batch of {req.batch}: give one image, or one per image of the "
+                             "batch (prompts x images per prompt)")
+        shapes = self._engine_shapes(len(req.prompt), req.num_images_per_prompt, height, width, cfg, rows, k, n_images,
+                                     [c.key for c in controls])
         for name, engine_shapes in shapes.items():
+            if name not in self.engines:  # a ControlNet added after `sdtrt build`
+                raise UsageError(f"{name} has no engine on this backend: rebuild with `sdtrt build {self.folder}`")
             check_shapes(name, self.engines[name], engine_shapes)
-        self._check_memory(len(req.prompt), req.num_images_per_prompt, height, width, cfg, rows, k)
-        return GenerationPlan(table, sampler, height, width, cfg, shapes["vae_decoder"]["latents"], shapes, texts, chunks)
+        self._check_memory(len(req.prompt), req.num_images_per_prompt, height, width, cfg, rows, k, n_images)
+        sources = None
+        if inputs.images:
+            factor = self.manifest.model.vae_scale_factor
+            sources = prepare_sources(list(inputs.images), None if inputs.masks is None else list(inputs.masks),
+                                      height, width, factor, req.padding_mask_crop)
+            w0, h0 = inputs.images[0].size
+            if (height, width) != (h0, w0) and req.height is None and req.width is None:  # after every check passed
+                log.warning("the image is %dx%d; generating at %dx%d (a multiple of %d)", w0, h0, width, height, factor)
+        if controls:
+            crop = sources.crop if sources is not None else None
+            controls = [c.prepared(height, width, crop, req.canny_thresholds) for c in controls]
+            table = with_control(table, [(c.scale, c.start, c.end) for c in controls])
+        return GenerationPlan(table, sampler, height, width, cfg, shapes["vae_decoder"]["latents"], shapes, texts,
+                              chunks, inputs.task, strength, sources, tuple(controls))
+
+    def _control_inputs(self, req: GenerationRequest, control_images) -> list["Control"]:
+        """The control images paired with the folder's ControlNets, in order (None leaves one out), loaded."""
+        if control_images is None:
+            return []
+        images = list(control_images) if isinstance(control_images, (list, tuple)) else [control_images]
+        available = self.manifest.controlnets
+        if not available:
+            raise UsageError(f"this folder has no ControlNet: add one with `sdtrt export-controlnet {self.folder} PATH`"
+                             " (or export with --controlnet)")
+        if len(images) > len(available):
+            raise UsageError(f"{len(images)} control images for {len(available)} ControlNet"
+                             f"{'s' * (len(available) != 1)} in this folder ({', '.join(available)}): the i-th image "
+                             "goes to the i-th ControlNet")
+        settings = req.control_settings(len(images))
+        controls = []
+        for i, ((name, component), image, (scale, start, end, pre)) in enumerate(zip(available.items(), images,
+                                                                                   settings)):
+            if image is None:
+                continue
+            label = f"control image {i + 1}" if len(images) > 1 else "control image"
+            controls.append(Control(CONTROLNET_PREFIX + name, name, load_image(image, label), scale, start, end, pre))
+        if not controls:
+            raise UsageError("every control image is None: give at least one, or none at all")
+        return controls
+
+    def task_inputs(self, req: GenerationRequest, image=None, mask_image=None) -> TaskInputs:
+        """Which task ``req`` with these images is, the images loaded, outpainting's canvas made, masks blurred."""
+        inpainting_unet = any(s.name == "mask" for s in self.manifest.components["unet"].inputs)
+        needs = [(req.strength is not None, "strength"), (bool(req.outpaint), "outpaint")]
+        if image is None:
+            for given, what in needs + [(mask_image is not None, "mask_image")]:
+                if given:
+                    raise UsageError(f"{what} needs an image to start from (image=, or --image)")
+            _refuse_without_mask(req, inpainting_unet, "an image and a mask (image= and mask_image=, or --image and "
+                                                       "--mask)")
+            return TaskInputs("txt2img")
+        many = isinstance(image, (list, tuple))
+        images = [load_image(x, f"image {i + 1}" if many else "image")
+                  for i, x in enumerate(image if many else [image])]
+        if not images:
+            raise UsageError("image is an empty list")
+        masks = None
+        if mask_image is not None:
+            many_masks = isinstance(mask_image, (list, tuple))
+            masks = [load_image(x, f"mask {i + 1}" if many_masks else "mask")
+                     for i, x in enumerate(mask_image if many_masks else [mask_image])]
+            if len(masks) == 1 and len(images) > 1:
+                masks = masks * len(images)
+            if len(masks) != len(images):
+                raise UsageError(f"{len(masks)} masks for {len(images)} images")
+        if req.outpaint:
+            factor = max(8, self.manifest.model.vae_scale_factor)
+            if any(p % factor for p in req.outpaint):
+                raise UsageError(f"outpaint {','.join(map(str, req.outpaint))}: each side must be a multiple of "
+                                 f"{factor} pixels (the model's latent pixel)")
+            made = [outpaint_canvas(im, *req.outpaint, fill=req.outpaint_fill, mask=None if masks is None else masks[i])
+                    for i, im in enumerate(images)]
+            images, masks = [c for c, _ in made], [m for _, m in made]
+        if masks is None:
+            _refuse_without_mask(req, inpainting_unet, "a mask (mask_image, or --mask)")
+            return TaskInputs("img2img", tuple(images))
+        if req.mask_blur:
+            masks = [blur_mask(m, req.mask_blur) for m in masks]
+        return TaskInputs("inpaint", tuple(images), tuple(masks))
+
+    def _size(self, req: GenerationRequest, inputs: TaskInputs) -> tuple[int, int]:
+        """(height, width): as asked, else the image's rounded down to the model's multiple (as diffusers), else the
+        model's default."""
+        info = self.manifest.model
+        if inputs.images and (req.height is None or req.width is None):
+            h, w = default_size(inputs.images[0], info.vae_scale_factor)
+            w0, h0 = inputs.images[0].size
+            r = self.manifest.ranges
+            for given, v in ((req.height, h), (req.width, w)):
+                if given is None and not r.size_min <= v <= r.size_max:
+                    rounded = f" ({w}x{h} rounded to a multiple of {info.vae_scale_factor})" if (h, w) != (h0, w0) else ""
+                    raise UsageError(f"the image is {w0}x{h0}{rounded}, outside the exported range {r.size_min}.."
+                                     f"{r.size_max}: resize it, or pass a size to generate at (height/width, --size)")
+            return req.height or h, req.width or w
+        return req.height or info.default_size, req.width or info.default_size
 
     def _chunk(self, req: GenerationRequest, cfg: bool) -> tuple[tuple[str, ...], dict[str, PromptChunks]]:
         """Each distinct text as A1111 chunks; the texts in encoder order, with "" where padding needs it."""
         info, tok = self.manifest.model, self.tokenizer
         if req.clip_skip and req.clip_skip > info.clip_skips:
-            raise UsageError(f"clip_skip {req.clip_skip}: this folder's text encoder returns up to clip_skip "
-                             f"{info.clip_skips} (A1111's Clip skip {info.clip_skips + 1}); re-export for more")
+            raise UsageError(f"Clip skip {req.clip_skip + 1} (clip_skip={req.clip_skip} in the API) is beyond this "
+                             f"folder's text encoder: it returns up to Clip skip {info.clip_skips + 1} "
+                             f"(clip_skip={info.clip_skips})")
         labelled = ([(n, f"negative prompt {i + 1}") for i, n in enumerate(req.negative_prompt)] if cfg else []) + \
                    [(p, f"prompt {i + 1}") for i, p in enumerate(req.prompt)]
         chunks: dict[str, PromptChunks] = {}
@@ -150,9 +344,10 @@ class Pipeline:
                 chunks[text] = chunk_prompt(text, tok.fragments, tok.bos_id, tok.eos_id, tok.pad_id, tok.comma_id)
             if chunks[text].count > info.max_chunks:
                 label = label.rsplit(" ", 1)[0] if len(req.prompt) == 1 else label
+                fix = (f"re-export with --max-chunks {chunks[text].count}" if chunks[text].count <= MAX_CHUNKS else
+                       f"shorten it: an export takes at most {MAX_CHUNKS} chunks")
                 raise UsageError(f"{label} needs {chunks[text].count} chunks of 75 tokens ({chunks[text].token_count} "
-                                 f"tokens); this folder was exported for at most {info.max_chunks} (re-export with "
-                                 f"--max-chunks {chunks[text].count})")
+                                 f"tokens); this folder was exported for at most {info.max_chunks} ({fix})")
         texts = list(chunks)
         k = max(c.count for c in chunks.values())
         if any(c.count < k for c in chunks.values()) and "" not in chunks:  # padding: the empty prompt's encoding
@@ -161,30 +356,38 @@ class Pipeline:
         return tuple(texts), chunks
 
     def _engine_shapes(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int | None = None,
-                       chunks: int = 1) -> dict:
-        """Every engine's input shapes for a generation (``rows``: text-encoder rows, ``chunks``: prompt chunks)."""
+                       chunks: int = 1, images: int = 0, controlnets: list[str] = ()) -> dict:
+        """Every engine's input shapes for a generation (``rows``: text-encoder rows, ``chunks``: prompt chunks,
+        ``images``: input images to encode, 0 for txt2img; ``controlnets``: the ControlNet components used)."""
         info = self.manifest.model
         batch = prompts * per_prompt
         shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
         rows = rows if rows is not None else (2 if cfg else 1) * prompts * chunks
-        return {
-            "text_encoder": {"input_ids": (rows, info.max_text_length)},
-            "unet": {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length * chunks,
-                                                                  info.text_hidden_size)},
-            "vae_decoder": {"latents": shape},
-        }
+        unet = {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length * chunks,
+                                                            info.text_hidden_size)}
+        if any(s.name == "mask" for s in self.manifest.components["unet"].inputs):
+            unet |= {"mask": (batch, 1, *shape[2:]), "masked_image_latents": shape}
+        residuals = residual_shapes(self.manifest.components["unet"], unet["encoder_hidden_states"][0], *shape[2:])
+        shapes = {"text_encoder": {"input_ids": (rows, info.max_text_length)}, "unet": unet | residuals,
+                  "vae_decoder": {"latents": shape}}
+        for key in controlnets:
+            shapes[key] = {"latents": shape, "encoder_hidden_states": unet["encoder_hidden_states"],
+                           "control_image": (batch, 3, height, width)} | {f"{n}_in": s for n, s in residuals.items()}
+        if images:
+            shapes["vae_encoder"] = {"image": (images, 3, height, width)}
+        return shapes
 
     def _memory_need(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int | None = None,
-                     chunks: int = 1) -> int:
-        shapes = self._engine_shapes(prompts, per_prompt, height, width, cfg, rows, chunks)
+                     chunks: int = 1, images: int = 0) -> int:
+        shapes = self._engine_shapes(prompts, per_prompt, height, width, cfg, rows, chunks, images)
         return max(peak_bytes(self.manifest.components[n], s) for n, s in shapes.items())
 
     def _check_memory(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int,
-                      chunks: int) -> None:
+                      chunks: int, images: int = 0) -> None:
         """On ONNX Runtime's CPU provider (host memory), refuse what cannot fit before it starts."""
         if not all(getattr(e, "provider", "") == "CPUExecutionProvider" for e in self.engines.values()):
             return  # TensorRT and CUDA: device memory, checked when it is allocated
-        need = self._memory_need(prompts, per_prompt, height, width, cfg, rows, chunks)
+        need = self._memory_need(prompts, per_prompt, height, width, cfg, rows, chunks, images)
         avail = available_bytes()
         if not need or avail is None or need * ARENA_FACTOR <= avail:
             return
@@ -195,41 +398,41 @@ class Pipeline:
             return
         step = max(64, 8 * self.manifest.model.vae_scale_factor)
         fits = next((s for s in range(min(height, width) // step * step, self.manifest.ranges.size_min - 1, -step)
-                     if self._memory_need(prompts, per_prompt, s, s, cfg, rows, chunks) * ARENA_FACTOR <= avail), None)
+                     if self._memory_need(prompts, per_prompt, s, s, cfg, rows, chunks, images) * ARENA_FACTOR <= avail),
+                    None)
         hint = f"{fits}x{fits} fits" if fits else "no size of this folder's range fits at this batch"
-        if prompts * per_prompt > 1 and self._memory_need(1, 1, height, width, cfg, None, chunks) * ARENA_FACTOR <= avail:
+        if prompts * per_prompt > 1 and \
+                self._memory_need(1, 1, height, width, cfg, None, chunks, min(images, 1)) * ARENA_FACTOR <= avail:
             hint += f"; one image at {width}x{height} fits"
         raise MemoryLimitError(f"{what} needs about {gb(need)} of memory for ONNX Runtime's attention on the CPU, "
                                f"{gb(avail)} are available: {hint} (or use a GPU backend)")
 
 
     def generate(self, req: GenerationRequest, latents: np.ndarray | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 callback: Callable[[int, int], None] | None = None, image=None, mask_image=None,
+                 plan: GenerationPlan | None = None, control_images=None) -> GenerationResult:
+        """Run ``req`` (with ``image``/``mask_image`` for img2img and inpainting, ``control_images`` for ControlNets),
+        or a ``plan`` already made for it."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        plan = self.plan(req)
-        table, shape, batch = plan.table, plan.shape, req.batch
+        plan = plan if plan is not None else self.plan(req, image, mask_image, control_images)
+        table, batch = plan.table, req.batch
         reserve = getattr(self.engines, "reserve", None)
         if reserve is not None:
             reserve(plan.shapes)
 
         seed = req.seed if req.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         rng = np.random.Generator(np.random.PCG64(seed))
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)  # (B, C, h, w)
-        else:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise UsageError(f"latents have shape {latents.shape}, expected {shape} for this batch and size")
-            if not np.isfinite(latents).all():
-                raise UsageError("latents must be finite")
+        t = time.perf_counter()
+        start = self._start(plan, rng, latents)
+        timings["vae_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
         embeddings = self._encode(req, plan)  # (kB, 77c, D)
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        final = self._denoise(table, latents, embeddings, req.guidance_scale, rng, callback, timings)  # (B, C, h, w)
+        final = self._denoise(table, start, embeddings, req.guidance_scale, rng, callback, timings)  # (B, C, h, w)
         timings["denoise"] = time.perf_counter() - t
         timings["steps"] = table.num_steps
         if not np.isfinite(final).all():  # once per generation: a NaN image must never be written as black
@@ -249,16 +452,72 @@ class Pipeline:
                 + ("an fp16 overflow in the VAE (its fp16 export keeps fp32 only where the VAE config sets "
                    "force_upcast): re-export with --precision fp32"
                    if self.manifest.components["vae_decoder"].precision == "fp16" else "the VAE weights are broken"))
+        if image.shape[-2:] != (plan.height, plan.width):
+            raise NumericalError(f"the VAE decoder made {image.shape[-1]}x{image.shape[-2]} images for "
+                                 f"{plan.width}x{plan.height}: its manifest's vae_scale_factor is wrong (re-export)")
         image = np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # (B, H, W, 3)
-        timings["total"] = time.perf_counter() - t_start
-
         params = [self._infotext(req, plan, seed, k) for k in range(batch)]
-        if req.output_type == "np":
-            return GenerationResult(image, seed, params, timings)
         from PIL import Image
 
         images = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in image]
-        return GenerationResult(images, seed, params, timings)
+        src = plan.sources
+        if src is not None and src.crop is not None:
+            # padding_mask_crop: the crop's result pasted back at full resolution, the original kept outside the mask
+            n = len(src.originals)
+            images = [apply_overlay(src.masks[k % n], src.originals[k % n], im, src.crop) for k, im in enumerate(images)]
+            image = np.stack([np.asarray(im, np.float32) / 255 for im in images])  # (B, H0, W0, 3)
+        timings["total"] = time.perf_counter() - t_start
+        return GenerationResult(image if req.output_type == "np" else images, seed, params, timings)
+
+    def _start(self, plan: GenerationPlan, rng: np.random.Generator, latents: np.ndarray | None) -> "Start":
+        """The loop's initial state and the task's constant inputs, drawing from ``rng`` in diffusers' order (module
+        docstring); ``latents`` replaces the noise draw."""
+        shape, table, src = plan.shape, plan.table, plan.sources
+        n = 0 if src is None else len(src.image)
+        posterior_shape = (n, *shape[1:])  # (N, C, h, w)
+        image_z = rng.standard_normal(posterior_shape, dtype=np.float32) if plan.needs_image_latents else None
+        if latents is None:
+            noise = rng.standard_normal(shape, dtype=np.float32)  # (B, C, h, w)
+        else:
+            noise = _latents_array(latents, shape)
+        masked_z = rng.standard_normal(posterior_shape, dtype=np.float32) if plan.task == "inpaint" else None
+
+        def per_image(x):  # (N, ...) -> (B, ...): one image for the whole batch, or one each
+            return np.ascontiguousarray(np.repeat(x, shape[0] // len(x), axis=0) if len(x) != shape[0] else x)
+
+        image_latents = per_image(self._posterior(src.image, image_z)) if image_z is not None else None
+        state0 = table.init_scale * noise.astype(np.float64)
+        if table.init_image_scale:
+            state0 += table.init_image_scale * image_latents
+        limit = np.finfo(self.engines["unet"].input_dtype("latents")).max
+        if latents is not None and np.abs(state0).max() > limit:  # an overflow the U-Net would be blamed for
+            raise UsageError(f"latents reach {np.abs(latents).max():g}: the U-Net's first input would exceed its "
+                             f"{self.engines['unet'].input_dtype('latents')} range")
+        start = Start(state0.astype(np.float32))
+        for c in plan.controls:  # (B, 3, H, W) in [0, 1]: diffusers repeats one control image over the batch
+            start.controls[c.key] = np.ascontiguousarray(
+                np.repeat(c.array, shape[0], axis=0), self.engines[c.key].input_dtype("control_image"))
+        if plan.task != "inpaint":
+            return start
+        mask = per_image(latent_mask(src.mask, self.manifest.model.vae_scale_factor))  # (B, 1, h, w) in {0, 1}
+        if plan.inpainting_unet:
+            masked = per_image(self._posterior(src.masked_image, masked_z))  # (B, C, h, w)
+            start.constants = {"mask": mask, "masked_image_latents": masked}
+        else:
+            start.blend = {"mask": mask, "image_latents": image_latents, "init_noise": noise}
+        return start
+
+    def _posterior(self, image: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """A sample of the VAE posterior of ``image`` (N, 3, H, W) in [-1, 1], scaled: mean + std * z (N, C, h, w)."""
+        vae = self.engines["vae_encoder"]
+        out = vae.run({"image": image.astype(vae.input_dtype("image"))})
+        mean, std = out["latent_mean"].astype(np.float32), out["latent_std"].astype(np.float32)  # (N, C, h, w)
+        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise NumericalError(
+                "the VAE encoder produced NaN/Inf from the input image: "
+                + ("an fp16 overflow in the VAE: re-export with --precision fp32"
+                   if self.manifest.components["vae_encoder"].precision == "fp16" else "the VAE weights are broken"))
+        return mean + std * z
 
     def _check_request(self, req: GenerationRequest, height: int, width: int) -> None:
         ranges = self.manifest.ranges
@@ -284,6 +543,9 @@ class Pipeline:
             row = sum(plan.chunks[t].count for t in plan.texts[:plan.texts.index("")])
             empty = hidden[row].astype(np.float32)  # (77, D)
         encoded = dict(zip(plan.texts, join_chunks(hidden, [plan.chunks[t] for t in plan.texts], empty)))  # (77k, D)
+        bad = [t for t, e in encoded.items() if not np.isfinite(e).all()]
+        if bad:  # emphasis weights whose product overflows, or that cancel the chunk's mean (weights summing to 0)
+            raise UsageError(f"the emphasis weights of {bad[0]!r:.80} make its encoding non-finite; use other weights")
         order = (list(req.negative_prompt) if plan.cfg else []) + list(req.prompt)
         stacked = np.stack([encoded[t] for t in order])  # (kP, 77c, D)
         return np.repeat(stacked, req.num_images_per_prompt, axis=0).astype(
@@ -301,70 +563,172 @@ class Pipeline:
             "Model hash": self.manifest.components["unet"].sha256[:10], "Model": self.model_name,
             "Clip skip": req.clip_skip + 1 if req.clip_skip else None,
             "Batch size": req.batch if req.batch > 1 else None, "Batch pos": k if req.batch > 1 else None,
+            # A1111's img2img keys; "Outpaint" (left,top,right,bottom pixels) and "Outpaint fill" are sdtrt's
+            "Denoising strength": f"{plan.strength:g}" if plan.strength is not None else None,
+            "Mask blur": f"{req.mask_blur:g}" if plan.task == "inpaint" and req.mask_blur else None,
+            "Inpaint area": "Only masked" if req.padding_mask_crop is not None else None,
+            "Masked area padding": req.padding_mask_crop,
+            "Outpaint": ",".join(map(str, req.outpaint)) if req.outpaint else None,
+            "Outpaint fill": req.outpaint_fill if req.outpaint else None,
+            **{f"ControlNet {j}": c.infotext(req.canny_thresholds) for j, c in enumerate(plan.controls)},
             "Version": f"sdtrt {__version__}"})
 
     @property
     def model_name(self) -> str:
         return Path(self.manifest.model.source.rstrip("/")).name or self.manifest.model.family
 
-    def _denoise(self, table: SamplerTable, latents: np.ndarray, embeddings: np.ndarray, guidance: float,
+    def _denoise(self, table: SamplerTable, start: "Start", embeddings: np.ndarray, guidance: float,
                  rng: np.random.Generator, callback, timings: dict[str, float]) -> np.ndarray:
         unet = self.engines["unet"]
+        state0 = start.state  # (B, C, h, w)
         loop = getattr(unet, "device_loop", None)
         if loop is not None:
             # The whole loop on the device: noise is drawn up front, in the order the host loop draws it.
             noises = None
             if table.stochastic:
-                noises = np.stack([rng.standard_normal(latents.shape, dtype=np.float32) if c != 0.0
-                                   else np.zeros(latents.shape, np.float32) for c in table.noise_coef])
+                noises = np.stack([rng.standard_normal(state0.shape, dtype=np.float32) if c != 0.0
+                                   else np.zeros(state0.shape, np.float32) for c in table.noise_coef])
             t0 = time.perf_counter()
-            final = loop.run(table, latents * np.float32(table.init_scale), embeddings, guidance, noises)
+            final = loop.run(table, state0, embeddings, guidance, noises, start.constants, start.blend, start.controls)
             timings["unet"], timings["sampler_update"] = time.perf_counter() - t0, 0.0  # not separable without syncs
             if callback is not None:
                 callback(table.num_steps, table.num_steps)
             return final
         ks, km = table.state_coef.shape[1], table.model_coef.shape[1]
         # Preallocated run state; buffers are rotated by reference, never reallocated in the loop.
-        states = [np.zeros_like(latents) for _ in range(ks + 1)]  # states[0] = s_i  (B, C, h, w)
-        outputs = [np.zeros_like(latents) for _ in range(km)]  # outputs[0] = m_i  (B, C, h, w)
-        noise = np.zeros_like(latents) if table.stochastic else None
-        scratch = np.zeros_like(latents)
-        np.multiply(latents, table.init_scale, out=states[0])
+        states = [np.zeros_like(state0) for _ in range(ks + 1)]  # states[0] = s_i  (B, C, h, w)
+        outputs = [np.zeros_like(state0) for _ in range(km)]  # outputs[0] = m_i  (B, C, h, w)
+        noise = np.zeros_like(state0) if table.stochastic else None
+        scratch = np.zeros_like(state0)
+        np.copyto(states[0], state0)
+        blend = None
+        if start.blend is not None:
+            mask = start.blend["mask"]  # (B, 1, h, w)
+            blend = Blend(mask, 1 - mask, start.blend["image_latents"], start.blend["init_noise"],
+                          np.zeros_like(state0))
+        residuals = residual_shapes(unet.component, embeddings.shape[0], *state0.shape[2:])
+        zeros = {name: np.zeros(s, unet.input_dtype(name)) for name, s in residuals.items()}  # (kB, c_i, h_i, w_i)
         feeds = {
-            "latents": np.zeros(latents.shape, unet.input_dtype("latents")),  # (B, C, h, w)
+            "latents": np.zeros(state0.shape, unet.input_dtype("latents")),  # (B, C, h, w)
             "timestep": np.zeros(1, unet.input_dtype("timestep")),  # (1,)
             "encoder_hidden_states": embeddings,  # (kB, 77, D)
             "guidance_scale": np.array([guidance], unet.input_dtype("guidance_scale")),  # (1,)
+            # an inpainting U-Net's mask (B, 1, h, w) and masked-image latents (B, C, h, w)
+            **{name: value.astype(unet.input_dtype(name)) for name, value in start.constants.items()},
+            **zeros,  # ControlNet residuals: zeros unless a ControlNet runs at this step
         }
-        unet_s = update_s = 0.0
+        controls = []  # (engine, its feeds, its column of table.control_scale)
+        for j, (key, image) in enumerate(start.controls.items()):
+            cn = self.engines[key]
+            controls.append((cn, {"latents": feeds["latents"], "timestep": np.zeros(1, cn.input_dtype("timestep")),
+                                  "encoder_hidden_states": embeddings, "control_image": image,
+                                  "conditioning_scale": np.zeros(1, cn.input_dtype("conditioning_scale"))}, j))
+        unet_s = update_s = control_s = 0.0
         clock = time.perf_counter
         for i in range(table.num_steps):
             t0 = clock()
             np.copyto(feeds["latents"], states[0], casting="unsafe")
+            summed = zeros
+            for cn, cn_feeds, j in controls:  # chained: each adds its residuals to the ones before it
+                if table.control_scale[i, j] == 0.0:  # outside its start/end range: it would add exactly 0
+                    continue
+                cn_feeds["timestep"][0] = table.timesteps[i]
+                cn_feeds["conditioning_scale"][0] = table.control_scale[i, j]
+                for name in zeros:
+                    cn_feeds[f"{name}_in"] = summed[name]
+                summed = cn.run(cn_feeds)
+            feeds.update(summed)
+            tc = clock()
             feeds["timestep"][0] = table.timesteps[i]
             prediction = unet.run(feeds)["noise_pred"]  # (B, C, h, w)
             t1 = clock()
+            control_s += tc - t0
             outputs.insert(0, outputs.pop())
             np.copyto(outputs[0], prediction, casting="unsafe")
             if noise is not None and table.noise_coef[i] != 0.0:
-                rng.standard_normal(latents.shape, dtype=np.float32, out=noise)
+                rng.standard_normal(state0.shape, dtype=np.float32, out=noise)
             spare = states.pop()
-            step(table, i, states, outputs, noise, out=spare, scratch=scratch)
+            step(table, i, states, outputs, noise, out=spare, scratch=scratch, blend=blend)
             states.insert(0, spare)
             t2 = clock()
-            unet_s += t1 - t0
+            unet_s += t1 - tc
             update_s += t2 - t1
             if callback is not None:
                 callback(i + 1, table.num_steps)
         timings["unet"], timings["sampler_update"] = unet_s, update_s
+        if controls:
+            timings["controlnet"] = control_s
         return states[0]
+
+
+@dataclass
+class Start:
+    """What the loop starts from: the first state, an inpainting U-Net's constant inputs, 4-channel inpainting's
+    blend (``mask``, ``image_latents``, ``init_noise``); the same data for the host loop and the device loop."""
+
+    state: np.ndarray  # (B, C, h, w) float32
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    blend: dict[str, np.ndarray] | None = None
+    controls: dict[str, np.ndarray] = field(default_factory=dict)  # ControlNet -> control image (B, 3, H, W)
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet of a generation: its component, the control image as given, then as the ControlNet reads it."""
+
+    key: str  # the component (controlnet_NAME)
+    name: str
+    image: object  # PIL, as given
+    scale: float
+    start: float
+    end: float
+    preprocessor: str = "none"
+    array: np.ndarray | None = None  # (1, 3, H, W) float32 in [0, 1]
+
+    def prepared(self, height: int, width: int, crop, thresholds: tuple[int, int]) -> "Control":
+        """This control with its map made (the preprocessor) and sized as diffusers' control image processor."""
+        image = canny(self.image, *thresholds) if self.preprocessor == "canny" else self.image
+        return replace(self, array=prepare_control_image(image, height, width, crop))
+
+    def infotext(self, thresholds: tuple[int, int]) -> str:
+        """A1111's ControlNet extension's entry ("ControlNet 0": "Module: canny, Model: ..., Weight: 1, ...")."""
+        fields = [f"Module: {self.preprocessor}", f"Model: {self.name}", f"Weight: {self.scale:g}",
+                  f"Guidance Start: {self.start:g}", f"Guidance End: {self.end:g}"]
+        if self.preprocessor == "canny":
+            fields += [f"Threshold A: {thresholds[0]}", f"Threshold B: {thresholds[1]}"]
+        return ", ".join(fields)  # create_infotext quotes it (it holds commas)
+
+
+def _refuse_without_mask(req: GenerationRequest, inpainting_unet: bool, what: str) -> None:
+    """A request with no mask: an inpainting U-Net cannot run it, and the mask options mean nothing."""
+    if inpainting_unet:
+        raise UsageError(f"this folder's U-Net is an inpainting model (9 input channels): it needs {what}, or outpaint")
+    for given, option in ((req.mask_blur, "mask_blur"), (req.padding_mask_crop is not None, "padding_mask_crop")):
+        if given:
+            raise UsageError(f"{option} needs {what}")
+
+
+def _latents_array(latents, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``latents`` argument (the initial noise) as a float32 array of ``shape``, or a UsageError."""
+    try:
+        array = np.asarray(latents)
+    except Exception:  # anything NumPy cannot read as an array
+        raise UsageError(f"latents must be a float array of shape {shape}, got {type(latents).__name__}") from None
+    if array.dtype.kind not in "fiu" or array.dtype == np.bool_:
+        raise UsageError(f"latents must be a real float array, got dtype {array.dtype}")
+    if array.shape != shape:
+        raise UsageError(f"latents have shape {array.shape}, expected {shape} for this batch and size")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise UsageError("latents must be finite (in float32)")
+    return array
 
 
 def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
     """The tokenizer and scheduler config of an engine folder."""
     from sdtrt.errors import ManifestError
 
-    tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length)
+    tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length, manifest.model.vocab_size)
     sched_file = folder / manifest.scheduler_config
     try:
         config = json.loads(sched_file.read_text(encoding="utf-8"))

@@ -29,6 +29,7 @@ from sdtrt.errors import UsageError
 
 CHUNK_TOKENS = 75  # tokens of prompt per chunk; BOS and EOS make 77
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+MAX_CHUNKS = 16  # the longest text axis an export offers (--max-chunks): 1200 tokens
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK_WEIGHT = -1.0
 
@@ -143,16 +144,22 @@ def chunk_prompt(text: str, tokenize: Callable[[list[str]], list[list[int]]], bo
         for row in ids:
             first = int(np.argmax(row == eos))
             row[first + 1:] = pad
-    return PromptChunks(ids=ids, weights=np.array([w for _, w in rows], np.float32), token_count=count)
+    with np.errstate(over="ignore"):
+        chunk_weights = np.array([w for _, w in rows], np.float32)  # (k, 77)
+    if not np.isfinite(chunk_weights).all():  # deep nesting or a huge (word:w): A1111 would encode NaN
+        raise UsageError("prompt: an emphasis weight is beyond float32 range (too many nested brackets or too "
+                         "large a (word:weight)); use smaller weights")
+    return PromptChunks(ids=ids, weights=chunk_weights, token_count=count)
 
 
 def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """A1111's "Original" emphasis on one chunk (77, D): scale each token, keep the chunk's mean."""
     if np.all(weights == 1.0):
         return hidden
-    original = hidden.mean(dtype=np.float64)
-    scaled = hidden * weights[:, None]
-    return (scaled * (original / scaled.mean(dtype=np.float64))).astype(np.float32)
+    with np.errstate(all="ignore"):  # a non-finite result is refused by the pipeline, with its cause
+        original = hidden.mean(dtype=np.float64)
+        scaled = hidden * weights[:, None]
+        return (scaled * (original / scaled.mean(dtype=np.float64))).astype(np.float32)
 
 
 def join_chunks(hidden: np.ndarray, prompts: list[PromptChunks], empty: np.ndarray | None) -> np.ndarray:

@@ -61,7 +61,10 @@ def real(value: Any, label: str, lo: float, hi: float) -> float:
     if not math.isfinite(value):
         raise UsageError(f"{label} must be finite, got {value}")
     if not lo <= value <= hi:
-        raise UsageError(f"{label} must be between {lo:g} and {hi:g}, got {value:g}")
+        # %g rounds to 6 digits (100.0001 -> "100", the limit itself): where it does not read back as the value,
+        # repr, the shortest text that does
+        text = f"{value:g}" if float(f"{value:g}") == value else repr(value)
+        raise UsageError(f"{label} must be between {lo:g} and {hi:g}, got {text}")
     return value
 
 
@@ -80,6 +83,19 @@ class GenerationRequest:
     scheduler: str | None = None  # None: the model's own scheduler
     output_type: str = "pil"  # "pil" or "np"
     clip_skip: int | None = None  # diffusers' meaning: text-encoder layers skipped at the end (A1111's "Clip skip" - 1)
+    # img2img / inpainting / outpainting (the images themselves are passed beside the request)
+    strength: float | None = None  # in (0, 1]; None: the task's default (diffusers: 0.8 img2img, 1.0 inpainting)
+    mask_blur: float = 0.0  # Gaussian blur radius of the mask, pixels (A1111's "Mask blur")
+    padding_mask_crop: int | None = None  # inpaint the box around the mask grown by this many pixels, then paste back
+    outpaint: tuple[int, int, int, int] | None = None  # pixels added (left, top, right, bottom)
+    outpaint_fill: str = "edge"  # how the new area starts: "edge", "reflect", "gray"
+    # ControlNets (the control images are passed beside the request, the i-th to the folder's i-th ControlNet): one
+    # value per control image, or one for all (diffusers' controlnet_conditioning_scale, control_guidance_start/end)
+    controlnet_conditioning_scale: tuple[float, ...] = (1.0,)
+    control_guidance_start: tuple[float, ...] = (0.0,)  # fraction of the steps before a ControlNet starts
+    control_guidance_end: tuple[float, ...] = (1.0,)  # fraction of the steps after which it stops
+    control_preprocessors: tuple[str, ...] = ("none",)  # what makes the control map from the image: none, canny
+    canny_thresholds: tuple[int, int] = (100, 200)  # cv2.Canny's low and high thresholds
 
     @property
     def batch(self) -> int:
@@ -88,7 +104,11 @@ class GenerationRequest:
     @classmethod
     def create(cls, prompt: Any, negative_prompt: Any = None, num_inference_steps: Any = 50, guidance_scale: Any = 7.5,
                height: Any = None, width: Any = None, seed: Any = None, num_images_per_prompt: Any = 1,
-               scheduler: Any = None, output_type: Any = "pil", clip_skip: Any = None) -> "GenerationRequest":
+               scheduler: Any = None, output_type: Any = "pil", clip_skip: Any = None, strength: Any = None,
+               mask_blur: Any = 0, padding_mask_crop: Any = None, outpaint: Any = None,
+               outpaint_fill: Any = "edge", controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+               control_guidance_end: Any = 1.0, control_preprocessors: Any = "none",
+               canny_thresholds: Any = (100, 200)) -> "GenerationRequest":
         if prompt is None:
             raise UsageError("prompt must be a string or a list of strings, got None")
         prompts = _texts(prompt, "prompt")
@@ -109,7 +129,7 @@ class GenerationRequest:
             seed = None if seed == RANDOM_SEED else seed
         if scheduler is not None and not isinstance(scheduler, str):
             raise UsageError(f"scheduler must be a sampler name, got {scheduler!r}")
-        if output_type not in ("pil", "np"):
+        if not isinstance(output_type, str) or output_type not in ("pil", "np"):  # `in` would compare arrays
             raise UsageError(f"output_type must be 'pil' or 'np', not {output_type!r}")
         return cls(
             prompt=prompts, negative_prompt=negatives,
@@ -120,4 +140,85 @@ class GenerationRequest:
             seed=seed, num_images_per_prompt=integer(num_images_per_prompt, "num_images_per_prompt", 1),
             scheduler=scheduler, output_type=output_type,
             clip_skip=None if clip_skip is None else integer(clip_skip, "clip_skip", 0),
+            **_image_task(strength, mask_blur, padding_mask_crop, outpaint, outpaint_fill),
+            **_control(controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                       control_preprocessors, canny_thresholds),
         )
+
+    def control_settings(self, n: int) -> list[tuple[float, float, float, str]]:
+        """(scale, start, end, preprocessor) of each of ``n`` control images: one value stands for all; a list of
+        another length is a UsageError."""
+        out = []
+        fields = (("controlnet_conditioning_scale", self.controlnet_conditioning_scale),
+                  ("control_guidance_start", self.control_guidance_start),
+                  ("control_guidance_end", self.control_guidance_end),
+                  ("control_preprocessors", self.control_preprocessors))
+        for label, values in fields:
+            if len(values) not in (1, n):
+                raise UsageError(f"{label} has {len(values)} values for {n} control image{'s' * (n != 1)}: give one, "
+                                 "or one per control image")
+            out.append(values * n if len(values) == 1 else values)
+        settings = list(zip(*out))
+        for i, (_, start, end, _) in enumerate(settings):
+            if start >= end:
+                which = f" {i + 1}" if n > 1 else ""
+                raise UsageError(f"control guidance{which}: start {start:g} must be before end {end:g} (fractions of "
+                                 "the steps)")
+        return settings
+
+
+PREPROCESSORS = ("none", "canny")  # control map from the image: as given, or OpenCV's Canny edges
+MAX_CONTROL_SCALE = 10.0  # far beyond use (A1111's ControlNet UI stops at 2)
+
+
+def _reals(value: Any, label: str, lo: float, hi: float) -> tuple[float, ...]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise UsageError(f"{label} is an empty list")
+    return tuple(real(v, label if len(values) == 1 else f"{label} {i + 1}", lo, hi) for i, v in enumerate(values))
+
+
+def _control(scale, start, end, preprocessors, thresholds) -> dict:
+    """The ControlNet fields, checked (their count against the control images: ``control_settings``)."""
+    names = preprocessors if isinstance(preprocessors, (list, tuple)) else [preprocessors]
+    for name in names:
+        if not isinstance(name, str) or name not in PREPROCESSORS:
+            raise UsageError(f"control preprocessor must be one of {', '.join(PREPROCESSORS)}, got {name!r}")
+    if not names:
+        raise UsageError("control_preprocessors is an empty list")
+    if isinstance(thresholds, str) or not isinstance(thresholds, (list, tuple)) or len(thresholds) != 2:
+        raise UsageError(f"canny thresholds must be two integers (low, high), got {thresholds!r}")
+    low, high = (integer(v, f"canny {w} threshold", 0, 10000) for v, w in zip(thresholds, ("low", "high")))
+    if low > high:
+        raise UsageError(f"canny low threshold {low} is above the high one {high}")
+    return dict(controlnet_conditioning_scale=_reals(scale, "controlnet_conditioning_scale", 0.0, MAX_CONTROL_SCALE),
+                control_guidance_start=_reals(start, "control_guidance_start", 0.0, 1.0),
+                control_guidance_end=_reals(end, "control_guidance_end", 0.0, 1.0),
+                control_preprocessors=tuple(names), canny_thresholds=(low, high))
+
+
+OUTPAINT_FILLS = ("edge", "reflect", "gray")  # how outpainting's new area starts (images.outpaint_canvas)
+MAX_MASK_BLUR = 256.0  # pixels; beyond it a mask is a uniform gray
+
+
+def _image_task(strength, mask_blur, padding_mask_crop, outpaint, outpaint_fill) -> dict:
+    """The img2img/inpainting fields, checked."""
+    if strength is not None:
+        if isinstance(strength, bool) or not isinstance(strength, (numbers.Real, np.integer, np.floating)):
+            raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
+        strength = float(strength)
+        if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+            raise UsageError(f"strength must be in (0, 1] (0 would keep the image unchanged), got {strength!r}")
+    if outpaint is not None:
+        if isinstance(outpaint, str) or not isinstance(outpaint, (list, tuple)) or len(outpaint) != 4:
+            raise UsageError(f"outpaint must be 4 integers (left, top, right, bottom pixels), got {outpaint!r}")
+        outpaint = tuple(integer(v, f"outpaint {side}", 0) for v, side in zip(outpaint, ("left", "top", "right",
+                                                                                           "bottom")))
+        if not any(outpaint):
+            raise UsageError("outpaint adds nothing (all four sides are 0)")
+    if not isinstance(outpaint_fill, str) or outpaint_fill not in OUTPAINT_FILLS:
+        raise UsageError(f"outpaint fill must be one of {', '.join(OUTPAINT_FILLS)}, got {outpaint_fill!r}")
+    return dict(strength=strength, mask_blur=real(mask_blur, "mask_blur", 0.0, MAX_MASK_BLUR),
+                padding_mask_crop=None if padding_mask_crop is None else integer(padding_mask_crop,
+                                                                                 "padding_mask_crop", 0),
+                outpaint=outpaint, outpaint_fill=outpaint_fill)

@@ -213,8 +213,10 @@ class SamplerConfig:
         )
         betas = eff["trained_betas"]
         if betas is not None:
-            _check(isinstance(betas, (list, tuple)) and len(betas) == T, "trained_betas", f"<{type(betas).__name__}>",
-                   f"a list of num_train_timesteps = {T} numbers")
+            if not (isinstance(betas, (list, tuple)) and len(betas) == T):
+                got = f"a list of {len(betas)} numbers" if isinstance(betas, (list, tuple)) else repr(betas)
+                raise SamplerError(f"scheduler config: trained_betas must be a list of num_train_timesteps = {T} "
+                                   f"numbers, got {got}")
             kwargs["trained_betas"] = tuple(float(_number("trained_betas[i]", b, 1e-12, 0.999999)) for b in betas)
         if "timestep_spacing" not in inert:
             kwargs["timestep_spacing"] = _choice("timestep_spacing", eff["timestep_spacing"],
@@ -260,7 +262,15 @@ class SamplerTable:
     state_coef: np.ndarray  # (S, Ks) a[i, j]
     model_coef: np.ndarray  # (S, Km) b[i, j]
     noise_coef: np.ndarray  # (S,) c[i]
-    init_scale: float  # s_0 = init_scale * z_0, or init_scale * latents given by the caller
+    init_scale: float  # s_0 = init_image_scale * x0 + init_scale * z_0 (z_0 the initial noise, or the latents given)
+    init_image_scale: float = 0.0  # img2img: the image latents' share of the first state (diffusers' add_noise)
+    # Inpainting with an ordinary U-Net (diffusers' 4-channel rule): after row i the known part is the image latents
+    # re-noised to the next state's level, s' = m * s' + (1 - m) * (blend_image[i] * x0 + blend_noise[i] * z_0)
+    blend_image: np.ndarray | None = None  # (S,)
+    blend_noise: np.ndarray | None = None  # (S,)
+    start: int = 0  # rows of the full schedule skipped (img2img and inpainting with strength < 1)
+    # ControlNets: the conditioning scale of ControlNet j at step i (0 outside its start/end range)
+    control_scale: np.ndarray | None = None  # (S, N)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -272,21 +282,52 @@ class SamplerTable:
         return bool(np.any(self.noise_coef != 0))
 
 
+def with_control(table: SamplerTable, settings: list[tuple[float, float, float]]) -> SamplerTable:
+    """``table`` with the per-step scales of ControlNets given as (scale, start, end): step i of S runs ControlNet j
+    at scale_j unless i / S < start_j or (i + 1) / S > end_j, where it runs at 0 (diffusers'
+    ``controlnet_keep``, StableDiffusionControlNetPipeline; S counts the U-Net calls actually made, after img2img's
+    strength)."""
+    i = np.arange(table.num_steps, dtype=np.float64)[:, None]  # (S, 1)
+    n = float(table.num_steps)
+    scale, start, end = (np.array([s[k] for s in settings], np.float64)[None, :] for k in range(3))  # (1, N)
+    keep = ~((i / n < start) | ((i + 1) / n > end))  # (S, N)
+    return replace(table, control_scale=keep * scale)
+
+
+COEFS = STATE_DEPTH + OUTPUT_DEPTH + 3  # [a_0..a_3, b_0..b_4, c, blend_image, blend_noise]
+
+
 def coefficient_row(table: SamplerTable, i: int) -> np.ndarray:
-    """Row i as the sampler-update graph's ``coefs`` input: [a_0..a_3, b_0..b_4, c], float32, zero-padded."""
-    row = np.zeros(STATE_DEPTH + OUTPUT_DEPTH + 1, np.float32)
+    """Row i as the sampler-update graph's ``coefs`` input: [a_0..a_3, b_0..b_4, c, p, q], float32, zero-padded."""
+    row = np.zeros(COEFS, np.float32)
     ks, km = table.state_coef.shape[1], table.model_coef.shape[1]
     row[:ks] = table.state_coef[i]
     row[STATE_DEPTH:STATE_DEPTH + km] = table.model_coef[i]
-    row[-1] = table.noise_coef[i]
+    row[STATE_DEPTH + OUTPUT_DEPTH] = table.noise_coef[i]
+    if table.blend_image is not None:
+        row[-2], row[-1] = table.blend_image[i], table.blend_noise[i]
     return row
+
+
+@dataclass
+class Blend:
+    """What 4-channel inpainting mixes in after every step: the latent mask (B, 1, h, w) in {0, 1} (1: repaint), its
+    complement, the image latents x0 and the initial noise z_0 (B, C, h, w), and a scratch buffer of that shape."""
+
+    mask: np.ndarray
+    keep: np.ndarray  # 1 - mask, computed once per generation
+    image: np.ndarray
+    noise: np.ndarray
+    scratch: np.ndarray
 
 
 def step(table: SamplerTable, i: int, states: list[np.ndarray], outputs: list[np.ndarray],
          noise: np.ndarray | None = None, out: np.ndarray | None = None,
-         scratch: np.ndarray | None = None) -> np.ndarray:
+         scratch: np.ndarray | None = None, blend: Blend | None = None) -> np.ndarray:
     """The one shared update. ``states[j]`` is s_(i-j), ``outputs[j]`` is m_(i-j); history the table does not
-    reach is ignored (its coefficient is 0 by construction). With ``out`` and ``scratch`` it allocates nothing."""
+    reach is ignored (its coefficient is 0 by construction). With ``blend`` (4-channel inpainting) the known part
+    is put back as diffusers' StableDiffusionInpaintPipeline does after every step:
+    s' = (1 - m) * (p_i x0 + q_i z_0) + m * s'. With ``out`` and ``scratch`` it allocates nothing."""
     acc = out if out is not None else np.empty_like(states[0])
     tmp = scratch if scratch is not None else np.empty_like(acc)
     np.multiply(states[0], float(table.state_coef[i, 0]), out=acc)
@@ -297,6 +338,13 @@ def step(table: SamplerTable, i: int, states: list[np.ndarray], outputs: list[np
                 acc += tmp
     if table.noise_coef[i] != 0.0:
         np.multiply(noise, float(table.noise_coef[i]), out=tmp)
+        acc += tmp
+    if blend is not None:
+        np.multiply(blend.image, float(table.blend_image[i]), out=tmp)
+        np.multiply(blend.noise, float(table.blend_noise[i]), out=blend.scratch)
+        tmp += blend.scratch  # the known part at the next state's noise level
+        tmp *= blend.keep
+        acc *= blend.mask
         acc += tmp
     return acc
 
@@ -370,24 +418,44 @@ def _x0_coefs(pred: str, sigma_or_acp: float, space: str) -> tuple[float, float]
 
 @dataclass
 class _Raw:
+    """The rows that run (from ``start`` on), in the sampler's own space x; the U-Net input is c_in * x."""
+
     timesteps: np.ndarray
     A: np.ndarray
     B: np.ndarray
     C: np.ndarray
-    c_in: np.ndarray  # (S,) U-Net input = c_in * x
+    c_in: np.ndarray  # (S,)
     init_noise_sigma: float
+    levels: np.ndarray  # (S + 1, 2): x_i = alpha_i x0 + sigma_i z at state i (diffusers' add_noise); last (1, 0)
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _ddpm_levels(acp: np.ndarray, ts) -> np.ndarray:
+    """(sqrt(a_t), sqrt(1 - a_t)) per timestep, then the clean end (1, 0): add_noise of DDIM/PNDM/LCM."""
+    a = np.array([acp[int(t)] for t in ts])
+    return np.concatenate([np.stack([np.sqrt(a), np.sqrt(1 - a)], axis=1), [[1.0, 0.0]]])
+
+
+def _sigma_levels(sig: np.ndarray) -> np.ndarray:
+    """(1, sigma) per step, x = x0 + sigma z (Euler/LMS add_noise); sig ends with its final 0."""
+    return np.stack([np.ones_like(sig), sig], axis=1)
+
+
+def _vp_levels(sig: np.ndarray) -> np.ndarray:
+    """(alpha_t, sigma_t) from Karras sigmas (DPM-Solver/UniPC add_noise); sig ends with its final 0."""
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    return np.stack([alpha, sig * alpha], axis=1)
 
 
 def _alloc(S: int, Ks: int, Km: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros((S, Ks)), np.zeros((S, Km)), np.zeros(S)
 
 
-def _ddim(cfg: SamplerConfig, n: int) -> _Raw:
+def _ddim(cfg: SamplerConfig, n: int, start: int = 0) -> _Raw:
     acp = alphas_cumprod(cfg)
     final = 1.0 if cfg.set_alpha_to_one else acp[0]
-    ts = _spaced(cfg, n, integer=True)
-    A, B, C = _alloc(n, 1, 1)
+    ts = _spaced(cfg, n, integer=True)[start:]
+    A, B, C = _alloc(len(ts), 1, 1)
     ratio = cfg.num_train_timesteps // n
     for i, t in enumerate(ts.astype(int)):
         prev = t - ratio
@@ -401,7 +469,7 @@ def _ddim(cfg: SamplerConfig, n: int) -> _Raw:
         A[i, 0] = math.sqrt(a_p) * px + d * ex
         B[i, 0] = math.sqrt(a_p) * pm + d * em
         C[i] = std
-    return _Raw(ts, A, B, C, np.ones(n), 1.0)
+    return _Raw(ts, A, B, C, np.ones(len(ts)), 1.0, _ddpm_levels(acp, ts))
 
 
 def _pndm_timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
@@ -416,12 +484,13 @@ def _pndm_timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
     return np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
 
 
-def _pndm(cfg: SamplerConfig, n: int) -> _Raw:
-    """PLMS (skip_prk_steps): the first two evaluations form a 2nd-order warm-up from the same sample."""
+def _pndm(cfg: SamplerConfig, n: int, start: int = 0) -> _Raw:
+    """PLMS (skip_prk_steps): the first two evaluations form a 2nd-order warm-up from the same sample. From
+    ``start`` (img2img) diffusers slices its timestep list and its step counter starts again at 0, warm-up too."""
     acp = alphas_cumprod(cfg)
     final = 1.0 if cfg.set_alpha_to_one else acp[0]
     r = cfg.num_train_timesteps // n
-    ts = _pndm_timesteps(cfg, n)
+    ts = _pndm_timesteps(cfg, n)[start:]
     S = len(ts)
     A, B, C = _alloc(S, 2, 5)
     plms = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
@@ -446,7 +515,7 @@ def _pndm(cfg: SamplerConfig, n: int) -> _Raw:
             scale = k * math.sqrt(a_t)
         for lag, w in zip(lags, weights):
             B[i, lag] -= scale * w
-    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
+    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0, _ddpm_levels(acp, ts))
 
 
 def _sigma_schedule(cfg: SamplerConfig, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -466,10 +535,10 @@ def _init_sigma(cfg: SamplerConfig, sigmas: np.ndarray) -> float:
     return top if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1)
 
 
-def _euler(cfg: SamplerConfig, n: int, ancestral: bool = False) -> _Raw:
+def _euler(cfg: SamplerConfig, n: int, start: int = 0, ancestral: bool = False) -> _Raw:
     ts, sig = _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas and not ancestral)
     A, B, C = _alloc(n, 1, 1)
-    for i in range(n):
+    for i in range(start, n):
         s, s_next = sig[i], sig[i + 1]
         px, pm = _x0_coefs(cfg.prediction_type, s, "sigma")
         if ancestral:  # Karras et al. 2022 / k-diffusion sample_euler_ancestral, eta = 1
@@ -481,7 +550,8 @@ def _euler(cfg: SamplerConfig, n: int, ancestral: bool = False) -> _Raw:
         # d = (x - x0) / s ; x' = x + d * dt
         A[i, 0] = 1 + (1 - px) * dt / s
         B[i, 0] = -pm * dt / s
-    return _Raw(ts, A, B, C, 1 / np.sqrt(sig[:n] ** 2 + 1), _init_sigma(cfg, sig))
+    return _Raw(ts[start:], A[start:], B[start:], C[start:], 1 / np.sqrt(sig[start:n] ** 2 + 1), _init_sigma(cfg, sig),
+                _sigma_levels(sig[start:]))
 
 
 def _lms_coefficient(sig: np.ndarray, order: int, i: int, k: int) -> float:
@@ -494,18 +564,22 @@ def _lms_coefficient(sig: np.ndarray, order: int, i: int, k: int) -> float:
     return float(antiderivative(sig[i + 1]) - antiderivative(sig[i]))
 
 
-def _lms(cfg: SamplerConfig, n: int, order: int = 4) -> _Raw:
+def _lms(cfg: SamplerConfig, n: int, start: int = 0, order: int = 4) -> _Raw:
     ts, sig = _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)
     A, B, C = _alloc(n, order, order)
     A[:, 0] = 1.0
-    for i in range(n):
-        for k in range(min(i + 1, order)):
-            coef = _lms_coefficient(sig, min(i + 1, order), i, k)
+    for i in range(start, n):
+        # diffusers: the polynomial's order follows the global step index, the terms summed only the derivatives
+        # kept since the first step that ran (img2img starts part-way with one), zip() dropping the rest
+        current = min(i + 1, order)
+        for k in range(min(i - start + 1, current)):
+            coef = _lms_coefficient(sig, current, i, k)
             px, pm = _x0_coefs(cfg.prediction_type, sig[i - k], "sigma")
             # derivative d_(i-k) = (x_(i-k) - x0_(i-k)) / sigma_(i-k)
             A[i, k] += coef * (1 - px) / sig[i - k]
             B[i, k] += -coef * pm / sig[i - k]
-    return _Raw(ts, A, B, C, 1 / np.sqrt(sig[:n] ** 2 + 1), _init_sigma(cfg, sig))
+    return _Raw(ts[start:], A[start:], B[start:], C[start:], 1 / np.sqrt(sig[start:n] ** 2 + 1), _init_sigma(cfg, sig),
+                _sigma_levels(sig[start:]))
 
 
 def _dpm_schedule(cfg: SamplerConfig, n: int, floor_cosine: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -528,8 +602,9 @@ def _dpm_schedule(cfg: SamplerConfig, n: int, floor_cosine: bool) -> tuple[np.nd
     return ts, np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
 
 
-def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
-    """DPM-Solver++(2M) in data prediction, Lu et al. 2022, algorithm 2."""
+def _dpmpp_2m(cfg: SamplerConfig, n: int, start: int = 0) -> _Raw:
+    """DPM-Solver++(2M) in data prediction, Lu et al. 2022, algorithm 2. The first step that runs is first order;
+    the last one's order depends on the full schedule's length, as in diffusers."""
     ts, sig = _dpm_schedule(cfg, n, floor_cosine=True)
     S = len(ts)
     alpha = 1 / np.sqrt(sig ** 2 + 1)
@@ -537,9 +612,9 @@ def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(sigma_t)  # +inf at the final sigma 0
     A, B, C = _alloc(S, 2, 2)
-    for i in range(S):
+    for i in range(start, S):
         last = i == S - 1
-        first_order = i == 0 or (last and (cfg.euler_at_final or (cfg.lower_order_final and S < 15) or sig[-1] == 0))
+        first_order = i == start or (last and (cfg.euler_at_final or (cfg.lower_order_final and S < 15) or sig[-1] == 0))
         h = lam[i + 1] - lam[i]
         em1 = math.exp(-h) - 1.0  # exp(-inf) - 1 = -1 at the end
         ratio = sigma_t[i + 1] / sigma_t[i]
@@ -561,7 +636,8 @@ def _dpmpp_2m(cfg: SamplerConfig, n: int) -> _Raw:
             px1, pm1 = _x0_coefs(cfg.prediction_type, acp_from_sigma(sig[i - 1]), "ddpm")
             A[i, 1] = w1 * px1
             B[i, 1] = w1 * pm1
-    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
+    return _Raw(ts[start:].astype(np.float64), A[start:], B[start:], C[start:], np.ones(S - start), 1.0,
+                _vp_levels(sig[start:]))
 
 
 def _lcm_timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
@@ -572,7 +648,7 @@ def _lcm_timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
     return origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
 
 
-def _lcm(cfg: SamplerConfig, n: int) -> _Raw:
+def _lcm(cfg: SamplerConfig, n: int, start: int = 0) -> _Raw:
     """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv:2310.04378, algorithm 1):
     x0 from the consistency function, re-noised to the next timestep; the last step returns x0."""
     acp = alphas_cumprod(cfg)
@@ -589,7 +665,8 @@ def _lcm(cfg: SamplerConfig, n: int) -> _Raw:
         else:
             a_p = acp[int(ts[i + 1])]
             A[i, 0], B[i, 0], C[i] = math.sqrt(a_p) * dx, math.sqrt(a_p) * dm, math.sqrt(1 - a_p)
-    return _Raw(ts.astype(np.float64), A, B, C, np.ones(n), 1.0)
+    return _Raw(ts[start:].astype(np.float64), A[start:], B[start:], C[start:], np.ones(n - start), 1.0,
+                _ddpm_levels(acp, ts[start:]))
 
 
 class _Lin(dict):
@@ -610,7 +687,7 @@ class _Lin(dict):
     __rmul__ = __mul__
 
 
-def _unipc(cfg: SamplerConfig, n: int) -> _Raw:
+def _unipc(cfg: SamplerConfig, n: int, start: int = 0) -> _Raw:
     """UniPC with the B(h) = e^h - 1 variant ('bh2'), data prediction (Zhao et al. 2023, arXiv:2302.04867).
 
     The corrector refines the sample the model was just evaluated at, so the chain's sample is not the
@@ -668,7 +745,7 @@ def _unipc(cfg: SamplerConfig, n: int) -> _Raw:
     rows: list[_Lin] = []
     history: list[int] = []  # steps whose data prediction is kept (diffusers' model_outputs)
     previous_residual, this_order, warm = None, 1, 0
-    for i in range(S):
+    for i in range(start, S):
         x = _Lin({("s", i): 1.0})  # the U-Net input s_i: the predictor's result x_t_ - residual
         if previous_residual is not None and (i - 1) not in cfg.disable_corrector:
             corr, _ = residual(i, i - 1, history, this_order, data(i))
@@ -680,14 +757,14 @@ def _unipc(cfg: SamplerConfig, n: int) -> _Raw:
         rows.append(x * (sigma_t[i + 1] / sigma_t[i]) - base - pred)
         previous_residual = pred
         warm = min(warm + 1, order_max)
-    depth = 1 + max(i - j for i, row in enumerate(rows) for (_, j) in row)
+    depth = 1 + max(start + i - j for i, row in enumerate(rows) for (_, j) in row)
     if depth > min(STATE_DEPTH, OUTPUT_DEPTH):
         raise SamplerError(f"unipc with solver_order {order_max} needs history {depth}, more than the update holds")
-    A, B, C = _alloc(S, depth, depth)
+    A, B, C = _alloc(S - start, depth, depth)
     for i, row in enumerate(rows):
         for (kind, j), v in row.items():
-            (A if kind == "s" else B)[i, i - j] += v
-    return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0)
+            (A if kind == "s" else B)[i, start + i - j] += v
+    return _Raw(ts[start:].astype(np.float64), A, B, C, np.ones(S - start), 1.0, _vp_levels(sig[start:]))
 
 
 def acp_from_sigma(sigma: float) -> float:
@@ -700,7 +777,7 @@ _BUILDERS = {
     "pndm": _pndm,
     "lms": _lms,
     "euler": _euler,
-    "euler_a": lambda cfg, n: _euler(cfg, n, ancestral=True),
+    "euler_a": lambda cfg, n, start=0: _euler(cfg, n, start, ancestral=True),
     "dpmpp_2m": _dpmpp_2m,
     "dpmpp_2m_karras": _dpmpp_2m,
     "lcm": _lcm,
@@ -742,22 +819,44 @@ def _nearest_fitting(cfg: SamplerConfig, n: int, reach: int = 64) -> str:
     return f"; {' or '.join(near)} steps work" if near else ""
 
 
-def _table(cfg: SamplerConfig, raw: _Raw) -> SamplerTable:
-    """Fold c_in into the raw coefficients, so the state is the U-Net input."""
+def _table(cfg: SamplerConfig, raw: _Raw, start: int, from_image: bool) -> SamplerTable:
+    """Fold c_in into the raw coefficients, so the state is the U-Net input; the initial-state rule and the
+    4-channel inpainting blend come from the noise levels."""
     S = len(raw.timesteps)
     c_in = np.concatenate([raw.c_in, [1.0]])  # the state after the last step is the plain sample
     A = np.zeros_like(raw.A)
     for j in range(raw.A.shape[1]):
         src = np.array([c_in[i - j] if i - j >= 0 else 1.0 for i in range(S)])
         A[:, j] = c_in[1:] * raw.A[:, j] / src
+    alpha, sigma = raw.levels[:, 0], raw.levels[:, 1]
+    if from_image:  # diffusers' add_noise(image_latents, noise, timesteps[start])
+        init_image, init_noise = c_in[0] * alpha[0], c_in[0] * sigma[0]
+    else:  # pure noise, scaled by the scheduler's init_noise_sigma
+        init_image, init_noise = 0.0, c_in[0] * raw.init_noise_sigma
     return SamplerTable(
         name=cfg.name, timesteps=raw.timesteps, state_coef=A, model_coef=c_in[1:, None] * raw.B,
-        noise_coef=c_in[1:] * raw.C, init_scale=float(c_in[0] * raw.init_noise_sigma), extras=raw.extras,
+        noise_coef=c_in[1:] * raw.C, init_scale=float(init_noise), init_image_scale=float(init_image),
+        blend_image=c_in[1:] * alpha[1:], blend_noise=c_in[1:] * sigma[1:], start=start, extras=raw.extras,
     )
 
 
-def build_table(cfg: SamplerConfig, num_inference_steps: int) -> SamplerTable:
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """Rows of the schedule skipped at ``strength`` (diffusers' get_timesteps; every sampler here has order 1)."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    if init_timestep < 1:
+        raise SamplerError(f"strength {strength:g} with {num_inference_steps} steps leaves no step to run "
+                           f"(strength x steps must reach 1: use strength >= {1 / num_inference_steps:.3g} or more steps)")
+    return num_inference_steps - init_timestep
+
+
+def build_table(cfg: SamplerConfig, num_inference_steps: int, strength: float | None = None,
+                from_image: bool | None = None) -> SamplerTable:
     """Compute the coefficient table for ``num_inference_steps`` (the loop runs ``table.num_steps`` U-Net calls).
+
+    ``strength`` (img2img and inpainting, in (0, 1]) starts the schedule part-way, as diffusers' get_timesteps does,
+    with each sampler's history and warm-up counted from there. ``from_image``: the first state is the image latents
+    noised to the first timestep (img2img; inpainting below strength 1) rather than scaled pure noise (default:
+    when a strength is given).
 
     Every table that comes back is finite: a step count whose timesteps fall outside the model's training range
     is refused (naming the nearest counts that work), and any non-finite coefficient is an error, never an image."""
@@ -779,13 +878,16 @@ def build_table(cfg: SamplerConfig, num_inference_steps: int) -> SamplerTable:
         raise SamplerError(f"{cfg.name} cannot run {n} steps on this model's schedule ({cfg.timestep_spacing} spacing, "
                            f"steps_offset {cfg.steps_offset}, {cfg.num_train_timesteps} training steps): a timestep "
                            f"would fall outside 0..{cfg.num_train_timesteps - 1} or repeat{_nearest_fitting(cfg, n)}")
+    start = 0 if strength is None else start_step(n, strength)
+    from_image = strength is not None if from_image is None else from_image
     try:
         with np.errstate(all="ignore"):
-            table = _table(cfg, _BUILDERS[cfg.name](cfg, n))
+            table = _table(cfg, _BUILDERS[cfg.name](cfg, n, start), start, from_image)
     except (ZeroDivisionError, OverflowError, np.linalg.LinAlgError):
         table = None
     finite = table is not None and math.isfinite(table.init_scale) and all(
-        np.isfinite(a).all() for a in (table.timesteps, table.state_coef, table.model_coef, table.noise_coef))
+        np.isfinite(a).all() for a in (table.timesteps, table.state_coef, table.model_coef, table.noise_coef,
+                                       table.blend_image, table.blend_noise))
     if not finite:
         raise SamplerError(f"{cfg.name} with {n} steps gives non-finite coefficients on this model's schedule; "
                            "use fewer steps or another sampler")

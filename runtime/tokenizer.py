@@ -17,7 +17,9 @@ from sdtrt.errors import ManifestError
 
 
 class ClipTokenizer:
-    def __init__(self, folder: Path, max_length: int = 77):
+    def __init__(self, folder: Path, max_length: int = 77, vocab_size: int | None = None):
+        """``vocab_size``: the text encoder's token embeddings (``manifest.model.vocab_size``); a token id at or
+        beyond it is refused here, at load, instead of failing inside the text encoder at the first prompt."""
         from tokenizers import Tokenizer
 
         folder = Path(folder)
@@ -49,6 +51,12 @@ class ClipTokenizer:
         self.bos_id, self.eos_id = (self._special(config, key, default, config_file) for key, default in
                                     (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>")))
         self.comma_id = self._tok.token_to_id(",</w>")  # where A1111 may cut a long prompt
+        if vocab_size is not None:
+            token, ident = max(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+            if ident >= vocab_size:
+                raise ManifestError(f"{path}: token {token!r} has id {ident}, beyond the text encoder's {vocab_size} "
+                                    f"embeddings (ids 0..{vocab_size - 1}): the tokenizer is not the exported "
+                                    "model's; re-export the model")
         self._tok.no_truncation()
         self._tok.no_padding()
 

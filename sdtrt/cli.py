@@ -27,9 +27,20 @@ class Terminated(BaseException):
     """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not where the help already says its default, not for options without one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        shown = ":".join(map(str, action.default)) if isinstance(action.default, tuple) else action.default
+        return f"{text} (default: {shown})"
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # one line, no usage dump
@@ -109,7 +120,33 @@ def _add_export(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
     p.add_argument("--max-chunks", type=int, default=3,
                    help="longest prompt, in 75-token chunks (A1111's long-prompt rule; the U-Net's text axis is 77 x this)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
+                   help="also export this ControlNet (a diffusers ControlNetModel folder, or 'random': seeded random "
+                        "weights shaped like the model's U-Net); repeat, or separate with commas, for several")
     p.set_defaults(func=_cmd_export)
+
+
+def _add_export_controlnet(sub) -> None:
+    p = sub.add_parser("export-controlnet", help="add a ControlNet to an engine folder (needs sdtrt[export])",
+                       description="Export one more ControlNet into an engine folder, for the U-Net already there "
+                                   "(no re-export of the model), through the same parity gate.")
+    p.add_argument("dir", help="engine folder written by `sdtrt export`")
+    p.add_argument("controlnet", metavar="[NAME=]PATH",
+                   help="a diffusers ControlNetModel folder, or 'random' (built-in models only)")
+    p.add_argument("--force", action="store_true", help="replace a ControlNet of the same name")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights; only for files you trust")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p.set_defaults(func=_cmd_export_controlnet)
+
+
+def _cmd_export_controlnet(args) -> int:
+    _need("export", "torch", "diffusers", "transformers", "onnx")
+    from sdtrt.export.exporter import MAX_OPSET, add_controlnet
+
+    if not 17 <= args.opset <= MAX_OPSET:
+        raise UsageError(f"--opset must be 17..{MAX_OPSET} (what torch.onnx.export writes), got {args.opset}")
+    add_controlnet(args.dir, args.controlnet, allow_pickle=args.allow_pickle, force=args.force, opset=args.opset)
+    return 0
 
 
 def _cmd_export(args) -> int:
@@ -125,7 +162,10 @@ def _cmd_export(args) -> int:
         model=args.model, out=out, precision=args.precision, batch_min=args.batch[0], batch_max=args.batch[1],
         size_min=args.size[0], size_max=args.size[1], opset=args.opset, force=args.force,
         allow_pickle=args.allow_pickle, seed=args.seed, max_chunks=args.max_chunks,
+        controlnets=tuple(c.strip() for spec in args.controlnet for c in spec.split(",")),
     )
+    if args.out is None:
+        Path("engines").mkdir(exist_ok=True)  # the default's own folder; an explicit --out's parent must exist
     export(config)
     return 0
 
@@ -133,17 +173,32 @@ def _cmd_export(args) -> int:
 # ---- generate ----------------------------------------------------------------------------------------------
 
 DEFAULTS = {"steps": 30, "cfg": 7.5}
+IMAGE_FLAGS = ("image", "strength", "mask", "mask_blur", "padding_mask_crop", "outpaint", "outpaint_fill")
+
+
+def _sides(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected L,T,R,B pixels, e.g. 64,0,64,0, got {text!r}") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected 4 numbers L,T,R,B, got {text!r}")
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"pixels must not be negative, got {text!r}")
+    return values
 
 
 def _add_generate(sub) -> None:
     from sdtrt.runtime.backends import BACKENDS
+    from sdtrt.runtime.request import OUTPAINT_FILLS
     from sdtrt.runtime.samplers import SAMPLERS
 
     unset = argparse.SUPPRESS  # flags a PNG's parameters may set; given ones win
     p = sub.add_parser("generate", help="generate images from an engine folder",
-                       description="Text to image with the engines of an engine folder (no torch needed). Prompts use "
-                                   "A1111's syntax: (word:1.3), (word), [word], BREAK, any length up to the export's "
-                                   "--max-chunks x 75 tokens.")
+                       description="Text to image, or from an image (--image: img2img; with --mask: inpainting; "
+                                   "--outpaint: outpainting), with the engines of an engine folder (no torch needed). "
+                                   "Prompts use A1111's syntax: (word:1.3), (word), [word], BREAK, any length up to "
+                                   "the export's --max-chunks x 75 tokens.")
     p.add_argument("dir", help="engine folder written by `sdtrt export`")
     p.add_argument("prompt", nargs="?", default=unset, help="what to draw (optional with --from-png)")
     p.add_argument("-n", "--negative", default=unset, help="negative prompt (default: none)")
@@ -157,6 +212,31 @@ def _add_generate(sub) -> None:
     p.add_argument("--clip-skip", type=int, default=unset, metavar="N",
                    help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before, ...")
     p.add_argument("--num-images", type=int, default=unset, help="images for the prompt, one batch (default: 1)")
+    p.add_argument("--image", default=unset, metavar="PNG",
+                   help="start from this image (img2img; with --mask, inpainting); the size defaults to its own, "
+                        "rounded down to the model's multiple")
+    p.add_argument("--strength", type=_finite, default=unset,
+                   help="how much of --image is repainted, in (0, 1] (default: 0.8 img2img, 1.0 inpainting)")
+    p.add_argument("--mask", default=unset, metavar="PNG", help="inpainting mask for --image: white is repainted")
+    p.add_argument("--mask-blur", type=_finite, default=unset, metavar="PX",
+                   help="Gaussian blur radius of the mask, in pixels (A1111's Mask blur; default: 0)")
+    p.add_argument("--padding-mask-crop", type=int, default=unset, metavar="PX",
+                   help="inpaint only the box around the mask grown by PX pixels, at full size, and paste it back "
+                        "(A1111's 'Only masked')")
+    p.add_argument("--outpaint", type=_sides, default=unset, metavar="L,T,R,B",
+                   help="extend --image by these pixels on the left, top, right and bottom (multiples of 8), then "
+                        "inpaint the new area")
+    p.add_argument("--outpaint-fill", choices=OUTPAINT_FILLS, default=unset,
+                   help="how the new area starts: its edge pixels repeated, the image mirrored, or gray (default: "
+                        "edge)")
+    p.add_argument("--control", action="append", default=[], metavar="[canny:]PNG[:SCALE[:START:END]]",
+                   help="a control image for the folder's next ControlNet (the first --control goes to the first "
+                        "ControlNet, ...): a ready-made map, or canny:PHOTO to take its Canny edges; SCALE is the "
+                        "conditioning scale (default 1), START:END the fraction of the steps it acts in (default 0:1)")
+    p.add_argument("--canny-low", type=int, default=None, metavar="T",
+                   help="Canny's low hysteresis threshold, 0..10000 (default 100)")
+    p.add_argument("--canny-high", type=int, default=None, metavar="T",
+                   help="Canny's high hysteresis threshold (default 200)")
     p.add_argument("--from-png", default=None, metavar="PNG",
                    help="replay the generation parameters of a PNG (sdtrt's or A1111's); flags given override them")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -165,6 +245,58 @@ def _add_generate(sub) -> None:
                    help="PNG path; with --num-images N > 1 the images go to NAME-0.png .. NAME-(N-1).png")
     p.add_argument("--force", action="store_true", help="overwrite existing images (default: refuse)")
     p.set_defaults(func=_cmd_generate)
+
+
+def control_spec(text: str) -> tuple[str, str, float | None, float | None, float | None]:
+    """``[canny:|none:]PATH[:SCALE[:START:END]]`` -> (preprocessor, path, scale, start, end); None: not given. Numbers
+    are read from the right, so a path may hold colons."""
+    from sdtrt.runtime.request import PREPROCESSORS
+
+    parts = text.split(":")
+    pre = "none"
+    if len(parts) > 1 and parts[0] in PREPROCESSORS:
+        pre, parts = parts[0], parts[1:]
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 3:
+        try:
+            value = float(parts[-1])
+        except ValueError:
+            break
+        numbers.insert(0, value)
+        parts = parts[:-1]
+    path = ":".join(parts)
+    if not path.strip():
+        raise UsageError(f"--control {text!r}: no image path")
+    if len(numbers) == 2:
+        raise UsageError(f"--control {text!r}: give SCALE, or SCALE:START:END (not two numbers)")
+    scale, start, end = (numbers + [None] * 3)[:3] if len(numbers) != 1 else (numbers[0], None, None)
+    return pre, path, scale, start, end
+
+
+def _controls(args, png: tuple[dict, ...]) -> dict:
+    """The ControlNet arguments of the pipeline from the --control flags, a replayed PNG's values filling what a flag
+    leaves out."""
+    specs = [control_spec(c) for c in args.control]
+    if png and not specs:
+        names = ", ".join(str(c.get("Model", "?")) for c in png)
+        raise UsageError(f"the image was made with {len(png)} ControlNet{'s' * (len(png) != 1)} ({names}): pass their "
+                         "control images with --control (the images are not stored in the PNG)")
+    if not specs:
+        return {}
+    old = list(png) + [{}] * len(specs)
+    low = args.canny_low if args.canny_low is not None else int(next(
+        (c["Threshold A"] for c in png if "Threshold A" in c), 100))
+    high = args.canny_high if args.canny_high is not None else int(next(
+        (c["Threshold B"] for c in png if "Threshold B" in c), 200))
+    return dict(control_images=[path for _, path, *_ in specs],
+                control_preprocessors=[pre for pre, *_ in specs],
+                controlnet_conditioning_scale=[s if s is not None else old[i].get("Weight", 1.0)
+                                               for i, (_, _, s, _, _) in enumerate(specs)],
+                control_guidance_start=[s if s is not None else old[i].get("Guidance Start", 0.0)
+                                        for i, (_, _, _, s, _) in enumerate(specs)],
+                control_guidance_end=[e if e is not None else old[i].get("Guidance End", 1.0)
+                                      for i, (_, _, _, _, e) in enumerate(specs)],
+                canny_thresholds=(low, high))
 
 
 def _output_paths(output: str, count: int, force: bool):
@@ -176,8 +308,9 @@ def _output_paths(output: str, count: int, force: bool):
     path = Path(output)
     if not output.strip():
         raise UsageError("-o/--output must not be empty")
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"output {output} must end in .png")
+    if not path.name.lower().endswith(".png") or path.name.lower() == ".png":
+        raise UsageError(f"output {output} must be a file name ending in .png" if path.name.lower() == ".png"
+                         else f"output {output} must end in .png")
     paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
     for target in paths:
         folder = target.parent if str(target.parent) else Path(".")
@@ -200,7 +333,7 @@ def _generation_settings(args) -> tuple[dict, int | None]:
     """The generation's arguments from the flags, a replayed PNG and the defaults, in that order of precedence;
     and, for an image of a replayed batch, which image of the batch to keep."""
     given = {k: getattr(args, k) for k in ("prompt", "negative", "steps", "cfg", "seed", "size", "scheduler",
-                                           "clip_skip", "num_images") if hasattr(args, k)}
+                                           "clip_skip", "num_images", *IMAGE_FLAGS) if hasattr(args, k)}
     keep = None
     if args.from_png:
         from sdtrt.runtime.infotext import read_png_parameters, replay
@@ -208,14 +341,21 @@ def _generation_settings(args) -> tuple[dict, int | None]:
         r = replay(read_png_parameters(args.from_png))
         png = {"prompt": r.prompt, "negative": r.negative_prompt, "steps": r.steps, "cfg": r.cfg, "seed": r.seed,
                "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
-               "clip_skip": r.clip_skip, "num_images": r.batch_size, "karras": r.karras, "model_hash": r.model_hash}
+               "clip_skip": r.clip_skip, "num_images": r.batch_size, "karras": r.karras, "model_hash": r.model_hash,
+               "strength": r.strength, "mask_blur": r.mask_blur, "padding_mask_crop": r.padding_mask_crop,
+               "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls}
+        if r.from_image and "image" not in given:
+            what = f"Denoising strength {r.strength:g}" if r.strength is not None else "outpainting"
+            raise UsageError(f"{args.from_png} was made from an input image ({what}): pass that image with --image "
+                             "(and --mask for inpainting)")
         if r.batch_size > 1 and "num_images" not in given:
             keep = r.batch_pos  # the seed drew the whole batch: regenerate it, keep the one image
         given = {**{k: v for k, v in png.items() if v is not None}, **given}
     if "prompt" not in given:
         raise UsageError("a prompt is needed (or --from-png IMAGE)")
     settings = {"negative": "", **DEFAULTS, "seed": None, "size": None, "scheduler": None, "clip_skip": 1,
-                "num_images": 1, **given}
+                "num_images": 1, "image": None, "strength": None, "mask": None, "mask_blur": 0,
+                "padding_mask_crop": None, "outpaint": None, "outpaint_fill": "edge", **given}
     if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
         raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
                          f"{settings['clip_skip']}")
@@ -228,11 +368,19 @@ def _cmd_generate(args) -> int:
 
     s, keep = _generation_settings(args)
     width, height = s["size"] or (None, None)
+    controls = _controls(args, s.get("controls", ()))
+    control_images = controls.pop("control_images", None)
     request = GenerationRequest.create(s["prompt"], s["negative"], s["steps"], s["cfg"], height, width, s["seed"],
-                                       s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1)
+                                       s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1,
+                                       strength=s["strength"], mask_blur=s["mask_blur"],
+                                       padding_mask_crop=s["padding_mask_crop"], outpaint=s["outpaint"],
+                                       outpaint_fill=s["outpaint_fill"], **controls)
+    for flag in ("image", "mask"):
+        if s[flag] is not None and not str(s[flag]).strip():
+            raise UsageError(f"--{flag} must not be empty")
     paths = _output_paths(args.output, 1 if keep is not None else s["num_images"], args.force)
     with Pipeline.from_dir(args.dir, backend=args.backend) as pipe:
-        plan = pipe.plan(request)  # every check, before any compute
+        plan = pipe.plan(request, s["image"], s["mask"], control_images)  # every check, before any compute
         if s.get("karras") and not plan.sampler.use_karras_sigmas:
             raise UsageError(f"the image used {plan.table.name} with the Karras schedule, which this model's scheduler "
                              "config does not set; pass --scheduler to choose another sampler")
@@ -240,18 +388,19 @@ def _cmd_generate(args) -> int:
             print(f"sdtrt generate: warning: the image was made with model hash {s['model_hash']}, this folder's is "
                   f"{pipe.manifest.components['unet'].sha256[:10]}: the result will differ", file=sys.stderr)
         table = plan.table
-        if table.num_steps != request.num_inference_steps:
-            print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps} steps "
-                  "(its warm-up evaluates one step twice)", file=sys.stderr)
+        if table.num_steps != request.num_inference_steps - table.start:
+            print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps - table.start} "
+                  "steps (its warm-up evaluates one step twice)", file=sys.stderr)
         with _progress(table.num_steps) as bar:
-            result = pipe.generate(request, callback=bar)
+            result = pipe.generate(request, callback=bar, plan=plan)
         images = list(zip(result.images, result.parameters))
         for (image, params), path in zip(images if keep is None else images[keep:keep + 1], paths):
             save_png(image, path, params)
             print(path)
         t = result.timings
-        print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, denoise {t['denoise']:.2f}s, "
-              f"vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
+        encode = f"vae encoder {t['vae_encoder']:.2f}s, " if plan.sources is not None else ""
+        print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, {encode}denoise "
+              f"{t['denoise']:.2f}s, vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
     return 0
 
 
@@ -287,9 +436,11 @@ def _add_build(sub) -> None:
                        description="Build one TensorRT engine per graph, precision as typed in the ONNX, verify each "
                                    "against ONNX Runtime on this GPU, then install them. No torch needed.")
     p.add_argument("dir", help="engine folder written by `sdtrt export`")
-    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN:OPT:MAX", help="batch profile")
-    p.add_argument("--size", type=_triple, default=(256, 512, 1024), metavar="MIN:OPT:MAX",
-                   help="height/width profile in pixels")
+    p.add_argument("--batch", type=_triple, default=None, metavar="MIN:OPT:MAX",
+                   help="batch profile (default: the export's batch range, OPT = its minimum)")
+    p.add_argument("--size", type=_triple, default=None, metavar="MIN:OPT:MAX",
+                   help="height/width profile in pixels (default: the export's size range, OPT = the model's default "
+                        "size)")
     p.add_argument("--static", type=_size, default=None, metavar="WxH", help="one fixed shape (batch = OPT, guidance on)")
     p.add_argument("--timing-cache", default=None, metavar="PATH",
                    help="timing cache file (default: DIR/timing.trt<version>.sm<cc>.cache)")
@@ -404,7 +555,9 @@ def _cmd_info(args) -> int:
             print(f"  {'MISMATCH' if status else 'ok':<8} {entry.file}" + (f" ({status.split(': ', 1)[1]})" if status else ""))
     if problems:
         print(f"this folder cannot run: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        return 2 if args.verify else 0
+        if args.verify:
+            raise SdtrtError(f"{len(problems)} file(s) do not match manifest.json: {problems[0]}")
+        return 0
     print("this machine can run it with: " + ", ".join(available_backends()))
     return 0
 
@@ -412,6 +565,7 @@ def _cmd_info(args) -> int:
 # ---- bench -------------------------------------------------------------------------------------------------
 
 def _add_bench(sub) -> None:
+    from sdtrt.benchmarks.harness import TASKS
     from sdtrt.runtime.backends import BACKENDS
     from sdtrt.runtime.samplers import SAMPLERS
 
@@ -427,6 +581,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs per size and system")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
+    p.add_argument("--task", choices=TASKS, default="txt2img",
+                   help="what to time: text to image, or from a synthetic picture (img2img; inpaint: its centre "
+                        "masked)")
+    p.add_argument("--strength", type=_finite, default=None,
+                   help="img2img/inpaint strength (default: diffusers': 0.8 img2img, 1.0 inpaint)")
+    p.add_argument("--controlnet", type=int, default=0, metavar="N",
+                   help="also run the folder's first N ControlNets (synthetic control maps), against diffusers' "
+                        "ControlNet pipelines")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per system (0: the library's default; at most 4x the cores)")
     p.add_argument("--out", help="write the full result as JSON here")
@@ -461,7 +623,8 @@ def _cmd_bench(args) -> int:
     manifest = Manifest.load(args.dir)
     sizes = tuple(args.size) if args.size else ((manifest.model.default_size,) * 2,)
     cfg = BenchConfig(engine_dir=args.dir, backend=args.backend, baseline=args.baseline, sizes=sizes, steps=args.steps,
-                      batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads)
+                      batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads,
+                      task=args.task, strength=args.strength, controlnets=args.controlnet)
     result = run_bench(cfg)
     result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
     print(markdown(result))
@@ -479,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_export(sub)
+    _add_export_controlnet(sub)
     _add_generate(sub)
     _add_info(sub)
     _add_bench(sub)
@@ -531,10 +695,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _StderrHandler(prefix):
             parser = build_parser()
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if isinstance(getattr(args, "dir", None), str) and not args.dir.strip():
+                raise UsageError("the engine folder path is empty")
             if not getattr(args, "func", None):
-                parser.print_help()
-                return 2
+                parser.print_help(sys.stderr)
+                raise UsageError("a command is needed (see the list above)")
+            if extra and args.func is _cmd_generate and not hasattr(args, "prompt") and len(extra) == 1 \
+                    and not extra[0].startswith("-"):
+                # argparse gives an optional positional its default as soon as DIR is seen, so a prompt written
+                # after the options (generate DIR --seed 1 "a cat") arrives here
+                args.prompt, extra = extra[0], []
+            if extra:
+                raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
             return args.func(args)
     except SdtrtError as ex:
         if debug:

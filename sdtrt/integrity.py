@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def folder_files(manifest: Manifest, components: tuple[str, ...] | None = None, 
     return out
 
 
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "of an unknown kind")
+
+
 def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
@@ -65,6 +72,9 @@ def verify_files(folder: Path, entries: list[FileEntry], full: bool = False, use
             continue
         except OSError as ex:
             problems.append(f"{entry.file}: cannot be read ({ex.strerror})")
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a folder's or device's size means nothing, and /dev/zero never ends
+            problems.append(f"{entry.file}: is not a regular file ({_file_kind(st.st_mode)})")
             continue
         if entry.size is not None and st.st_size != entry.size:
             problems.append(f"{entry.file}: {st.st_size} bytes, manifest.json says {entry.size}: replaced or truncated")

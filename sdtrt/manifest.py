@@ -14,12 +14,37 @@ from pathlib import Path
 from sdtrt.config import from_dict, to_json, write_json_atomic
 from sdtrt.errors import ManifestError
 
-SCHEMA_VERSION = 1
+# 2: prompt chunks and CLIP-skip outputs in the text encoder, the VAE encoder, inpainting inputs and the blend in
+# the sampler update; 3: ControlNet residual inputs in the U-Net, ControlNet components (graph I/O changed: older
+# folders must be re-exported)
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # sampler_update: needed by the device loops only
+# sampler_update: needed by the device loops only
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+CONTROLNET_PREFIX = "controlnet_"  # components named controlnet_NAME are ControlNets (NAME: what users pick)
 
 # A dimension is either fixed (int) or named and dynamic (str, e.g. "batch", "height").
 Dim = int | str
+
+
+def level_dim(base: str, factor: int) -> str:
+    """The name of ``base`` downsampled ``factor`` times (a U-Net level): ``latent_height_4``; ``base`` for 1."""
+    return base if factor == 1 else f"{base}_{factor}"
+
+
+def dim_value(name: str, values: dict[str, int]) -> int:
+    """A named dimension's value: ``values[name]``, or for a level dim ``latent_height_4`` ceil(latent_height / 4),
+    what a stride-2 convolution with padding 1 makes of an odd size at each level."""
+    if name in values:
+        return values[name]
+    base, _, factor = name.rpartition("_")
+    if base in values and factor.isdigit() and int(factor) > 0:
+        return -(-values[base] // int(factor))
+    raise KeyError(name)
+
+
+def resolve_shape(dims: tuple[Dim, ...], values: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else dim_value(d, values) for d in dims)
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,7 @@ class Component:
     validation: tuple[ValidationResult, ...] = ()
     notes: str = ""
     memory: MemoryModel | None = None  # None: exported before sdtrt recorded it (no estimate, no refusal)
+    source: str = ""  # ControlNets: the folder it was exported from, or "random" (the built-in)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
@@ -200,11 +226,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError("manifest.json does not hold a JSON object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ManifestError(
-                f"manifest.json has schema version {version!r}; this sdtrt reads version {SCHEMA_VERSION} "
-                "(re-export the model with this sdtrt)"
-            )
+        if version != SCHEMA_VERSION or type(version) is not int:
+            what = f"schema version {version}" if type(version) is int else \
+                f"a schema_version that is not an integer ({version!r})"
+            raise ManifestError(f"manifest.json has {what}; this sdtrt reads version {SCHEMA_VERSION} "
+                                "(re-export the model with this sdtrt)")
         try:
             manifest = from_dict(cls, data)
         except (ValueError, TypeError) as ex:
@@ -232,6 +258,9 @@ class Manifest:
             (8 <= r.size_min <= r.size_max and r.size_min % 8 == 0 and r.size_max % 8 == 0,
              f"size range {r.size_min}..{r.size_max}"),
             (self.precision in ("fp16", "fp32"), f"precision = {self.precision!r}"),
+            (r.size_min <= m.default_size <= r.size_max and m.default_size % max(8, m.vae_scale_factor) == 0,
+             f"default_size = {m.default_size} (a multiple of {max(8, m.vae_scale_factor)} in "
+             f"{r.size_min}..{r.size_max})"),
         ]
         for ok, what in checks:
             if not ok:
@@ -240,13 +269,60 @@ class Manifest:
             if name not in self.components:
                 return f"no {name} component"
         for name, c in self.components.items():
+            for file in (c.file, *c.external_data):
+                if not file or "/" in file or "\\" in file or file in (".", ".."):
+                    return f"{name} file {file!r} (a file name inside the folder)"
             for spec in c.inputs + c.outputs:
                 if spec.dtype not in ("float16", "float32", "int32", "int64"):
                     return f"{name}.{spec.name} has dtype {spec.dtype!r}"
                 if not (len(spec.shape) == len(spec.min_shape) == len(spec.max_shape)) or any(
                         lo < 0 or lo > hi for lo, hi in zip(spec.min_shape, spec.max_shape)):
                     return f"{name}.{spec.name} has inconsistent shapes"
+        return self._graph_problem()
+
+    def _graph_problem(self) -> str | None:
+        """Model facts that the graphs' own specs also state must agree (a wrong vae_scale_factor would make
+        images of another size than asked for)."""
+        m = self.model
+        dec = self.components["vae_decoder"]
+        lat, img = _spec(dec.inputs, "latents"), _spec(dec.outputs, "image")
+        if lat is not None and img is not None and len(lat.max_shape) == len(img.max_shape) == 4:
+            if lat.max_shape[2] * m.vae_scale_factor != img.max_shape[2]:
+                return (f"vae_scale_factor = {m.vae_scale_factor}, but the VAE decoder maps {lat.max_shape[2]} latent "
+                        f"rows to {img.max_shape[2]} pixels")
+            if lat.max_shape[1] != m.latent_channels:
+                return f"latent_channels = {m.latent_channels}, but the VAE decoder takes {lat.max_shape[1]}"
+        text = self.components["text_encoder"]
+        outputs = {o.name for o in text.outputs}
+        missing = [f"hidden_state_skip{k}" for k in range(1, m.clip_skips + 1) if f"hidden_state_skip{k}" not in outputs]
+        if missing:
+            return f"clip_skips = {m.clip_skips}, but the text encoder has no {missing[0]} output"
+        unet = self.components["unet"]
+        levels = self.residual_levels()
+        if not levels:
+            return "the U-Net has no ControlNet residual inputs (down_residual_i, mid_residual)"
+        for name, c in self.controlnets.items():
+            if residual_levels(c.outputs) != levels:
+                return f"ControlNet {name}'s residuals do not match the U-Net's residual inputs"
+            # the device loop feeds the U-Net's buffers to the ControlNets and theirs to the U-Net
+            shared = [(c.inputs, unet.inputs, n, n) for n in ("latents", "timestep", "encoder_hidden_states")]
+            shared += [(c.outputs, unet.inputs, s.name, s.name) for s in c.outputs]
+            shared += [(c.inputs, unet.inputs, s.name + "_in", s.name) for s in c.outputs]
+            for specs, unet_specs, mine, theirs in shared:
+                a, b = _spec(specs, mine), _spec(unet_specs, theirs)
+                if a is None or b is None or a.dtype != b.dtype:
+                    return (f"ControlNet {name}'s {mine} is {a.dtype if a else 'missing'}, the U-Net's {theirs} "
+                            f"{b.dtype if b else 'missing'}")
         return None
+
+    @property
+    def controlnets(self) -> dict[str, Component]:
+        """NAME -> component of every ControlNet in the folder, in the order they were added."""
+        return {k[len(CONTROLNET_PREFIX):]: c for k, c in self.components.items() if k.startswith(CONTROLNET_PREFIX)}
+
+    def residual_levels(self) -> list[tuple[int, int]]:
+        """(channels, downsampling factor) of each ControlNet residual the U-Net takes, the mid block's last."""
+        return residual_levels(self.components["unet"].inputs)
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
@@ -256,6 +332,8 @@ class Manifest:
         if not folder.is_dir():
             raise ManifestError(f"engine folder {folder} does not exist")
         path = folder / MANIFEST_NAME
+        if path.exists() and not path.is_file():
+            raise ManifestError(f"{path} is not a file: is {folder} an sdtrt engine folder (made by `sdtrt export`)?")
         if not path.is_file():
             raise ManifestError(f"{path} not found: is {folder} an sdtrt engine folder (made by `sdtrt export`)?")
         try:
@@ -265,6 +343,23 @@ class Manifest:
         except OSError as ex:
             raise ManifestError(f"cannot read {path}: {ex.strerror}") from None
         return cls.from_json(text)
+
+
+def residual_levels(specs) -> list[tuple[int, int]]:
+    """(channels, factor) of the down_residual_i and mid_residual tensors among ``specs``, in order."""
+    named = {s.name: s for s in specs}
+    order = [f"down_residual_{i}" for i in range(len(named)) if f"down_residual_{i}" in named] + ["mid_residual"]
+    out = []
+    for name in order:
+        if name in named:
+            dim = named[name].shape[2]
+            factor = dim.rpartition("_")[2] if isinstance(dim, str) else ""
+            out.append((int(named[name].shape[1]), int(factor) if factor.isdigit() else 1))
+    return out
+
+
+def _spec(specs, name: str) -> TensorSpec | None:
+    return next((s for s in specs if s.name == name), None)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -7,9 +7,10 @@ from sdtrt.export import ExportConfig, export
 TINY_RANGES = dict(batch_min=1, batch_max=4, size_min=64, size_max=512)
 
 
-def _export(tmp_path_factory, precision: str):
-    out = tmp_path_factory.mktemp(f"tiny_{precision}") / "engine"
-    manifest = export(ExportConfig(model="tiny", out=str(out), precision=precision, **TINY_RANGES), log=lambda s: None)
+def _export(tmp_path_factory, precision: str, model: str = "tiny", controlnets=()):
+    out = tmp_path_factory.mktemp(f"{model}_{precision}") / "engine"
+    manifest = export(ExportConfig(model=model, out=str(out), precision=precision, controlnets=controlnets,
+                                   **TINY_RANGES), log=lambda s: None)
     return out, manifest
 
 
@@ -21,6 +22,18 @@ def tiny_fp16(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_fp32(tmp_path_factory):
     return _export(tmp_path_factory, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_fp16(tmp_path_factory):
+    """The tiny built-in with a 9-channel inpainting U-Net (mask and masked-image latents as U-Net inputs)."""
+    return _export(tmp_path_factory, "fp16", "tiny-inpaint")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_control_fp16(tmp_path_factory):
+    """tiny with two built-in ControlNets (different seeds): edges, depth."""
+    return _export(tmp_path_factory, "fp16", "tiny", ("edges=random", "depth=random"))[0]
 
 
 @pytest.fixture(scope="session", params=["fp16", "fp32"])
@@ -42,17 +55,27 @@ def tiny_diffusers_dir(tmp_path_factory, tiny_model):
     return folder
 
 
-@pytest.fixture(scope="session")
-def small_model(tmp_path_factory):
-    """The mid-size built-in (~25M parameters) as a diffusers folder and its fp32 export: parity beyond tiny."""
+def _diffusers_and_export(tmp_path_factory, name):
     from sdtrt.export.loaders import load_model
 
-    folder = tmp_path_factory.mktemp("small") / "diffusers"
-    load_model("small").save_pretrained(folder)
+    folder = tmp_path_factory.mktemp(name) / "diffusers"
+    load_model(name).save_pretrained(folder)
     out = folder.parent / "engine"
     export(ExportConfig(model=str(folder), out=str(out), precision="fp32", size_min=64, size_max=256, batch_max=2),
            log=lambda s: None)
     return out, folder
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """The mid-size built-in (~25M parameters) as a diffusers folder and its fp32 export: parity beyond tiny."""
+    return _diffusers_and_export(tmp_path_factory, "small")
+
+
+@pytest.fixture(scope="session")
+def small_inpaint_model(tmp_path_factory):
+    """The mid-size built-in with a 9-channel inpainting U-Net, as a diffusers folder and its fp32 export."""
+    return _diffusers_and_export(tmp_path_factory, "small-inpaint")
 
 
 @pytest.fixture

@@ -55,6 +55,38 @@ def test_bad_generation_values(cli, engine, tmp_path, flags, needle):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_prompt_after_the_options_is_the_prompt(cli, engine, tmp_path):
+    code, _, err = cli("generate", engine, "--seed", 1, "--steps", 2, "--size", "64x64", "-o", tmp_path / "x.png",
+                       "a cat")
+    assert code == 0, err
+    code, _, err = cli("generate", engine, "a cat", "a dog", "-o", tmp_path / "y.png")
+    one_line(code, err, "generate", "unrecognized arguments: a dog")
+
+
+@pytest.mark.parametrize("prompt, needle", [
+    pytest.param("(" * 5000 + "cat" + ")" * 5000, "an emphasis weight is beyond float32 range", id="1.1^5000"),
+    pytest.param("cat, " * 1400, "needs 38 chunks of 75 tokens (2800 tokens); this folder was exported for at most 3 "
+                                 "(shorten it: an export takes at most 16 chunks)", id="38 chunks"),
+    pytest.param("cat, " * 300, "(re-export with --max-chunks 8)", id="8 chunks"),
+])
+def test_prompts_beyond_what_can_be_encoded(cli, engine, tmp_path, prompt, needle):
+    code, _, err = cli("generate", engine, prompt, "-o", tmp_path / "x.png")
+    one_line(code, err, "generate", needle)  # one line: no NumPy overflow warning before it
+
+
+def test_clip_skip_beyond_the_export_speaks_both_numberings(cli, engine, tmp_path):
+    code, _, err = cli("generate", engine, "a cat", "--clip-skip", 4, "-o", tmp_path / "x.png")
+    one_line(code, err, "generate", "Clip skip 4 (clip_skip=3 in the API) is beyond this folder's text encoder: it "
+                                    "returns up to Clip skip 3 (clip_skip=2)")
+
+
+def test_no_command_and_an_empty_folder_are_one_line(cli):
+    code, out, err = cli()
+    assert code == 2 and err.splitlines()[-1] == "sdtrt: error: a command is needed (see the list above)"
+    code, _, err = cli("info", "")
+    one_line(code, err, "info", "the engine folder path is empty")
+
+
 def test_seed_minus_one_means_random_as_in_a1111(cli, engine, tmp_path):
     code, out, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--seed", -1,
                          "-o", tmp_path / "x.png")
@@ -76,6 +108,7 @@ def test_a_prompt_that_is_not_utf8(engine, tmp_path):
     ("afile/x.png", "afile is a file, not a folder"),
     ("exists.png", "exists.png exists (pass --force to overwrite it)"),
     ("", "-o/--output must not be empty"),
+    (".png", "output .png must be a file name ending in .png"),
 ])
 def test_output_paths_the_os_refuses_are_checked_before_any_work(cli, engine, tmp_path, target, needle, monkeypatch):
     (tmp_path / "afile").write_text("x")
@@ -94,6 +127,89 @@ def test_force_overwrites_an_existing_image(cli, engine, tmp_path):
     code, _, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "-o", tmp_path / "x.png",
                        "--force")
     assert code == 0, err and (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- generate from an image ---------------------------------------------------------------------------------
+
+def _images(folder):
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:70, 0:100]
+    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(folder / "in.png")
+    box = np.zeros((70, 100), np.uint8)
+    box[20:50, 30:70] = 255
+    for name, mask in (("mask", box), ("black", box * 0), ("white", box * 0 + 255), ("thin", box * 0),
+                       ("small", box[:60])):
+        if name == "thin":
+            mask[21:23, 30:70] = 255  # two rows between latent rows 16 and 24: no latent pixel is covered
+        Image.fromarray(mask).save(folder / f"{name}.png")
+    (folder / "text.png").write_text("not an image")
+    data = (folder / "in.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[:len(data) // 2])
+    (folder / "huge.png").write_bytes(b"")
+    Image.fromarray(np.zeros((70, 1200, 3), np.uint8)).save(folder / "huge.png")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--image", "nope.png"], "image nope.png does not exist"),
+    (["--image", "."], "image . is not a file"),
+    (["--image", "text.png"], "image text.png is not a readable image"),
+    (["--image", "cut.png"], "image cut.png is not a readable image (image file is truncated"),
+    (["--image", "huge.png"], "the image is 1200x70 (1200x64 rounded to a multiple of 8), outside the exported "
+                              "range 64..512"),
+    (["--image", "in.png", "--mask", "small.png"], "mask is 100x60, the image 100x70: they must be the same size"),
+    (["--image", "in.png", "--mask", "black.png"], "mask is all black: nothing would be repainted"),
+    (["--image", "in.png", "--mask", "white.png"], "mask is all white: the whole image would be repainted"),
+    (["--image", "in.png", "--mask", "thin.png"], "mask is too thin: at 96x64 it covers no latent pixel"),
+    (["--image", "in.png", "--strength", "0"], "strength must be in (0, 1]"),
+    (["--image", "in.png", "--strength", "1.5"], "strength must be in (0, 1]"),
+    (["--image", "in.png", "--strength", "0.01"], "leaves no step to run"),
+    (["--image", "in.png", "--outpaint", "4,0,0,0"], "each side must be a multiple of 8 pixels"),
+    (["--image", "in.png", "--outpaint=-8,0,0,0"], "pixels must not be negative"),
+    (["--image", "in.png", "--outpaint", "8,8"], "expected 4 numbers L,T,R,B"),
+    (["--image", "in.png", "--outpaint", "0,0,0,0"], "outpaint adds nothing"),
+    (["--mask", "mask.png"], "mask_image needs an image to start from"),
+    (["--strength", "0.5"], "strength needs an image to start from"),
+    (["--image", "in.png", "--mask-blur", "4"], "mask_blur needs a mask"),
+    (["--image", "in.png", "--mask", "mask.png", "--mask-blur", "-1"], "mask_blur must be between 0 and 256"),
+    (["--image", ""], "--image must not be empty"),
+])
+def test_bad_image_inputs(cli, engine, tmp_path, monkeypatch, flags, needle):
+    _images(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("generate", engine, "a cat", "--steps", 3, "-o", tmp_path / "x.png", *flags)
+    one_line(code, err, "generate", needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_inpainting_model_needs_a_mask(cli, tiny_inpaint_fp16, tmp_path, monkeypatch):
+    _images(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for flags in ([], ["--image", "in.png"]):
+        code, _, err = cli("generate", tiny_inpaint_fp16, "a cat", "-o", tmp_path / "x.png", *flags)
+        one_line(code, err, "generate", "this folder's U-Net is an inpainting model (9 input channels): it needs")
+
+
+def test_image_tasks_write_what_they_did(cli, engine, tmp_path, monkeypatch):
+    from PIL import Image
+
+    _images(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("generate", engine, "a cat", "--steps", 4, "--image", "in.png", "--mask", "mask.png",
+                       "--strength", "0.5", "--mask-blur", "2", "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert "the image is 100x70; generating at 96x64 (a multiple of 8)" in err  # the size, said
+    written = Image.open(tmp_path / "x.png")
+    assert written.size == (96, 64)
+    assert "Denoising strength: 0.5, Mask blur: 2" in written.text["parameters"]
+    # replaying the PNG needs its input image, and then gives the same pixels
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "x.png", "-o", tmp_path / "y.png")
+    one_line(code, err, "generate", "was made from an input image (Denoising strength 0.5): pass that image")
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "x.png", "--image", "in.png", "--mask",
+                       "mask.png", "-o", tmp_path / "y.png")
+    assert code == 0, err
+    assert list(Image.open(tmp_path / "y.png").getdata()) == list(written.getdata())
 
 
 def _edit_manifest(engine, edit):
@@ -115,6 +231,18 @@ def _edit_manifest(engine, edit):
     (lambda e: (e / "tokenizer" / "tokenizer_config.json").write_text("[1"), "cannot read"),
     (lambda e: (e / "tokenizer" / "tokenizer.json").write_text(""), "cannot read"),
     (lambda e: (e / "unet.onnx").write_bytes((e / "vae_decoder.onnx").read_bytes()), "unet.onnx: "),
+    # found by a hostile-input run: each of these once gave a wrong image, a misleading message or a traceback
+    (lambda e: _edit_manifest(e, lambda d: d["model"].update(vae_scale_factor=16)),
+     "vae_scale_factor = 16, but the VAE decoder maps"),  # was: a 64x64 PNG for --size 128x128, exit 0
+    (lambda e: _edit_manifest(e, lambda d: d["model"].update(clip_skips=5)), "no hidden_state_skip3 output"),
+    (lambda e: _edit_manifest(e, lambda d: d["model"].update(default_size=0)), "default_size = 0"),
+    (lambda e: _edit_manifest(e, lambda d: d.update(schema_version="2")), "schema_version that is not an integer"),
+    (lambda e: _edit_manifest(e, lambda d: d["components"]["unet"].update(file="")), "unet file ''"),
+    (lambda e: _edit_manifest(e, lambda d: d["components"]["unet"].update(file="../unet.onnx")), "unet file"),
+    (lambda e: ((e / "unet.onnx").unlink(), (e / "unet.onnx").mkdir()), "unet.onnx is not a regular file"),
+    (lambda e: ((e / "manifest.json").rename(e / "m"), (e / "manifest.json").mkdir()), "manifest.json is not a file"),
+    (lambda e: _edit_manifest(e, lambda d: d["components"]["unet"]["inputs"][0].update(name="lat")),
+     "unet.onnx has no tensor 'lat', which manifest.json lists"),
 ])
 def test_broken_engine_folders(cli, engine, tmp_path, breakage, needle):
     breakage(engine)
@@ -149,7 +277,8 @@ def test_a_generation_that_cannot_fit_in_memory_is_refused_before_it_runs(cli, e
 @pytest.mark.parametrize("out, needle", [
     ("", "--out must not be empty"),
     ("afile", "is a file, not a folder (--force replaces folders only)"),
-    ("afile/sub", "cannot create"),
+    ("afile/sub", "cannot create afile/sub: afile is a file, not a folder"),
+    ("missing/parent/x", "cannot create missing/parent/x: folder missing/parent does not exist"),
 ])
 def test_bad_export_outputs(cli, tmp_path, out, needle, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -157,6 +286,60 @@ def test_bad_export_outputs(cli, tmp_path, out, needle, monkeypatch):
     code, _, err = cli("export", "tiny", "--out", out, "--force")
     one_line(code, err, "export", needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_force_replaces_only_an_engine_folder(cli, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code, _, err = cli("export", "tiny", "--out", precious, "--force", "--size", "64:64")
+    one_line(code, err, "export", f"{precious} is not an sdtrt engine folder (no manifest.json) and not empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"] and (precious / "thesis.tex").read_text()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+def test_an_export_never_replaces_its_own_source(cli, tmp_path, tiny_diffusers_dir, where):
+    import shutil
+
+    model = tmp_path / "models" / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    out = {"same": model, "inside": model / "engine", "containing": model.parent}[where]
+    code, _, err = cli("export", model, "--out", out, "--force", "--size", "64:64")
+    one_line(code, err, "export", "the export would overwrite its own source")
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in tiny_diffusers_dir.iterdir())
+
+
+def test_a_read_only_filesystem_is_named_as_such(cli, tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    # what a read-only mount does: access(2) says no, and mkdir fails with EROFS (EEXIST for what exists)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: mode != os.W_OK)
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, exist_ok=False, **kwargs):
+        if self.parent == tmp_path:
+            if exist_ok and self.is_dir():
+                return None
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, exist_ok=exist_ok, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    code, _, err = cli("export", "tiny", "--out", tmp_path / "o", "--size", "64:64")
+    one_line(code, err, "export", "Read-only file system")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["tiny", "--opset", "99"], "--opset must be 17..20 (what torch.onnx.export writes), got 99"),
+    (["tiny", "--opset", "16"], "--opset must be 17..20"),
+    (["tiny", "--seed", str(2**70)], "--seed must be 0..18446744073709551613 (the weights of built-in models), got"),
+    (["tiny", "--seed", "-1"], "--seed must be 0.."),
+    (["", "--size", "64:64"], "the model path is empty"),
+])
+def test_bad_export_values_are_refused_before_any_work(cli, tmp_path, args, needle):
+    code, _, err = cli("export", *args, "--out", tmp_path / "o")
+    one_line(code, err, "export", needle)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_without_the_export_extra_says_what_to_install(cli, tmp_path, monkeypatch):
@@ -211,9 +394,25 @@ def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     (lambda d: [p.unlink() for p in (d / "tokenizer").iterdir()], "holds no usable CLIP tokenizer"),
     (lambda d: (d / "unet" / "config.json").write_text(
         json.dumps({**json.loads((d / "unet" / "config.json").read_text()), "block_out_channels": "wide"})),
-     "cannot load unet"),
+     "unet/config.json: block_out_channels must be a list, got 'wide'"),
     (lambda d: (d / "scheduler" / "scheduler_config.json").write_text("[]"), "does not hold a JSON object"),
     (lambda d: (d / "model_index.json").write_bytes(b"\xff"), "is not valid JSON"),
+    # a schedule no sampler of the runtime can run: refused at export, not at every generation
+    (lambda d: _edit_config(d / "scheduler" / "scheduler_config.json", beta_schedule="cosine"),
+     "no sampler of sdtrt can run its scheduler config (scheduler config: beta_schedule must be one of"),
+    # config values of the wrong type, named before diffusers trips over them
+    (lambda d: _edit_config(d / "unet" / "config.json", in_channels="4"), "unet/config.json: in_channels must be an "
+                                                                          "integer, got '4'"),
+    # a config.json that does not describe the weights beside it: the first mismatch, not the library's summary
+    (lambda d: _edit_config(d / "unet" / "config.json", cross_attention_dim=64),
+     "cannot load unet from {model}: the weights do not match unet/config.json: size mismatch for "),
+    (lambda d: _edit_config(d / "vae" / "config.json", latent_channels=3),
+     "cannot load vae from {model}: the weights do not match vae/config.json: size mismatch for "),
+    (lambda d: _edit_config(d / "text_encoder" / "config.json", max_position_embeddings=10),
+     "the weights do not match text_encoder/config.json: size mismatch for embeddings.position_embedding.weight: "
+     "the weights have shape [77, 32], the config gives [10, 32]"),
+    (lambda d: _edit_config(d / "text_encoder" / "config.json", hidden_size=64),
+     "the weights do not match text_encoder/config.json: size mismatch for "),
 ])
 def test_malformed_diffusers_folders(cli, tmp_path, tiny_diffusers_dir, breakage, needle):
     import shutil
@@ -222,9 +421,13 @@ def test_malformed_diffusers_folders(cli, tmp_path, tiny_diffusers_dir, breakage
     shutil.copytree(tiny_diffusers_dir, model)
     breakage(model)
     code, _, err = cli("export", model, "--out", tmp_path / "o", "--size", "64:128")
-    one_line(code, err, "export", needle, progress=True)
+    one_line(code, err, "export", needle.format(model=model), progress=True)
     assert "Loading weights" not in err  # no third-party progress bars in sdtrt's log
     assert not (tmp_path / "o").exists()
+
+
+def _edit_config(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def test_a_pickle_torch_refuses_under_allow_pickle(cli, tmp_path, tiny_diffusers_dir):
@@ -235,8 +438,13 @@ def test_a_pickle_torch_refuses_under_allow_pickle(cli, tmp_path, tiny_diffusers
     for f in (model / "vae").glob("*.safetensors"):
         f.unlink()
     (model / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    code, _, err = cli("export", model, "--out", tmp_path / "o", "--size", "64:128", "--allow-pickle")
-    one_line(code, err, "export", "cannot load vae", progress=True)
+    # in a fresh process: diffusers' log handler writes to the stderr it found at import
+    proc = subprocess.run([sys.executable, "-m", "sdtrt", "export", str(model), "--out", str(tmp_path / "o"), "--size",
+                           "64:128", "--allow-pickle"], capture_output=True, text=True)
+    one_line(proc.returncode, proc.stderr.strip(), "export", "cannot load vae", progress=True)
+    # only sdtrt's own progress before the error: no library log line (diffusers' "An error occurred while trying
+    # to fetch ...: no file named diffusion_pytorch_model.safetensors", which it then falls back from)
+    assert all(line.startswith(("loading ", "  loaded")) for line in proc.stderr.strip().splitlines()[:-1]), proc.stderr
 
 
 # ---- info, bench, process-level ----------------------------------------------------------------------------
@@ -255,6 +463,13 @@ def test_info_does_not_call_a_folder_with_a_missing_graph_runnable(cli, engine):
     (engine / "unet.onnx").unlink()
     code, out, _ = cli("info", engine)
     assert code == 0 and out.splitlines()[-1].startswith("this folder cannot run: unet.onnx: missing")
+
+
+def test_info_verify_says_on_stderr_that_it_failed(cli, engine):
+    (engine / "unet.onnx").write_bytes(b"x")
+    code, out, err = cli("info", engine, "--verify")
+    one_line(code, err, "info", "1 file(s) do not match manifest.json: unet.onnx")
+    assert "MISMATCH" in out
 
 
 def test_info_verify_hashes_everything_and_names_the_mismatch(cli, engine):
@@ -345,3 +560,82 @@ def test_progress_counts_unet_evaluations_honestly(cli, engine, tmp_path):
     code, _, err = cli("generate", engine, "a cat", "--steps", 4, "--size", "64x64", "--scheduler", "pndm",
                        "-o", tmp_path / "x.png")
     assert code == 0 and "pndm: 5 U-Net evaluations for 4 steps" in err
+
+
+# ---- ControlNet ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def control_engine(tiny_control_fp16, tmp_path):
+    import shutil
+
+    from tests.runtime.test_tasks import picture
+
+    out = tmp_path / "control"
+    shutil.copytree(tiny_control_fp16, out)
+    picture(80, 60).save(tmp_path / "map.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    return out
+
+
+@pytest.mark.parametrize("controls, extra, needle", [
+    (["map.png", "map.png", "map.png"], [], "3 control images for 2 ControlNets in this folder (edges, depth)"),
+    (["missing.png"], [], "control image missing.png does not exist"),
+    (["broken.png"], [], "control image broken.png"),
+    (["map.png:nan"], [], "controlnet_conditioning_scale must be finite"),
+    (["map.png:inf"], [], "controlnet_conditioning_scale must be finite"),
+    (["map.png:1:0.8:0.2"], [], "control guidance: start 0.8 must be before end 0.2"),
+    (["map.png:1:0.5:0.5"], [], "start 0.5 must be before end 0.5"),
+    (["map.png:1:0:1.5"], [], "control_guidance_end must be between 0 and 1, got 1.5"),
+    (["map.png:-1"], [], "controlnet_conditioning_scale must be between 0 and 10"),
+    (["map.png:1:0.5"], [], "give SCALE, or SCALE:START:END"),
+    (["canny:"], [], "no image path"),
+    (["canny:map.png"], ["--canny-low", "300", "--canny-high", "100"], "canny low threshold 300 is above the high"),
+])
+def test_bad_control_inputs_are_one_line(cli, control_engine, tmp_path, monkeypatch, controls, extra, needle):
+    monkeypatch.chdir(tmp_path)
+    flags = [a for c in controls for a in ("--control", c)]
+    code, _, err = cli("generate", control_engine, "a cat", *flags, *extra, "--steps", "2", "-o", "x.png")
+    one_line(code, err, "generate", needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_control_images_without_controlnets_name_the_fix(cli, engine, tmp_path):
+    from tests.runtime.test_tasks import picture
+
+    picture(64, 64).save(tmp_path / "map.png")
+    code, _, err = cli("generate", engine, "a cat", "--control", tmp_path / "map.png", "-o", tmp_path / "x.png")
+    one_line(code, err, "generate", "this folder has no ControlNet: add one with `sdtrt export-controlnet")
+
+
+def test_a_controlnet_of_another_base_model_is_refused(cli, engine, tmp_path, small_model):
+    # a ControlNet shaped like the mid-size model's U-Net (128-wide text, other blocks) for the tiny model
+    from diffusers import UNet2DConditionModel
+
+    from sdtrt.export.controlnet import builtin_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(small_model[1] / "unet")
+    builtin_controlnet(unet, 4, 8, 0).save_pretrained(tmp_path / "other")
+    before = sorted(p.name for p in engine.iterdir())
+    code, _, err = cli("export-controlnet", engine, tmp_path / "other")
+    one_line(code, err, "export-controlnet", "reads 128-wide text embeddings; this model's text encoder gives 32: it "
+                                             "was made for another base model", progress=True)
+    assert sorted(p.name for p in engine.iterdir()) == before  # nothing half-written
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("nowhere", "ControlNet path nowhere does not exist"),
+    ("bad name=random", "ControlNet name 'bad name'"),
+    ("edges=random", "already has a ControlNet named 'edges'"),
+])
+def test_bad_export_controlnet_arguments(cli, control_engine, spec, needle):
+    code, _, err = cli("export-controlnet", control_engine, spec)
+    one_line(code, err, "export-controlnet", needle, progress=True)
+
+
+def test_manifest_with_a_controlnet_that_does_not_fit_the_unet_is_refused(cli, control_engine):
+    data = json.loads((control_engine / "manifest.json").read_text())
+    outputs = data["components"]["controlnet_depth"]["outputs"]
+    outputs[0]["shape"][1] += 1  # one residual with the wrong channel count
+    (control_engine / "manifest.json").write_text(json.dumps(data))
+    code, _, err = cli("generate", control_engine, "a cat", "-o", control_engine / "x.png")
+    one_line(code, err, "generate", "ControlNet depth's residuals do not match the U-Net's residual inputs")

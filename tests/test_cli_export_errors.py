@@ -103,6 +103,7 @@ def test_failed_parity_gate_leaves_no_output(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setitem(validate.TOLERANCE, "fp32", 0.0)  # no graph can pass a zero tolerance
     (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.json").write_text('{"schema_version": 1, "components": {}}')  # an engine folder
     (tmp_path / "o" / "keep.txt").write_text("previous export")
     code, err = run_cli(capsys, "export", "tiny", "--precision", "fp32", "--size", "64:128", "--out", str(tmp_path / "o"),
                         "--force")
@@ -130,4 +131,5 @@ def test_console_script_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["sdtrt export: error: unknown model 'sd99': give a diffusers folder "
-                                                "or one of the built-ins (tiny, small, sd15, sd21)"]
+                                                "or one of the built-ins (tiny, small, sd15, sd21, tiny-inpaint, small-inpaint, "
+                                                "sd15-inpaint)"]

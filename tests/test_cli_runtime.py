@@ -45,7 +45,7 @@ def test_missing_manifest(cli, engine, tmp_path):
     assert_one_line_error(code, err, "manifest.json not found")
 
 
-@pytest.mark.parametrize("content, needle", [("{not json", "not valid JSON"), ('{"schema_version": 1}', "malformed"),
+@pytest.mark.parametrize("content, needle", [("{not json", "not valid JSON"), ('{"schema_version": 3}', "malformed"),
                                              ("[]", "JSON object")])
 def test_corrupt_manifest(cli, engine, tmp_path, content, needle):
     (engine / "manifest.json").write_text(content)

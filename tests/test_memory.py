@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sdtrt.memory import peak_bytes
+from sdtrt.runtime.device_loop import residual_shapes
 
 MEASURE = r"""
 import json, sys
@@ -38,7 +39,8 @@ def test_estimate_is_close_to_the_measured_peak_of_one_run(request, precision, n
     folder, manifest = request.getfixturevalue(f"tiny_{precision}")
     shapes = {"latents": (1, 4, side, side)}
     if name == "unet":
-        shapes |= {"timestep": (1,), "encoder_hidden_states": (2, 77, 32), "guidance_scale": (1,)}
+        shapes |= {"timestep": (1,), "encoder_hidden_states": (2, 77, 32), "guidance_scale": (1,),
+                   **residual_shapes(manifest.components["unet"], 2, side, side)}
     out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), name, json.dumps(shapes)],
                          capture_output=True, text=True, check=True)
     measured = int(out.stdout)

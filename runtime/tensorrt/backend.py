@@ -27,12 +27,13 @@ import numpy as np
 
 from sdtrt.manifest import Component, Manifest, TensorSpec
 from sdtrt.integrity import FileEntry
-from sdtrt.runtime.backends import BackendError, DeviceMemoryError, EngineSet, ShapeError, check_integrity
-from sdtrt.runtime.device_loop import DeviceLoop, aligned
+from sdtrt.runtime.backends import (BackendError, DeviceMemoryError, EngineSet, ShapeError, check_integrity,
+                                    controlnets)
+from sdtrt.runtime.device_loop import DeviceLoop, aligned, update_shapes
 from sdtrt.runtime.tensorrt import api
 
 log = logging.getLogger("sdtrt")
-REQUIRED = ("text_encoder", "unet", "vae_decoder", "sampler_update")
+REQUIRED = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update")
 
 
 class CudaMemory:
@@ -297,7 +298,7 @@ class TrtEngine:
         self.set_shapes(shapes)
         loop = getattr(self, "device_loop", None)
         if loop is not None and "latents" in shapes:
-            loop.update.set_shapes({name: shapes["latents"] for name in loop._update_inputs()})
+            loop.update.set_shapes(update_shapes(shapes["latents"]))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.set_shapes({name: value.shape for name, value in feeds.items()})
@@ -342,8 +343,8 @@ class TrtDeviceLoop(DeviceLoop):
     """The shared device loop with a CUDA graph per shape, re-set up when the shared block moves."""
 
     def __init__(self, memory: CudaMemory, shared: SharedContextMemory, unet: TrtEngine, update: TrtEngine,
-                 use_cuda_graph: bool = True):
-        super().__init__(memory, unet, update, CudaGraphs(memory, use_cuda_graph))
+                 use_cuda_graph: bool = True, controlnets: dict[str, TrtEngine] | None = None):
+        super().__init__(memory, unet, update, CudaGraphs(memory, use_cuda_graph), controlnets=controlnets)
         self.shared = shared
 
     def generation(self) -> int:
@@ -417,5 +418,6 @@ def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, us
         session.close()
         raise
     update = engines.pop("sampler_update")
-    engines["unet"].device_loop = TrtDeviceLoop(session.memory, session.shared, engines["unet"], update, use_cuda_graph)
+    engines["unet"].device_loop = TrtDeviceLoop(session.memory, session.shared, engines["unet"], update, use_cuda_graph,
+                                                controlnets(engines))
     return engines

@@ -10,6 +10,7 @@ installed. Written against the TensorRT Python API 10.x/11.x directly; polygraph
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ from typing import Callable
 
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.fsutil import remove_stale, temp_path, write_atomic
-from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, sha256_file
+from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, resolve_shape, sha256_file
 
 Triple = tuple[int, int, int]
 
@@ -29,37 +30,67 @@ class BuildError(SdtrtError):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    batch: Triple = (1, 1, 4)  # min, opt, max images
-    size: Triple = (256, 512, 1024)  # min, opt, max pixels (height and width)
+    batch: Triple | None = None  # min, opt, max images; None: the export's batch range, opt = its minimum
+    size: Triple | None = None  # min, opt, max pixels (height and width); None: the export's range, opt = default size
     static: tuple[int, int] | None = None  # (width, height): one fixed shape, batch fixed at opt, guidance on
     timing_cache: str | None = None  # default: DIR/timing.trt<version>.sm<cc>.cache
     workspace_gb: float | None = None
     opt_level: int = 3  # builder_optimization_level, 0..5
     verify: bool = True  # check every engine against ONNX Runtime on this GPU before installing it
 
+    def resolved(self, manifest: Manifest) -> "BuildConfig":
+        """This config with the profiles it leaves unset taken from the manifest: the export's ranges (what its
+        graphs were validated for), the optimum at the smallest batch and the model's default size."""
+        batch, size = _default_profile(manifest)
+        return replace(self, batch=self.batch or batch, size=self.size or size)
+
     def check(self, manifest: Manifest) -> None:
-        for label, (lo, opt, hi) in (("batch", self.batch), ("size", self.size)):
+        cfg = self.resolved(manifest)
+        for label, (lo, opt, hi), least in (("batch", cfg.batch, 1), ("size", cfg.size, 8)):
+            if lo < least:  # before the range checks: "0 is outside 1..4" does not say what is wrong with 0
+                raise UsageError(f"--{label} MIN must be at least {least}, got {lo}")
             if not lo <= opt <= hi:
                 raise UsageError(f"--{label} {lo}:{opt}:{hi} must satisfy MIN <= OPT <= MAX")
-        if any(v % 8 for v in self.size) or (self.static and any(v % 8 for v in self.static)):
+        if any(v % 8 for v in cfg.size) or (cfg.static and any(v % 8 for v in cfg.static)):
             raise UsageError("sizes must be multiples of 8")
-        if not 0 <= self.opt_level <= 5:
-            raise UsageError(f"--opt-level must be 0..5, got {self.opt_level}")
-        if self.workspace_gb is not None and self.workspace_gb <= 0:
-            raise UsageError(f"--workspace must be positive, got {self.workspace_gb}")
+        if not 0 <= cfg.opt_level <= 5:
+            raise UsageError(f"--opt-level must be 0..5, got {cfg.opt_level}")
+        if cfg.workspace_gb is not None and cfg.workspace_gb <= 0:
+            raise UsageError(f"--workspace must be positive, got {cfg.workspace_gb}")
         r = manifest.ranges
-        sizes = self.static if self.static else (self.size[0], self.size[2])
-        if min(sizes) < r.size_min or max(sizes) > r.size_max:
-            raise UsageError(f"size {min(sizes)}..{max(sizes)} is outside the exported range {r.size_min}..{r.size_max} "
-                             "(re-export with --size)")
-        if self.batch[0] < r.batch_min or self.batch[2] > r.batch_max:
-            raise UsageError(f"batch {self.batch[0]}..{self.batch[2]} is outside the exported range "
-                             f"{r.batch_min}..{r.batch_max} (re-export with --batch)")
+        batch, size = _default_profile(manifest)
+        if cfg.static:
+            if min(cfg.static) < r.size_min or max(cfg.static) > r.size_max:
+                raise UsageError(f"--static {cfg.static[0]}x{cfg.static[1]} is outside the exported range "
+                                 f"{r.size_min}..{r.size_max}: pass --static WxH within it, or re-export with a wider "
+                                 "--size")
+        elif cfg.size[0] < r.size_min or cfg.size[2] > r.size_max:
+            raise UsageError(f"--size {_colon(cfg.size)} is outside the exported range {r.size_min}..{r.size_max}: "
+                             f"pass --size MIN:OPT:MAX within it (default {_colon(size)}), or re-export with a wider "
+                             "--size")
+        if cfg.batch[0] < r.batch_min or cfg.batch[2] > r.batch_max:
+            raise UsageError(f"--batch {_colon(cfg.batch)} is outside the exported range {r.batch_min}..{r.batch_max}: "
+                             f"pass --batch MIN:OPT:MAX within it (default {_colon(batch)}), or re-export with a wider "
+                             "--batch")
+
+
+def _default_profile(manifest: Manifest) -> tuple[Triple, Triple]:
+    """(batch, size) profiles of a build that sets none: the export's ranges, optimal at one image (or the smallest
+    batch) and at the model's default size, clamped into the range on a multiple of 8 and of the VAE factor."""
+    r, model = manifest.ranges, manifest.model
+    step = math.lcm(8, model.vae_scale_factor)
+    opt = min(max(model.default_size, r.size_min), r.size_max) // step * step
+    return (r.batch_min, r.batch_min, r.batch_max), (r.size_min, max(opt, r.size_min), r.size_max)
+
+
+def _colon(triple: Triple) -> str:
+    return ":".join(str(v) for v in triple)
 
 
 def dim_triples(cfg: BuildConfig, model: ModelInfo) -> dict[str, Triple]:
-    """min/opt/max of every named dimension, for a dynamic or a static profile. The prompt's text axis stays
-    dynamic even in a static profile (77 tokens per chunk, up to the export's chunks; opt: one chunk)."""
+    """min/opt/max of every named dimension, for a dynamic or a static profile (of a config ``resolved`` against the
+    manifest). The prompt's text axis stays dynamic even in a static profile (77 tokens per chunk, up to the
+    export's chunks; opt: one chunk)."""
     b, s, f = cfg.batch, cfg.size, model.vae_scale_factor
     seq, k = model.max_text_length, model.max_chunks
     text = {"text_length": (seq, seq, seq * k)}
@@ -83,7 +114,8 @@ def profile_shapes(component: Component, cfg: BuildConfig, model: ModelInfo) -> 
     for spec in component.inputs:
         if all(isinstance(d, int) for d in spec.shape):
             continue
-        shapes[spec.name] = tuple(tuple(d if isinstance(d, int) else dims[d][k] for d in spec.shape) for k in range(3))
+        # level dims (latent_height_4, ControlNet residuals) follow their base's min/opt/max
+        shapes[spec.name] = tuple(resolve_shape(spec.shape, {n: v[k] for n, v in dims.items()}) for k in range(3))
     return shapes
 
 
@@ -156,6 +188,7 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
     folder = Path(folder)
     manifest = Manifest.load(folder)
     cfg.check(manifest)
+    cfg = cfg.resolved(manifest)
     remove_stale(folder)  # engine and cache temporaries of a build that was killed
     trt = trt or api.import_tensorrt()
     api.check_tensorrt_version(trt)

@@ -71,10 +71,13 @@ def engine_cases(component: Component, profile: dict[str, tuple]) -> list[tuple[
 
 
 def _describe(shapes: dict[str, tuple[int, ...]], profile: dict) -> str:
-    """The first dynamic input's shape, and any other whose leading (batch) dimension differs from it."""
+    """The first dynamic input's shape, and the first of each other leading (batch) dimension."""
     names = [n for n in shapes if n in profile]
-    first = shapes[names[0]]
-    shown = [names[0]] + [n for n in names[1:] if shapes[n][:1] != first[:1]]
+    shown, leads = [], set()
+    for n in names:
+        if shapes[n][:1] not in leads:
+            shown.append(n)
+            leads.add(shapes[n][:1])
     return " ".join(f"{n}={'x'.join(map(str, shapes[n]))}" for n in shown)
 
 
@@ -123,6 +126,10 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4) ->
     reference = reference_backend()
     kwargs = dict(prompt=[E2E_PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.5, height=height,
                   width=width, seed=0, output_type="np")
+    if manifest.controlnets:  # every ControlNet in the chain, on a smooth synthetic control map
+        y, x = np.mgrid[0:height, 0:width]
+        control = np.stack([(x / width), (y / height), 0.5 + 0.5 * np.sin(x / 7.0)], -1).astype(np.float32)  # (H, W, 3)
+        kwargs["control_images"] = [(control * 255).astype(np.uint8)] * len(manifest.controlnets)
     device = Pipeline.from_engines(folder, manifest, trt_engines)
     got = device(**kwargs).images
     # the host loop: a reference that shares no loop code with the device loop under test

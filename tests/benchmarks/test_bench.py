@@ -61,3 +61,16 @@ def test_bench_bad_input(tiny_fp32, capsys, flags, needle):
     code = main(["bench", str(tiny_fp32[0]), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("sdtrt bench: error: ") and needle in err[-1]
+
+
+def test_a_baseline_that_is_not_the_exported_model_is_refused(engine, capsys):
+    # the same source rebuilt with other weights (here another seed; in life, built-in weights changed since the
+    # export): its PSNR would be a wrong number, not a finding
+    data = json.loads((engine / "manifest.json").read_text())
+    data["model"]["weights_seed"] = 1
+    (engine / "manifest.json").write_text(json.dumps(data))
+    code = main(["bench", str(engine), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("sdtrt bench: error: the baseline model differs from the one exported to "
+                                            f"{engine}: "), err
+    assert "re-export" in err[-1]

@@ -11,6 +11,7 @@ from sdtrt.export.exporter import COMPONENTS
 from sdtrt.export.graphs import graph_specs
 from sdtrt.export.validate import TOLERANCE, ValidationCase, compare, ort_session, run_case, validate_graph
 from sdtrt.manifest import Manifest, sha256_file
+from sdtrt.runtime.device_loop import residual_shapes
 
 
 def test_export_writes_graphs_tokenizer_scheduler_and_manifest(tiny_export):
@@ -77,10 +78,15 @@ def test_unet_graph_folds_classifier_free_guidance_like_diffusers(tiny_fp32, tin
     latents = rng.standard_normal((3, 4, 24, 40)).astype(np.float32)
     neg, pos = (rng.standard_normal((3, 77, 32)).astype(np.float32) for _ in range(2))
     t = np.array([500.0], np.float32)
+    unet = manifest.components["unet"]
+
+    def zeros(rows):  # no ControlNet: zero residuals must leave the U-Net exactly as diffusers runs it without one
+        return {n: np.zeros(s, np.float32) for n, s in residual_shapes(unet, rows, 24, 40).items()}
+
     [guided] = session.run(None, {"latents": latents, "timestep": t, "encoder_hidden_states": np.concatenate([neg, pos]),
-                                  "guidance_scale": np.array([guidance], np.float32)})
+                                  "guidance_scale": np.array([guidance], np.float32), **zeros(6)})
     [plain] = session.run(None, {"latents": latents, "timestep": t, "encoder_hidden_states": pos,
-                                 "guidance_scale": np.array([guidance], np.float32)})
+                                 "guidance_scale": np.array([guidance], np.float32), **zeros(3)})
     # What StableDiffusionPipeline does: one U-Net call on the doubled batch, then the guidance formula.
     with torch.no_grad():
         x = torch.from_numpy(np.concatenate([latents, latents]))
@@ -161,3 +167,73 @@ def test_export_from_a_diffusers_folder(tiny_diffusers_dir, tmp_path):
     assert manifest.model.source == str(tiny_diffusers_dir)
     assert manifest.model.prediction_type == "epsilon" and manifest.model.latent_channels == 4
     assert all(r.passed for c in manifest.components.values() for r in c.validation)
+    # the U-Net's sample_size (32 latents = 256 px) is beyond the exported 64..128: the default size is clamped
+    assert manifest.model.default_size == 128
+
+
+@pytest.mark.parametrize("sample_size, vae_scale, lo, hi, want", [
+    (32, 8, 64, 512, 256),  # in range: the U-Net's own size, as diffusers
+    (32, 8, 64, 128, 128),  # clamped to the range
+    (0, 8, 64, 256, 64),  # an impossible sample_size: the range's nearest end
+    ([48, 32], 8, 64, 512, 384),  # (height, width) configs: the height
+    (None, 8, 64, 256, 64),
+    (20, 16, 64, 512, 320),
+    (21, 8, 64, 512, 168),
+    (33, 4, 64, 512, 128),  # 132 px: not a multiple of 8
+])
+def test_default_size_is_a_size_the_export_can_run(sample_size, vae_scale, lo, hi, want):
+    from sdtrt.export.exporter import default_size
+    from sdtrt.manifest import Ranges
+
+    logs = []
+    got = default_size(sample_size, vae_scale, Ranges(1, 4, lo, hi), logs.append)
+    assert got == want and got % 8 == 0 and got % vae_scale == 0 and lo <= got <= hi
+    assert bool(logs) == (want != (sample_size[0] if isinstance(sample_size, list) else sample_size or 0) * vae_scale)
+
+
+def test_export_limits_match_torch():
+    from sdtrt.export.exporter import MAX_OPSET, MAX_WEIGHT_SEED
+
+    assert MAX_OPSET == torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET  # the exporter export uses
+    torch.manual_seed(MAX_WEIGHT_SEED + 2)  # the VAE's seed: the largest a built-in draws with
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.manual_seed(MAX_WEIGHT_SEED + 3)
+
+
+@pytest.mark.parametrize("content, ok", [
+    ({}, True),  # empty
+    ({"manifest.json": json.dumps({"schema_version": 1, "model": {}, "components": {}})}, True),  # an engine folder
+    ({"manifest.json": json.dumps({"name": "my web app", "icons": []})}, False),  # someone else's manifest.json
+    ({"notes.txt": "mine"}, False),
+])
+def test_force_replaces_only_empty_or_engine_folders(tmp_path, content, ok):
+    from sdtrt.errors import OutputExistsError
+    from sdtrt.export.exporter import _prepare_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in content.items():
+        (out / name).write_text(text)
+    if ok:
+        tmp = _prepare_out(out, force=True)
+        assert tmp.is_dir() and tmp.parent == tmp_path
+    else:
+        with pytest.raises(OutputExistsError, match="is not an sdtrt engine folder"):
+            _prepare_out(out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(content)
+
+
+def test_a_scheduler_config_only_other_samplers_can_run_is_exported_with_a_warning():
+    from sdtrt.errors import ModelSourceError
+    from sdtrt.export.exporter import _check_scheduler
+
+    sd15 = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+    logs = []
+    _check_scheduler(sd15, "m", logs.append)
+    assert logs == []
+    _check_scheduler({**sd15, "clip_sample": True}, "m", logs.append)  # DDIM clamps; Euler, DPM++ ... do not
+    assert len(logs) == 1 and logs[0].startswith("warning: the model's own sampler cannot run on this runtime (ddim")
+    assert "--scheduler" in logs[0] and "euler" in logs[0]
+    with pytest.raises(ModelSourceError, match="no sampler of sdtrt can run its scheduler config"):
+        _check_scheduler({**sd15, "beta_schedule": "cosine"}, "m", logs.append)

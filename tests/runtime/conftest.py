@@ -31,3 +31,13 @@ def fp32_folder(tiny_fp32, tmp_path):
 @pytest.fixture
 def fp16_folder(tiny_fp16, tmp_path):
     return _copy(tiny_fp16[0], tmp_path, "fp16")
+
+
+@pytest.fixture
+def inpaint_folder(tiny_inpaint_fp16, tmp_path):
+    return _copy(tiny_inpaint_fp16, tmp_path, "inpaint")
+
+
+@pytest.fixture
+def control_folder(tiny_control_fp16, tmp_path):
+    return _copy(tiny_control_fp16, tmp_path, "control")

@@ -39,6 +39,12 @@ def test_an_a1111_infotext_replays_as_sdtrt_settings():
     assert replay("a cat\nSteps: 9, Sampler: Euler, Schedule type: Karras, Seed: 3, Size: 8x8").karras
 
 
+def test_a_random_seed_replays_exactly():
+    # sdtrt's random seeds go up to 2^63 and PCG64 takes 2^64 - 1: a float keeps only 53 bits of them
+    for seed in (2**63 - 1, 9041893916955697666, 2**64 - 1):
+        assert replay(f"a cat\nSteps: 4, Seed: {seed}, Size: 64x64").seed == seed
+
+
 def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
     text = create_infotext("line one\nline two", "", {"Steps": 3, "Model": "a, b: c", "Note": 'say "hi"',
                                                       "Empty": None})
@@ -52,6 +58,13 @@ def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
     ("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1", "the sampler 'DPM++ SDE', which sdtrt does not have"),
     ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Exponential, Seed: 1", "schedule type 'Exponential'"),
     ("a cat\nSteps: many, Sampler: Euler, CFG scale: 7, Seed: 1", "Steps: 'many', not a number"),
+    # an image of a batch names its place in it: a place the batch does not have is an error, not no image at all
+    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Batch size: 3, Batch pos: 7",
+     "Batch pos: 7 with Batch size: 3: the position must be 0..2"),
+    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 0, Batch pos: 0", "Batch size: '0', not a positive"),
+    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2.5, Batch pos: 0", "Batch size: '2.5', not a positive"),
+    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2, Batch pos: -1", "Batch pos: '-1', not a non-negative"),
+    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch pos: 1", "Batch pos: 1 with Batch size: 1"),
 ])
 def test_parameters_sdtrt_cannot_replay_are_refused_by_name(text, needle):
     with pytest.raises(UsageError, match=re.escape(needle)):

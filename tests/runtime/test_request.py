@@ -2,6 +2,7 @@
 from deep inside), and a NaN result is an error, never a black image."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,10 @@ SMALL = dict(num_inference_steps=2, height=64, width=64, scheduler="euler", outp
     (dict(prompt="a", num_images_per_prompt=0), "num_images_per_prompt must be at least 1"),
     (dict(prompt="a", height=70), "height 70 is not a multiple of 8"),
     (dict(prompt="a", output_type="latent"), "output_type must be 'pil' or 'np'"),
+    (dict(prompt="a", output_type=np.array(["np", "pil"])), "output_type must be 'pil' or 'np', not array("),
+    (dict(prompt="a", output_type=["np"]), "output_type must be 'pil' or 'np', not ['np']"),
+    (dict(prompt="a", guidance_scale=100.0001), "guidance scale must be between 0 and 100, got 100.0001"),
+    (dict(prompt="a", guidance_scale=-1e-9), "guidance scale must be between 0 and 100, got -1e-09"),
     (dict(prompt="a", scheduler=3), "scheduler must be a sampler name"),
     (dict(prompt="a\udcff"), "prompt is not valid UTF-8 text"),
     (dict(prompt="a", callback=5), "callback must be callable"),
@@ -57,6 +62,12 @@ def test_request_round_trips_through_json():
     req = GenerationRequest.create(["a cat", "a dog"], "blurry", 12, 6.5, 96, 64, 7, 2, "dpmpp_2m", "np")
     assert from_dict(GenerationRequest, json.loads(json.dumps(to_dict(req)))) == req
     assert req.negative_prompt == ("blurry", "blurry") and req.batch == 4
+    controlled = GenerationRequest.create("a cat", controlnet_conditioning_scale=[0.5, np.float32(1.25)],
+                                          control_guidance_start=0.1, control_guidance_end=[0.9, 1],
+                                          control_preprocessors=["canny", "none"], canny_thresholds=(50, 150),
+                                          strength=0.6, outpaint=(8, 0, 8, 0))
+    assert from_dict(GenerationRequest, json.loads(json.dumps(to_dict(controlled)))) == controlled
+    assert controlled.control_settings(2) == [(0.5, 0.1, 0.9, "canny"), (1.25, 0.1, 1.0, "none")]
 
 
 def _broken(pipe, monkeypatch, name, output):
@@ -85,3 +96,36 @@ def test_nan_from_the_vae_is_an_error_naming_the_cause(pipe, monkeypatch):
 
 def test_typed_errors_share_one_base_class():
     assert issubclass(NumericalError, SdtrtError) and issubclass(UsageError, SdtrtError)
+
+
+@pytest.mark.parametrize("latents, needle", [
+    ("abc", "latents must be a real float array, got dtype <U3"),
+    (object(), "latents must be a real float array, got dtype object"),
+    (np.zeros((1, 4, 8, 8), np.complex64), "latents must be a real float array, got dtype complex64"),
+    (np.full((1, 4, 8, 8), 1e30, np.float32), "the U-Net's first input would exceed its float16 range"),
+])
+def test_bad_latents_are_usage_errors(tiny_fp16, latents, needle):
+    pipe = Pipeline.from_dir(tiny_fp16[0])
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        pipe("a cat", num_inference_steps=2, height=64, width=64, latents=latents)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(folder=None), "the engine folder must be a path, got NoneType"),
+    (dict(folder=5), "the engine folder must be a path, got int"),
+    (dict(folder=""), "the engine folder path is empty"),
+    (dict(threads=-1), "threads must be a non-negative integer"),
+    (dict(threads="2"), "threads must be a non-negative integer"),
+    (dict(backend=3), "backend must be a name"),
+])
+def test_bad_pipeline_arguments_are_usage_errors(tiny_fp16, kwargs, needle):
+    kwargs = {"folder": tiny_fp16[0], **kwargs}
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        Pipeline.from_dir(**kwargs)
+
+
+def test_plan_and_generate_want_a_request(tiny_fp16):
+    pipe = Pipeline.from_dir(tiny_fp16[0])
+    for call in (pipe.plan, pipe.generate):
+        with pytest.raises(UsageError, match="expected a GenerationRequest, got str"):
+            call("a cat")

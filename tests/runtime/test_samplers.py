@@ -258,3 +258,120 @@ def test_a_refused_step_count_names_the_nearest_that_work():
 
 def test_numpy_integer_steps_are_accepted():
     assert build_table(SamplerConfig.from_scheduler_config(SD15, "euler"), np.int64(7)).num_steps == 7
+
+
+# ---- img2img and 4-channel inpainting: the initial-state rule and the per-step blend -----------------------
+
+def diffusers_from_image(name, config, steps, strength, x0, z0, outputs, noises, mask=None, pure_noise=False):
+    """diffusers' img2img / 4-channel inpainting loop reduced to the scheduler: get_timesteps, set_begin_index,
+    add_noise at the first timestep (or noise * init_noise_sigma), and for inpainting the blend after each step."""
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_EQUIVALENT[name]
+    sched = getattr(diffusers, cls_name).from_config({**config, **extra})
+    sched.set_timesteps(steps)
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    timesteps = sched.timesteps[t_start * sched.order:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(t_start * sched.order)
+    x0_t, z0_t = (torch.from_numpy(a.astype(np.float64)) for a in (x0, z0))
+    x = z0_t * sched.init_noise_sigma if pure_noise else sched.add_noise(x0_t, z0_t, timesteps[:1].repeat(x0.shape[0]))
+    noise_iter = iter(noises)
+    draw = lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64))  # noqa: E731
+    inputs = []
+    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
+            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
+        for i, t in enumerate(timesteps):
+            inputs.append(sched.scale_model_input(x, t).numpy().copy())
+            x = sched.step(torch.from_numpy(outputs[i].astype(np.float64)), t, x).prev_sample
+            if mask is not None:
+                proper = x0_t
+                if i < len(timesteps) - 1:
+                    proper = sched.add_noise(x0_t, z0_t, torch.tensor([timesteps[i + 1]]))
+                m = torch.from_numpy(mask.astype(np.float64))
+                x = (1 - m) * proper + m * x
+    return inputs, x.numpy()
+
+
+def our_from_image(table, x0, z0, outputs, noises, mask=None):
+    from sdtrt.runtime.samplers import Blend
+
+    blend = None
+    if mask is not None:
+        m = mask.astype(np.float64)
+        blend = Blend(m, 1 - m, x0.astype(np.float64), z0.astype(np.float64), np.zeros(x0.shape))
+    states = [table.init_image_scale * x0.astype(np.float64) + table.init_scale * z0.astype(np.float64)]
+    history, inputs = [], []
+    for i in range(table.num_steps):
+        inputs.append(states[0])
+        history.insert(0, outputs[i].astype(np.float64))
+        states.insert(0, step(table, i, states, history, noises[i].astype(np.float64), blend=blend))
+        del states[table.state_coef.shape[1]:], history[table.model_coef.shape[1]:]
+    return inputs, states[0]
+
+
+def _arrays(seed, table, shape=(2, 4, 8, 8)):
+    rng = np.random.default_rng(seed)
+    x0, z0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    outputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(table.num_steps)]
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(table.num_steps)]
+    mask = (rng.random((shape[0], 1) + shape[2:]) < 0.5).astype(np.float32)
+    return x0, z0, outputs, noises, mask
+
+
+@pytest.mark.parametrize("config_name", ["sd15", "v-trailing"])
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("steps, strength", [(10, 0.3), (20, 0.8), (7, 1.0)])
+def test_img2img_trajectory_matches_diffusers(name, config_name, steps, strength):
+    config = CONFIGS[config_name]
+    table = build_table(SamplerConfig.from_scheduler_config(config, name), steps, strength=strength)
+    x0, z0, outputs, noises, _ = _arrays(steps, table)
+    want_inputs, want = diffusers_from_image(name, config, steps, strength, x0, z0, outputs, noises)
+    got_inputs, got = our_from_image(table, x0, z0, outputs, noises)
+    assert len(got_inputs) == len(want_inputs)
+    for i, (g, w) in enumerate(zip(got_inputs, want_inputs)):
+        assert rel(g, w) <= 1e-5, f"U-Net input at step {i}: {rel(g, w):.2e}"
+    assert rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("steps, strength, pure_noise", [(12, 1.0, True), (12, 0.6, False)])
+def test_four_channel_inpainting_blend_matches_diffusers(name, steps, strength, pure_noise):
+    config = CONFIGS["sd15"]
+    table = build_table(SamplerConfig.from_scheduler_config(config, name), steps, strength=strength,
+                        from_image=not pure_noise)
+    x0, z0, outputs, noises, mask = _arrays(steps + 1, table)
+    want_inputs, want = diffusers_from_image(name, config, steps, strength, x0, z0, outputs, noises, mask, pure_noise)
+    got_inputs, got = our_from_image(table, x0, z0, outputs, noises, mask)
+    for i, (g, w) in enumerate(zip(got_inputs, want_inputs)):
+        assert rel(g, w) <= 1e-5, f"U-Net input at step {i}: {rel(g, w):.2e}"
+    assert rel(got, want) <= 1e-5
+
+
+def test_a_strength_that_leaves_no_step_is_refused():
+    with pytest.raises(SamplerError, match=r"strength 0.05 with 10 steps leaves no step to run .* use strength >= 0.1"):
+        build_table(SamplerConfig.from_scheduler_config(SD15, "euler"), 10, strength=0.05)
+
+
+@pytest.mark.parametrize("steps,strength", [(20, None), (7, None), (30, 0.55), (13, 0.8)])
+def test_control_scales_follow_diffusers_controlnet_keep(steps, strength):
+    """with_control's (S, N) scales are diffusers' StableDiffusionControlNetPipeline cond_scale per step (its
+    controlnet_keep over the timesteps it actually runs), for several ControlNets with ranges."""
+    import diffusers
+
+    from sdtrt.runtime.samplers import SamplerConfig, build_table, with_control
+
+    settings = [(0.8, 0.0, 1.0), (1.3, 0.25, 0.7), (0.5, 0.1, 0.35)]
+    config = SamplerConfig.from_scheduler_config(dict(SD15, _class_name="PNDMScheduler"))
+    table = with_control(build_table(config, steps, strength, from_image=strength is not None), settings)
+    scheduler = diffusers.PNDMScheduler.from_config(dict(SD15))
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    if strength is not None:  # StableDiffusionImg2ImgPipeline.get_timesteps
+        init = min(int(steps * strength), steps)
+        timesteps = timesteps[max(steps - init, 0) * scheduler.order:]
+    keep = [[1.0 - float(i / len(timesteps) < s or (i + 1) / len(timesteps) > e) for _, s, e in settings]
+            for i in range(len(timesteps))]
+    want = np.array([[c * k for (c, _, _), k in zip(settings, row)] for row in keep])
+    assert table.control_scale.shape == want.shape
+    np.testing.assert_array_equal(table.control_scale, want)

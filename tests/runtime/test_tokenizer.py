@@ -54,3 +54,25 @@ def test_a_prompt_longer_than_the_export_allows_is_refused_naming_the_prompt(tin
                  scheduler="euler")
         with pytest.raises(UsageError, match=r"^prompt needs"):
             pipe(long, num_inference_steps=1, height=64, width=64, scheduler="euler")
+
+
+def test_a_tokenizer_with_ids_beyond_the_text_encoders_vocabulary_is_refused_at_load(tiny_fp32, tmp_path):
+    import json
+    import re
+    import shutil
+
+    from sdtrt.errors import ManifestError
+
+    out, manifest = tiny_fp32
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(out / manifest.tokenizer_dir, folder)
+    vocab = manifest.model.vocab_size
+    ClipTokenizer(folder, vocab_size=vocab)  # the exported one fits
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 99999, "content": "ZZTOK", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": False})
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    path = re.escape(str(folder / "tokenizer.json"))
+    with pytest.raises(ManifestError, match=rf"^{path}: token 'ZZTOK' has id \d+, beyond the text encoder's {vocab} "
+                                            rf"embeddings \(ids 0..{vocab - 1}\): "):
+        ClipTokenizer(folder, vocab_size=vocab)

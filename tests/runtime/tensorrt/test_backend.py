@@ -252,7 +252,9 @@ def test_defect_shared_context_memory_is_sized_for_the_shapes_in_use(fake_gpu, f
     _, cudart = fake_gpu
     with Pipeline.from_dir(built(fp16_folder), backend="tensorrt") as pipe:
         pipe("a cat", num_inference_steps=2, height=64, width=64, seed=1)
-        engines = list(pipe.engines.values()) + [pipe.engines["unet"].device_loop.update]
+        # txt2img: the VAE encoder has not run, so it has no shapes and holds no memory yet
+        assert pipe.engines["vae_encoder"].context.memory is None
+        engines = [e for n, e in pipe.engines.items() if n != "vae_encoder"] + [pipe.engines["unet"].device_loop.update]
         blocks = {e.context.memory for e in engines}
         assert len(blocks) == 1  # one block shared by every context
         (ptr, size), = blocks
@@ -471,3 +473,78 @@ def test_prompts_of_several_chunks_run_on_the_device_loop(fake_gpu, fp16_folder)
         got = [pipe(p, **kwargs).images for p in prompts]
         assert pipe.engines["unet"].device_loop.captures == 4  # 1, 2, 3, then 1 chunk again: a new graph each time
     assert all(same_image(w, g) for w, g in zip(want, got))
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint", "inpaint at strength 1", "outpaint"])
+@pytest.mark.parametrize("model", ["ordinary", "inpainting"])
+def test_device_loop_runs_every_task_as_the_host_loop(fake_gpu, fp16_folder, inpaint_folder, model, task):
+    """img2img's start, an inpainting U-Net's constant inputs and 4-channel inpainting's blend, all on the device
+    loop (the blend in the sampler-update engine), against the NumPy host loop."""
+    from tests.runtime.test_backends import task_args
+
+    if model == "inpainting" and task == "img2img":
+        pytest.skip("an inpainting U-Net needs a mask")
+    folder = built(fp16_folder if model == "ordinary" else inpaint_folder)
+    args = dict(task_args(task), scheduler="euler_a", height=None, width=None, prompt=["a cat", "a dog"])
+    host = generate(folder, "onnxruntime-cpu", **args).images
+    with Pipeline.from_dir(folder, backend="tensorrt") as pipe:
+        device = pipe(**{**dict(negative_prompt="blurry", num_inference_steps=6, seed=5, output_type="np"),
+                         **args}).images
+        assert pipe.engines["unet"].device_loop.captures == 1
+    assert np.isfinite(device).all()
+    assert same_image(host, device), f"PSNR {psnr(host, device):.1f} dB"
+
+
+CONTROLS = {  # the control map is 90x60: resized to the generation's size as diffusers does
+    "one": dict(control_images=["map"]),
+    "two, with ranges": dict(control_images=["map", "map2"], controlnet_conditioning_scale=[0.7, 1.3],
+                             control_guidance_start=[0.0, 0.4], control_guidance_end=[0.6, 1.0]),
+    "second only": dict(control_images=[None, "map2"]),
+}
+
+
+def control_args(case, task=None):
+    from tests.runtime.test_backends import task_args
+    from tests.runtime.test_tasks import picture
+
+    maps = {"map": picture(90, 60, seed=7), "map2": picture(60, 90, seed=8), None: None}
+    args = dict(CONTROLS[case], scheduler="euler_a", prompt=["a cat", "a dog"])
+    args["control_images"] = [maps[m] for m in args["control_images"]]
+    if task is not None:
+        args |= dict(task_args(task), height=None, width=None)
+    return args
+
+
+@pytest.mark.parametrize("task", [None, "img2img", "inpaint"])
+@pytest.mark.parametrize("case", CONTROLS)
+def test_device_loop_runs_controlnets_as_the_host_loop(fake_gpu, control_folder, case, task):
+    """ControlNets chained before the U-Net on the device (their per-step scales a table, a zeroed residual set
+    when none runs), against the NumPy host loop; a ControlNet outside its range is not launched."""
+    folder = built(control_folder)
+    args = control_args(case, task)
+    host = generate(folder, "onnxruntime-cpu", **args).images
+    with Pipeline.from_dir(folder, backend="tensorrt") as pipe:
+        launches = {}
+        for name in ("controlnet_edges", "controlnet_depth"):
+            engine = pipe.engines[name]
+            real = engine.launch
+            launches[name] = 0
+
+            def counted(real=real, name=name):
+                launches[name] += 1
+                real()
+
+            engine.launch = counted
+        device = generate_with(pipe, **args)
+        assert pipe.engines["unet"].device_loop.captures == 1
+    assert np.isfinite(device).all()
+    assert same_image(host, device), f"PSNR {psnr(host, device):.1f} dB"
+    if task is None:  # 6 steps; ranges 0..0.6 and 0.4..1: steps 0-2 (i + 1 <= 3.6) and 3-5 (i >= 2.4), as diffusers
+        want = {"one": (6, 0), "two, with ranges": (3, 3), "second only": (0, 6)}[case]
+        # enqueued twice: the first (eager) run, then the capture
+        assert (launches["controlnet_edges"], launches["controlnet_depth"]) == (2 * want[0], 2 * want[1]), launches
+
+
+def generate_with(pipe, **kwargs):
+    args = dict(negative_prompt="blurry", num_inference_steps=6, height=96, width=64, seed=5, output_type="np")
+    return pipe(**{**args, **kwargs}).images

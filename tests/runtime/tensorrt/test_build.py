@@ -56,7 +56,7 @@ def test_build_writes_strongly_typed_engines_and_records_them(fake_gpu, fp16_fol
     assert Manifest.load(fp16_folder) == manifest
     record = manifest.tensorrt
     assert (record.version, record.gpu, record.compute_capability) == ("10.16.1.11", "NVIDIA H100 80GB HBM3", "90")
-    assert set(record.engines) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
+    assert set(record.engines) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update"}
     for name, engine in record.engines.items():
         assert engine.file == f"{name}.trt10.16.1.11.sm90.{engine.sha256[:8]}.plan"
         assert (fp16_folder / engine.file).is_file()
@@ -69,7 +69,7 @@ def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu_and_reused(fake_gpu, 
     build_engines(fp16_folder, SMALL, log=lambda s: None)
     path = fp16_folder / "timing.trt10.16.1.11.sm90.cache"
     first = fakes.IBuilderConfig().create_timing_cache(path.read_bytes())
-    assert first.header == {"trt": "10.16.1.11", "cc": "90"} and len(first.entries) == 4
+    assert first.header == {"trt": "10.16.1.11", "cc": "90"} and len(first.entries) == 5
     logs = []
     build_engines(fp16_folder, SMALL, log=logs.append)
     assert "reused" in logs[0]
@@ -104,7 +104,7 @@ def test_defect_no_timing_cache_from_tensorrt_is_a_warning_not_a_crash(fake_gpu,
     logs = []
     manifest = build_engines(fp16_folder, SMALL, log=logs.append)
     assert sum("TensorRT returned no timing cache" in line for line in logs) == 1
-    assert set(manifest.tensorrt.engines) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
+    assert set(manifest.tensorrt.engines) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update"}
 
 
 def test_builder_options_reach_the_config(fake_gpu, fp16_folder):
@@ -116,7 +116,7 @@ def test_builder_options_reach_the_config(fake_gpu, fp16_folder):
 
 @pytest.mark.parametrize("cfg, needle", [
     (BuildConfig(size=(256, 512, 1024)), "outside the exported range 64..512"),
-    (BuildConfig(batch=(1, 1, 8), size=(64, 128, 256)), "batch 1..8 is outside"),
+    (BuildConfig(batch=(1, 1, 8), size=(64, 128, 256)), "--batch 1:1:8 is outside"),
     (BuildConfig(batch=(2, 1, 4), size=(64, 128, 256)), "MIN <= OPT <= MAX"),
     (BuildConfig(size=(64, 100, 256)), "multiples of 8"),
     (BuildConfig(size=(64, 128, 256), opt_level=9), "--opt-level"),
@@ -124,6 +124,30 @@ def test_builder_options_reach_the_config(fake_gpu, fp16_folder):
 def test_bad_build_options(fake_gpu, fp16_folder, cfg, needle):
     with pytest.raises(UsageError, match=needle):
         build_engines(fp16_folder, cfg, log=lambda s: None)
+
+
+def test_profiles_default_to_the_exports_ranges(tiny_fp16):
+    manifest = tiny_fp16[1]  # batch 1..4, size 64..512, default size 256
+    cfg = BuildConfig().resolved(manifest)
+    assert (cfg.batch, cfg.size) == ((1, 1, 4), (64, 256, 512))
+    BuildConfig().check(manifest)
+    assert BuildConfig(size=(64, 128, 256)).resolved(manifest).batch == (1, 1, 4)
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    (BuildConfig(batch=(0, 1, 4)), "--batch MIN must be at least 1, got 0"),
+    (BuildConfig(size=(0, 64, 128)), "--size MIN must be at least 8, got 0"),
+    (BuildConfig(size=(256, 512, 1024)), "--size 256:512:1024 is outside the exported range 64..512: pass --size MIN:"
+                                         "OPT:MAX within it (default 64:256:512), or re-export with a wider --size"),
+    (BuildConfig(batch=(1, 1, 8)), "--batch 1:1:8 is outside the exported range 1..4: pass --batch MIN:OPT:MAX within "
+                                   "it (default 1:1:4), or re-export with a wider --batch"),
+    (BuildConfig(static=(1024, 64)), "--static 1024x64 is outside the exported range 64..512: pass --static WxH within "
+                                     "it, or re-export with a wider --size"),
+])
+def test_profile_errors_say_what_fits(tiny_fp16, cfg, needle):
+    with pytest.raises(UsageError) as info:
+        cfg.check(tiny_fp16[1])
+    assert str(info.value) == needle
 
 
 def test_unparsable_graph_and_failed_build_are_reported(fake_gpu, fp16_folder):
@@ -160,7 +184,7 @@ def test_cli_build_with_the_fake_verifies_and_prints_the_table(fake_gpu, fp16_fo
 def test_build_verifies_every_engine_against_onnxruntime_and_records_it(fake_gpu, fp16_folder):
     manifest = build_engines(fp16_folder, VERIFIED, log=lambda s: None)
     checks = manifest.tensorrt.verification
-    assert set(checks) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
+    assert set(checks) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update"}
     for name, results in checks.items():
         labels = [r.shape for r in results]
         assert any(label.startswith("export case") for label in labels), (name, labels)  # the export's own shapes
@@ -232,4 +256,17 @@ def test_engines_of_an_earlier_tensorrt_version_are_removed_after_a_rebuild(fake
     fakes.CURRENT["version"] = "11.4.0.106"
     build_engines(fp16_folder, SMALL, log=lambda s: None)
     names = sorted(p.name for p in fp16_folder.glob("*.plan"))
-    assert len(names) == 4 and all(".trt11.4.0.106.sm90." in n for n in names)
+    assert len(names) == 5 and all(".trt11.4.0.106.sm90." in n for n in names)
+
+
+def test_controlnets_are_built_verified_and_run_end_to_end(fake_gpu, control_folder):
+    """Every ControlNet gets an engine (profiles of the residuals' level dims follow the latents'), checked against
+    ONNX Runtime, and the end-to-end check runs the chain of both on the device loop."""
+    manifest = build_engines(control_folder, BuildConfig(batch=(1, 1, 2), size=(64, 128, 256)), log=lambda s: None)
+    built = manifest.tensorrt
+    assert {"controlnet_edges", "controlnet_depth"} <= set(built.engines)
+    lo, opt, hi = built.engines["controlnet_edges"].profile["down_residual_5_in"]
+    latents = built.engines["controlnet_edges"].profile["latents"]
+    assert [s[2] for s in (lo, opt, hi)] == [-(-s[2] // 4) for s in latents]  # ceil(h / 4) at each bound
+    assert all(r.passed for r in built.verification["controlnet_depth"])
+    assert built.end_to_end.passed

@@ -48,7 +48,7 @@ def test_dynamic_build_verifies_every_engine(built_fp16):
     from sdtrt.manifest import Manifest
 
     record = Manifest.load(built_fp16).tensorrt
-    assert set(record.verification) == {"text_encoder", "unet", "vae_decoder", "sampler_update"}
+    assert set(record.verification) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update"}
     assert all(r.passed for rs in record.verification.values() for r in rs)
     assert record.end_to_end.passed, record.end_to_end
 
@@ -78,6 +78,26 @@ def test_device_loop_gives_the_onnxruntime_image(built_fp16, sampler):
         host = host_pipe(**kwargs).images
     np.testing.assert_array_equal(device, again)
     assert psnr(device, host) >= 30, psnr(device, host)
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint", "inpaint at strength 1", "outpaint"])
+@pytest.mark.parametrize("model", ["ordinary", "inpainting"])
+def test_every_task_on_the_device_loop_gives_the_onnxruntime_image(real_gpu, fp16_folder, inpaint_folder, model, task):
+    from sdtrt.runtime import Pipeline
+    from sdtrt.runtime.tensorrt.build import BuildConfig, build_engines
+    from tests.runtime.test_backends import task_args
+
+    if model == "inpainting" and task == "img2img":
+        pytest.skip("an inpainting U-Net needs a mask")
+    folder = fp16_folder if model == "ordinary" else inpaint_folder
+    build_engines(folder, BuildConfig(**DYNAMIC), log=print)
+    kwargs = dict(task_args(task), prompt=["a cat", "a dog"], negative_prompt="blurry", num_inference_steps=10,
+                  seed=3, scheduler="euler_a", output_type="np")
+    with Pipeline.from_dir(folder, backend="tensorrt") as trt_pipe:
+        device = trt_pipe(**kwargs).images
+    with Pipeline.from_dir(folder, backend="onnxruntime-cpu") as host_pipe:
+        host = host_pipe(**kwargs).images
+    assert np.isfinite(device).all() and psnr(device, host) >= 30, psnr(device, host)
 
 
 def test_shape_change_and_back_leaks_nothing_and_stays_finite(built_fp16, real_gpu):
