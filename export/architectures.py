@@ -127,6 +127,20 @@ SD21 = Architecture(
     tokenizer_pad_token="!",
 )
 
+SMALL_V = Architecture(
+    name="small-v",
+    family="sd2",
+    description="mid-size SD 2.x-shaped model: v-prediction, GELU text encoder, linear-projection attention, DDIM; "
+                "random weights",
+    text_encoder=dict(SMALL.text_encoder, hidden_act="gelu"),
+    unet=dict(SMALL.unet, use_linear_projection=True, attention_head_dim=(2, 4, 8)),
+    vae=SMALL.vae,
+    scheduler_class="DDIMScheduler",
+    scheduler=SD21.scheduler,
+    tokenizer_merges=1000,
+    tokenizer_pad_token="!",
+)
+
 SDXL = Architecture(
     name="sdxl", family="sdxl", description="Stable Diffusion XL", text_encoder={}, unet={}, vae={},
     scheduler_class="EulerDiscreteScheduler", scheduler={}, supported=False,
@@ -147,4 +161,5 @@ def _inpainting(arch: Architecture) -> Architecture:
 
 
 BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (TINY, SMALL, SD15, SD21, SDXL, _inpainting(TINY), _inpainting(SMALL), _inpainting(SD15))}
+    a.name: a for a in (TINY, SMALL, SMALL_V, SD15, SD21, SDXL, _inpainting(TINY), _inpainting(SMALL), _inpainting(SD15),
+                        _inpainting(SD21))}

@@ -24,6 +24,8 @@ from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
 from sdtrt.runtime.prompts import MAX_CHUNKS
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# graphs whose weights a LoRA may change at generation time -> the attribute of their PyTorch module holding the model
+LORA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder"}
 # torch.onnx.export(dynamo=False), which trace_to_onnx uses, writes opsets up to this one (torch.onnx._constants.
 # ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; tested against torch); above it torch only warns, then fails or writes a graph
 # of a lower opset. A constant, so that checking --opset does not import torch.
@@ -48,6 +50,10 @@ class ExportConfig:
     seed: int = 0  # weights of built-in architectures
     max_chunks: int = 3  # prompts up to 75 x max_chunks tokens (A1111's 75-token chunks, concatenated)
     controlnets: tuple[str, ...] = ()  # "[NAME=]PATH" of diffusers ControlNetModel folders, or "random"
+    loras: tuple[str, ...] = ()  # "FILE[:SCALE]": LoRAs fused into the U-Net and text encoder (export/lora.py)
+    config: str | None = None  # single-file checkpoints: the built-in configuration (default: read from the keys)
+    prediction_type: str | None = None  # overrides the scheduler config's ("epsilon" or "v_prediction")
+    tokenizer: str | None = None  # single-file checkpoints: a tokenizer folder (default: the configuration's)
 
     def check(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -69,6 +75,12 @@ class ExportConfig:
             raise UsageError("the output folder path is empty")  # Path("") is ".": --force would replace it
         if not 1 <= self.max_chunks <= MAX_CHUNKS:
             raise UsageError(f"--max-chunks must be 1..{MAX_CHUNKS} (75 tokens each), got {self.max_chunks}")
+        from sdtrt.export.lora import LoraSpec
+
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise UsageError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        for text in self.loras:
+            LoraSpec.parse(text)
         names = [parse_spec(c)[0] for c in self.controlnets]
         for name in names:
             if names.count(name) > 1:
@@ -178,9 +190,14 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     t0 = time.perf_counter()
     try:
         log(f"loading {config.model} ...")
-        model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed)
+        model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed, config=config.config,
+                           prediction_type=config.prediction_type, tokenizer=config.tokenizer)
         log(f"  loaded in {time.perf_counter() - t0:.1f}s")
         _check_scheduler(model.scheduler_config, config.model, log)
+        if config.loras:
+            from sdtrt.export.lora import LoraSpec, fuse_loras
+
+            model = fuse_loras(model, [LoraSpec.parse(t) for t in config.loras], config.allow_pickle, log)
         controlnets = {name: load_controlnet(source, model, config, log, index)
                        for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
         manifest = _export_into(model, config, tmp, log, controlnets)
@@ -318,7 +335,7 @@ def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, fo
 
 
 def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: dict | None = None) -> Manifest:
-    from sdtrt.export.graphs import CLIP_SKIPS, controlnet_spec, graph_specs, vae_scale_factor
+    from sdtrt.export.graphs import CLIP_SKIPS, EMBEDDING_SLOTS, controlnet_spec, graph_specs, vae_scale_factor
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table
 
@@ -366,7 +383,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
             max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
             default_size=default_size(model.unet.config.sample_size, vae_scale, ranges, log),
             max_chunks=config.max_chunks,
-            clip_skips=CLIP_SKIPS,
+            clip_skips=CLIP_SKIPS, loras=_lora_records(config.loras), embedding_slots=EMBEDDING_SLOTS,
             weights_seed=config.seed if model.source in BUILTIN_ARCHITECTURES else None,
         ),
         precision=config.precision, ranges=ranges, components=components, tools=tool_versions(),
@@ -398,13 +415,15 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
     onnx_tools.infer_shapes(traced, inferred)
     final = folder / f"{name}.onnx"
     islands: list[str] = []
+    lora = LORA_PREFIXES.get(name)  # LoRAs update these graphs' weights at generation time: weights kept external
     if precision == "fp16":
         log(f"{prefix} converting to fp16 ...")
-        external, islands = onnx_tools.convert_to_fp16(inferred, final, spec)
+        external, islands = onnx_tools.convert_to_fp16(inferred, final, spec, external=lora is not None)
     else:
         import onnx
 
-        external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=True), final)
+        external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=True), final,
+                                         external=lora is not None)
     for f in work.iterdir():  # free disk before the next component
         f.unlink()
     log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
@@ -422,6 +441,11 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
     for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
         if actual[t_spec.name] != t_spec.dtype:
             raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
+    weights = {}
+    if lora is not None:
+        from sdtrt.export.weight_map import weight_map
+
+        weights = {k.removeprefix("text_model."): v for k, v in weight_map(spec.module, lora, final).items()}
     log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
     return Component(
         file=final.name, sha256=sha256_file(final), memory=memory,
@@ -429,8 +453,19 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
         precision="fp32" if spec.fp32_all or precision == "fp32" else "fp16",
         inputs=inputs, outputs=outputs, external_data=tuple(external),
         external_sha256={e: sha256_file(folder / e) for e in external}, fp32_islands=tuple(islands),
-        validation=results, notes=_notes(name), source=source,
+        validation=results, notes=_notes(name), source=source, weights=weights,
     )
+
+def _lora_records(specs) -> tuple[str, ...]:
+    """What the manifest says of each fused LoRA: "name:scale:sha256 (first 12)" (A1111's "Lora hashes" use it)."""
+    from sdtrt.export.lora import LoraSpec
+
+    out = []
+    for text in specs:
+        spec = LoraSpec.parse(text)
+        out.append(f"{spec.name}:{spec.scale:g}:{sha256_file(Path(spec.path).expanduser())[:12]}")
+    return tuple(out)
+
 
 def _check_gate_memory(name: str, spec, cases, inputs, outputs, memory) -> None:
     """Refuse, before tracing, a parity-gate case that cannot fit in this machine's memory."""

@@ -18,6 +18,9 @@ from sdtrt.manifest import Ranges, TensorSpec, dim_value, level_dim
 
 
 CLIP_SKIPS = 2  # hidden states before the last 1 and 2 layers are exported too (diffusers' clip_skip 1 and 2)
+# Spare rows of the token-embedding table, zero in the graph: textual-inversion vectors are written there at generation
+# time (the runtime replaces the table initializer; ONNX Runtime refuses a table of another shape)
+EMBEDDING_SLOTS = 64
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -25,8 +28,18 @@ class TextEncoderGraph(torch.nn.Module):
     the last layer's, and with CLIP skip s = 1..CLIP_SKIPS the one s layers before it with the final layer norm
     applied (diffusers' ``clip_skip``; A1111's "Clip skip: s + 1", ``sd_hijack_clip.encode_with_transformers``)."""
 
-    def __init__(self, text_encoder):
+    def __init__(self, text_encoder, slots: int = 0):
         super().__init__()
+        if slots:  # a copy (the loaded model is shared) whose token table has ``slots`` zero rows more
+            import copy
+
+            text_encoder = copy.deepcopy(text_encoder)
+            model = getattr(text_encoder, "text_model", text_encoder)
+            table = model.embeddings.token_embedding.weight.detach()
+            padded = torch.nn.Embedding(table.shape[0] + slots, table.shape[1])
+            with torch.no_grad():
+                padded.weight.copy_(torch.cat([table, torch.zeros(slots, table.shape[1], dtype=table.dtype)]))
+            model.embeddings.token_embedding = padded
         self.text_encoder = text_encoder
 
     def forward(self, input_ids):
@@ -238,7 +251,7 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
     return {
         "text_encoder": GraphSpec(
             name="text_encoder",
-            module=TextEncoderGraph(model.text_encoder).eval(),
+            module=TextEncoderGraph(model.text_encoder, EMBEDDING_SLOTS).eval(),
             # text_rows: every 77-token chunk of every prompt and negative prompt, encoded in one call
             inputs=(InputSpec("input_ids", "int32", ("text_rows", seq)),),
             outputs=(InputSpec("last_hidden_state", "float32", ("text_rows", seq, hidden)),

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sdtrt.errors import ModelSourceError, UnsafeCheckpointError
+from sdtrt.errors import ModelSourceError, UnsafeCheckpointError, UsageError
 from sdtrt.export.architectures import BUILTIN_ARCHITECTURES, Architecture
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -59,6 +59,10 @@ def _library_logs_silenced():
 # diffusers' state-dict error, one line per tensor
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
                             r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+# the same, as diffusers words it when it loads with low_cpu_mem_usage (accelerate or peft installed): (key, config,
+# weights) in that order
+_SIZE_MISMATCH_LOW_MEM = re.compile(r"because (\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got "
+                                    r"torch\.Size\((\[[^\]]*\])\)")
 
 
 def _mismatch_error(component: str, path: Path, mismatches: list[tuple[str, str, str]]) -> ModelSourceError:
@@ -269,7 +273,8 @@ def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel
             with _library_logs_silenced():
                 loaded = loader(path / component, local_files_only=True, **kwargs)
         except Exception as ex:  # noqa: BLE001
-            mismatches = _SIZE_MISMATCH.findall(str(ex))
+            mismatches = _SIZE_MISMATCH.findall(str(ex)) or [
+                (k, w, c) for k, c, w in _SIZE_MISMATCH_LOW_MEM.findall(str(ex))]
             if mismatches:  # the line that says what is wrong, not the summary above it
                 raise _mismatch_error(component, path, mismatches) from None
             first = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
@@ -331,29 +336,42 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Architecture | Pa
             raise ModelSourceError(f"model path {source} does not exist")
         raise ModelSourceError(f"unknown model {source!r}: give a diffusers folder or one of the built-ins ({known})")
     if path.is_file():
+        if path.suffix.lower() == ".ckpt" and allow_pickle:
+            return path  # a pickled single-file checkpoint, allowed
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise UnsafeCheckpointError(
                 f"{path} is a pickled checkpoint ({path.suffix}); pickles can run arbitrary code when loaded, "
-                "so only safetensors are read: convert it to a diffusers folder with safetensors weights"
+                "so only safetensors are read: use a .safetensors file, or pass --allow-pickle for a .ckpt you trust"
             )
         if path.suffix.lower() == ".safetensors":
-            raise ModelSourceError(
-                f"{path} is a single-file checkpoint; export needs a diffusers folder "
-                "(convert it with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR))"
-            )
-        raise ModelSourceError(f"{path} is a file, not a diffusers model folder")
+            return path  # a single-file checkpoint (export/single_file.py)
+        raise ModelSourceError(f"{path} is a file, not a diffusers model folder or a .safetensors checkpoint")
     _check_diffusers_folder(path, allow_pickle)
     return path
 
 
 @lru_cache(maxsize=2)
-def load_model(source: str, allow_pickle: bool = False, seed: int = 0) -> LoadedModel:
-    """Load a built-in architecture (seeded random weights) or a diffusers folder.
+def load_model(source: str, allow_pickle: bool = False, seed: int = 0, config: str | None = None,
+               prediction_type: str | None = None, tokenizer: str | None = None) -> LoadedModel:
+    """Load a built-in architecture (seeded random weights), a diffusers folder or a single-file checkpoint
+    (``config``, ``prediction_type``, ``tokenizer``: see ``single_file.load_single_file``).
 
     Cached by (source, options): exporting the same model twice in one process (fp16 then fp32)
     builds or reads it once. Callers must not modify the returned modules.
     """
     resolved = resolve_source(source, allow_pickle)
     if isinstance(resolved, Architecture):
-        return build_builtin(resolved, seed=seed)
-    return load_diffusers_folder(resolved, allow_pickle=allow_pickle)
+        model = build_builtin(resolved, seed=seed)
+    elif resolved.is_file():
+        from sdtrt.export.single_file import load_single_file
+
+        return load_single_file(resolved, config, prediction_type, allow_pickle, tokenizer)
+    else:
+        model = load_diffusers_folder(resolved, allow_pickle=allow_pickle)
+    if config or tokenizer:
+        raise UsageError("--config and --tokenizer are for single-file checkpoints (.safetensors)")
+    if prediction_type:
+        from dataclasses import replace
+
+        model = replace(model, scheduler_config={**model.scheduler_config, "prediction_type": prediction_type})
+    return model

@@ -45,12 +45,13 @@ def infer_shapes(src: Path, dst: Path) -> None:
     onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
 
 
-def save_model(model, path: Path) -> list[str]:
-    """Save ``model``; above ~1.8 GB weights go to one ``<name>.data`` file. Returns external files."""
+def save_model(model, path: Path, external: bool = False) -> list[str]:
+    """Save ``model``; above ~1.8 GB, or with ``external``, weights go to one ``<name>.data`` file (where the
+    runtime finds them by offset for LoRAs). Returns external files."""
     import onnx
 
     size = model.ByteSize() if _fits_protobuf(model) else EXTERNAL_DATA_THRESHOLD + 1
-    if size <= EXTERNAL_DATA_THRESHOLD:
+    if size <= EXTERNAL_DATA_THRESHOLD and not external:
         onnx.save_model(model, str(path))
         return []
     data_name = path.name + ".data"
@@ -108,7 +109,7 @@ def fp32_island_nodes(model, spec: GraphSpec) -> list[str]:
     return [graph.node[i].name for i in sorted(island)]
 
 
-def convert_to_fp16(src: Path, dst: Path, spec: GraphSpec) -> tuple[list[str], list[str]]:
+def convert_to_fp16(src: Path, dst: Path, spec: GraphSpec, external: bool = False) -> tuple[list[str], list[str]]:
     """FP32 ONNX (with shape info) -> FP16-typed ONNX with FP32 islands.
 
     Float graph I/O becomes float16 except the inputs the spec keeps in FP32. Returns the
@@ -127,13 +128,13 @@ def convert_to_fp16(src: Path, dst: Path, spec: GraphSpec) -> tuple[list[str], l
             disable_shape_infer=True,
         )
     bypass_fp16_round_trips(model16)
-    external = save_model(model16, dst)
+    files = save_model(model16, dst, external)
     islands = [f"{op} ops (attention softmax)" for op in FP32_OPS]
     if spec.fp32_all:
         islands = [f"whole graph: {spec.fp32_reason}"]
     elif blocked:
         islands.append(f"{len(blocked)} nodes: {spec.fp32_reason}")
-    return external, islands
+    return files, islands
 
 
 def bypass_fp16_round_trips(model) -> int:

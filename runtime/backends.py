@@ -88,17 +88,8 @@ class OrtEngine:
     denoising loop keeps latents and model outputs on the device (``OrtMemory``)."""
 
     def __init__(self, path: Path, component: Component, provider: str = "CPUExecutionProvider", threads: int = 0):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
-        except Exception as ex:  # onnxruntime raises its own untyped errors for unreadable graphs
-            first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-            raise BackendError(f"cannot load {path.name} with onnxruntime: {first}") from None
+        self.path, self.threads = path, threads
+        self.session = self._session(path, provider, threads, {})
         self.component = component
         self.provider = provider
         self._dtypes = {}
@@ -123,6 +114,36 @@ class OrtEngine:
         self._shapes = {s.name: tuple(s.shape) for s in component.inputs + component.outputs
                         if all(isinstance(d, int) for d in s.shape)}
         self._ptrs: dict[str, int] = {}
+
+    @staticmethod
+    def _session(path: Path, provider: str, threads: int, initializers: dict[str, np.ndarray]):
+        """An ONNX Runtime session over ``path``, with ``initializers`` overriding the graph's (LoRAs); the file is not
+        rewritten."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        # add_external_initializers, not add_initializer: with every graph optimisation on, ONNX Runtime lays out
+        # (pre-packs) convolution weights before add_initializer's values replace them, and the U-Net silently keeps
+        # its base weights there; the external-initializer values are in place when the graph is loaded
+        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in initializers.values()]
+        if values:
+            opts.add_external_initializers(list(initializers), values)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+        except Exception as ex:  # onnxruntime raises its own untyped errors for unreadable graphs
+            first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+            raise BackendError(f"cannot load {path.name} with onnxruntime: {first}") from None
+        session._sdtrt_initializers = values  # alive as long as the session
+        return session
+
+    def override(self, initializers: dict[str, np.ndarray]) -> None:
+        """Re-create the session with these initializers instead of the graph's (none: the graph's own weights)."""
+        self.session = self._session(self.path, self.provider, self.threads, initializers)
+        if self._binding is not None:
+            self._binding = self.session.io_binding()
 
     def input_dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]

@@ -80,6 +80,9 @@ class GenerationPlan:
     strength: float | None = None  # img2img/inpainting: where the schedule starts
     sources: SourceImages | None = None  # the images (and masks) at the generation's size
     controls: tuple["Control", ...] = ()  # the ControlNets used, in table.control_scale's column order
+    prompts: tuple[str, ...] = ()  # the prompts and negative prompts as encoded (A1111's <lora:…> tags taken out)
+    negatives: tuple[str, ...] = ()
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA files and scales applied for this generation
 
     @property
     def inpainting_unet(self) -> bool:
@@ -107,12 +110,21 @@ class Pipeline:
         self.engines = engines
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.loras: tuple[tuple[str, float], ...] = ()  # set_loras: applied to every generation
+        self.lora_dir: Path | None = None  # where A1111's <lora:name:weight> prompt tags find name.safetensors
+        self._lora_state = LoraState()
+        self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion token -> its vectors (n, D)
+        self._embedding_rows: list[np.ndarray] = []  # the vectors in the spare token-table rows, in order
 
     @classmethod
     def from_dir(cls, folder: str | Path, backend: str = "auto", threads: int = 0,
-                 device_loop: bool | None = None) -> "Pipeline":
+                 device_loop: bool | None = None, loras=None, lora_dir: str | Path | None = None,
+                 embeddings=()) -> "Pipeline":
         """Load an engine folder. ``threads``: CPU threads for ONNX Runtime (0: its default, all cores);
-        ``device_loop``: see ``backends.load_engines`` (TensorRT always runs the loop on the device)."""
+        ``device_loop``: see ``backends.load_engines`` (TensorRT always runs the loop on the device); ``loras``:
+        [(file, scale), ...] applied without re-export (``set_loras``); ``lora_dir``: where prompts' A1111
+        ``<lora:name:weight>`` tags find ``name.safetensors``; ``embeddings``: textual-inversion files (or a folder
+        of them, A1111's ``embeddings/``: each file's name is its token) for ``load_textual_inversion``."""
         import os
 
         if not isinstance(folder, (str, os.PathLike)):
@@ -127,7 +139,82 @@ class Pipeline:
         manifest = Manifest.load(folder)
         tokenizer, scheduler_config = _assets(folder, manifest)  # before the engines: fail fast, cheaply
         engines = load_engines(folder, manifest, backend, threads, device_loop)
-        return cls(folder, manifest, engines, tokenizer, scheduler_config)
+        pipe = cls(folder, manifest, engines, tokenizer, scheduler_config)
+        try:
+            pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
+            for item in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings or ():
+                item = Path(item).expanduser()
+                files = sorted(item.glob("*.safetensors")) if item.is_dir() else [item]
+                for f in files:
+                    pipe.load_textual_inversion(f, apply=False)
+            if loras or pipe.embeddings:
+                pipe.set_loras(loras)
+        except BaseException:
+            pipe.close()
+            raise
+        return pipe
+
+    def set_loras(self, loras) -> None:
+        """LoRAs for every later generation: [(file, scale), ...] or ["file:scale", ...] (diffusers/PEFT or
+        kohya/A1111 .safetensors; an empty list: none). Applied without re-export: the U-Net's and text encoder's
+        affected weights are the base weights plus the scaled low-rank updates, computed afresh from the base every
+        time (``runtime.lora``), so switching never accumulates."""
+        self.loras = normalize_loras(loras)
+        self._apply_loras(self.loras)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None, apply: bool = True) -> str:
+        """Add a textual-inversion embedding (diffusers' name and file formats; A1111's ``emb_params`` files take
+        the file's name as token): its vectors go into the text encoder's spare token rows, no re-export. Returns
+        the token to write in prompts (an n-vector token expands to n tokens, as diffusers does)."""
+        from sdtrt.runtime.lora import read_embedding
+
+        m = self.manifest.model
+        token, vectors = read_embedding(Path(path), token, m.text_hidden_size)
+        used = sum(len(v) for v in self._embedding_rows)
+        if used + len(vectors) > m.embedding_slots:
+            raise UsageError(f"embedding {token!r} needs {len(vectors)} token rows; this folder has "
+                             f"{m.embedding_slots - used} of {m.embedding_slots} left"
+                             + (" (exported before sdtrt kept spare rows: re-export it)" if not m.embedding_slots else ""))
+        if token in self.embeddings:
+            raise UsageError(f"an embedding named {token!r} is already loaded")
+        tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+        try:
+            self.tokenizer.add_tokens(tokens, m.vocab_size + used)
+        except Exception as ex:  # ManifestError: a token the vocabulary has, or a tokenizer of another size
+            raise UsageError(str(ex)) from None
+        self.embeddings[token] = vectors
+        self._embedding_rows.append(vectors)
+        if apply:
+            self._apply_loras(self.loras)
+        return token
+
+    def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        from sdtrt.runtime.lora import GRAPHS, updated_weights
+
+        state = self._lora_state
+        weights = {g: self.manifest.components[g].weights for g in GRAPHS}
+        if loras and not all(weights.values()):
+            raise UsageError("this folder was exported without weight maps, so LoRAs cannot be applied at generation "
+                             "time: re-export it with this sdtrt (or fuse them with `sdtrt export --lora`)")
+        layers = [(state.layers(path, weights), scale) for path, scale in loras]
+        for graph in GRAPHS:
+            key = tuple((path, scale) for (path, scale), (ls, _) in zip(loras, layers) if any(x.graph == graph for x in ls))
+            if graph == "text_encoder":
+                key += (len(self.embeddings),)  # embeddings are only ever added
+            if state.applied.get(graph, ()) in (key, () if key == (0,) else None):
+                continue  # this graph's weights are already these
+            engine = self.engines[graph]
+            if not hasattr(engine, "override"):
+                raise UsageError("LoRAs and embeddings at generation time run on ONNX Runtime; TensorRT engines cannot "
+                                 "be refitted yet: fuse them at export (`sdtrt export MODEL --lora FILE:SCALE`), or use "
+                                 "--backend onnxruntime")
+            t = time.perf_counter()
+            new = updated_weights(self.folder, self.manifest.components[graph], graph, layers)
+            if graph == "text_encoder" and self.embeddings:
+                new |= self._token_table(new)
+            engine.override(new)
+            state.applied[graph] = key
+            state.seconds = time.perf_counter() - t
 
     @classmethod
     def from_engines(cls, folder: str | Path, manifest: Manifest, engines: dict) -> "Pipeline":
@@ -206,6 +293,8 @@ class Pipeline:
         would raise."""
         if not isinstance(req, GenerationRequest):
             raise UsageError(f"expected a GenerationRequest, got {type(req).__name__}")
+        req, loras = self._prompt_loras(req)
+        req = self._expand_embeddings(req)
         inputs = self.task_inputs(req, image, mask_image)
         controls = self._control_inputs(req, control_images)
         height, width = self._size(req, inputs)
@@ -246,7 +335,65 @@ class Pipeline:
             controls = [c.prepared(height, width, crop, req.canny_thresholds) for c in controls]
             table = with_control(table, [(c.scale, c.start, c.end) for c in controls])
         return GenerationPlan(table, sampler, height, width, cfg, shapes["vae_decoder"]["latents"], shapes, texts,
-                              chunks, inputs.task, strength, sources, tuple(controls))
+                              chunks, inputs.task, strength, sources, tuple(controls), req.prompt,
+                              req.negative_prompt, self.loras + loras)
+
+    def _token_table(self, updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The text encoder's token table with the embeddings' vectors in its spare rows (after any LoRA update)."""
+        entry = self.manifest.components["text_encoder"].weights["embeddings.token_embedding"]
+        table = updated.get(entry.initializer)
+        if table is None:
+            raw = np.memmap(self.folder / entry.file, np.uint8, "r")
+            n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
+            table = np.array(raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape))  # (V + K, D)
+        rows = np.concatenate(self._embedding_rows)  # (n, D)
+        v = self.manifest.model.vocab_size
+        table[v:v + len(rows)] = rows.astype(table.dtype)
+        return {entry.initializer: table}
+
+    def _expand_embeddings(self, req: GenerationRequest) -> GenerationRequest:
+        """Each multi-vector embedding token in the prompts written as its n tokens (diffusers' maybe_convert_prompt)."""
+        if not self.embeddings:
+            return req
+        from dataclasses import replace as replace_
+
+        from sdtrt.runtime.lora import expand_prompt
+
+        ids = {self.tokenizer._tok.token_to_id(t): t for t in self.embeddings}
+        counts = {t: len(v) for t, v in self.embeddings.items()}
+        texts = list(req.prompt + req.negative_prompt)
+        found = self.tokenizer.fragments(texts)
+        texts = [expand_prompt(text, {ids[i] for i in f if i in ids}, counts) for text, f in zip(texts, found)]
+        n = len(req.prompt)
+        return replace_(req, prompt=tuple(texts[:n]), negative_prompt=tuple(texts[n:]))
+
+    def _prompt_loras(self, req: GenerationRequest) -> tuple[GenerationRequest, tuple[tuple[str, float], ...]]:
+        """The request with A1111's ``<lora:name:weight>`` tags taken out of its prompts, and the LoRAs they name
+        (``lora_dir``/name.safetensors; the same name twice: the first weight)."""
+        from dataclasses import replace as replace_
+
+        from sdtrt.runtime.lora import prompt_loras
+
+        found: dict[str, float] = {}
+        texts = []
+        for text in req.prompt + req.negative_prompt:
+            stripped, tags = prompt_loras(text)
+            texts.append(stripped)
+            for name, weight in tags:
+                found.setdefault(name, weight)
+        if not found:
+            return req, ()
+        if self.lora_dir is None:
+            raise UsageError(f"the prompt names <lora:{next(iter(found))}:…>: give the folder of LoRA files (lora_dir=, "
+                             "or --lora-dir)")
+        loras = []
+        for name, weight in found.items():
+            path = self.lora_dir / f"{name}.safetensors"
+            if not path.is_file():
+                raise UsageError(f"<lora:{name}:{weight:g}>: {path} does not exist")
+            loras.append((str(path), weight))
+        n = len(req.prompt)
+        return replace_(req, prompt=tuple(texts[:n]), negative_prompt=tuple(texts[n:])), tuple(loras)
 
     def _control_inputs(self, req: GenerationRequest, control_images) -> list["Control"]:
         """The control images paired with the folder's ControlNets, in order (None leaves one out), loaded."""
@@ -421,6 +568,7 @@ class Pipeline:
         if reserve is not None:
             reserve(plan.shapes)
 
+        self._apply_loras(plan.loras)
         seed = req.seed if req.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         rng = np.random.Generator(np.random.PCG64(seed))
         t = time.perf_counter()
@@ -546,7 +694,7 @@ class Pipeline:
         bad = [t for t, e in encoded.items() if not np.isfinite(e).all()]
         if bad:  # emphasis weights whose product overflows, or that cancel the chunk's mean (weights summing to 0)
             raise UsageError(f"the emphasis weights of {bad[0]!r:.80} make its encoding non-finite; use other weights")
-        order = (list(req.negative_prompt) if plan.cfg else []) + list(req.prompt)
+        order = (list(plan.negatives) if plan.cfg else []) + list(plan.prompts)
         stacked = np.stack([encoded[t] for t in order])  # (kP, 77c, D)
         return np.repeat(stacked, req.num_images_per_prompt, axis=0).astype(
             self.engines["unet"].input_dtype("encoder_hidden_states"))
@@ -562,6 +710,10 @@ class Pipeline:
             "CFG scale": f"{req.guidance_scale:g}", "Seed": seed, "Size": f"{plan.width}x{plan.height}",
             "Model hash": self.manifest.components["unet"].sha256[:10], "Model": self.model_name,
             "Clip skip": req.clip_skip + 1 if req.clip_skip else None,
+            # A1111's record of LoRAs: "name: hash" (fused into this folder's graphs at export)
+            "Lora hashes": ", ".join([f"{n}: {h}" for n, _, h in (x.rsplit(":", 2) for x in self.manifest.model.loras)]
+                                     + [f"{Path(p).stem}: {self._lora_state.digest(p)}" for p, _ in plan.loras])
+            or None,
             "Batch size": req.batch if req.batch > 1 else None, "Batch pos": k if req.batch > 1 else None,
             # A1111's img2img keys; "Outpaint" (left,top,right,bottom pixels) and "Outpaint fill" are sdtrt's
             "Denoising strength": f"{plan.strength:g}" if plan.strength is not None else None,
@@ -697,6 +849,55 @@ class Control:
         if self.preprocessor == "canny":
             fields += [f"Threshold A: {thresholds[0]}", f"Threshold B: {thresholds[1]}"]
         return ", ".join(fields)  # create_infotext quotes it (it holds commas)
+
+
+def normalize_loras(loras) -> tuple[tuple[str, float], ...]:
+    """[(file, scale) | "file:scale", ...] -> ((file, scale), ...), checked."""
+    from sdtrt.runtime.lora import parse_spec
+    from sdtrt.runtime.request import real
+
+    if loras is None:
+        return ()
+    if isinstance(loras, (str, tuple)) and not (isinstance(loras, tuple) and loras and isinstance(loras[0], tuple)):
+        loras = [loras]
+    out = []
+    for item in loras:
+        if isinstance(item, str):
+            path, scale = parse_spec(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            path, scale = str(item[0]), real(item[1], "LoRA scale", -100.0, 100.0)
+        else:
+            raise UsageError(f"a LoRA is (file, scale) or 'file:scale', got {item!r}")
+        out.append((path, scale))
+    return tuple(out)
+
+
+class LoraState:
+    """What a pipeline has applied: per graph the LoRAs in its weights, and the files read (by path and mtime)."""
+
+    def __init__(self):
+        self.applied: dict[str, tuple] = {}
+        self.seconds = 0.0  # the last swap's session re-creation
+        self._read: dict[tuple, list] = {}
+        self._digests: dict[str, str] = {}
+
+    def layers(self, path: str, weights: dict) -> list:
+        from sdtrt.runtime.lora import read_lora
+
+        p = Path(path).expanduser()
+        key = (str(p.resolve()) if p.exists() else str(p), p.stat().st_mtime_ns if p.exists() else 0)
+        if key not in self._read:
+            if len(self._read) >= 8:  # a few files kept in memory (float32 low-rank factors: small)
+                self._read.pop(next(iter(self._read)))
+            self._read[key] = read_lora(p, weights)
+        return self._read[key]
+
+    def digest(self, path: str) -> str:
+        from sdtrt.manifest import sha256_file
+
+        if path not in self._digests:
+            self._digests[path] = sha256_file(Path(path).expanduser())[:12]
+        return self._digests[path]
 
 
 def _refuse_without_mask(req: GenerationRequest, inpainting_unet: bool, what: str) -> None:

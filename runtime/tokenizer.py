@@ -68,6 +68,23 @@ class ClipTokenizer:
             raise ManifestError(f"{key} {token!r} of {config_file} is not in the vocabulary")
         return ident
 
+    def add_tokens(self, tokens: list[str], vocab_size: int) -> list[int]:
+        """Add textual-inversion tokens as transformers' ``add_tokens`` does (matched in the normalised text), at ids
+        ``vocab_size``, ``vocab_size`` + 1, ...; returns their ids."""
+        from tokenizers import AddedToken
+
+        taken = [t for t in tokens if self._tok.token_to_id(t) is not None]
+        if taken:
+            raise ManifestError(f"token {taken[0]!r} is already in the vocabulary: load the embedding under another "
+                                "name")
+        start = self._tok.get_vocab_size(with_added_tokens=True)
+        if start != vocab_size:
+            raise ManifestError(f"the tokenizer has {start} tokens, the text encoder {vocab_size}: new tokens would "
+                                "not get their own rows")
+        self._tok.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=True)
+                              for t in tokens])
+        return [self._tok.token_to_id(t) for t in tokens]
+
     def fragments(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS and without truncation."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

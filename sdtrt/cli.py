@@ -120,6 +120,17 @@ def _add_export(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
     p.add_argument("--max-chunks", type=int, default=3,
                    help="longest prompt, in 75-token chunks (A1111's long-prompt rule; the U-Net's text axis is 77 x this)")
+    p.add_argument("--config", default=None, metavar="NAME",
+                   help="single-file checkpoints: the built-in configuration that describes it (default: read from its "
+                        "keys: sd15, sd21, sd15-inpaint, sd21-inpaint)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="override the scheduler's prediction type (single-file SD 2.x defaults to v_prediction)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="single-file checkpoints: a CLIP tokenizer folder (the tokenizer/ of a diffusers model of "
+                        "the same family) when the configuration's does not match the checkpoint's vocabulary")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse this LoRA (diffusers/PEFT or kohya/A1111 .safetensors) into the U-Net and text encoder "
+                        "at SCALE (default 1), as diffusers' fuse_lora; repeat for several")
     p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
                    help="also export this ControlNet (a diffusers ControlNetModel folder, or 'random': seeded random "
                         "weights shaped like the model's U-Net); repeat, or separate with commas, for several")
@@ -157,12 +168,14 @@ def _cmd_export(args) -> int:
     _need("export", "torch", "diffusers", "transformers", "onnx")
     from sdtrt.export import ExportConfig, export
 
-    out = args.out or str(Path("engines") / Path(args.model.rstrip("/")).name)
+    name = Path(args.model.rstrip("/"))
+    out = args.out or str(Path("engines") / (name.stem if name.suffix in (".safetensors", ".ckpt") else name.name))
     config = ExportConfig(
         model=args.model, out=out, precision=args.precision, batch_min=args.batch[0], batch_max=args.batch[1],
         size_min=args.size[0], size_max=args.size[1], opset=args.opset, force=args.force,
         allow_pickle=args.allow_pickle, seed=args.seed, max_chunks=args.max_chunks,
-        controlnets=tuple(c.strip() for spec in args.controlnet for c in spec.split(",")),
+        controlnets=tuple(c.strip() for spec in args.controlnet for c in spec.split(",")), loras=tuple(args.lora),
+        config=args.config, prediction_type=args.prediction_type, tokenizer=args.tokenizer,
     )
     if args.out is None:
         Path("engines").mkdir(exist_ok=True)  # the default's own folder; an explicit --out's parent must exist
@@ -233,6 +246,16 @@ def _add_generate(sub) -> None:
                    help="a control image for the folder's next ControlNet (the first --control goes to the first "
                         "ControlNet, ...): a ready-made map, or canny:PHOTO to take its Canny edges; SCALE is the "
                         "conditioning scale (default 1), START:END the fraction of the steps it acts in (default 0:1)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply this LoRA (diffusers/PEFT or kohya/A1111 .safetensors) at SCALE (default 1) without "
+                        "re-export, on ONNX Runtime; repeat for several")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where A1111's <lora:NAME:WEIGHT> prompt tags find NAME.safetensors")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding (.safetensors: diffusers' learned_embeds, or A1111's, whose "
+                        "file name is the token to write in prompts); repeat for several")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="load every .safetensors embedding of DIR (A1111's embeddings/ folder)")
     p.add_argument("--canny-low", type=int, default=None, metavar="T",
                    help="Canny's low hysteresis threshold, 0..10000 (default 100)")
     p.add_argument("--canny-high", type=int, default=None, metavar="T",
@@ -379,7 +402,9 @@ def _cmd_generate(args) -> int:
         if s[flag] is not None and not str(s[flag]).strip():
             raise UsageError(f"--{flag} must not be empty")
     paths = _output_paths(args.output, 1 if keep is not None else s["num_images"], args.force)
-    with Pipeline.from_dir(args.dir, backend=args.backend) as pipe:
+    embeddings = args.embedding + ([args.embeddings_dir] if args.embeddings_dir else [])
+    with Pipeline.from_dir(args.dir, backend=args.backend, loras=args.lora, lora_dir=args.lora_dir,
+                           embeddings=embeddings) as pipe:
         plan = pipe.plan(request, s["image"], s["mask"], control_images)  # every check, before any compute
         if s.get("karras") and not plan.sampler.use_karras_sigmas:
             raise UsageError(f"the image used {plan.table.name} with the Karras schedule, which this model's scheduler "

@@ -106,6 +106,19 @@ class MemoryModel:
 
 
 @dataclass(frozen=True)
+class WeightEntry:
+    """Where a model weight lives in a graph (``export/weight_map.py``): its initializer, stored transposed or not, and
+    its bytes in the graph's external data file (a LoRA's update is added to them at generation time)."""
+
+    initializer: str
+    transposed: bool
+    file: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Component:
     file: str
     sha256: str
@@ -120,6 +133,7 @@ class Component:
     notes: str = ""
     memory: MemoryModel | None = None  # None: exported before sdtrt recorded it (no estimate, no refusal)
     source: str = ""  # ControlNets: the folder it was exported from, or "random" (the built-in)
+    weights: dict[str, WeightEntry] = field(default_factory=dict)  # module path -> where its weight is (LoRA)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
@@ -143,6 +157,8 @@ class ModelInfo:
     default_size: int = 512  # pixels: the U-Net's sample_size times the VAE scale factor (diffusers' default)
     max_chunks: int = 1  # a prompt may take this many 77-token chunks (A1111's 75 tokens + BOS + EOS each)
     clip_skips: int = 0  # the text encoder also returns hidden_state_skip1 .. skipN
+    loras: tuple[str, ...] = ()  # LoRAs fused at export: "name:scale:sha256 (first 12 hex digits)"
+    embedding_slots: int = 0  # spare token-embedding rows for textual-inversion vectors (ids vocab_size ...)
 
 
 @dataclass(frozen=True)

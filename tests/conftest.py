@@ -99,3 +99,22 @@ def cli(capsys):
         return code, captured.out, captured.err.strip()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def lora_files(tmp_path_factory, small_model):
+    """Two LoRAs for the mid-size model: style.safetensors (diffusers/PEFT layout) and kohya_char.safetensors
+    (kohya/A1111 layout, alpha 2 for rank 4), each touching the U-Net (attention linears, 1x1-conv projections) and
+    the text encoder (attention)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from tests.export.test_lora import _kohya, _peft_lora
+
+    _, folder = small_model
+    base = tmp_path_factory.mktemp("loras")
+    unet_sd, te_sd = _peft_lora(folder, 1)
+    StableDiffusionPipeline.save_lora_weights(base, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                              weight_name="style.safetensors")
+    save_file(_kohya(*_peft_lora(folder, 2), alpha=2.0), str(base / "kohya_char.safetensors"))
+    return base / "style.safetensors", base / "kohya_char.safetensors"

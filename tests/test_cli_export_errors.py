@@ -131,5 +131,5 @@ def test_console_script_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["sdtrt export: error: unknown model 'sd99': give a diffusers folder "
-                                                "or one of the built-ins (tiny, small, sd15, sd21, tiny-inpaint, small-inpaint, "
-                                                "sd15-inpaint)"]
+                                                "or one of the built-ins (tiny, small, small-v, sd15, sd21, tiny-inpaint, "
+                                                "small-inpaint, sd15-inpaint, sd21-inpaint)"]

@@ -548,3 +548,16 @@ def test_device_loop_runs_controlnets_as_the_host_loop(fake_gpu, control_folder,
 def generate_with(pipe, **kwargs):
     args = dict(negative_prompt="blurry", num_inference_steps=6, height=96, width=64, seed=5, output_type="np")
     return pipe(**{**args, **kwargs}).images
+
+
+def test_loras_on_tensorrt_engines_say_what_to_do_instead(fake_gpu, fp16_folder, tmp_path):
+    """Refitting TensorRT engines with LoRAs is not built yet: a clear error, not base weights used silently."""
+    from sdtrt.benchmarks.lora_swap import random_lora
+    from sdtrt.errors import UsageError
+    from sdtrt.manifest import Manifest
+
+    folder = built(fp16_folder)
+    random_lora(Manifest.load(folder), tmp_path / "a.safetensors", 2, 0)
+    with pytest.raises(UsageError, match="TensorRT engines cannot be refitted yet: fuse them at export"):
+        Pipeline.from_dir(folder, backend="tensorrt", loras=[(tmp_path / "a.safetensors", 0.5)])
+    assert not any(fake_gpu[1].live().values()), fake_gpu[1].live()  # the failed load freed what it held

@@ -1,0 +1,234 @@
+"""LoRAs applied at generation time, torch-free: no re-export, no rebuild (Hu et al. 2021; kohya's sd-scripts and
+diffusers' PEFT layout).
+
+A LoRA file is read with safetensors' NumPy API and its keys are resolved in NumPy against the export's weight
+map (``Component.weights``: module path -> initializer, transposed or not, and where its bytes are), so no torch
+and no diffusers key converter is needed: both formats name layers by diffusers' module paths —
+
+- diffusers/PEFT (``save_lora_weights``): ``unet.<path>.lora_A.weight`` / ``lora_B``, ``text_encoder.<path>…``;
+  alpha = rank unless the file's metadata or an ``.alpha`` tensor says otherwise;
+- kohya/A1111: ``lora_unet_<path with _>.lora_down.weight`` / ``lora_up`` and ``.alpha``, ``lora_te_…`` for the
+  text encoder (its paths under ``text_model``).
+
+Each layer's update is ``scale * alpha / rank * up @ down`` (a convolution's kernels flattened), added to the
+**base** weight read from the graph's external data every time: switching LoRAs never accumulates (the trap of
+TensorRT issue 3628, refitting A, B, then A again).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdtrt.errors import UsageError
+
+PICKLED = (".ckpt", ".pt", ".pth", ".bin")
+GRAPHS = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_")}
+_A1111_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+@dataclass(frozen=True)
+class Layer:
+    graph: str  # "unet" or "text_encoder"
+    path: str  # module path in the export's weight map
+    down: np.ndarray  # (r, in, ...) float32
+    up: np.ndarray  # (out, r, ...) float32
+    alpha: float
+
+
+def parse_spec(text: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> (file, scale)."""
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not path.strip():
+        raise UsageError(f"--lora {text!r}: no file")
+    if not math.isfinite(scale):
+        raise UsageError(f"LoRA scale must be finite, got {scale} ({text})")
+    return path, scale
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's ``<lora:name:weight>`` tags taken out of a prompt: (the prompt without them, [(name, weight)])."""
+    found = []
+    for m in _A1111_TAG.finditer(prompt):
+        weight = m.group(2)
+        try:
+            value = float(weight) if weight not in (None, "") else 1.0
+        except ValueError:
+            raise UsageError(f"<lora:{m.group(1)}:{weight}>: the weight must be a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"<lora:{m.group(1)}:{weight}>: the weight must be finite")
+        found.append((m.group(1).strip(), value))
+    return _A1111_TAG.sub("", prompt), found
+
+
+def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) -> list[Layer]:
+    """The layers of the LoRA at ``path`` resolved against ``weights`` (graph -> module path -> entry); a UsageError
+    naming how many matched when not all do."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"LoRA file {path} does not exist" if not path.exists() else f"LoRA {path} is not a file")
+    if path.suffix.lower() in PICKLED:
+        raise UsageError(f"LoRA {path} is pickled ({path.suffix}): only .safetensors LoRAs are read at generation time")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            metadata = fh.metadata() or {}
+    except Exception as ex:  # noqa: BLE001  (safetensors raises its own untyped errors for broken files)
+        raise UsageError(f"LoRA {path} is not a readable safetensors file ({str(ex).splitlines()[0][:200]})") from None
+    kohya = {graph: {p.replace(".", "_"): p for p in weights.get(graph, {})} for graph in GRAPHS}
+    alphas = _metadata_alphas(metadata)
+    layers, unmatched, total = [], [], 0
+    for key in sorted(tensors):
+        found = _split(key)
+        if found is None:
+            continue
+        graph, module, kind, style = found
+        if kind != "down":
+            continue
+        total += 1
+        path_ = module if style == "peft" else kohya.get(graph, {}).get(module)
+        if path_ is not None and path_.removeprefix("text_model.") in weights.get(graph, {}):
+            path_ = path_.removeprefix("text_model.")
+        up_key = key.replace("lora_A", "lora_B") if style == "peft" else key.replace("lora_down", "lora_up")
+        if path_ not in weights.get(graph, {}) or up_key not in tensors:
+            unmatched.append(module)
+            continue
+        down, up = tensors[key].astype(np.float32), tensors[up_key].astype(np.float32)
+        alpha_key = key.rsplit(".lora_", 1)[0] + ".alpha"
+        alpha = float(tensors[alpha_key]) if alpha_key in tensors else alphas.get(graph, float(down.shape[0]))
+        entry = weights[graph][path_]
+        if _delta_shape(down, up) != tuple(entry.shape if not entry.transposed else entry.shape[::-1]):
+            unmatched.append(module)
+            continue
+        layers.append(Layer(graph, path_, down, up, alpha))
+    if total == 0:
+        raise UsageError(f"{path} holds no LoRA layers (no lora_down/lora_A weights): not a LoRA")
+    if unmatched:
+        raise UsageError(f"LoRA {path.name}: {total - len(unmatched)} of its {total} layers match this model's (first "
+                         f"unmatched: {unmatched[0]}): it was made for another base model")
+    return layers
+
+
+def _split(key: str):
+    """(graph, module, 'down'|'up', style) of a LoRA weight key, or None."""
+    for graph, (peft, kohya) in GRAPHS.items():
+        if key.startswith(peft) and (".lora_A." in key or ".lora_B." in key):
+            module, _, rest = key[len(peft):].rpartition(".lora_")
+            return graph, module, "down" if rest.startswith("A") else "up", "peft"
+        if key.startswith(kohya) and (".lora_down." in key or ".lora_up." in key):
+            module, _, rest = key[len(kohya):].rpartition(".lora_")
+            if graph == "text_encoder":
+                module = module.removeprefix("text_model_")
+            return graph, module, "down" if rest.startswith("down") else "up", "kohya"
+    return None
+
+
+def _metadata_alphas(metadata: dict) -> dict[str, float]:
+    """diffusers' ``lora_adapter_metadata`` (its LoraConfig per component), where present."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    out = {}
+    for graph in GRAPHS:
+        config = data.get(graph) or data.get(f"{graph}.") or {}
+        if isinstance(config, dict) and "lora_alpha" in config:
+            out[graph] = float(config["lora_alpha"])
+    return out
+
+
+def _delta_shape(down: np.ndarray, up: np.ndarray) -> tuple[int, ...]:
+    if down.ndim == 2:
+        return (up.shape[0], down.shape[1])
+    return (up.shape[0], down.shape[1], *down.shape[2:])
+
+
+def delta(layer: Layer) -> np.ndarray:
+    """alpha / rank * up @ down, in the layer's weight shape (float32)."""
+    rank = layer.down.shape[0]
+    up = layer.up.reshape(layer.up.shape[0], rank)
+    down = layer.down.reshape(rank, -1)
+    return (layer.alpha / rank) * (up @ down).reshape(_delta_shape(layer.down, layer.up))
+
+
+def updated_weights(folder: Path, component, graph: str, loras: list[tuple[list[Layer], float]]) -> dict[str, np.ndarray]:
+    """initializer -> base + sum of scale x delta, in the graph's dtype and layout, for every layer the LoRAs touch."""
+    sums: dict[str, np.ndarray] = {}
+    for layers, scale in loras:
+        for layer in layers:
+            if layer.graph == graph:
+                d = scale * delta(layer)
+                sums[layer.path] = sums.get(layer.path, 0) + d
+    out = {}
+    maps: dict[str, np.memmap] = {}
+    for path_, d in sums.items():
+        entry = component.weights[path_]
+        raw = maps.setdefault(entry.file, np.memmap(Path(folder) / entry.file, np.uint8, "r"))
+        n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
+        base = raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape).astype(np.float32)
+        new = base + (d.T if entry.transposed else d)
+        if not np.isfinite(new).all() or (entry.dtype == "float16" and np.abs(new).max() > 65504):
+            raise UsageError(f"the LoRA scales make {graph} weight {path_} non-finite in {entry.dtype}: lower them")
+        out[entry.initializer] = np.ascontiguousarray(new.astype(entry.dtype))
+    return out
+
+
+def read_embedding(path: Path, token: str | None, hidden: int) -> tuple[str, np.ndarray]:
+    """A textual-inversion embedding (Gal et al. 2022): (its token, vectors (n, D) float32). Formats: diffusers'
+    ``learned_embeds.safetensors`` ({token: (D,) or (n, D)}) and A1111's ``embeddings/NAME.safetensors``
+    ({"emb_params": (n, D)}, token = the file's name), as diffusers' ``load_textual_inversion`` reads them."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"embedding file {path} does not exist" if not path.exists() else f"embedding {path} is not a "
+                         "file")
+    if path.suffix.lower() in PICKLED:
+        raise UsageError(f"embedding {path} is pickled ({path.suffix}): only .safetensors embeddings are read (pickles "
+                         "can run arbitrary code; convert it with A1111 or diffusers)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as ex:  # noqa: BLE001  (safetensors raises its own untyped errors for broken files)
+        raise UsageError(f"embedding {path} is not a readable safetensors file ({str(ex).splitlines()[0][:200]})") \
+            from None
+    if "emb_params" in tensors:
+        loaded, vectors = path.stem, tensors["emb_params"]
+    elif len(tensors) == 1:
+        loaded, vectors = next(iter(tensors.items()))
+    else:
+        raise UsageError(f"{path} is not a textual-inversion embedding (one tensor, or A1111's emb_params; it has "
+                         f"{len(tensors)}: {', '.join(list(tensors)[:3])})")
+    vectors = np.asarray(vectors, np.float32).reshape(-1, np.asarray(vectors).shape[-1])  # (n, D)
+    if vectors.shape[1] != hidden:
+        raise UsageError(f"embedding {path.name} has {vectors.shape[1]}-wide vectors; this model's text encoder takes "
+                         f"{hidden}: it was made for another base model")
+    if not np.isfinite(vectors).all():
+        raise UsageError(f"embedding {path.name} holds NaN/Inf")
+    return token or loaded, vectors
+
+
+def expand_prompt(prompt: str, found: set[str], vectors: dict[str, int]) -> str:
+    """diffusers' ``maybe_convert_prompt``: each embedding token the prompt holds (``found``, as the tokenizer split
+    it) becomes ``token token_1 … token_(n-1)`` for an n-vector embedding."""
+    for token in found:
+        n = vectors.get(token, 1)
+        if n > 1:
+            prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
+    return prompt
