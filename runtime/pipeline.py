@@ -205,9 +205,8 @@ class Pipeline:
                 continue  # this graph's weights are already these
             engine = self.engines[graph]
             if not hasattr(engine, "override"):
-                raise UsageError("LoRAs and embeddings at generation time run on ONNX Runtime; TensorRT engines cannot "
-                                 "be refitted yet: fuse them at export (`sdtrt export MODEL --lora FILE:SCALE`), or use "
-                                 "--backend onnxruntime")
+                raise UsageError(f"the {graph} engine cannot take new weights: use ONNX Runtime or refittable TensorRT "
+                                 "engines, or fuse LoRAs at export (`sdtrt export MODEL --lora FILE:SCALE`)")
             t = time.perf_counter()
             new = updated_weights(self.folder, self.manifest.components[graph], graph, layers)
             if graph == "text_encoder" and self.embeddings:

@@ -473,6 +473,9 @@ def _add_build(sub) -> None:
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--no-verify", action="store_true",
                    help="install the engines without checking them against ONNX Runtime on this GPU")
+    p.add_argument("--refittable", action="store_true",
+                   help="build the U-Net and text encoder refittable, so LoRAs and embeddings apply without a rebuild "
+                        "(trt.Refitter; TensorRT may pick slower kernels for refittable engines)")
     p.set_defaults(func=_cmd_build)
 
 
@@ -480,7 +483,8 @@ def _cmd_build(args) -> int:
     from sdtrt.runtime.tensorrt.build import BuildConfig, build_engines
 
     cfg = BuildConfig(batch=args.batch, size=args.size, static=args.static, timing_cache=args.timing_cache,
-                      workspace_gb=args.workspace, opt_level=args.opt_level, verify=not args.no_verify)
+                      workspace_gb=args.workspace, opt_level=args.opt_level, verify=not args.no_verify,
+                      refittable=args.refittable)
     build_engines(args.dir, cfg, log=lambda s: print(s, file=sys.stderr))
     return 0
 

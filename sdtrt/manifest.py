@@ -210,6 +210,7 @@ class TensorRTBuild:
     # each engine against ONNX Runtime on the same ONNX, on the GPU it was built on (empty: --no-verify)
     verification: dict[str, tuple[ValidationResult, ...]] = field(default_factory=dict)
     end_to_end: EndToEndCheck | None = None
+    refittable: bool = False  # the U-Net and text encoder engines take new weights (LoRAs) through trt.Refitter
 
 
 @dataclass(frozen=True)

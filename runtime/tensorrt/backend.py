@@ -31,6 +31,7 @@ from sdtrt.runtime.backends import (BackendError, DeviceMemoryError, EngineSet, 
                                     controlnets)
 from sdtrt.runtime.device_loop import DeviceLoop, aligned, update_shapes
 from sdtrt.runtime.tensorrt import api
+from sdtrt.runtime.tensorrt.build import REFITTABLE
 
 log = logging.getLogger("sdtrt")
 REQUIRED = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update")
@@ -255,6 +256,7 @@ class TrtEngine:
         if self.context is None:
             raise BackendError(f"TensorRT could not create an execution context for {path.name}")
         self.stream = int(memory.stream)
+        self._overridden: set[str] = set()  # initializers refitted away from the graph's own weights
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (ptr, capacity bytes)
         self._host: dict[str, np.ndarray] = {}
 
@@ -323,6 +325,41 @@ class TrtEngine:
             self.memory.download(host, ptr)
         self.memory.sync()
         return {name: host.copy() for name, (host, _) in outputs.items()}
+
+    def override(self, initializers: dict[str, np.ndarray]) -> None:
+        """Refit the engine with these weights; weights an earlier override changed and this one does not go back to
+        the graph's own (read from its external data). Every weight is set from the base plus deltas, never on top
+        of the previous refit (TensorRT issue 3628: A, B, then A again must be A)."""
+        if not getattr(self, "refittable", False):
+            raise BackendError(f"{self.label} was not built refittable: LoRAs and embeddings need `sdtrt build "
+                               f"{self.path.parent} --refittable` (or fuse LoRAs at export)")
+        values = dict(initializers)
+        for name in self._overridden - set(values):  # back to the base weight
+            values[name] = self._base_weight(name)
+        self.memory.sync()  # nothing may run on the old weights while they change
+        trt = self.trt  # (named `trt`: the API-contract test checks every trt.X against the real bindings)
+        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
+        weights = []  # alive until refit_cuda_engine returns
+        for name, array in values.items():
+            weights.append(trt.Weights(np.ascontiguousarray(array)))
+            if not refitter.set_named_weights(name, weights[-1]):
+                raise BackendError(f"TensorRT refused new weights for {name} in {self.label} (shape or type differs?)")
+        if not refitter.refit_cuda_engine():
+            missing = list(refitter.get_missing_weights())
+            raise BackendError(f"TensorRT could not refit {self.label}"
+                               + (f": weights missing for {', '.join(missing[:3])}" if missing else ""))
+        self._overridden = set(initializers)
+        loop = getattr(self, "device_loop", None)
+        if loop is not None and loop.graphs is not None:
+            loop.graphs.reset()  # captured launches are re-captured on the new weights
+
+    def _base_weight(self, initializer: str) -> np.ndarray:
+        for entry in self.component.weights.values():
+            if entry.initializer == initializer:
+                raw = np.memmap(self.path.parent / entry.file, np.uint8, "r")
+                n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
+                return np.array(raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape))
+        raise BackendError(f"{self.label}: no base weight recorded for {initializer}")
 
     def close(self) -> None:
         loop = getattr(self, "device_loop", None)
@@ -414,6 +451,7 @@ def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, us
         for name, built in manifest.tensorrt.engines.items():
             path = Path(folder) / (files or {}).get(name, built.file)
             engines[name] = session.load(path, manifest.components[name], built.profile)
+            engines[name].refittable = manifest.tensorrt.refittable and name in REFITTABLE
     except BaseException:
         session.close()
         raise

@@ -22,6 +22,8 @@ from sdtrt.fsutil import remove_stale, temp_path, write_atomic
 from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, resolve_shape, sha256_file
 
 Triple = tuple[int, int, int]
+# graphs whose weights LoRAs and textual-inversion embeddings change at generation time (--refittable)
+REFITTABLE = ("unet", "text_encoder")
 
 
 class BuildError(SdtrtError):
@@ -37,6 +39,7 @@ class BuildConfig:
     workspace_gb: float | None = None
     opt_level: int = 3  # builder_optimization_level, 0..5
     verify: bool = True  # check every engine against ONNX Runtime on this GPU before installing it
+    refittable: bool = False  # U-Net and text encoder built with REFIT: LoRAs and embeddings without a rebuild
 
     def resolved(self, manifest: Manifest) -> "BuildConfig":
         """This config with the profiles it leaves unset taken from the manifest: the export's ranges (what its
@@ -218,6 +221,8 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
             if cfg.workspace_gb:
                 config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * 2**30))
             config.builder_optimization_level = cfg.opt_level
+            if cfg.refittable and name in REFITTABLE:
+                config.set_flag(trt.BuilderFlag.REFIT)
             profile = builder.create_optimization_profile()
             for input_name, (lo, opt, hi) in shapes.items():
                 profile.set_shape(input_name, lo, opt, hi)
@@ -238,7 +243,8 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
             log(f"  {name}: {final} ({built[name].size_bytes / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
         record = TensorRTBuild(version=version, gpu=device.name, compute_capability=device.compute_capability,
                                engines=built, timing_cache=str(cache.path), opt_level=cfg.opt_level,
-                               workspace_gb=cfg.workspace_gb, static=cfg.static is not None)
+                               workspace_gb=cfg.workspace_gb, static=cfg.static is not None,
+                               refittable=cfg.refittable)
         if cfg.verify:
             record = _verify(folder, replace(manifest, tensorrt=record), {n: p.name for n, p in pending.items()},
                              trt, cudart, log)

@@ -314,6 +314,43 @@ class NetworkDefinitionCreationFlag:
     STRONGLY_TYPED = _Enum(1, "STRONGLY_TYPED")
 
 
+class BuilderFlag:
+    REFIT = _Enum(5, "REFIT")
+
+
+class Weights:
+    """Host weights handed to TensorRT (the real class wraps a NumPy array without copying)."""
+
+    def __init__(self, a):
+        self.array = np.asarray(a)
+
+
+class Refitter:
+    """TensorRT's refitter on the fake engine: weights set by name, applied by refit_cuda_engine; weights not set
+    keep their current (possibly earlier-refitted) values, as in TensorRT."""
+
+    def __init__(self, engine, logger):
+        self.engine, self.pending = engine, {}
+
+    def set_named_weights(self, name, weights):
+        current = self.engine._weights().get(name)
+        array = weights.array
+        if current is None or current.shape != array.shape or current.dtype != array.dtype:
+            return False  # not a refittable weight of this engine, or of another shape or type
+        self.pending[name] = array.copy()  # TensorRT copies at refit; the fake copies at once
+        return True
+
+    def refit_cuda_engine(self):
+        if not self.engine.plan.get("refittable"):
+            return False  # "engine is not refittable" in TensorRT's log
+        self.engine._refit(self.pending)
+        self.pending = {}
+        return True
+
+    def get_missing_weights(self):
+        return []
+
+
 class MemoryPoolType:
     WORKSPACE = _Enum(0, "WORKSPACE")
 
@@ -383,6 +420,10 @@ class IBuilderConfig:
         self.builder_optimization_level = 3
         self.profiles: list[IOptimizationProfile] = []
         self.cache: ITimingCache | None = None
+        self.flags: set = set()
+
+    def set_flag(self, flag):
+        self.flags.add(int(flag))
 
     def set_memory_pool_limit(self, pool, pool_size):
         self.pools[pool] = pool_size
@@ -436,7 +477,8 @@ class Builder:
         plan = {"onnx": network.onnx, "strongly_typed": bool(network.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))),
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "opt_level": config.builder_optimization_level, "workspace": config.pools.get(MemoryPoolType.WORKSPACE),
-                "version": CURRENT["version"], "wrong": name in self.wrong, "cached": config.cache is not None}
+                "version": CURRENT["version"], "wrong": name in self.wrong, "cached": config.cache is not None,
+                "refittable": int(BuilderFlag.REFIT) in config.flags}
         Builder.built.append(plan)
         return json.dumps(plan).encode()
 
@@ -461,6 +503,7 @@ class ICudaEngine:
 
         self.plan = plan
         self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+        self.refitted: dict[str, np.ndarray] = {}  # weights refitted away from the ONNX's
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.name = Path(plan["onnx"]).stem
@@ -472,6 +515,25 @@ class ICudaEngine:
         # a VAE decoder's activations (full-resolution convolutions) dwarf the U-Net's, as in Stable Diffusion
         per_element = 64 if self.name.startswith("vae") else 2
         return self._base + per_element * sum(int(np.prod(s)) for s in shapes.values())
+
+    def _weights(self) -> dict[str, np.ndarray]:
+        """The engine's current weights by name (the ONNX's, or refitted)."""
+        import onnx
+        from onnx import numpy_helper
+
+        if not hasattr(self, "_onnx_weights"):
+            model = onnx.load(self.plan["onnx"])
+            self._onnx_weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        return {**self._onnx_weights, **self.refitted}
+
+    def _refit(self, values: dict) -> None:
+        import onnxruntime as ort
+
+        self.refitted.update(values)
+        opts = ort.SessionOptions()
+        names = list(self.refitted)
+        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.refitted[n]) for n in names])
+        self.session = ort.InferenceSession(self.plan["onnx"], opts, providers=["CPUExecutionProvider"])
 
     @property
     def num_io_tensors(self):
@@ -616,4 +678,4 @@ def fake_tensorrt(version: str = "10.16.1.11", cudart: FakeCudart | None = None)
 
 FAKED_CLASSES = ("Logger", "NetworkDefinitionCreationFlag", "MemoryPoolType", "ExecutionContextAllocationStrategy",
                  "Builder", "OnnxParser", "Runtime", "IBuilderConfig", "IOptimizationProfile", "ITimingCache",
-                 "ICudaEngine", "IExecutionContext")
+                 "ICudaEngine", "IExecutionContext", "BuilderFlag", "Weights", "Refitter")

@@ -550,14 +550,45 @@ def generate_with(pipe, **kwargs):
     return pipe(**{**args, **kwargs}).images
 
 
-def test_loras_on_tensorrt_engines_say_what_to_do_instead(fake_gpu, fp16_folder, tmp_path):
-    """Refitting TensorRT engines with LoRAs is not built yet: a clear error, not base weights used silently."""
+def test_loras_need_refittable_engines(fake_gpu, fp16_folder, tmp_path):
+    """Engines built without --refittable cannot take LoRA weights: a clear error, not base weights used silently."""
     from sdtrt.benchmarks.lora_swap import random_lora
-    from sdtrt.errors import UsageError
     from sdtrt.manifest import Manifest
 
     folder = built(fp16_folder)
     random_lora(Manifest.load(folder), tmp_path / "a.safetensors", 2, 0)
-    with pytest.raises(UsageError, match="TensorRT engines cannot be refitted yet: fuse them at export"):
+    with pytest.raises(BackendError, match="was not built refittable: LoRAs and embeddings need `sdtrt build .* "
+                                           "--refittable`"):
         Pipeline.from_dir(folder, backend="tensorrt", loras=[(tmp_path / "a.safetensors", 0.5)])
     assert not any(fake_gpu[1].live().values()), fake_gpu[1].live()  # the failed load freed what it held
+
+
+def test_refitted_loras_give_the_onnxruntime_image_and_never_accumulate(fake_gpu, fp16_folder, tmp_path):
+    """--refittable engines take LoRAs through trt.Refitter (the fake keeps weights it is not given, as TensorRT
+    does): A, B, then A again gives the first A image exactly, none gives the base image, and each matches ONNX
+    Runtime with the same LoRAs; CUDA graphs are re-captured on the new weights."""
+    from sdtrt.benchmarks.lora_swap import random_lora
+    from sdtrt.manifest import Manifest
+
+    folder = built(fp16_folder, BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), verify=False, refittable=True))
+    assert Manifest.load(folder).tensorrt.refittable
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    random_lora(Manifest.load(folder), a, 4, 0)
+    random_lora(Manifest.load(folder), b, 4, 1)
+    args = dict(prompt="a cat", negative_prompt="blurry", num_inference_steps=4, height=64, width=64, seed=5,
+                output_type="np")
+    with Pipeline.from_dir(folder, backend="onnxruntime-cpu", loras=[(a, 0.8)]) as host:
+        want_a = host(**args).images
+    with Pipeline.from_dir(folder, backend="tensorrt") as pipe:
+        base = pipe(**args).images
+        pipe.set_loras([(a, 0.8)])
+        got_a = pipe(**args).images
+        pipe.set_loras([(b, 0.8)])
+        got_b = pipe(**args).images
+        pipe.set_loras([(a, 0.8)])
+        np.testing.assert_array_equal(pipe(**args).images, got_a)
+        pipe.set_loras([])
+        np.testing.assert_array_equal(pipe(**args).images, base)
+        assert pipe.engines["unet"].device_loop.captures >= 4  # a new capture after each refit
+    assert same_image(want_a, got_a), psnr(want_a, got_a)
+    assert psnr(got_a, base) < 60 and psnr(got_a, got_b) < 60
