@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ log = logging.getLogger("sdtrt")
 
 
 TASKS = ("txt2img", "img2img", "inpaint")
+_CONCEPT = re.compile(r"<(?!lora:)[^<>:\s]+>")  # diffusers' textual-inversion tokens: <cat-toy>
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' defaults for each pipeline
 
 
@@ -351,7 +353,14 @@ class Pipeline:
         return {entry.initializer: table}
 
     def _expand_embeddings(self, req: GenerationRequest) -> GenerationRequest:
-        """Each multi-vector embedding token in the prompts written as its n tokens (diffusers' maybe_convert_prompt)."""
+        """Each multi-vector embedding token in the prompts written as its n tokens (diffusers' maybe_convert_prompt).
+        A ``<name>`` that is no loaded embedding (diffusers' textual-inversion convention) is only warned about, as
+        A1111 does with names it does not know: the words go to the text encoder as they are."""
+        unknown = sorted({m for text in req.prompt + req.negative_prompt for m in _CONCEPT.findall(text)}
+                         - set(self.embeddings))
+        if unknown:
+            log.warning("%s looks like a textual-inversion token but no such embedding is loaded (--embedding, "
+                        "--embeddings-dir); it is read as plain words", ", ".join(unknown))
         if not self.embeddings:
             return req
         from dataclasses import replace as replace_

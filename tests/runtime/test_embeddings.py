@@ -70,3 +70,12 @@ def test_bad_embeddings_are_one_line(cli, small_model, tmp_path, content, needle
     code, _, err = cli("generate", small_model[0], "a bad photo", "--embedding", tmp_path / "bad.safetensors",
                        "--steps", "2", "-o", tmp_path / "x.png")
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_an_unknown_embedding_token_is_a_warning_and_the_words_are_used(cli, small_model, embedding_files, tmp_path):
+    code, _, err = cli("generate", small_model[0], "a photo of <dog-toy>, <cat-toy>", "--embedding",
+                       embedding_files / "learned_embeds.safetensors", "--steps", "2", "--size", "64x64", "-o",
+                       tmp_path / "x.png")
+    assert code == 0, err
+    assert "warning: <dog-toy> looks like a textual-inversion token but no such embedding is loaded" in err
+    assert "<cat-toy>" not in err.split("warning:")[1].split("\n")[0]  # the loaded one is not warned about
