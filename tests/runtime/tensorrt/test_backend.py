@@ -592,3 +592,23 @@ def test_refitted_loras_give_the_onnxruntime_image_and_never_accumulate(fake_gpu
         assert pipe.engines["unet"].device_loop.captures >= 4  # a new capture after each refit
     assert same_image(want_a, got_a), psnr(want_a, got_a)
     assert psnr(got_a, base) < 60 and psnr(got_a, got_b) < 60
+
+
+def test_embeddings_refit_the_token_table(fake_gpu, fp16_folder, tmp_path):
+    """A textual-inversion embedding on --refittable engines: the text encoder's token table refitted with the
+    vectors in its spare rows gives the ONNX Runtime image."""
+    from safetensors.numpy import save_file
+
+    folder = built(fp16_folder, BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), verify=False, refittable=True))
+    save_file({"<toy>": np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)},
+              str(tmp_path / "toy.safetensors"))
+    args = dict(prompt="a photo of <toy>", negative_prompt="blurry", num_inference_steps=4, height=64, width=64,
+                seed=5, output_type="np")
+    with Pipeline.from_dir(folder, backend="onnxruntime-cpu", embeddings=[tmp_path / "toy.safetensors"]) as host:
+        want = host(**args).images
+    with Pipeline.from_dir(folder, backend="tensorrt", embeddings=[tmp_path / "toy.safetensors"]) as pipe:
+        got = pipe(**args).images
+    with Pipeline.from_dir(folder, backend="tensorrt") as plain:
+        without = plain(**args).images
+    assert same_image(want, got), psnr(want, got)
+    assert psnr(got, without) < 60
