@@ -489,6 +489,62 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve an engine folder over HTTP (A1111 and OpenAI APIs; needs sdtrt[serve])",
+                       description="An HTTP server over one engine folder: AUTOMATIC1111's /sdapi/v1/txt2img, img2img, "
+                                   "samplers, sd-models, progress; OpenAI's /v1/images/generations; /health, /ready, "
+                                   "/metrics. Binds 127.0.0.1 unless --api-key is set.")
+    p.add_argument("dir", help="engine folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
+    p.add_argument("--backend", default="auto", help="as for generate")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed to bind elsewhere)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 503")
+    p.add_argument("--timeout", type=_finite, default=600.0, help="seconds per request, queue wait included")
+    p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    _need("serve", "fastapi", "uvicorn", "prometheus_client")
+    from sdtrt.serve import ServeConfig, serve
+
+    serve(ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
+                      max_queue=args.max_queue, timeout_s=args.timeout, max_steps=args.max_steps,
+                      max_images=args.max_images, max_pixels=args.max_pixels))
+    return 0
+
+
+def _add_bench_serve(sub) -> None:
+    p = sub.add_parser("bench-serve", help="load-test a running `sdtrt serve` (loopback)",
+                       description="C clients post A1111 txt2img requests back to back for S seconds; prints "
+                                   "throughput, p50/p95/p99 latency and errors by status as JSON.")
+    p.add_argument("url", help="e.g. http://127.0.0.1:7860")
+    p.add_argument("--concurrency", type=int, default=4, help="clients posting back to back, 1..256")
+    p.add_argument("--duration", type=_finite, default=30.0, metavar="S", help="seconds of load")
+    p.add_argument("--steps", type=int, default=20, help="steps per request")
+    p.add_argument("--size", type=_size, default=(512, 512), metavar="WxH", help="image size per request")
+    p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(func=_cmd_bench_serve)
+
+
+def _cmd_bench_serve(args) -> int:
+    _need("serve", "httpx")
+    from sdtrt.benchmarks.serve_load import main as load
+
+    if not 1 <= args.concurrency <= 256:
+        raise UsageError(f"--concurrency must be 1..256, got {args.concurrency}")
+    if not 0 < args.duration <= 3600:
+        raise UsageError(f"--duration must be in (0, 3600] seconds, got {args.duration:g}")
+    body = {"prompt": "a lighthouse at dawn", "steps": args.steps, "width": args.size[0], "height": args.size[1],
+            "seed": 1}
+    load(args.url, args.concurrency, args.duration, body, args.api_key, args.out)
+    return 0
+
+
 def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="what this machine can run: TensorRT, CUDA, driver, GPU, and a folder's engines",
                        description="Report TensorRT, cuda-python, driver and CUDA versions, the GPU, ONNX Runtime's "
@@ -677,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_build(sub)
     _add_doctor(sub)
+    _add_serve(sub)
+    _add_bench_serve(sub)
     return parser
 
 

@@ -1,0 +1,352 @@
+"""``sdtrt serve``: an HTTP API over one engine folder, in the shapes existing clients speak — AUTOMATIC1111's
+``/sdapi/v1/*`` and OpenAI's ``/v1/images/generations`` — on FastAPI + uvicorn, pydantic for requests,
+prometheus-client for ``/metrics``.
+
+A thin layer: requests become ``GenerationRequest``s (the library checks them; its typed errors become 4xx JSON
+bodies), one worker thread runs the engines (one process per GPU), the event loop only waits on it. A bounded queue
+answers 503 with ``Retry-After`` when full; each request has a timeout. Safe by default: 127.0.0.1 unless an API key
+is set, limits on body size, pixels, steps and images per request, no request field reaches the filesystem (images
+come as base64). Not here yet: dynamic batching of compatible requests, cancelling queued work of a client that
+went away, Ray Serve scale-out (see the issue's note).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field  # this module is the serve extra: its imports may be eager
+
+from sdtrt.errors import SdtrtError, UsageError
+
+A1111_DEFAULTS = {"steps": 20, "cfg_scale": 7.0, "width": 512, "height": 512}  # A1111's API defaults
+
+
+class Txt2Img(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # A1111 ignores fields it does not use; so do we
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = A1111_DEFAULTS["steps"]
+    cfg_scale: float = A1111_DEFAULTS["cfg_scale"]
+    width: int = A1111_DEFAULTS["width"]
+    height: int = A1111_DEFAULTS["height"]
+    seed: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None  # A1111 1.9+: "Karras", "Automatic"
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    clip_skip: int | None = None
+
+
+class Img2Img(Txt2Img):
+    init_images: list[str] = Field(default_factory=list)
+    mask: str | None = None
+    denoising_strength: float = 0.75
+    mask_blur: float = 0
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+
+
+class OpenAIImages(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    n: int = Field(1, ge=1)
+    size: str = "512x512"
+    response_format: str = "b64_json"
+
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    folder: str
+    backend: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    max_queue: int = 8  # requests waiting or running; beyond: 503
+    timeout_s: float = 600.0  # per request, queue wait included
+    max_body_mb: float = 32.0
+    max_pixels: int = 1024 * 1024  # per image
+    max_steps: int = 150
+    max_images: int = 8  # per request (batch_size x n_iter)
+
+    def check(self) -> None:
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.api_key:
+            raise UsageError(f"binding to {self.host} exposes the server: set --api-key (clients send "
+                             "'Authorization: Bearer KEY'), or keep the default 127.0.0.1")
+        for label, value in (("--max-queue", self.max_queue), ("--max-steps", self.max_steps),
+                             ("--max-images", self.max_images), ("--max-pixels", self.max_pixels)):
+            if value < 1:
+                raise UsageError(f"{label} must be at least 1, got {value}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
+
+
+def _png_b64(image, parameters: str) -> str:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _decode_image(data: str, label: str):
+    """A base64 image (A1111 clients send raw base64 or a data: URL) as a PIL image, or a UsageError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str) or not data:
+        raise UsageError(f"{label} must be a base64-encoded image")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise UsageError(f"{label} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as ex:
+        raise UsageError(f"{label} is not a readable image ({type(ex).__name__})") from None
+    return image
+
+
+def create_app(config: ServeConfig, pipeline=None):
+    """The FastAPI application over ``config.folder`` (``pipeline``: one already loaded, for tests)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from sdtrt.runtime import Pipeline
+    from sdtrt.runtime.infotext import A1111_SAMPLERS
+    from sdtrt.runtime.request import GenerationRequest
+
+    config.check()
+    registry = CollectorRegistry()
+    m_requests = Counter("sdtrt_requests", "HTTP generation requests", ["endpoint"], registry=registry)
+    m_errors = Counter("sdtrt_errors", "failed requests by kind", ["kind"], registry=registry)
+    m_queue = Gauge("sdtrt_queue_depth", "requests waiting or running", registry=registry)
+    m_latency = Histogram("sdtrt_latency_seconds", "request latency", registry=registry,
+                          buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+    m_images = Counter("sdtrt_images", "images generated", registry=registry)
+    m_batch = Histogram("sdtrt_batch_size", "images per engine call", registry=registry,
+                        buckets=(1, 2, 3, 4, 6, 8, 16))
+    names = {a1111: ours for ours, (a1111, schedule) in A1111_SAMPLERS.items() if schedule is None}
+    names |= {f"{a1111} {schedule}": ours for ours, (a1111, schedule) in A1111_SAMPLERS.items() if schedule}
+    state: dict[str, Any] = {"pipe": pipeline, "waiting": 0, "progress": 0.0, "job": None}
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-engine")  # one engine worker
+
+    def sampler(name: str | None, schedule: str | None) -> str | None:
+        if name is None:
+            return None
+        key = f"{name} {schedule}" if schedule and schedule not in ("Automatic",) else name
+        if key not in names:
+            raise UsageError(f"sampler {key!r} is not available; GET /sdapi/v1/samplers lists them")
+        return names[key]
+
+    def check_limits(width: int, height: int, steps: int, images: int) -> None:
+        if width * height > config.max_pixels:
+            raise UsageError(f"{width}x{height} is over this server's limit of {config.max_pixels} pixels per image")
+        if steps > config.max_steps:
+            raise UsageError(f"steps {steps} is over this server's limit of {config.max_steps}")
+        if images > config.max_images:
+            raise UsageError(f"{images} images per request is over this server's limit of {config.max_images}")
+
+    def run(req: GenerationRequest, n_iter: int, image=None, mask=None) -> tuple[list, list[str]]:
+        """In the engine thread: ``n_iter`` batches (A1111: seed + i for the i-th)."""
+        pipe = state["pipe"]
+        images, infos = [], []
+        for i in range(n_iter):
+            batch = req if req.seed is None else replace(req, seed=req.seed + i)
+            state["progress"] = i / n_iter
+
+            def progress(done, total, i=i):
+                state["progress"] = (i + done / total) / n_iter
+
+            result = pipe.generate(batch, callback=progress, image=image, mask_image=mask)
+            m_batch.observe(batch.batch)
+            images += result.images
+            infos += result.parameters
+        state["progress"] = 0.0
+        return images, infos
+
+    async def submit(fn, *args):
+        if state["waiting"] >= config.max_queue:
+            raise _QueueFull()
+        state["waiting"] += 1
+        m_queue.set(state["waiting"])
+        try:
+            loop = asyncio.get_running_loop()
+            return await asyncio.wait_for(loop.run_in_executor(executor, fn, *args), config.timeout_s)
+        finally:
+            state["waiting"] -= 1
+            m_queue.set(state["waiting"])
+
+    app = FastAPI(title="sdtrt", description="Stable Diffusion on TensorRT / ONNX Runtime")
+
+    @app.on_event("startup")
+    async def load() -> None:
+        if state["pipe"] is None:
+            loop = asyncio.get_running_loop()
+            state["pipe"] = await loop.run_in_executor(executor, lambda: Pipeline.from_dir(config.folder,
+                                                                                           config.backend))
+
+    @app.on_event("shutdown")
+    async def close() -> None:
+        if state["pipe"] is not None:
+            state["pipe"].close()
+        executor.shutdown(wait=False)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if config.api_key and request.url.path not in ("/health",):
+            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+                return JSONResponse({"error": "unauthorized", "detail": "send Authorization: Bearer <api key>"},
+                                    status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_mb * 2**20:
+            return JSONResponse({"error": "too_large", "detail": f"the body is over this server's limit of "
+                                 f"{config.max_body_mb:g} MB"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(SdtrtError)
+    async def library_error(request: Request, ex: SdtrtError):
+        kind = type(ex).__name__
+        m_errors.labels(kind).inc()
+        return JSONResponse({"error": kind, "detail": str(ex)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, ex: RequestValidationError):
+        m_errors.labels("RequestValidationError").inc()
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                           for e in ex.errors()[:5])
+        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+
+    @app.exception_handler(_QueueFull)
+    async def full(request: Request, ex: _QueueFull):
+        m_errors.labels("queue_full").inc()
+        return JSONResponse({"error": "busy", "detail": f"{config.max_queue} requests are queued or running; retry"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(asyncio.TimeoutError)
+    async def timed_out(request: Request, ex):
+        m_errors.labels("timeout").inc()
+        return JSONResponse({"error": "timeout", "detail": f"not done within {config.timeout_s:g} s"},
+                            status_code=504)
+
+    def a1111_response(body: BaseModel, images, infos, seed: int | None) -> dict:
+        encoded = [_png_b64(im, info) for im, info in zip(images, infos)]
+        m_images.inc(len(encoded))
+        info = {"prompt": getattr(body, "prompt", ""), "all_prompts": [getattr(body, "prompt", "")] * len(encoded),
+                "seed": seed, "infotexts": infos, "sd_model_name": state["pipe"].model_name,
+                "sampler_name": getattr(body, "sampler_name", None)}
+        return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    def to_request(body: Txt2Img, strength: float | None = None, mask_blur: float = 0,
+                   padding: int | None = None) -> GenerationRequest:
+        check_limits(body.width, body.height, body.steps, body.batch_size * body.n_iter)
+        return GenerationRequest.create(body.prompt, body.negative_prompt or None, body.steps, body.cfg_scale,
+                                        body.height, body.width, body.seed, body.batch_size,
+                                        sampler(body.sampler_name, body.scheduler),
+                                        clip_skip=None if not body.clip_skip or body.clip_skip <= 1 else body.clip_skip - 1,
+                                        strength=strength, mask_blur=mask_blur, padding_mask_crop=padding)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2Img):
+        m_requests.labels("txt2img").inc()
+        t = time.perf_counter()
+        req = to_request(body)
+        state["pipe"].plan(req)  # every check before queueing: a bad request never waits
+        images, infos = await submit(run, req, body.n_iter)
+        m_latency.observe(time.perf_counter() - t)
+        return a1111_response(body, images, infos, req.seed)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2Img):
+        m_requests.labels("img2img").inc()
+        t = time.perf_counter()
+        if not body.init_images:
+            raise UsageError("init_images needs one base64 image")
+        image = _decode_image(body.init_images[0], "init_images[0]")
+        mask = _decode_image(body.mask, "mask") if body.mask else None
+        req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
+                         body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
+        state["pipe"].plan(req, image, mask)
+        images, infos = await submit(run, req, body.n_iter, image, mask)
+        m_latency.observe(time.perf_counter() - t)
+        return a1111_response(body, images, infos, req.seed)
+
+    @app.post("/v1/images/generations")
+    async def openai_images(body: OpenAIImages):
+        m_requests.labels("openai").inc()
+        t = time.perf_counter()
+        if body.response_format != "b64_json":
+            raise UsageError("response_format must be b64_json (this server returns no URLs)")
+        try:
+            width, height = (int(v) for v in body.size.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"size must be WIDTHxHEIGHT, got {body.size!r}") from None
+        check_limits(width, height, 30, body.n)
+        req = GenerationRequest.create(body.prompt, None, 30, 7.5, height, width, None, body.n)
+        state["pipe"].plan(req)
+        images, infos = await submit(run, req, 1)
+        m_latency.observe(time.perf_counter() - t)
+        m_images.inc(len(images))
+        return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im, info), "revised_prompt": body.prompt}
+                                                      for im, info in zip(images, infos)]}
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return [{"name": a1111 + (f" {schedule}" if schedule else ""), "aliases": [ours], "options": {}}
+                for ours, (a1111, schedule) in A1111_SAMPLERS.items()]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def models():
+        pipe = state["pipe"]
+        sha = pipe.manifest.components["unet"].sha256
+        return [{"title": f"{pipe.model_name} [{sha[:10]}]", "model_name": pipe.model_name, "hash": sha[:10],
+                 "sha256": sha, "filename": pipe.model_name, "config": None}]
+
+    @app.get("/sdapi/v1/progress")
+    async def progress():
+        return {"progress": state["progress"], "eta_relative": 0.0,
+                "state": {"job_count": state["waiting"], "interrupted": False}, "current_image": None}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    async def ready():
+        if state["pipe"] is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "backend": state["pipe"].backend_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _QueueFull(Exception):
+    pass
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the server until interrupted (uvicorn)."""
+    import uvicorn
+
+    config.check()
+    if not Path(config.folder).is_dir():
+        raise UsageError(f"engine folder {config.folder} does not exist")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")

@@ -1,0 +1,172 @@
+"""`sdtrt serve` over loopback: the real FastAPI app under uvicorn in a subprocess, called over HTTP with httpx, on the
+tiny fp32 export. Every endpoint answers; bad requests get a 4xx JSON body and the server keeps serving; the images
+are the library's for the same request; a full queue is a 503 with Retry-After."""
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtrt.runtime import Pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(folder, *extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "serve", str(folder), "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_fp32):
+    proc, url = start(tiny_fp32[0], "--backend", "onnxruntime-cpu", "--max-queue", "2")
+    headers = {}
+    while httpx.get(f"{url}/ready").status_code != 200:
+        time.sleep(0.2)
+    yield url, headers
+    proc.terminate()
+    proc.wait(10)
+
+
+def png(b64: str):
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    return image, image.text.get("parameters", "")
+
+
+def test_every_read_endpoint_answers(server):
+    url, _ = server
+    assert httpx.get(f"{url}/health").json() == {"status": "alive"}
+    assert httpx.get(f"{url}/ready").json()["status"] == "ready"
+    names = [s["name"] for s in httpx.get(f"{url}/sdapi/v1/samplers").json()]
+    assert "Euler a" in names and "DPM++ 2M Karras" in names
+    assert httpx.get(f"{url}/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
+    assert httpx.get(f"{url}/sdapi/v1/progress").json()["progress"] == 0.0
+    assert "sdtrt_requests_total" in httpx.get(f"{url}/metrics").text
+
+
+def test_an_a1111_client_request_works_unchanged_and_gives_the_library_image(server, tiny_fp32):
+    url, _ = server
+    # the example of A1111's API wiki, plus the fields its clients send and sdtrt ignores
+    body = {"prompt": "maltese puppy", "steps": 5, "seed": 7, "width": 128, "height": 96, "sampler_name": "Euler a",
+            "restore_faces": False, "tiling": False, "override_settings": {}, "styles": []}
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    image, parameters = png(data["images"][0])
+    assert image.size == (128, 96) and parameters.startswith("maltese puppy\nSteps: 5, Sampler: Euler a")
+    assert json.loads(data["info"])["seed"] == 7
+    with Pipeline.from_dir(tiny_fp32[0], backend="onnxruntime-cpu") as pipe:
+        want = pipe("maltese puppy", num_inference_steps=5, guidance_scale=7.0, width=128, height=96, seed=7,
+                    scheduler="euler_a").images[0]
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
+
+
+def test_img2img_and_openai_images(server):
+    url, _ = server
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    init = base64.b64encode(buf.getvalue()).decode()
+    r = httpx.post(f"{url}/sdapi/v1/img2img", json={"prompt": "a cat", "init_images": [init], "steps": 4,
+                                                    "width": 80, "height": 64, "denoising_strength": 0.6,
+                                                    "batch_size": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 2 and "Denoising strength: 0.6" in png(r.json()["images"][0])[1]
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a dog", "n": 1, "size": "64x64"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert png(r.json()["data"][0]["b64_json"])[0].size == (64, 64)
+
+
+BAD = [
+    ("/sdapi/v1/txt2img", b"{not json", 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "steps": -3}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "steps": "many"}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "width": 100000, "height": 100000}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "Heun++"}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "steps": 10000}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "cfg_scale": 1e300}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "width": 60}, 422),
+    ("/sdapi/v1/img2img", {"prompt": "a", "init_images": ["%%% not base64 %%%"]}, 422),
+    ("/sdapi/v1/img2img", {"prompt": "a", "init_images": [base64.b64encode(b"not an image").decode()]}, 422),
+    ("/sdapi/v1/img2img", {"prompt": "a"}, 422),
+    ("/v1/images/generations", {"prompt": "a", "size": "big"}, 422),
+    ("/v1/images/generations", {"n": 1}, 422),
+]
+
+
+def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(server):
+    url, _ = server
+    for k in range(50):
+        path, body, status = BAD[k % len(BAD)]
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+            else {"json": body}
+        r = httpx.post(f"{url}{path}", timeout=60, **kwargs)
+        assert r.status_code == status, (path, body, r.status_code, r.text)
+        assert r.json()["detail"], r.text
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "still here", "steps": 2, "width": 64, "height": 64},
+                   timeout=60)
+    assert r.status_code == 200
+    assert 'sdtrt_errors_total{kind="RequestValidationError"}' in httpx.get(f"{url}/metrics").text
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    url, _ = server
+    slow = {"prompt": "slow", "steps": 15, "width": 512, "height": 512}  # seconds each on 2 cores
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        httpx.post(f"{url}/sdapi/v1/txt2img", json=slow, timeout=300).status_code)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # both are queued or running now: the queue holds 2
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "one more", "steps": 2, "width": 64, "height": 64})
+    for t in threads:
+        t.join()
+    assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+    assert results == [200, 200]
+
+
+def test_binding_beyond_loopback_needs_an_api_key_and_the_key_is_checked(tiny_fp32):
+    out = subprocess.run([sys.executable, "-m", "sdtrt", "serve", str(tiny_fp32[0]), "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "binding to 0.0.0.0 exposes the server: set --api-key" in out.stderr
+    proc, url = start(tiny_fp32[0], "--api-key", "s3cret", "--backend", "onnxruntime-cpu")
+    try:
+        assert httpx.get(f"{url}/sdapi/v1/samplers").status_code == 401
+        assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_bench_serve_reports_throughput_and_latency(server, capsys):
+    from sdtrt.cli import main
+
+    url, _ = server
+    assert main(["bench-serve", url, "--concurrency", "2", "--duration", "2", "--steps", "2", "--size", "64x64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] >= 2 and result["statuses"] == {"200": result["ok"]} and result["latency_s"]["p50"] > 0
