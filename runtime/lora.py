@@ -29,7 +29,7 @@ from sdtrt.errors import UsageError
 
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
 GRAPHS = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_")}
-_A1111_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+_A1111_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::([^>]*))?>")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,14 @@ def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise UsageError(f"<lora:{m.group(1)}:{weight}>: the weight must be a number") from None
         if not math.isfinite(value):
             raise UsageError(f"<lora:{m.group(1)}:{weight}>: the weight must be finite")
-        found.append((m.group(1).strip(), value))
+        unet = m.group(3)
+        if unet not in (None, "") and unet.strip() != (weight or "").strip():
+            raise UsageError(f"{m.group(0)}: separate text-encoder and U-Net weights are not supported; give one "
+                             "weight")
+        name = m.group(1).strip()
+        if "/" in name or "\\" in name or name in ("", ".", "..") or name.startswith("."):
+            raise UsageError(f"{m.group(0)}: a LoRA name is a file name in the LoRA folder, without a path")
+        found.append((name, value))
     return _A1111_TAG.sub("", prompt), found
 
 
@@ -89,7 +96,12 @@ def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) 
     except Exception as ex:  # noqa: BLE001  (safetensors raises its own untyped errors for broken files)
         raise UsageError(f"LoRA {path} is not a readable safetensors file ({str(ex).splitlines()[0][:200]})") from None
     kohya = {graph: {p.replace(".", "_"): p for p in weights.get(graph, {})} for graph in GRAPHS}
-    alphas = _metadata_alphas(metadata)
+    configs = _metadata_configs(metadata)
+    unsupported = [k for k in tensors if any(x in k for x in (".dora_scale", "lora_magnitude_vector", ".lora_mid.",
+                                                              ".hada_", ".lokr_"))]
+    if unsupported:
+        raise UsageError(f"LoRA {path.name} has DoRA or LyCORIS layers ({unsupported[0]}), which generation-time "
+                         "LoRAs do not apply: fuse it at export (`sdtrt export MODEL --lora FILE`)")
     layers, unmatched, total = [], [], 0
     for key in sorted(tensors):
         found = _split(key)
@@ -108,14 +120,18 @@ def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) 
             continue
         down, up = tensors[key].astype(np.float32), tensors[up_key].astype(np.float32)
         alpha_key = key.rsplit(".lora_", 1)[0] + ".alpha"
-        alpha = float(tensors[alpha_key]) if alpha_key in tensors else alphas.get(graph, float(down.shape[0]))
+        alpha = float(tensors[alpha_key]) if alpha_key in tensors else \
+            _alpha(configs.get(graph, {}), module, down.shape[0])
         entry = weights[graph][path_]
         if _delta_shape(down, up) != tuple(entry.shape if not entry.transposed else entry.shape[::-1]):
             unmatched.append(module)
             continue
         layers.append(Layer(graph, path_, down, up, alpha))
     if total == 0:
-        raise UsageError(f"{path} holds no LoRA layers (no lora_down/lora_A weights): not a LoRA")
+        old = any(".lora.down.weight" in k for k in tensors)
+        raise UsageError(f"{path} holds no LoRA layers (no lora_down/lora_A weights): "
+                         + ("diffusers' old attention-processor format is read at export only (`sdtrt export "
+                            "--lora`)" if old else "not a LoRA"))
     if unmatched:
         raise UsageError(f"LoRA {path.name}: {total - len(unmatched)} of its {total} layers match this model's (first "
                          f"unmatched: {unmatched[0]}): it was made for another base model")
@@ -136,8 +152,9 @@ def _split(key: str):
     return None
 
 
-def _metadata_alphas(metadata: dict) -> dict[str, float]:
-    """diffusers' ``lora_adapter_metadata`` (its LoraConfig per component), where present."""
+def _metadata_configs(metadata: dict) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata``: the LoraConfig of each component, stored flat (``unet.lora_alpha``)
+    or nested (``{"unet": {...}}``)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -145,12 +162,27 @@ def _metadata_alphas(metadata: dict) -> dict[str, float]:
         data = json.loads(raw)
     except ValueError:
         return {}
-    out = {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, dict] = {}
     for graph in GRAPHS:
-        config = data.get(graph) or data.get(f"{graph}.") or {}
-        if isinstance(config, dict) and "lora_alpha" in config:
-            out[graph] = float(config["lora_alpha"])
+        config = dict(data.get(graph) or {}) if isinstance(data.get(graph), dict) else {}
+        config |= {k[len(graph) + 1:]: v for k, v in data.items() if k.startswith(graph + ".")}
+        if config:
+            out[graph] = config
     return out
+
+
+def _alpha(config: dict, module: str, rank: int) -> float:
+    """The effective alpha of a layer under a PEFT LoraConfig: alpha_pattern (a key that ends the module path) over
+    lora_alpha (default: the rank); rsLoRA's alpha / sqrt(r) expressed as an alpha over r."""
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            alpha = float(value)
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # scale alpha / sqrt(r) = (alpha sqrt(r)) / r
+    return alpha
 
 
 def _delta_shape(down: np.ndarray, up: np.ndarray) -> tuple[int, ...]:
@@ -226,9 +258,12 @@ def read_embedding(path: Path, token: str | None, hidden: int) -> tuple[str, np.
 
 def expand_prompt(prompt: str, found: set[str], vectors: dict[str, int]) -> str:
     """diffusers' ``maybe_convert_prompt``: each embedding token the prompt holds (``found``, as the tokenizer split
-    it) becomes ``token token_1 … token_(n-1)`` for an n-vector embedding."""
+    it) becomes ``token token_1 … token_(n-1)`` for an n-vector embedding. The tokenizer matches added tokens in the
+    lower-cased text, so the prompt is searched without regard to case too: "easynegative" expands as
+    "EasyNegative" does (A1111 reads every vector of an embedding however its name is cased)."""
     for token in found:
         n = vectors.get(token, 1)
         if n > 1:
-            prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
+            tail = " ".join(f"{token}_{i}" for i in range(1, n))
+            prompt = re.sub(re.escape(token), lambda m: f"{m.group(0)} {tail}", prompt, flags=re.IGNORECASE)
     return prompt

@@ -161,8 +161,9 @@ class Pipeline:
         kohya/A1111 .safetensors; an empty list: none). Applied without re-export: the U-Net's and text encoder's
         affected weights are the base weights plus the scaled low-rank updates, computed afresh from the base every
         time (``runtime.lora``), so switching never accumulates."""
-        self.loras = normalize_loras(loras)
-        self._apply_loras(self.loras)
+        loras = normalize_loras(loras)
+        self._apply_loras(loras)  # first: a LoRA that fails leaves the pipeline as it was
+        self.loras = loras
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None, apply: bool = True) -> str:
         """Add a textual-inversion embedding (diffusers' name and file formats; A1111's ``emb_params`` files take
@@ -172,6 +173,9 @@ class Pipeline:
 
         m = self.manifest.model
         token, vectors = read_embedding(Path(path), token, m.text_hidden_size)
+        engine = self.engines["text_encoder"]
+        if not hasattr(engine, "override") or getattr(engine, "refittable", True) is False:
+            raise UsageError("embeddings need ONNX Runtime or TensorRT engines built with `sdtrt build --refittable`")
         used = sum(len(v) for v in self._embedding_rows)
         if used + len(vectors) > m.embedding_slots:
             raise UsageError(f"embedding {token!r} needs {len(vectors)} token rows; this folder has "
@@ -200,7 +204,8 @@ class Pipeline:
                              "time: re-export it with this sdtrt (or fuse them with `sdtrt export --lora`)")
         layers = [(state.layers(path, weights), scale) for path, scale in loras]
         for graph in GRAPHS:
-            key = tuple((path, scale) for (path, scale), (ls, _) in zip(loras, layers) if any(x.graph == graph for x in ls))
+            key = tuple((path, scale, state.version(path)) for (path, scale), (ls, _) in zip(loras, layers)
+                        if any(x.graph == graph for x in ls))  # a file rewritten in place is applied again
             if graph == "text_encoder":
                 key += (len(self.embeddings),)  # embeddings are only ever added
             if state.applied.get(graph, ()) in (key, () if key == (0,) else None):
@@ -356,8 +361,9 @@ class Pipeline:
         """Each multi-vector embedding token in the prompts written as its n tokens (diffusers' maybe_convert_prompt).
         A ``<name>`` that is no loaded embedding (diffusers' textual-inversion convention) is only warned about, as
         A1111 does with names it does not know: the words go to the text encoder as they are."""
-        unknown = sorted({m for text in req.prompt + req.negative_prompt for m in _CONCEPT.findall(text)}
-                         - set(self.embeddings))
+        loaded = {t.lower() for t in self.embeddings}
+        unknown = sorted({m for text in req.prompt + req.negative_prompt for m in _CONCEPT.findall(text)
+                          if m.lower() not in loaded})
         if unknown:
             log.warning("%s looks like a textual-inversion token but no such embedding is loaded (--embedding, "
                         "--embeddings-dir); it is read as plain words", ", ".join(unknown))
@@ -866,11 +872,14 @@ def normalize_loras(loras) -> tuple[tuple[str, float], ...]:
 
     if loras is None:
         return ()
-    if isinstance(loras, (str, tuple)) and not (isinstance(loras, tuple) and loras and isinstance(loras[0], tuple)):
+    single_pair = isinstance(loras, tuple) and len(loras) == 2 and not isinstance(loras[1], (str, tuple, list, Path))
+    if isinstance(loras, (str, Path)) or single_pair:
         loras = [loras]
     out = []
     for item in loras:
-        if isinstance(item, str):
+        if isinstance(item, Path):
+            path, scale = str(item), 1.0
+        elif isinstance(item, str):
             path, scale = parse_spec(item)
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             path, scale = str(item[0]), real(item[1], "LoRA scale", -100.0, 100.0)
@@ -900,12 +909,22 @@ class LoraState:
             self._read[key] = read_lora(p, weights)
         return self._read[key]
 
+    @staticmethod
+    def version(path: str) -> tuple[int, int]:
+        """(mtime, size) of a LoRA file: what tells a rewritten file from the one applied."""
+        try:
+            st = Path(path).expanduser().stat()
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
     def digest(self, path: str) -> str:
         from sdtrt.manifest import sha256_file
 
-        if path not in self._digests:
-            self._digests[path] = sha256_file(Path(path).expanduser())[:12]
-        return self._digests[path]
+        key = (path, self.version(path))
+        if key not in self._digests:
+            self._digests[key] = sha256_file(Path(path).expanduser())[:12]
+        return self._digests[key]
 
 
 def _refuse_without_mask(req: GenerationRequest, inpainting_unet: bool, what: str) -> None:

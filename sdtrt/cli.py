@@ -504,6 +504,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image")
+    p.add_argument("--batch-window", type=_finite, default=50.0, metavar="MS",
+                   help="how long a request waits for compatible ones to share its engine call (0: no batching)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -513,7 +515,7 @@ def _cmd_serve(args) -> int:
 
     serve(ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
                       max_queue=args.max_queue, timeout_s=args.timeout, max_steps=args.max_steps,
-                      max_images=args.max_images, max_pixels=args.max_pixels))
+                      max_images=args.max_images, max_pixels=args.max_pixels, batch_window_ms=args.batch_window))
     return 0
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field  # this module is the serve extra: its imports may be eager
+from fastapi import Request  # this module is the serve extra: its imports may be eager (FastAPI reads the
+from pydantic import BaseModel, ConfigDict, Field  # handlers' annotations from the module's names)
 
 from sdtrt.errors import SdtrtError, UsageError
 
@@ -77,6 +78,7 @@ class ServeConfig:
     max_pixels: int = 1024 * 1024  # per image
     max_steps: int = 150
     max_images: int = 8  # per request (batch_size x n_iter)
+    batch_window_ms: float = 50.0  # how long the first of compatible requests waits for others (0: no batching)
 
     def check(self) -> None:
         if self.host not in ("127.0.0.1", "localhost", "::1") and not self.api_key:
@@ -88,6 +90,8 @@ class ServeConfig:
                 raise UsageError(f"{label} must be at least 1, got {value}")
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
+        if not (math.isfinite(self.batch_window_ms) and 0 <= self.batch_window_ms <= 10_000):
+            raise UsageError(f"--batch-window must be 0..10000 ms, got {self.batch_window_ms}")
 
 
 def _png_b64(image, parameters: str) -> str:
@@ -122,7 +126,7 @@ def _decode_image(data: str, label: str):
 
 def create_app(config: ServeConfig, pipeline=None):
     """The FastAPI application over ``config.folder`` (``pipeline``: one already loaded, for tests)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -142,8 +146,8 @@ def create_app(config: ServeConfig, pipeline=None):
                         buckets=(1, 2, 3, 4, 6, 8, 16))
     names = {a1111: ours for ours, (a1111, schedule) in A1111_SAMPLERS.items() if schedule is None}
     names |= {f"{a1111} {schedule}": ours for ours, (a1111, schedule) in A1111_SAMPLERS.items() if schedule}
-    state: dict[str, Any] = {"pipe": pipeline, "waiting": 0, "progress": 0.0, "job": None}
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-engine")  # one engine worker
+    state: dict[str, Any] = {"pipe": pipeline, "waiting": 0, "progress": 0.0, "worker": None}
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-load")
 
     def sampler(name: str | None, schedule: str | None) -> str | None:
         if name is None:
@@ -179,14 +183,73 @@ def create_app(config: ServeConfig, pipeline=None):
         state["progress"] = 0.0
         return images, infos
 
-    async def submit(fn, *args):
+    def merge(group: list[Job]) -> list[tuple[list, list[str]]]:
+        """In the engine thread: txt2img jobs of one batching key as one engine call. Each keeps its own initial
+        noise (its seed's first draw, as it would alone) and its own metadata; the samplers of batchable jobs draw
+        nothing after that, so every image is the one its request would get alone."""
+        import numpy as np
+
+        pipe = state["pipe"]
+        first = group[0].req
+        prompts, negatives, latents = [], [], []
+        for job in group:
+            b = job.req.num_images_per_prompt
+            prompts += [job.req.prompt[0]] * b
+            negatives += [job.req.negative_prompt[0]] * b
+            rng = np.random.Generator(np.random.PCG64(job.req.seed))
+            latents.append(rng.standard_normal((b, *job.plan.shape[1:]), dtype=np.float32))  # (b, C, h, w)
+        merged = GenerationRequest.create(prompts, negatives, first.num_inference_steps, first.guidance_scale,
+                                          first.height, first.width, first.seed, 1, first.scheduler,
+                                          clip_skip=first.clip_skip)
+        result = pipe.generate(merged, latents=np.concatenate(latents))
+        m_batch.observe(merged.batch)
+        out, k = [], 0
+        for job in group:
+            b = job.req.num_images_per_prompt
+            infos = [pipe._infotext(job.req, job.plan, job.req.seed, i) for i in range(b)]
+            out.append((result.images[k:k + b], infos))
+            k += b
+        return out
+
+    def batch_key(req: GenerationRequest, n_iter: int, plan):
+        """What requests must share to run as one engine call and give each its own image: txt2img, one prompt, one
+        iteration, a sampler that draws no noise after the start, the same size, steps, sampler, guidance, CLIP skip
+        and prompt chunk count; None: runs alone."""
+        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.table.stochastic or plan.loras:
+            return None
+        return (plan.width, plan.height, req.num_inference_steps, plan.table.name, req.guidance_scale, req.clip_skip,
+                max(c.count for c in plan.chunks.values()))
+
+    async def submit(request: Request, req: GenerationRequest, n_iter: int, image=None, mask=None):
+        """Queue ``req`` for the engine thread and wait for it; a client that disconnects, or the timeout, takes it
+        off the queue if it has not started."""
         if state["waiting"] >= config.max_queue:
             raise _QueueFull()
+        if req.seed is None:  # chosen now: a batched request draws its own noise from it
+            import numpy as np
+
+            req = replace(req, seed=int(np.random.SeedSequence().entropy % (2**63)))
+        plan = state["pipe"].plan(req, image, mask)  # every check before queueing: a bad request never waits
+        loop = asyncio.get_running_loop()
+        job = Job(loop, lambda: run(req, n_iter, image, mask), req.batch * n_iter,
+                  batch_key(req, n_iter, plan) if image is None else None)
+        job.req, job.plan = req, plan
         state["waiting"] += 1
         m_queue.set(state["waiting"])
         try:
-            loop = asyncio.get_running_loop()
-            return await asyncio.wait_for(loop.run_in_executor(executor, fn, *args), config.timeout_s)
+            state["worker"].put(job)
+            deadline = time.monotonic() + config.timeout_s
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=min(0.5, max(deadline - time.monotonic(), 0)))
+                if done:
+                    return job.future.result()
+                if time.monotonic() >= deadline:
+                    raise asyncio.TimeoutError()
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError()
+        except BaseException:
+            job.cancelled = True
+            raise
         finally:
             state["waiting"] -= 1
             m_queue.set(state["waiting"])
@@ -199,24 +262,40 @@ def create_app(config: ServeConfig, pipeline=None):
             loop = asyncio.get_running_loop()
             state["pipe"] = await loop.run_in_executor(executor, lambda: Pipeline.from_dir(config.folder,
                                                                                            config.backend))
+        state["worker"] = EngineWorker(merge, config.batch_window_ms / 1000, state["pipe"].manifest.ranges.batch_max)
 
     @app.on_event("shutdown")
     async def close() -> None:
+        if state["worker"] is not None:
+            state["worker"].stop()
         if state["pipe"] is not None:
             state["pipe"].close()
         executor.shutdown(wait=False)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key and request.url.path not in ("/health",):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                return JSONResponse({"error": "unauthorized", "detail": "send Authorization: Bearer <api key>"},
-                                    status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_mb * 2**20:
-            return JSONResponse({"error": "too_large", "detail": f"the body is over this server's limit of "
-                                 f"{config.max_body_mb:g} MB"}, status_code=413)
-        return await call_next(request)
+    class Guard:
+        """API key and body-size checks as a plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide a
+        client's disconnect from the handlers, and queued work of clients that left would still run)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+                problem = None
+                if config.api_key and scope["path"] != "/health" and \
+                        headers.get("authorization", "") != f"Bearer {config.api_key}":
+                    problem = 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <api key>"}
+                length = headers.get("content-length", "")
+                if problem is None and length.isdigit() and int(length) > config.max_body_mb * 2**20:
+                    problem = 413, {"error": "too_large",
+                                    "detail": f"the body is over this server's limit of {config.max_body_mb:g} MB"}
+                if problem is not None:
+                    await JSONResponse(problem[1], status_code=problem[0])(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     @app.exception_handler(SdtrtError)
     async def library_error(request: Request, ex: SdtrtError):
@@ -261,17 +340,16 @@ def create_app(config: ServeConfig, pipeline=None):
                                         strength=strength, mask_blur=mask_blur, padding_mask_crop=padding)
 
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2Img):
+    async def txt2img(body: Txt2Img, request: Request):
         m_requests.labels("txt2img").inc()
         t = time.perf_counter()
         req = to_request(body)
-        state["pipe"].plan(req)  # every check before queueing: a bad request never waits
-        images, infos = await submit(run, req, body.n_iter)
+        images, infos = await submit(request, req, body.n_iter)
         m_latency.observe(time.perf_counter() - t)
-        return a1111_response(body, images, infos, req.seed)
+        return a1111_response(body, images, infos, _seed(infos))
 
     @app.post("/sdapi/v1/img2img")
-    async def img2img(body: Img2Img):
+    async def img2img(body: Img2Img, request: Request):
         m_requests.labels("img2img").inc()
         t = time.perf_counter()
         if not body.init_images:
@@ -280,13 +358,12 @@ def create_app(config: ServeConfig, pipeline=None):
         mask = _decode_image(body.mask, "mask") if body.mask else None
         req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
                          body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
-        state["pipe"].plan(req, image, mask)
-        images, infos = await submit(run, req, body.n_iter, image, mask)
+        images, infos = await submit(request, req, body.n_iter, image, mask)
         m_latency.observe(time.perf_counter() - t)
-        return a1111_response(body, images, infos, req.seed)
+        return a1111_response(body, images, infos, _seed(infos))
 
     @app.post("/v1/images/generations")
-    async def openai_images(body: OpenAIImages):
+    async def openai_images(body: OpenAIImages, request: Request):
         m_requests.labels("openai").inc()
         t = time.perf_counter()
         if body.response_format != "b64_json":
@@ -297,8 +374,7 @@ def create_app(config: ServeConfig, pipeline=None):
             raise UsageError(f"size must be WIDTHxHEIGHT, got {body.size!r}") from None
         check_limits(width, height, 30, body.n)
         req = GenerationRequest.create(body.prompt, None, 30, 7.5, height, width, None, body.n)
-        state["pipe"].plan(req)
-        images, infos = await submit(run, req, 1)
+        images, infos = await submit(request, req, 1)
         m_latency.observe(time.perf_counter() - t)
         m_images.inc(len(images))
         return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im, info), "revised_prompt": body.prompt}
@@ -340,6 +416,93 @@ def create_app(config: ServeConfig, pipeline=None):
 
 class _QueueFull(Exception):
     pass
+
+
+class Job:
+    """One request's work for the engine thread; its result goes back to the event loop that waits for it."""
+
+    def __init__(self, loop, fn, images: int, key=None):
+        self.loop, self.fn, self.images, self.key = loop, fn, images, key
+        self.future = loop.create_future()
+        self.cancelled = False  # the client went away or timed out: skipped if not started
+
+    def _settle(self, ok: bool, value) -> None:
+        def settle():
+            if not self.future.done():
+                (self.future.set_result if ok else self.future.set_exception)(value)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
+class EngineWorker:
+    """The one thread that runs the engines. Jobs run in arrival order; a job with a batching key waits up to the
+    window for later jobs with the same key and runs with them as one engine call (``merge``), up to ``max_batch``
+    images."""
+
+    def __init__(self, merge, window_s: float, max_batch: int):
+        import threading
+        from collections import deque
+
+        self.merge, self.window_s, self.max_batch = merge, window_s, max_batch
+        self.jobs: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="sdtrt-engine", daemon=True)
+        self.thread.start()
+
+    def put(self, job: Job) -> None:
+        with self.cond:
+            self.jobs.append(job)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+
+    def _group(self, first: Job) -> list[Job]:
+        """``first`` and the compatible jobs that arrive within the window (called with the lock held)."""
+        group, size = [first], first.images
+        deadline = time.monotonic() + self.window_s
+        while size < self.max_batch:
+            for job in [j for j in self.jobs if j.key == first.key and not j.cancelled]:
+                if size + job.images <= self.max_batch:
+                    self.jobs.remove(job)
+                    group.append(job)
+                    size += job.images
+            left = deadline - time.monotonic()
+            if left <= 0 or size >= self.max_batch:
+                break
+            self.cond.wait(left)
+        return group
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs and not self.stopped:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                job = self.jobs.popleft()
+                if job.cancelled:
+                    continue
+                group = self._group(job) if job.key is not None and self.window_s > 0 else [job]
+            try:
+                results = self.merge(group) if len(group) > 1 else [job.fn()]
+            except BaseException as ex:  # noqa: BLE001  (handed to the request that asked, as its error)
+                for j in group:
+                    j._settle(False, ex)
+                continue
+            for j, result in zip(group, results):
+                j._settle(True, result)
+
+
+def _seed(infos: list[str]) -> int | None:
+    """The seed of the first image, from its metadata (the request may not have named one)."""
+    from sdtrt.runtime.infotext import parse_infotext
+
+    value = parse_infotext(infos[0]).get("Seed") if infos else None
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def serve(config: ServeConfig) -> None:

@@ -103,7 +103,8 @@ def cli(capsys):
 
 @pytest.fixture(scope="session")
 def lora_files(tmp_path_factory, small_model):
-    """Two LoRAs for the mid-size model: style.safetensors (diffusers/PEFT layout) and kohya_char.safetensors
+    """Two LoRAs for the mid-size model: style.safetensors (diffusers/PEFT layout, lora_alpha 8 for rank 4 in its
+    metadata) and kohya_char.safetensors
     (kohya/A1111 layout, alpha 2 for rank 4), each touching the U-Net (attention linears, 1x1-conv projections) and
     the text encoder (attention)."""
     from diffusers import StableDiffusionPipeline
@@ -113,8 +114,9 @@ def lora_files(tmp_path_factory, small_model):
 
     _, folder = small_model
     base = tmp_path_factory.mktemp("loras")
-    unet_sd, te_sd = _peft_lora(folder, 1)
+    # alpha 8 for rank 4: only the metadata diffusers writes beside the weights says so
+    unet_sd, te_sd, metadata = _peft_lora(folder, 1, alpha=8)
     StableDiffusionPipeline.save_lora_weights(base, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-                                              weight_name="style.safetensors")
-    save_file(_kohya(*_peft_lora(folder, 2), alpha=2.0), str(base / "kohya_char.safetensors"))
+                                              weight_name="style.safetensors", **metadata)
+    save_file(_kohya(*_peft_lora(folder, 2)[:2], alpha=2.0), str(base / "kohya_char.safetensors"))
     return base / "style.safetensors", base / "kohya_char.safetensors"

@@ -16,9 +16,9 @@ from sdtrt.runtime import Pipeline
 RANK = 4
 
 
-def _peft_lora(folder, seed):
+def _peft_lora(folder, seed, alpha=RANK):
     """(unet, text-encoder) PEFT state dicts of a rank-4 LoRA with random A and B (B is zero at PEFT's init: every
-    delta would be 0)."""
+    delta would be 0), and the metadata diffusers saves with them (their LoraConfigs: lora_alpha)."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import CLIPTextModel
@@ -26,16 +26,18 @@ def _peft_lora(folder, seed):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0",
-                                                                           "proj_in", "proj_out"]))
-    text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "out_proj"]))
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                                            "proj_in", "proj_out"]))
+    text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                   "out_proj"]))
     with torch.no_grad():
         for module in (unet, text_encoder):
             for name, p in module.named_parameters():
                 if "lora_" in name:
                     p.copy_(0.15 * torch.randn_like(p))
-    return get_peft_model_state_dict(unet), get_peft_model_state_dict(text_encoder)
+    metadata = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+                "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict()}
+    return get_peft_model_state_dict(unet), get_peft_model_state_dict(text_encoder), metadata
 
 
 def _kohya(unet_sd, te_sd, alpha):
@@ -123,7 +125,7 @@ def prepare_bad_files(base, tmp_path):
     if not (base / "tiny_lora.safetensors").exists():
         tiny = tmp_path / "tiny"
         load_model("tiny").save_pretrained(tiny)
-        save_torch(_kohya(*_peft_lora(tiny, 3), alpha=4.0), str(base / "tiny_lora.safetensors"))
+        save_torch(_kohya(*_peft_lora(tiny, 3)[:2], alpha=4.0), str(base / "tiny_lora.safetensors"))
         shutil.rmtree(tiny)
     return base
 

@@ -79,3 +79,22 @@ def test_an_unknown_embedding_token_is_a_warning_and_the_words_are_used(cli, sma
     assert code == 0, err
     assert "warning: <dog-toy> looks like a textual-inversion token but no such embedding is loaded" in err
     assert "<cat-toy>" not in err.split("warning:")[1].split("\n")[0]  # the loaded one is not warned about
+
+
+def test_an_embedding_reads_every_vector_however_its_name_is_cased(small_model, tmp_path):
+    # A1111 matches embedding names in CLIP's lower-cased tokens: "easynegative" is EasyNegative, all 3 vectors
+    save_file({"emb_params": np.random.default_rng(9).standard_normal((3, 128)).astype(np.float32)},
+              str(tmp_path / "EasyNegative.safetensors"))
+    kwargs = dict(num_inference_steps=2, height=64, width=64, seed=1, output_type="np", negative_prompt=None)
+    with Pipeline.from_dir(small_model[0], backend="onnxruntime-cpu", embeddings=[tmp_path]) as pipe:
+        plan = pipe.plan(pipe_request("a cat", "easynegative, blurry"))
+        assert plan.negatives == ("easynegative EasyNegative_1 EasyNegative_2, blurry",)
+        lower = pipe("a cat", **{**kwargs, "negative_prompt": "easynegative, blurry"}).images
+        upper = pipe("a cat", **{**kwargs, "negative_prompt": "EasyNegative, blurry"}).images
+    np.testing.assert_array_equal(lower, upper)
+
+
+def pipe_request(prompt, negative):
+    from sdtrt.runtime.request import GenerationRequest
+
+    return GenerationRequest.create(prompt, negative, 2, 7.5, 64, 64, 1)

@@ -2,6 +2,8 @@
 applied by `Pipeline.from_dir(loras=…)`, `set_loras` and A1111's `<lora:name:weight>` tags, against diffusers'
 load_lora_weights + fuse_lora (and set_adapters for two) on the mid-size model, fp32, ONNX Runtime CPU."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,48 @@ def test_bad_loras_at_generation_time_are_one_line(cli, tmp_path, small_model, l
 def test_a_prompt_tag_without_a_lora_dir_names_the_option(cli, tmp_path, small_model):
     code, _, err = cli("generate", small_model[0], "a cat <lora:style:0.5>", "--steps", "2", "-o", tmp_path / "x.png")
     assert code == 2 and "give the folder of LoRA files (lora_dir=, or --lora-dir)" in err, err
+
+
+def test_a_failed_swap_leaves_the_pipeline_as_it_was_and_a_rewritten_file_is_read_again(small_model, lora_files,
+                                                                                          tmp_path):
+    import shutil
+
+    style, kohya = lora_files
+    target = tmp_path / "mine.safetensors"
+    shutil.copy(style, target)
+    with Pipeline.from_dir(small_model[0], backend="onnxruntime-cpu", loras=[(target, 0.8)]) as pipe:
+        first = ours(pipe)
+        with pytest.raises(Exception, match="does not exist"):
+            pipe.set_loras([(tmp_path / "missing.safetensors", 1.0)])
+        np.testing.assert_array_equal(ours(pipe), first)  # still the first LoRA, and generations still run
+        time.sleep(0.01)
+        shutil.copy(kohya, target)  # the same path, other weights
+        pipe.set_loras([(target, 0.8)])
+        assert psnr(ours(pipe), first) < 40
+
+
+def test_prompt_tags_and_lora_lists_are_read_strictly(small_model, lora_files):
+    from sdtrt.errors import UsageError
+    from sdtrt.runtime.pipeline import normalize_loras
+
+    assert normalize_loras(("a.safetensors:0.5", "b.safetensors")) == (("a.safetensors", 0.5), ("b.safetensors", 1.0))
+    assert normalize_loras(("a.safetensors", 0.5)) == (("a.safetensors", 0.5),)
+    with Pipeline.from_dir(small_model[0], backend="onnxruntime-cpu", lora_dir=lora_files[0].parent) as pipe:
+        for prompt, needle in (("a <lora:../style:1>", "without a path"),
+                               ("a <lora:style:0.8:0.2>", "separate text-encoder and U-Net weights")):
+            with pytest.raises(UsageError, match=needle):
+                pipe(prompt, num_inference_steps=2, height=64, width=64)
+
+
+def test_dora_and_lycoris_layers_are_refused_not_skipped(small_model, lora_files, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from sdtrt.errors import UsageError
+
+    tensors = load_file(str(lora_files[1]))
+    key = next(k for k in tensors if k.endswith(".lora_down.weight"))
+    tensors[key.replace(".lora_down.weight", ".dora_scale")] = np.ones((1, 4), np.float32)
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    with Pipeline.from_dir(small_model[0], backend="onnxruntime-cpu") as pipe:
+        with pytest.raises(UsageError, match="DoRA or LyCORIS layers"):
+            pipe.set_loras([(tmp_path / "dora.safetensors", 1.0)])
