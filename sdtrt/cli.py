@@ -499,6 +499,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
     p.add_argument("--backend", default="auto", help="as for generate")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed to bind elsewhere)")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                   help="require HTTP Basic credentials, as A1111's --api-auth (or --api-key, to bind elsewhere)")
     p.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 503")
     p.add_argument("--timeout", type=_finite, default=600.0, help="seconds per request, queue wait included")
     p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for")
@@ -514,6 +516,7 @@ def _cmd_serve(args) -> int:
     from sdtrt.serve import ServeConfig, serve
 
     serve(ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
+                      api_auth=args.api_auth,
                       max_queue=args.max_queue, timeout_s=args.timeout, max_steps=args.max_steps,
                       max_images=args.max_images, max_pixels=args.max_pixels, batch_window_ms=args.batch_window))
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import json
 import math
@@ -72,6 +73,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     api_key: str | None = None
+    api_auth: str | None = None  # A1111's --api-auth: "user:pass[,user2:pass2]" (HTTP Basic)
     max_queue: int = 8  # requests waiting or running; beyond: 503
     timeout_s: float = 600.0  # per request, queue wait included
     max_body_mb: float = 32.0
@@ -81,9 +83,13 @@ class ServeConfig:
     batch_window_ms: float = 50.0  # how long the first of compatible requests waits for others (0: no batching)
 
     def check(self) -> None:
-        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.api_key:
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not (self.api_key or self.api_auth):
             raise UsageError(f"binding to {self.host} exposes the server: set --api-key (clients send "
-                             "'Authorization: Bearer KEY'), or keep the default 127.0.0.1")
+                             "'Authorization: Bearer KEY') or --api-auth USER:PASS, or keep the default 127.0.0.1")
+        for pair in (self.api_auth or "").split(",") if self.api_auth is not None else ():
+            user, sep, password = pair.partition(":")
+            if not (sep and user and password):
+                raise UsageError(f"--api-auth takes USER:PASS[,USER:PASS...], got {pair!r}")
         for label, value in (("--max-queue", self.max_queue), ("--max-steps", self.max_steps),
                              ("--max-images", self.max_images), ("--max-pixels", self.max_pixels)):
             if value < 1:
@@ -283,9 +289,10 @@ def create_app(config: ServeConfig, pipeline=None):
             if scope["type"] == "http":
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
                 problem = None
-                if config.api_key and scope["path"] != "/health" and \
-                        headers.get("authorization", "") != f"Bearer {config.api_key}":
-                    problem = 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <api key>"}
+                if (config.api_key or config.api_auth) and scope["path"] != "/health" and \
+                        not any(hmac.compare_digest(headers.get("authorization", ""), a) for a in accepted):
+                    problem = 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <api key>"
+                                    if config.api_key else "send HTTP Basic credentials (--api-auth)"}
                 length = headers.get("content-length", "")
                 if problem is None and length.isdigit() and int(length) > config.max_body_mb * 2**20:
                     problem = 413, {"error": "too_large",
@@ -295,6 +302,11 @@ def create_app(config: ServeConfig, pipeline=None):
                     return
             await self.inner(scope, receive, send)
 
+    accepted = set()  # the Authorization header values that let a request in
+    if config.api_key:
+        accepted.add(f"Bearer {config.api_key}")
+    for pair in (config.api_auth or "").split(",") if config.api_auth else ():
+        accepted.add("Basic " + base64.b64encode(pair.encode()).decode())
     app.add_middleware(Guard)
 
     @app.exception_handler(SdtrtError)

@@ -154,10 +154,15 @@ def test_binding_beyond_loopback_needs_an_api_key_and_the_key_is_checked(tiny_fp
     out = subprocess.run([sys.executable, "-m", "sdtrt", "serve", str(tiny_fp32[0]), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "binding to 0.0.0.0 exposes the server: set --api-key" in out.stderr
-    proc, url = start(tiny_fp32[0], "--api-key", "s3cret", "--backend", "onnxruntime-cpu")
+    proc, url = start(tiny_fp32[0], "--api-key", "s3cret", "--api-auth", "ann:pw1,bob:pw2", "--backend",
+                      "onnxruntime-cpu")
     try:
         assert httpx.get(f"{url}/sdapi/v1/samplers").status_code == 401
+        assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/sdapi/v1/samplers", auth=("bob", "pw2")).status_code == 200  # A1111's --api-auth
+        assert httpx.get(f"{url}/sdapi/v1/samplers", auth=("bob", "pw1")).status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # liveness probes carry no credentials
     finally:
         proc.terminate()
         proc.wait(10)
