@@ -87,14 +87,7 @@ def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) 
         raise UsageError(f"LoRA file {path} does not exist" if not path.exists() else f"LoRA {path} is not a file")
     if path.suffix.lower() in PICKLED:
         raise UsageError(f"LoRA {path} is pickled ({path.suffix}): only .safetensors LoRAs are read at generation time")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "np") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            metadata = fh.metadata() or {}
-    except Exception as ex:  # noqa: BLE001  (safetensors raises its own untyped errors for broken files)
-        raise UsageError(f"LoRA {path} is not a readable safetensors file ({str(ex).splitlines()[0][:200]})") from None
+    tensors, metadata = read_safetensors(path, "LoRA")
     kohya = {graph: {p.replace(".", "_"): p for p in weights.get(graph, {})} for graph in GRAPHS}
     configs = _metadata_configs(metadata)
     unsupported = [k for k in tensors if any(x in k for x in (".dora_scale", "lora_magnitude_vector", ".lora_mid.",
@@ -136,6 +129,41 @@ def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) 
         raise UsageError(f"LoRA {path.name}: {total - len(unmatched)} of its {total} layers match this model's (first "
                          f"unmatched: {unmatched[0]}): it was made for another base model")
     return layers
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Every tensor of a .safetensors file as NumPy (float32 for bfloat16), and its metadata.
+
+    safetensors' NumPy API reads every dtype NumPy has; bfloat16, common in LoRAs trained in bf16, NumPy has not, so
+    those tensors are read here from the file's own layout (an 8-byte header length, a JSON header of dtype, shape
+    and byte offsets, then the data) and widened exactly: a bfloat16 is the top half of a float32."""
+    from safetensors import safe_open
+
+    tensors, bf16 = {}, []
+    try:
+        with safe_open(str(path), "np") as fh:
+            metadata = fh.metadata() or {}
+            for key in fh.keys():
+                try:
+                    tensors[key] = fh.get_tensor(key)
+                except TypeError:  # "data type 'bfloat16' not understood"
+                    bf16.append(key)
+        if bf16:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            raw = np.memmap(path, np.uint8, "r", offset=8 + size)
+            for key in bf16:
+                info = header[key]
+                if info.get("dtype") != "BF16":
+                    raise TypeError(f"{key} has dtype {info.get('dtype')}")
+                start, end = info["data_offsets"]
+                half = raw[start:end].view(np.uint16).astype(np.uint32) << 16
+                tensors[key] = half.view(np.float32).reshape(info["shape"])
+    except Exception as ex:  # noqa: BLE001  (safetensors raises its own untyped errors for broken files)
+        raise UsageError(f"{what} {path} is not a readable safetensors file ({str(ex).splitlines()[0][:200]})") \
+            from None
+    return tensors, metadata
 
 
 def _split(key: str):
@@ -232,14 +260,7 @@ def read_embedding(path: Path, token: str | None, hidden: int) -> tuple[str, np.
     if path.suffix.lower() in PICKLED:
         raise UsageError(f"embedding {path} is pickled ({path.suffix}): only .safetensors embeddings are read (pickles "
                          "can run arbitrary code; convert it with A1111 or diffusers)")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "np") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as ex:  # noqa: BLE001  (safetensors raises its own untyped errors for broken files)
-        raise UsageError(f"embedding {path} is not a readable safetensors file ({str(ex).splitlines()[0][:200]})") \
-            from None
+    tensors, _ = read_safetensors(path, "embedding")
     if "emb_params" in tensors:
         loaded, vectors = path.stem, tensors["emb_params"]
     elif len(tensors) == 1:

@@ -160,3 +160,20 @@ def test_dora_and_lycoris_layers_are_refused_not_skipped(small_model, lora_files
     with Pipeline.from_dir(small_model[0], backend="onnxruntime-cpu") as pipe:
         with pytest.raises(UsageError, match="DoRA or LyCORIS layers"):
             pipe.set_loras([(tmp_path / "dora.safetensors", 1.0)])
+
+
+def test_a_bfloat16_lora_reads_as_its_float32_values(small_model, lora_files, tmp_path):
+    """bfloat16 files (NumPy has no bfloat16: read from the file's layout) give exactly the image of the same
+    values stored as float32."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora_files[1]))
+    bf16 = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    save_file(bf16, str(tmp_path / "bf16.safetensors"))
+    save_file({k: v.float() for k, v in bf16.items()}, str(tmp_path / "f32.safetensors"))
+    with Pipeline.from_dir(small_model[0], backend="onnxruntime-cpu") as pipe:
+        pipe.set_loras([(tmp_path / "bf16.safetensors", 0.7)])
+        a = ours(pipe)
+        pipe.set_loras([(tmp_path / "f32.safetensors", 0.7)])
+        b = ours(pipe)
+    np.testing.assert_array_equal(a, b)
