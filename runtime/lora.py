@@ -227,6 +227,14 @@ def delta(layer: Layer) -> np.ndarray:
     return (layer.alpha / rank) * (up @ down).reshape(_delta_shape(layer.down, layer.up))
 
 
+def base_weight(folder: Path, entry) -> np.ndarray:
+    """The graph's own value of a mapped weight (``manifest.WeightEntry``), read from its external data file: a
+    writable copy, in the graph's dtype and layout."""
+    raw = np.memmap(Path(folder) / entry.file, np.uint8, "r")
+    n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
+    return np.array(raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape))
+
+
 def updated_weights(folder: Path, component, graph: str, loras: list[tuple[list[Layer], float]]) -> dict[str, np.ndarray]:
     """initializer -> base + sum of scale x delta, in the graph's dtype and layout, for every layer the LoRAs touch."""
     sums: dict[str, np.ndarray] = {}
@@ -236,13 +244,9 @@ def updated_weights(folder: Path, component, graph: str, loras: list[tuple[list[
                 d = scale * delta(layer)
                 sums[layer.path] = sums.get(layer.path, 0) + d
     out = {}
-    maps: dict[str, np.memmap] = {}
     for path_, d in sums.items():
         entry = component.weights[path_]
-        raw = maps.setdefault(entry.file, np.memmap(Path(folder) / entry.file, np.uint8, "r"))
-        n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
-        base = raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape).astype(np.float32)
-        new = base + (d.T if entry.transposed else d)
+        new = base_weight(folder, entry).astype(np.float32) + (d.T if entry.transposed else d)
         if not np.isfinite(new).all() or (entry.dtype == "float16" and np.abs(new).max() > 65504):
             raise UsageError(f"the LoRA scales make {graph} weight {path_} non-finite in {entry.dtype}: lower them")
         out[entry.initializer] = np.ascontiguousarray(new.astype(entry.dtype))

@@ -204,23 +204,22 @@ class Pipeline:
                              "time: re-export it with this sdtrt (or fuse them with `sdtrt export --lora`)")
         layers = [(state.layers(path, weights), scale) for path, scale in loras]
         for graph in GRAPHS:
-            key = tuple((path, scale, state.version(path)) for (path, scale), (ls, _) in zip(loras, layers)
-                        if any(x.graph == graph for x in ls))  # a file rewritten in place is applied again
-            if graph == "text_encoder":
-                key += (len(self.embeddings),)  # embeddings are only ever added
-            if state.applied.get(graph, ()) in (key, () if key == (0,) else None):
-                continue  # this graph's weights are already these
+            # what this graph's weights must hold: the LoRAs touching it (a file rewritten in place counts as
+            # another) and, for the text encoder, the embeddings (only ever added); ((), 0) is the graph's own
+            key = (tuple((path, scale, state.version(path)) for (path, scale), (ls, _) in zip(loras, layers)
+                         if any(x.graph == graph for x in ls)),
+                   len(self.embeddings) if graph == "text_encoder" else 0)
+            if state.applied.get(graph, ((), 0)) == key:
+                continue
             engine = self.engines[graph]
             if not hasattr(engine, "override"):
                 raise UsageError(f"the {graph} engine cannot take new weights: use ONNX Runtime or refittable TensorRT "
                                  "engines, or fuse LoRAs at export (`sdtrt export MODEL --lora FILE:SCALE`)")
-            t = time.perf_counter()
             new = updated_weights(self.folder, self.manifest.components[graph], graph, layers)
             if graph == "text_encoder" and self.embeddings:
                 new |= self._token_table(new)
             engine.override(new)
             state.applied[graph] = key
-            state.seconds = time.perf_counter() - t
 
     @classmethod
     def from_engines(cls, folder: str | Path, manifest: Manifest, engines: dict) -> "Pipeline":
@@ -349,9 +348,9 @@ class Pipeline:
         entry = self.manifest.components["text_encoder"].weights["embeddings.token_embedding"]
         table = updated.get(entry.initializer)
         if table is None:
-            raw = np.memmap(self.folder / entry.file, np.uint8, "r")
-            n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
-            table = np.array(raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape))  # (V + K, D)
+            from sdtrt.runtime.lora import base_weight
+
+            table = base_weight(self.folder, entry)  # (V + K, D)
         rows = np.concatenate(self._embedding_rows)  # (n, D)
         v = self.manifest.model.vocab_size
         table[v:v + len(rows)] = rows.astype(table.dtype)
@@ -789,6 +788,7 @@ class Pipeline:
             controls.append((cn, {"latents": feeds["latents"], "timestep": np.zeros(1, cn.input_dtype("timestep")),
                                   "encoder_hidden_states": embeddings, "control_image": image,
                                   "conditioning_scale": np.zeros(1, cn.input_dtype("conditioning_scale"))}, j))
+        residual_inputs = [(name, f"{name}_in") for name in zeros]  # a ControlNet's inputs of the sums so far
         unet_s = update_s = control_s = 0.0
         clock = time.perf_counter
         for i in range(table.num_steps):
@@ -800,8 +800,8 @@ class Pipeline:
                     continue
                 cn_feeds["timestep"][0] = table.timesteps[i]
                 cn_feeds["conditioning_scale"][0] = table.control_scale[i, j]
-                for name in zeros:
-                    cn_feeds[f"{name}_in"] = summed[name]
+                for name, name_in in residual_inputs:
+                    cn_feeds[name_in] = summed[name]
                 summed = cn.run(cn_feeds)
             feeds.update(summed)
             tc = clock()
@@ -894,7 +894,6 @@ class LoraState:
 
     def __init__(self):
         self.applied: dict[str, tuple] = {}
-        self.seconds = 0.0  # the last swap's session re-creation
         self._read: dict[tuple, list] = {}
         self._digests: dict[str, str] = {}
 

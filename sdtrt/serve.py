@@ -171,18 +171,19 @@ def create_app(config: ServeConfig, pipeline=None):
         if images > config.max_images:
             raise UsageError(f"{images} images per request is over this server's limit of {config.max_images}")
 
-    def run(req: GenerationRequest, n_iter: int, image=None, mask=None) -> tuple[list, list[str]]:
-        """In the engine thread: ``n_iter`` batches (A1111: seed + i for the i-th)."""
+    def run(req: GenerationRequest, n_iter: int, plan) -> tuple[list, list[str]]:
+        """In the engine thread: ``n_iter`` batches (A1111: seed + i for the i-th), on the plan made when the request
+        was checked (it does not depend on the seed)."""
         pipe = state["pipe"]
         images, infos = [], []
         for i in range(n_iter):
-            batch = req if req.seed is None else replace(req, seed=req.seed + i)
+            batch = replace(req, seed=req.seed + i)
             state["progress"] = i / n_iter
 
             def progress(done, total, i=i):
                 state["progress"] = (i + done / total) / n_iter
 
-            result = pipe.generate(batch, callback=progress, image=image, mask_image=mask)
+            result = pipe.generate(batch, callback=progress, plan=plan)
             m_batch.observe(batch.batch)
             images += result.images
             infos += result.parameters
@@ -226,9 +227,11 @@ def create_app(config: ServeConfig, pipeline=None):
         return (plan.width, plan.height, req.num_inference_steps, plan.table.name, req.guidance_scale, req.clip_skip,
                 max(c.count for c in plan.chunks.values()))
 
-    async def submit(request: Request, req: GenerationRequest, n_iter: int, image=None, mask=None):
+    async def submit(endpoint: str, request: Request, req: GenerationRequest, n_iter: int, image=None, mask=None):
         """Queue ``req`` for the engine thread and wait for it; a client that disconnects, or the timeout, takes it
         off the queue if it has not started."""
+        m_requests.labels(endpoint).inc()
+        t = time.perf_counter()
         if state["waiting"] >= config.max_queue:
             raise _QueueFull()
         if req.seed is None:  # chosen now: a batched request draws its own noise from it
@@ -237,9 +240,8 @@ def create_app(config: ServeConfig, pipeline=None):
             req = replace(req, seed=int(np.random.SeedSequence().entropy % (2**63)))
         plan = state["pipe"].plan(req, image, mask)  # every check before queueing: a bad request never waits
         loop = asyncio.get_running_loop()
-        job = Job(loop, lambda: run(req, n_iter, image, mask), req.batch * n_iter,
-                  batch_key(req, n_iter, plan) if image is None else None)
-        job.req, job.plan = req, plan
+        job = Job(loop, lambda: run(req, n_iter, plan), req.batch * n_iter,
+                  batch_key(req, n_iter, plan) if image is None else None, req, plan)
         state["waiting"] += 1
         m_queue.set(state["waiting"])
         try:
@@ -248,7 +250,10 @@ def create_app(config: ServeConfig, pipeline=None):
             while True:
                 done, _ = await asyncio.wait({job.future}, timeout=min(0.5, max(deadline - time.monotonic(), 0)))
                 if done:
-                    return job.future.result()
+                    images, infos = job.future.result()
+                    m_latency.observe(time.perf_counter() - t)
+                    m_images.inc(len(images))
+                    return images, infos
                 if time.monotonic() >= deadline:
                     raise asyncio.TimeoutError()
                 if await request.is_disconnected():
@@ -336,7 +341,6 @@ def create_app(config: ServeConfig, pipeline=None):
 
     def a1111_response(body: BaseModel, images, infos, seed: int | None) -> dict:
         encoded = [_png_b64(im, info) for im, info in zip(images, infos)]
-        m_images.inc(len(encoded))
         info = {"prompt": getattr(body, "prompt", ""), "all_prompts": [getattr(body, "prompt", "")] * len(encoded),
                 "seed": seed, "infotexts": infos, "sd_model_name": state["pipe"].model_name,
                 "sampler_name": getattr(body, "sampler_name", None)}
@@ -353,31 +357,22 @@ def create_app(config: ServeConfig, pipeline=None):
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):
-        m_requests.labels("txt2img").inc()
-        t = time.perf_counter()
-        req = to_request(body)
-        images, infos = await submit(request, req, body.n_iter)
-        m_latency.observe(time.perf_counter() - t)
+        images, infos = await submit("txt2img", request, to_request(body), body.n_iter)
         return a1111_response(body, images, infos, _seed(infos))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2Img, request: Request):
-        m_requests.labels("img2img").inc()
-        t = time.perf_counter()
         if not body.init_images:
             raise UsageError("init_images needs one base64 image")
         image = _decode_image(body.init_images[0], "init_images[0]")
         mask = _decode_image(body.mask, "mask") if body.mask else None
         req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
                          body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
-        images, infos = await submit(request, req, body.n_iter, image, mask)
-        m_latency.observe(time.perf_counter() - t)
+        images, infos = await submit("img2img", request, req, body.n_iter, image, mask)
         return a1111_response(body, images, infos, _seed(infos))
 
     @app.post("/v1/images/generations")
     async def openai_images(body: OpenAIImages, request: Request):
-        m_requests.labels("openai").inc()
-        t = time.perf_counter()
         if body.response_format != "b64_json":
             raise UsageError("response_format must be b64_json (this server returns no URLs)")
         try:
@@ -386,9 +381,7 @@ def create_app(config: ServeConfig, pipeline=None):
             raise UsageError(f"size must be WIDTHxHEIGHT, got {body.size!r}") from None
         check_limits(width, height, 30, body.n)
         req = GenerationRequest.create(body.prompt, None, 30, 7.5, height, width, None, body.n)
-        images, infos = await submit(request, req, 1)
-        m_latency.observe(time.perf_counter() - t)
-        m_images.inc(len(images))
+        images, infos = await submit("openai", request, req, 1)
         return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im, info), "revised_prompt": body.prompt}
                                                       for im, info in zip(images, infos)]}
 
@@ -433,8 +426,9 @@ class _QueueFull(Exception):
 class Job:
     """One request's work for the engine thread; its result goes back to the event loop that waits for it."""
 
-    def __init__(self, loop, fn, images: int, key=None):
+    def __init__(self, loop, fn, images: int, key=None, req=None, plan=None):
         self.loop, self.fn, self.images, self.key = loop, fn, images, key
+        self.req, self.plan = req, plan  # what a merged engine call needs of each request
         self.future = loop.create_future()
         self.cancelled = False  # the client went away or timed out: skipped if not started
 

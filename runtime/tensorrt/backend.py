@@ -354,11 +354,11 @@ class TrtEngine:
             loop.graphs.reset()  # captured launches are re-captured on the new weights
 
     def _base_weight(self, initializer: str) -> np.ndarray:
+        from sdtrt.runtime.lora import base_weight
+
         for entry in self.component.weights.values():
             if entry.initializer == initializer:
-                raw = np.memmap(self.path.parent / entry.file, np.uint8, "r")
-                n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
-                return np.array(raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape))
+                return base_weight(self.path.parent, entry)
         raise BackendError(f"{self.label}: no base weight recorded for {initializer}")
 
     def close(self) -> None:
