@@ -508,17 +508,54 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image")
     p.add_argument("--batch-window", type=_finite, default=50.0, metavar="MS",
                    help="how long a request waits for compatible ones to share its engine call (0: no batching)")
+    p.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN]",
+                   help="browser origins allowed to call the API (CORS; off unless given), as A1111's option")
+    r = p.add_argument_group("scale-out on Ray Serve (needs sdtrt[ray])")
+    r.add_argument("--ray", action="store_true",
+                   help="deploy on Ray Serve: Ray's proxy on --host:--port routes to replicas, one per GPU")
+    r.add_argument("--replicas", type=int, default=1, help="replicas (with --ray)")
+    r.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="Ray Serve autoscaling between MIN and MAX replicas instead of --replicas")
+    r.add_argument("--target-ongoing-requests", type=_finite, default=2.0,
+                   help="requests per replica that autoscaling aims at")
+    r.add_argument("--gpus-per-replica", type=_finite, default=None,
+                   help="GPUs Ray gives each replica (default: 1 where the cluster has GPUs)")
+    r.add_argument("--cpus-per-replica", type=_finite, default=1.0, help="CPUs Ray reserves for each replica")
+    r.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster (default: RAY_ADDRESS, else a local cluster started here)")
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
     _need("serve", "fastapi", "uvicorn", "prometheus_client")
-    from sdtrt.serve import ServeConfig, serve
+    from sdtrt.serve import RayConfig, ServeConfig, serve, serve_ray
 
-    serve(ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
-                      api_auth=args.api_auth,
-                      max_queue=args.max_queue, timeout_s=args.timeout, max_steps=args.max_steps,
-                      max_images=args.max_images, max_pixels=args.max_pixels, batch_window_ms=args.batch_window))
+    origins = tuple(o.strip() for o in args.cors_allow_origins.split(",")) if args.cors_allow_origins else ()
+    config = ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
+                         api_auth=args.api_auth, max_queue=args.max_queue, timeout_s=args.timeout,
+                         max_steps=args.max_steps, max_images=args.max_images, max_pixels=args.max_pixels,
+                         batch_window_ms=args.batch_window, cors_origins=origins)
+    ray_given = [flag for flag, value, default in (
+        ("--replicas", args.replicas, 1), ("--autoscale", args.autoscale, None),
+        ("--target-ongoing-requests", args.target_ongoing_requests, 2.0),
+        ("--gpus-per-replica", args.gpus_per_replica, None), ("--cpus-per-replica", args.cpus_per_replica, 1.0),
+        ("--ray-address", args.ray_address, None)) if value != default]
+    if not args.ray:
+        if ray_given:
+            raise UsageError(f"{ray_given[0]} is an option of Ray Serve scale-out: add --ray")
+        serve(config)
+        return 0
+    _need("ray", "ray")
+    low = high = None
+    if args.autoscale is not None:
+        low, sep, high = args.autoscale.partition(":")
+        if not (sep and low.strip().isdigit() and high.strip().isdigit()):
+            raise UsageError(f"--autoscale takes MIN:MAX replica counts, e.g. 1:4, got {args.autoscale!r}")
+        low, high = int(low), int(high)
+    serve_ray(config, RayConfig(replicas=args.replicas, min_replicas=low, max_replicas=high,
+                                target_ongoing_requests=args.target_ongoing_requests,
+                                num_gpus=args.gpus_per_replica, num_cpus=args.cpus_per_replica,
+                                address=args.ray_address), log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
 

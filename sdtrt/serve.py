@@ -6,8 +6,12 @@ A thin layer: requests become ``GenerationRequest``s (the library checks them; i
 bodies), one worker thread runs the engines (one process per GPU), the event loop only waits on it. A bounded queue
 answers 503 with ``Retry-After`` when full; each request has a timeout. Safe by default: 127.0.0.1 unless an API key
 is set, limits on body size, pixels, steps and images per request, no request field reaches the filesystem (images
-come as base64). Not here yet: dynamic batching of compatible requests, cancelling queued work of a client that
-went away, Ray Serve scale-out (see the issue's note).
+come as base64). Compatible txt2img requests that arrive within a short window share one engine call (``EngineWorker``);
+a client that goes away takes its queued work with it.
+
+Scale-out is Ray Serve's (``ray_app``, ``serve_ray``): the same FastAPI app is the ingress of a deployment with one
+replica per GPU; Ray's proxy routes requests to replicas and restarts dead ones, each replica batches as above. No
+load balancer of our own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import hmac
 import io
 import json
 import math
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -81,6 +87,7 @@ class ServeConfig:
     max_steps: int = 150
     max_images: int = 8  # per request (batch_size x n_iter)
     batch_window_ms: float = 50.0  # how long the first of compatible requests waits for others (0: no batching)
+    cors_origins: tuple[str, ...] = ()  # A1111's --cors-allow-origins; empty: no CORS headers at all
 
     def check(self) -> None:
         if self.host not in ("127.0.0.1", "localhost", "::1") and not (self.api_key or self.api_auth):
@@ -98,6 +105,9 @@ class ServeConfig:
             raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
         if not (math.isfinite(self.batch_window_ms) and 0 <= self.batch_window_ms <= 10_000):
             raise UsageError(f"--batch-window must be 0..10000 ms, got {self.batch_window_ms}")
+        for origin in self.cors_origins:
+            if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("//")[1]):
+                raise UsageError(f"--cors-allow-origins takes origins like https://app.example.com or *, got {origin!r}")
 
 
 def _png_b64(image, parameters: str) -> str:
@@ -130,8 +140,9 @@ def _decode_image(data: str, label: str):
     return image
 
 
-def create_app(config: ServeConfig, pipeline=None):
-    """The FastAPI application over ``config.folder`` (``pipeline``: one already loaded, for tests)."""
+def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
+    """The FastAPI application over ``config.folder`` (``pipeline``: one already loaded, for tests). ``replica``: this
+    process's name among several (Ray Serve's replica id), sent back as ``X-Sdtrt-Replica`` and in ``/ready``."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -302,6 +313,8 @@ def create_app(config: ServeConfig, pipeline=None):
                 if problem is None and length.isdigit() and int(length) > config.max_body_mb * 2**20:
                     problem = 413, {"error": "too_large",
                                     "detail": f"the body is over this server's limit of {config.max_body_mb:g} MB"}
+                if replica is not None:
+                    send = _with_header(send, b"x-sdtrt-replica", replica.encode())
                 if problem is not None:
                     await JSONResponse(problem[1], status_code=problem[0])(scope, receive, send)
                     return
@@ -313,6 +326,11 @@ def create_app(config: ServeConfig, pipeline=None):
     for pair in (config.api_auth or "").split(",") if config.api_auth else ():
         accepted.add("Basic " + base64.b64encode(pair.encode()).decode())
     app.add_middleware(Guard)
+    if config.cors_origins:  # outermost: it answers browsers' preflight requests, which carry no credentials
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.cors_origins)
 
     @app.exception_handler(SdtrtError)
     async def library_error(request: Request, ex: SdtrtError):
@@ -410,7 +428,7 @@ def create_app(config: ServeConfig, pipeline=None):
     async def ready():
         if state["pipe"] is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ready", "backend": state["pipe"].backend_name}
+        return {"status": "ready", "backend": state["pipe"].backend_name, "replica": replica, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def metrics():
@@ -421,6 +439,15 @@ def create_app(config: ServeConfig, pipeline=None):
 
 class _QueueFull(Exception):
     pass
+
+
+def _with_header(send, name: bytes, value: bytes):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return wrapped
 
 
 class Job:
@@ -519,3 +546,203 @@ def serve(config: ServeConfig) -> None:
     if not Path(config.folder).is_dir():
         raise UsageError(f"engine folder {config.folder} does not exist")
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+# ---- scale-out on Ray Serve --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the app is deployed on Ray Serve: a fixed number of replicas, or Ray Serve's autoscaling between
+    ``min_replicas`` and ``max_replicas`` aiming at ``target_ongoing_requests`` per replica. Each replica is one
+    process with its own engines and engine thread (and batching): one per GPU."""
+
+    replicas: int = 1
+    min_replicas: int | None = None  # with max_replicas: autoscaling instead of a fixed count
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    num_gpus: float | None = None  # per replica; None: 1 where the cluster (before connecting: this machine) has
+    # GPUs, 0 for onnxruntime-cpu; set it on clusters whose GPU nodes start on demand
+    num_cpus: float = 1.0  # per replica, as Ray schedules them
+    address: str | None = None  # an existing cluster; None: RAY_ADDRESS, else a local one started here
+    name: str = "sdtrt"  # the Ray Serve application's name
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise UsageError(f"--replicas must be at least 1, got {self.replicas}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise UsageError("autoscaling needs both min_replicas and max_replicas (--autoscale MIN:MAX)")
+        if self.max_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas >= 1:
+            raise UsageError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {self.min_replicas}:"
+                             f"{self.max_replicas}")
+        if not (math.isfinite(self.target_ongoing_requests) and self.target_ongoing_requests > 0):
+            raise UsageError(f"--target-ongoing-requests must be positive, got {self.target_ongoing_requests}")
+        for label, value in (("--gpus-per-replica", self.num_gpus), ("--cpus-per-replica", self.num_cpus)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{label} must be a non-negative number, got {value}")
+
+
+def ray_deployment_options(config: ServeConfig, ray_config: RayConfig) -> dict:
+    """Ray Serve's deployment options for ``config``: Ray never sends a replica more requests than its own queue
+    holds (``max_ongoing_requests``), queues at most as many again in each proxy (beyond that Ray answers 503), and
+    gives each replica a GPU where the cluster has them (Ray sets CUDA_VISIBLE_DEVICES, so the replica's device 0 is
+    its own GPU)."""
+    gpus = ray_config.num_gpus
+    if gpus is None and config.backend == "onnxruntime-cpu":
+        gpus = 0
+    elif gpus is None:
+        import ray
+
+        from sdtrt.runtime.backends import cuda_driver_device_count
+
+        # `serve run` builds the application before it connects to Ray: then this machine's GPUs decide
+        count = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else cuda_driver_device_count()
+        gpus = 1 if count >= 1 else 0
+    options: dict[str, Any] = {
+        "name": "sdtrt", "max_ongoing_requests": config.max_queue, "max_queued_requests": config.max_queue,
+        "ray_actor_options": {"num_gpus": gpus, "num_cpus": ray_config.num_cpus},
+        "graceful_shutdown_timeout_s": min(config.timeout_s, 120.0),  # in-flight requests finish
+    }
+    if ray_config.max_replicas is not None:
+        options["autoscaling_config"] = {"min_replicas": ray_config.min_replicas,
+                                         "max_replicas": ray_config.max_replicas,
+                                         "target_ongoing_requests": ray_config.target_ongoing_requests}
+    else:
+        options["num_replicas"] = ray_config.replicas
+    return options
+
+
+def ray_application(config: ServeConfig, ray_config: RayConfig = RayConfig()):
+    """The Ray Serve application: ``create_app`` as the ingress of one deployment. The app is built in each replica
+    (Ray's ingress builder), so each has its own engines, worker and metrics; ``X-Sdtrt-Replica`` names the replica
+    that answered."""
+    from ray import serve
+
+    def build():
+        from sdtrt.runtime import Pipeline
+
+        # loaded here, not in the app's startup event: Ray reports an exception of the replica's constructor with
+        # its message (a failed startup event only as "ASGI lifespan startup failed")
+        pipe = Pipeline.from_dir(config.folder, config.backend)
+        return create_app(config, pipeline=pipe, replica=serve.get_replica_context().replica_id.unique_id)
+
+    return serve.deployment(serve.ingress(build)(), **ray_deployment_options(config, ray_config)).bind()
+
+
+def ray_app(args: dict):
+    """Ray Serve application builder, for ``serve run sdtrt.serve:ray_app folder=/engines/sd15 replicas=2`` or a
+    RayService's ``import_path: sdtrt.serve:ray_app`` with ``args`` (``ray_configs`` reads them)."""
+    return ray_application(*ray_configs(args))
+
+
+def ray_configs(args: dict) -> tuple[ServeConfig, RayConfig]:
+    """The configs of ``ray_app``'s builder arguments: the fields of ``ServeConfig`` (host and port excepted: those are
+    Ray's ``http_options``) and of ``RayConfig`` (address excepted). ``serve run`` passes every value as a string;
+    numbers, booleans and JSON lists are read from it, comma-separated lists too."""
+    import dataclasses
+    import typing
+
+    from sdtrt.config import from_dict
+
+    fields = {c: {f.name: typing.get_type_hints(c)[f.name] for f in dataclasses.fields(c)}
+              for c in (ServeConfig, RayConfig)}
+    unknown = sorted(set(args) - set(fields[ServeConfig]) - set(fields[RayConfig]) |
+                     ({"host", "port", "address", "name"} & set(args)))
+    if unknown:
+        known = sorted((set(fields[ServeConfig]) | set(fields[RayConfig])) - {"host", "port", "address", "name"})
+        raise UsageError(f"sdtrt.serve:ray_app does not take {', '.join(unknown)}; it takes {', '.join(known)}")
+    if "folder" not in args:
+        raise UsageError("sdtrt.serve:ray_app needs folder=ENGINE_FOLDER")
+
+    def value(tp, v):
+        if not isinstance(v, str) or tp is str or (typing.get_origin(tp) is not tuple and str in typing.get_args(tp)):
+            return v
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v.split(",") if typing.get_origin(tp) is tuple else v
+
+    parts = []
+    for cls in (ServeConfig, RayConfig):
+        given = {k: value(fields[cls][k], v) for k, v in args.items() if k in fields[cls]}
+        try:
+            parts.append(from_dict(cls, given))
+        except ValueError as ex:
+            raise UsageError(f"sdtrt.serve:ray_app: {ex}") from None
+    config, ray_config = parts
+    config.check()
+    ray_config.check()
+    return config, ray_config
+
+
+def _replica_failure(name: str, ex: Exception) -> str:
+    """The replica's own error line (``sdtrt.errors.ManifestError: …``) from the deployment's status, else Ray's."""
+    import re
+
+    from ray import serve
+
+    try:
+        text = "\n".join(d.message for d in serve.status().applications[name].deployments.values())
+    except Exception:  # noqa: BLE001  (the status is a courtesy; Ray's own message stands without it)
+        text = ""
+    ours = re.findall(r"sdtrt\.errors\.(\w+: .+)", text)
+    return ours[-1] if ours else (text.strip().splitlines() or [str(ex)])[-1]
+
+
+def _ray_logs() -> str:
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path() + "/serve"  # a local cluster's
+    except AttributeError:
+        return "the Ray dashboard / session logs of the cluster"
+
+
+def serve_ray(config: ServeConfig, ray_config: RayConfig, log=print) -> None:
+    """``sdtrt serve --ray``: deploy on Ray Serve (an existing cluster, or a local one started here) with Ray's HTTP
+    proxy on ``config.host:config.port``, and keep it up until SIGINT/SIGTERM; then remove the application (and stop
+    the local cluster if it was started here)."""
+    import logging
+    import threading
+
+    import ray
+    from ray import serve
+
+    from sdtrt.manifest import Manifest
+
+    config.check()
+    ray_config.check()
+    folder = Path(config.folder).resolve()
+    if not folder.is_dir():
+        raise UsageError(f"engine folder {config.folder} does not exist")
+    Manifest.load(folder)  # a broken folder fails here with its own message, not in every replica
+    config = replace(config, folder=str(folder))  # replicas may start in another working directory
+    # "local": a cluster of our own, stopped with us (ray.init() alone would join any cluster `ray start` left here)
+    address = ray_config.address or os.environ.get("RAY_ADDRESS") or "local"
+    # replicas' output stays in Ray's log files (streamed here, a failing replica's traceback would print once per
+    # retry); the startup line names the folder
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    quiet = {"log_level": "WARNING"}  # Ray Serve logs every request at INFO; our /metrics counts them
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port}, logging_config=quiet)
+        try:
+            serve.run(ray_application(config, ray_config), name=ray_config.name, route_prefix="/",
+                      logging_config=quiet)
+        except RuntimeError as ex:  # a replica failed to start: the deployment's status holds its traceback
+            raise SdtrtError(f"Ray Serve could not start the replicas: {_replica_failure(ray_config.name, ex)}; "
+                             f"replica logs in {_ray_logs()}") from None
+        scale = (f"{ray_config.min_replicas}..{ray_config.max_replicas} replicas (autoscaling)"
+                 if ray_config.max_replicas is not None else f"{ray_config.replicas} replica(s)")
+        log(f"sdtrt: serving {folder} on http://{config.host}:{config.port} with Ray Serve, {scale}; "
+            f"Ray at {ray.get_runtime_context().gcs_address}, replica logs in {_ray_logs()}")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        try:
+            if address != "local":  # someone else's cluster: take our application off it, leave the rest
+                serve.delete(ray_config.name)
+        finally:
+            ray.shutdown()  # our own cluster stops with it

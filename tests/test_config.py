@@ -23,6 +23,14 @@ def test_bench_config_round_trips_through_json():
     assert from_dict(BenchConfig, json.loads(json.dumps(to_dict(config)))) == config
 
 
+def test_serve_configs_round_trip_through_json():
+    from sdtrt.serve import RayConfig, ServeConfig
+
+    for config in (ServeConfig(folder="e", api_auth="a:b", cors_origins=("https://x.example",), batch_window_ms=0),
+                   RayConfig(min_replicas=1, max_replicas=4, num_gpus=0.5, address="ray://head:10001")):
+        assert from_dict(type(config), json.loads(json.dumps(to_dict(config)))) == config
+
+
 def test_manifest_round_trips_through_json(tiny_export):
     _, manifest = tiny_export
     again = Manifest.from_json(manifest.to_json())

@@ -61,6 +61,9 @@ def png(b64: str):
 
 def test_every_read_endpoint_answers(server):
     url, _ = server
+    r = httpx.options(f"{url}/sdapi/v1/txt2img", headers={"Origin": "https://ui.example",
+                                                          "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers  # CORS is off unless configured
     assert httpx.get(f"{url}/health").json() == {"status": "alive"}
     assert httpx.get(f"{url}/ready").json()["status"] == "ready"
     names = [s["name"] for s in httpx.get(f"{url}/sdapi/v1/samplers").json()]
@@ -155,8 +158,18 @@ def test_binding_beyond_loopback_needs_an_api_key_and_the_key_is_checked(tiny_fp
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "binding to 0.0.0.0 exposes the server: set --api-key" in out.stderr
     proc, url = start(tiny_fp32[0], "--api-key", "s3cret", "--api-auth", "ann:pw1,bob:pw2", "--backend",
-                      "onnxruntime-cpu")
+                      "onnxruntime-cpu", "--cors-allow-origins", "https://ui.example")
     try:
+        # a browser's preflight carries no credentials: CORS answers it, for the configured origin only
+        preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        r = httpx.options(f"{url}/sdapi/v1/txt2img", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+        r = httpx.options(f"{url}/sdapi/v1/txt2img", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = httpx.get(f"{url}/sdapi/v1/samplers", headers={"Origin": "https://ui.example",
+                                                           "Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
         assert httpx.get(f"{url}/sdapi/v1/samplers").status_code == 401
         assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret"}).status_code == 200
