@@ -6,6 +6,7 @@ passed the parity gate, so an interrupted or failed export never leaves a half-w
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -202,8 +203,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
                        for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
         manifest = _export_into(model, config, tmp, log, controlnets)
         _commit(tmp, out)
-    except BaseException:
+    except BaseException as ex:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(ex, OSError) and ex.filename is None and ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            ex.filename = str(out.parent)  # which disk filled up (the ONNX writers do not say)
         raise
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return manifest

@@ -110,6 +110,10 @@ class Replay:
 def replay(text: str) -> Replay:
     """Read a ``parameters`` text (sdtrt's or A1111's) into settings; unsupported samplers are refused by name."""
     p = parse_infotext(text)
+    if "Steps" not in p:  # A1111 and sdtrt always write it; without it the text is a caption, not settings
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        raise UsageError(f"the image's parameters text ({first!r}...) holds no generation settings (no 'Steps: ...' "
+                         "line): it was not written by A1111 or sdtrt; give the prompt and settings instead")
 
     def number(key, kind):
         if key not in p:

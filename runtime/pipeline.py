@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from sdtrt.errors import MemoryLimitError, NumericalError, UsageError
-from sdtrt.fsutil import atomic_path
+from sdtrt.fsutil import atomic_paths
 from sdtrt.manifest import CONTROLNET_PREFIX, Manifest
 from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
 from sdtrt import __version__
@@ -963,14 +963,25 @@ def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
         raise ManifestError(f"cannot read {sched_file}: {ex}") from None
     if not isinstance(config, dict):
         raise ManifestError(f"{sched_file} does not hold a JSON object")
+    said = config.get("prediction_type", "epsilon")  # the samplers follow this one; the manifest must agree
+    if said != manifest.model.prediction_type:
+        raise ManifestError(f"{sched_file} says prediction_type {said!r}, manifest.json {manifest.model.prediction_type!r}:"
+                            " one of them was edited; re-export the model (or pass --prediction-type at export)")
     return tokenizer, config
 
 
 def save_png(image, path: Path, parameters: str) -> None:
     """Write a PNG with the generation parameters in a 'parameters' text chunk; temp file, then rename."""
+    save_pngs([image], [path], [parameters])
+
+
+def save_pngs(images, paths, parameters, overwrite: bool = True) -> None:
+    """``save_png`` for images that belong together (one generation's batch): all appear, or none (``atomic_paths``);
+    ``overwrite=False`` refuses a path that something else created meanwhile."""
     from PIL import PngImagePlugin
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    with atomic_path(Path(path)) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    with atomic_paths([Path(p) for p in paths], overwrite=overwrite) as temps:
+        for image, tmp, text in zip(images, temps, parameters, strict=True):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", text)
+            image.save(tmp, format="PNG", pnginfo=info)

@@ -18,13 +18,9 @@ import signal
 import sys
 from typing import Sequence
 
-from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.errors import SdtrtError, Terminated, UsageError
 
 REPORT = "https://github.com/sdtrt/sdtrt/issues"
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -345,6 +341,7 @@ def _output_paths(output: str, count: int, force: bool):
             raise UsageError(f"cannot write {target}: it is a folder")
         if target.exists() and not force:
             raise UsageError(f"{target} exists (pass --force to overwrite it)")
+    for target in {paths[0], paths[-1]}:  # one folder: the first name and the longest stand for the rest
         try:
             check_writable(target)
         except OSError as ex:
@@ -386,7 +383,7 @@ def _generation_settings(args) -> tuple[dict, int | None]:
 
 
 def _cmd_generate(args) -> int:
-    from sdtrt.runtime import Pipeline, save_png
+    from sdtrt.runtime import Pipeline, save_pngs
     from sdtrt.runtime.request import GenerationRequest
 
     s, keep = _generation_settings(args)
@@ -419,8 +416,10 @@ def _cmd_generate(args) -> int:
         with _progress(table.num_steps) as bar:
             result = pipe.generate(request, callback=bar, plan=plan)
         images = list(zip(result.images, result.parameters))
-        for (image, params), path in zip(images if keep is None else images[keep:keep + 1], paths):
-            save_png(image, path, params)
+        images = images if keep is None else images[keep:keep + 1]
+        # all or none, and without --force never over a file another run wrote meanwhile
+        save_pngs([im for im, _ in images], paths, [p for _, p in images], overwrite=args.force)
+        for path in paths:
             print(path)
         t = result.timings
         encode = f"vae encoder {t['vae_encoder']:.2f}s, " if plan.sources is not None else ""
@@ -516,8 +515,8 @@ def _add_serve(sub) -> None:
     r.add_argument("--replicas", type=int, default=1, help="replicas (with --ray)")
     r.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                    help="Ray Serve autoscaling between MIN and MAX replicas instead of --replicas")
-    r.add_argument("--target-ongoing-requests", type=_finite, default=2.0,
-                   help="requests per replica that autoscaling aims at")
+    r.add_argument("--target-ongoing-requests", type=_finite, default=None,
+                   help="requests per replica that autoscaling aims at (default 2)")
     r.add_argument("--gpus-per-replica", type=_finite, default=None,
                    help="GPUs Ray gives each replica (default: 1 where the cluster has GPUs)")
     r.add_argument("--cpus-per-replica", type=_finite, default=1.0, help="CPUs Ray reserves for each replica")
@@ -537,7 +536,7 @@ def _cmd_serve(args) -> int:
                          batch_window_ms=args.batch_window, cors_origins=origins)
     ray_given = [flag for flag, value, default in (
         ("--replicas", args.replicas, 1), ("--autoscale", args.autoscale, None),
-        ("--target-ongoing-requests", args.target_ongoing_requests, 2.0),
+        ("--target-ongoing-requests", args.target_ongoing_requests, None),
         ("--gpus-per-replica", args.gpus_per_replica, None), ("--cpus-per-replica", args.cpus_per_replica, 1.0),
         ("--ray-address", args.ray_address, None)) if value != default]
     if not args.ray:

@@ -1,6 +1,10 @@
 """Typed exceptions shared by every stage. The CLI turns each into one line and exit code 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is (the CLI's handler) so that cleanup runs as for Ctrl-C."""
+
+
 class SdtrtError(Exception):
     """Base class: a problem the user can fix (bad input, missing file, unsupported model)."""
 

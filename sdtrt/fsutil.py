@@ -60,16 +60,66 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
 @contextmanager
 def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to ``path``, on any failure removed."""
-    tmp = temp_path(path, suffix=suffix)
-    try:
+    with atomic_paths([path], suffix) as (tmp,):
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
+
+
+@contextmanager
+def atomic_paths(paths, suffix: str = "", overwrite: bool = True) -> Iterator[list[Path]]:
+    """Temporary paths for files that belong together: each is renamed onto its path once all are written, and all
+    are removed on any failure (a disk that fills up at the second of two images leaves neither). An ``OSError``
+    without a file name gets the one it was about (the folder, for several files). ``overwrite=False``: a path that
+    something else created meanwhile is not replaced (hard link, which refuses an existing name): FileExistsError,
+    and what this call had already put in place is taken back."""
+    paths = [Path(p) for p in paths]
+    temps = [temp_path(p, suffix=suffix) for p in paths]
+    placed: list[Path] = []
+    try:
         try:
-            tmp.unlink()
-        except OSError:
-            pass
+            yield temps
+        except OSError as ex:
+            if ex.filename is None or str(ex.filename) in map(str, temps):
+                where = {str(t): p for t, p in zip(temps, paths)}.get(str(ex.filename))
+                ex.filename = str(where or (paths[0] if len(paths) == 1 else paths[0].parent))
+            raise
+        for tmp, path in zip(temps, paths):
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _place_new(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for tmp in temps:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        for path in placed if not overwrite else ():
+            try:
+                path.unlink()
+            except OSError:
+                pass
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` unless ``path`` exists, atomically where the filesystem has hard links."""
+    import errno
+
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "it was created while this ran (another process?); --force replaces it",
+                              str(path)) from None
+    except OSError as ex:
+        if ex.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # no hard links here (FAT, some network filesystems): check, then rename
+            raise FileExistsError(errno.EEXIST, "it was created while this ran (another process?); --force replaces "
+                                  "it", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -129,6 +129,50 @@ def test_force_overwrites_an_existing_image(cli, engine, tmp_path):
     assert code == 0, err and (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_image_another_run_wrote_meanwhile_is_kept(cli, engine, tmp_path, monkeypatch):
+    tmp_path = tmp_path / "out"  # the engine fixture may share the test's folder
+    tmp_path.mkdir()
+    import sdtrt.runtime.pipeline as pipeline
+
+    generate = pipeline.Pipeline.generate
+
+    def racing(self, *args, **kwargs):  # a concurrent `generate -o x-1.png` finishes while this one runs
+        result = generate(self, *args, **kwargs)
+        (tmp_path / "x-1.png").write_bytes(b"theirs")
+        return result
+
+    monkeypatch.setattr(pipeline.Pipeline, "generate", racing)
+    code, _, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--num-images", 2,
+                       "-o", tmp_path / "x.png")
+    one_line(code, err, "generate", "it was created while this ran (another process?); --force replaces it",
+             progress=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-1.png"]  # and x-0.png is not left alone either
+    assert (tmp_path / "x-1.png").read_bytes() == b"theirs"
+
+
+def test_a_disk_that_fills_up_at_the_second_image_leaves_none(cli, engine, tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
+
+    save, calls = Image.Image.save, []
+
+    def full_disk(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code, _, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--num-images", 2,
+                       "-o", tmp_path / "x.png")
+    one_line(code, err, "generate", f"No space left on device: {tmp_path}", progress=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- generate from an image ---------------------------------------------------------------------------------
 
 def _images(folder):
@@ -243,6 +287,9 @@ def _edit_manifest(engine, edit):
     (lambda e: ((e / "manifest.json").rename(e / "m"), (e / "manifest.json").mkdir()), "manifest.json is not a file"),
     (lambda e: _edit_manifest(e, lambda d: d["components"]["unet"]["inputs"][0].update(name="lat")),
      "unet.onnx has no tensor 'lat', which manifest.json lists"),
+    # the samplers follow the scheduler config: a manifest that says otherwise was edited (was: ignored, exit 0)
+    (lambda e: _edit_manifest(e, lambda d: d["model"].update(prediction_type="v_prediction")),
+     "says prediction_type 'epsilon', manifest.json 'v_prediction'"),
 ])
 def test_broken_engine_folders(cli, engine, tmp_path, breakage, needle):
     breakage(engine)
@@ -357,11 +404,12 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(cli, tmp_path,
     from sdtrt.export import onnx_tools
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o"))
+        raise OSError(errno.ENOSPC, "No space left on device")  # as ONNX's writers raise it: no file name
 
     monkeypatch.setattr(onnx_tools, "convert_to_fp16", full)
     code, _, err = cli("export", "tiny", "--out", tmp_path / "o", "--size", "64:128")
-    assert code == 2 and err.splitlines()[-1].startswith("sdtrt export: error: No space left on device")
+    # the message says which disk: the output's folder
+    assert code == 2 and err.splitlines()[-1] == f"sdtrt export: error: No space left on device: {tmp_path}"
     assert list(tmp_path.iterdir()) == []
 
 

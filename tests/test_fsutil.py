@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from sdtrt.fsutil import atomic_path, remove_stale, temp_path, write_atomic
+import errno
+
+from sdtrt.fsutil import atomic_path, atomic_paths, remove_stale, temp_path, write_atomic
 
 
 def dead_pid():
@@ -25,6 +27,35 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
     write_atomic(target, "new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_files_that_belong_together_appear_all_or_none(tmp_path):
+    paths = [tmp_path / "out-0.png", tmp_path / "out-1.png"]
+    with pytest.raises(OSError) as info:  # a disk that fills up at the second image: neither is left
+        with atomic_paths(paths) as temps:
+            temps[0].write_bytes(b"first")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    assert info.value.filename == str(tmp_path)  # the message names where: the folder, for several files
+    with pytest.raises(OSError) as info:
+        with atomic_paths([paths[0]]):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.filename == str(paths[0])
+    with atomic_paths(paths) as temps:
+        for k, tmp in enumerate(temps):
+            tmp.write_bytes(b"%d" % k)
+    assert [p.read_bytes() for p in paths] == [b"0", b"1"] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_without_overwrite_a_file_made_meanwhile_is_kept_and_ours_taken_back(tmp_path):
+    paths = [tmp_path / "out-0.png", tmp_path / "out-1.png"]
+    with pytest.raises(FileExistsError, match="created while this ran") as info:
+        with atomic_paths(paths, overwrite=False) as temps:
+            for tmp in temps:
+                tmp.write_bytes(b"ours")
+            paths[1].write_bytes(b"another run's")  # a concurrent `generate -o out.png` finished first
+    assert info.value.filename == str(paths[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-1.png"] and paths[1].read_bytes() == b"another run's"
 
 
 def test_only_leftovers_of_dead_processes_are_removed(tmp_path):

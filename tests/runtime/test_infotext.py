@@ -65,6 +65,9 @@ def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2.5, Batch pos: 0", "Batch size: '2.5', not a positive"),
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2, Batch pos: -1", "Batch pos: '-1', not a non-negative"),
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch pos: 1", "Batch pos: 1 with Batch size: 1"),
+    # a caption someone else put in the chunk is not a generation to replay (it would run as a prompt with defaults)
+    ("\x00\x01 garbage \xff", "holds no generation settings (no 'Steps: ...' line)"),
+    ("a cat, by someone\nSampler: Euler, Seed: 3, Size: 64x64", "holds no generation settings"),
 ])
 def test_parameters_sdtrt_cannot_replay_are_refused_by_name(text, needle):
     with pytest.raises(UsageError, match=re.escape(needle)):
