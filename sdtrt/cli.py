@@ -810,8 +810,22 @@ class _StderrHandler:
         self.logger.removeHandler(self.handler)
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    """SIGTERM raises ``Terminated``, SIGINT ``KeyboardInterrupt``, where the program is, so cleanup runs, except
+    inside an import: there the exception can surface in a C++ extension's module code (torch's), which aborts
+    the process (pybind11's ``error_already_set`` -> std::terminate, seen in 1 of ~40 SIGTERMs during an export's
+    first second); the signal is sent again 50 ms later instead, until the import is done."""
+    import threading
+
+    f = frame
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
+        f = f.f_back
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -819,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "")
     prefix = f"sdtrt {command}".strip()
     debug = os.environ.get("SDTRT_DEBUG", "") not in ("", "0")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     try:
         with _StderrHandler(prefix):
             parser = build_parser()
@@ -868,8 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{REPORT}; SDTRT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main_thread() -> bool:

@@ -736,15 +736,17 @@ def serve_ray(config: ServeConfig, ray_config: RayConfig, log=print) -> None:
         _check_port_free(config.host, config.port)
     import signal
 
-    on_term = signal.getsignal(signal.SIGTERM)
+    ours = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         # replicas' output stays in Ray's log files (streamed here, a failing replica's traceback would print once
         # per retry); the startup line names the folder
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except ConnectionError as ex:
         raise SdtrtError(f"no Ray cluster at {address}: {str(ex).strip().splitlines()[0]}") from None
-    if threading.current_thread() is threading.main_thread() and on_term is not None:
-        signal.signal(signal.SIGTERM, on_term)  # Ray's own handler aborts the process: ours stops it cleanly
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ours.items():  # Ray's own SIGTERM handler aborts the process: ours stops it cleanly
+            if handler is not None:
+                signal.signal(sig, handler)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     quiet = {"log_level": "WARNING"}  # Ray Serve logs every request at INFO; our /metrics counts them
     options: dict[str, Any] = {}
