@@ -155,6 +155,8 @@ class LoadedModel:
 
     @property
     def prediction_type(self) -> str:
+        if "prediction_type" in (self.scheduler_config.get("_use_default_values") or ()):
+            return "epsilon"  # diffusers ignores a value it lists as defaulted
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     def save_pretrained(self, folder: Path) -> None:
@@ -351,6 +353,16 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Architecture | Pa
 
 
 @lru_cache(maxsize=2)
+def with_prediction_type(scheduler_config: dict, prediction_type: str) -> dict:
+    """The config with ``prediction_type`` set, and no longer listed in ``_use_default_values`` (which would make
+    diffusers, and our samplers, ignore it)."""
+    unset = [k for k in scheduler_config.get("_use_default_values") or () if k != "prediction_type"]
+    out = {**scheduler_config, "prediction_type": prediction_type}
+    if "_use_default_values" in scheduler_config:
+        out["_use_default_values"] = unset
+    return out
+
+
 def load_model(source: str, allow_pickle: bool = False, seed: int = 0, config: str | None = None,
                prediction_type: str | None = None, tokenizer: str | None = None) -> LoadedModel:
     """Load a built-in architecture (seeded random weights), a diffusers folder or a single-file checkpoint
@@ -373,5 +385,5 @@ def load_model(source: str, allow_pickle: bool = False, seed: int = 0, config: s
     if prediction_type:
         from dataclasses import replace
 
-        model = replace(model, scheduler_config={**model.scheduler_config, "prediction_type": prediction_type})
+        model = replace(model, scheduler_config=with_prediction_type(model.scheduler_config, prediction_type))
     return model

@@ -140,7 +140,9 @@ def load_single_file(path: Path, config: str | None = None, prediction_type: str
     scheduler_config = dict(make_scheduler({"_class_name": arch.scheduler_class, **arch.scheduler}).config)
     scheduler_config["_class_name"] = arch.scheduler_class
     if prediction_type:
-        scheduler_config["prediction_type"] = prediction_type
+        from sdtrt.export.loaders import with_prediction_type
+
+        scheduler_config = with_prediction_type(scheduler_config, prediction_type)
     return LoadedModel(family=arch.family, source=str(path), text_encoder=pipe.text_encoder.float().eval(),
                        tokenizer=pipe.tokenizer, unet=pipe.unet.float().eval(), vae=pipe.vae.float().eval(),
                        scheduler_config=_jsonable(scheduler_config))

@@ -963,7 +963,8 @@ def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
         raise ManifestError(f"cannot read {sched_file}: {ex}") from None
     if not isinstance(config, dict):
         raise ManifestError(f"{sched_file} does not hold a JSON object")
-    said = config.get("prediction_type", "epsilon")  # the samplers follow this one; the manifest must agree
+    unset = set(config.get("_use_default_values") or ())  # as diffusers_config reads it: what the samplers run
+    said = config.get("prediction_type", "epsilon") if "prediction_type" not in unset else "epsilon"
     if said != manifest.model.prediction_type:
         raise ManifestError(f"{sched_file} says prediction_type {said!r}, manifest.json {manifest.model.prediction_type!r}:"
                             " one of them was edited; re-export the model (or pass --prediction-type at export)")

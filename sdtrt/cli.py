@@ -339,7 +339,7 @@ def _output_paths(output: str, count: int, force: bool):
             raise UsageError(f"cannot write {target}: {folder} is a file, not a folder")
         if target.is_dir():
             raise UsageError(f"cannot write {target}: it is a folder")
-        if target.exists() and not force:
+        if os.path.lexists(target) and not force:  # a dangling symlink too: the final link would refuse it
             raise UsageError(f"{target} exists (pass --force to overwrite it)")
     for target in {paths[0], paths[-1]}:  # one folder: the first name and the longest stand for the rest
         try:
@@ -810,22 +810,38 @@ class _StderrHandler:
         self.logger.removeHandler(self.handler)
 
 
+_deferred: dict = {"signal": None, "thread": None}  # a signal that arrived during an import, not yet raised
+
+
 def _on_signal(signum, frame):
     """SIGTERM raises ``Terminated``, SIGINT ``KeyboardInterrupt``, where the program is, so cleanup runs, except
     inside an import: there the exception can surface in a C++ extension's module code (torch's), which aborts
     the process (pybind11's ``error_already_set`` -> std::terminate, seen in 1 of ~40 SIGTERMs during an export's
-    first second); the signal is sent again 50 ms later instead, until the import is done."""
+    first second). Then the signal is kept (one, however many arrive) and sent again every 50 ms by one thread
+    until the import is over; ``main`` turns one still kept at its end into its exit code."""
     import threading
 
     f = frame
     while f is not None:
         if f.f_code.co_filename.startswith("<frozen importlib"):
-            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
-            timer.daemon = True
-            timer.start()
+            if _deferred["signal"] is None:
+                _deferred["signal"] = signum
+                thread = threading.Thread(target=_resend, args=(signum,), daemon=True)
+                _deferred["thread"] = thread
+                thread.start()
             return
         f = f.f_back
+    _deferred["signal"] = None
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _resend(signum: int) -> None:
+    import time
+
+    while _deferred["signal"] == signum and signal.getsignal(signum) is _on_signal:
+        time.sleep(0.05)
+        if _deferred["signal"] == signum and signal.getsignal(signum) is _on_signal:
+            os.kill(os.getpid(), signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -834,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"sdtrt {command}".strip()
     debug = os.environ.get("SDTRT_DEBUG", "") not in ("", "0")
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    _deferred["signal"] = None
     try:
         with _StderrHandler(prefix):
             parser = build_parser()
@@ -882,8 +899,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{REPORT}; SDTRT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
+        kept, _deferred["signal"] = _deferred["signal"], None  # stops the resending thread
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(sig, handler)
+        if kept is not None:  # arrived during an import and was never raised: it still ends the run
+            print(f"{prefix}: {'terminated' if kept == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+            return 143 if kept == signal.SIGTERM else 130  # noqa: B012
 
 
 def _main_thread() -> bool:

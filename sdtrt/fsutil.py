@@ -70,7 +70,8 @@ def atomic_paths(paths, suffix: str = "", overwrite: bool = True) -> Iterator[li
     are removed on any failure (a disk that fills up at the second of two images leaves neither). An ``OSError``
     without a file name gets the one it was about (the folder, for several files). ``overwrite=False``: a path that
     something else created meanwhile is not replaced (hard link, which refuses an existing name): FileExistsError,
-    and what this call had already put in place is taken back."""
+    and what this call had already put in place is taken back. With ``overwrite``, a failure between two renames
+    (rare: the data is written by then) leaves the earlier ones replaced."""
     paths = [Path(p) for p in paths]
     temps = [temp_path(p, suffix=suffix) for p in paths]
     placed: list[Path] = []
@@ -83,20 +84,23 @@ def atomic_paths(paths, suffix: str = "", overwrite: bool = True) -> Iterator[li
                 ex.filename = str(where or (paths[0] if len(paths) == 1 else paths[0].parent))
             raise
         for tmp, path in zip(temps, paths):
+            st = os.stat(tmp)
             if overwrite:
                 os.replace(tmp, path)
             else:
                 _place_new(tmp, path)
-            placed.append(path)
+            placed.append((path, (st.st_dev, st.st_ino)))
     except BaseException:
         for tmp in temps:
             try:
                 tmp.unlink()
             except OSError:
                 pass
-        for path in placed if not overwrite else ():
+        for path, ident in placed if not overwrite else ():
             try:
-                path.unlink()
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == ident:  # still ours: another run may have replaced it since
+                    path.unlink()
             except OSError:
                 pass
         raise
@@ -112,7 +116,7 @@ def _place_new(tmp: Path, path: Path) -> None:
         raise FileExistsError(errno.EEXIST, "it was created while this ran (another process?); --force replaces it",
                               str(path)) from None
     except OSError as ex:
-        if ex.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+        if ex.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
             raise
         if path.exists():  # no hard links here (FAT, some network filesystems): check, then rename
             raise FileExistsError(errno.EEXIST, "it was created while this ran (another process?); --force replaces "

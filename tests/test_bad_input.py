@@ -438,6 +438,32 @@ def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path):
+    # raised inside an import it can surface in a C++ extension's module code (torch's) and abort the process
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)  # a second one while it is kept: still one Terminated\n"
+        "time.sleep(0.3)\n"
+        "DONE = True\n")
+    script = ("import signal, sys, time\n"
+              "from sdtrt.cli import _on_signal\n"
+              "from sdtrt.errors import Terminated\n"
+              "signal.signal(signal.SIGTERM, _on_signal)\n"
+              f"sys.path.insert(0, {str(tmp_path)!r})\n"
+              "try:\n"
+              "    import slow_module\n"
+              "    time.sleep(2)\n"
+              "    print('no signal')\n"
+              "except Terminated:\n"
+              "    print('terminated, import done:', 'slow_module' in sys.modules)\n"
+              "time.sleep(0.3)\n"
+              "print('only once')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split("\n")[:2] == ["terminated, import done: True", "only once"], \
+        (out.returncode, out.stdout, out.stderr)
+
+
 @pytest.mark.parametrize("breakage, needle", [
     (lambda d: [p.unlink() for p in (d / "tokenizer").iterdir()], "holds no usable CLIP tokenizer"),
     (lambda d: (d / "unet" / "config.json").write_text(

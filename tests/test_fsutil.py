@@ -58,6 +58,25 @@ def test_without_overwrite_a_file_made_meanwhile_is_kept_and_ours_taken_back(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-1.png"] and paths[1].read_bytes() == b"another run's"
 
 
+def test_taking_back_spares_a_file_another_run_put_in_place_meanwhile(tmp_path, monkeypatch):
+    paths = [tmp_path / "out-0.png", tmp_path / "out-1.png"]
+    real_link = os.link
+
+    def link_then_replaced(src, dst):  # a --force run replaces out-0.png right after this one placed it
+        real_link(src, dst)
+        if str(dst).endswith("out-0.png"):
+            (tmp_path / "x").write_bytes(b"theirs too")
+            os.replace(tmp_path / "x", dst)
+
+    monkeypatch.setattr(os, "link", link_then_replaced)
+    with pytest.raises(FileExistsError):
+        with atomic_paths(paths, overwrite=False) as temps:
+            for tmp in temps:
+                tmp.write_bytes(b"ours")
+            paths[1].write_bytes(b"theirs")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"out-0.png": b"theirs too", "out-1.png": b"theirs"}
+
+
 def test_only_leftovers_of_dead_processes_are_removed(tmp_path):
     dead = dead_pid()
     stale_dir = tmp_path / f".engine.tmp-{dead}"
