@@ -352,7 +352,6 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Architecture | Pa
     return path
 
 
-@lru_cache(maxsize=2)
 def with_prediction_type(scheduler_config: dict, prediction_type: str) -> dict:
     """The config with ``prediction_type`` set, and no longer listed in ``_use_default_values`` (which would make
     diffusers, and our samplers, ignore it)."""
@@ -363,6 +362,7 @@ def with_prediction_type(scheduler_config: dict, prediction_type: str) -> dict:
     return out
 
 
+@lru_cache(maxsize=2)
 def load_model(source: str, allow_pickle: bool = False, seed: int = 0, config: str | None = None,
                prediction_type: str | None = None, tokenizer: str | None = None) -> LoadedModel:
     """Load a built-in architecture (seeded random weights), a diffusers folder or a single-file checkpoint

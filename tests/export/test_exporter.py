@@ -237,3 +237,15 @@ def test_a_scheduler_config_only_other_samplers_can_run_is_exported_with_a_warni
     assert "--scheduler" in logs[0] and "euler" in logs[0]
     with pytest.raises(ModelSourceError, match="no sampler of sdtrt can run its scheduler config"):
         _check_scheduler({**sd15, "beta_schedule": "cosine"}, "m", logs.append)
+
+
+def test_prediction_type_override_is_what_diffusers_runs():
+    from diffusers import DDIMScheduler
+
+    from sdtrt.export.loaders import load_model, with_prediction_type
+
+    assert load_model("tiny", prediction_type="v_prediction").prediction_type == "v_prediction"
+    # a key listed in _use_default_values is ignored by diffusers: the override must take it off that list
+    config = with_prediction_type({"_use_default_values": ["prediction_type", "steps_offset"]}, "v_prediction")
+    assert DDIMScheduler.from_config(config).config.prediction_type == "v_prediction"
+    assert config["_use_default_values"] == ["steps_offset"]
