@@ -8,33 +8,11 @@ torch is needed), then ``Pipeline.set_loras`` A, B, A again and none, each timed
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-TARGETS = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q|k|v|out)_proj)$")
-
-
-def random_lora(manifest, path: Path, rank: int, seed: int) -> int:
-    """A kohya-layout LoRA over the attention projections in the manifest's weight maps; returns its layer count."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for graph, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_text_model_")):
-        for module, entry in manifest.components[graph].weights.items():
-            if not TARGETS.search(module):
-                continue
-            out_f, in_f = entry.shape[::-1] if entry.transposed else entry.shape
-            name = prefix + module.replace(".", "_")
-            tensors[f"{name}.lora_down.weight"] = (0.05 * rng.standard_normal((rank, in_f))).astype(np.float16)
-            tensors[f"{name}.lora_up.weight"] = (0.05 * rng.standard_normal((out_f, rank))).astype(np.float16)
-            tensors[f"{name}.alpha"] = np.array(float(rank), np.float16)
-    save_file(tensors, str(path))
-    return len(tensors) // 3
+from sdtrt.runtime.synthetic import random_lora
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrt.errors import ModelSourceError, OutputExistsError, UsageError, ValidationError
-from sdtrt.fsutil import remove_stale, temp_path
+from sdtrt.fsutil import remove_stale, replace_entries, temp_path
 from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
 from sdtrt.export.controlnet import BUILTIN_CONTROLNET, parse_spec
-from sdtrt.manifest import CONTROLNET_PREFIX
+from sdtrt.manifest import CONTROLNET_PREFIX, MANIFEST_NAME, owned_entries
 from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
 from sdtrt.runtime.prompts import MAX_CHUNKS
 
@@ -131,10 +132,9 @@ def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} is a file, not a folder (--force replaces folders only)")
     if out.exists() and not force:
-        raise OutputExistsError(f"output folder {out} already exists (pass --force to replace it)")
-    if out.exists() and not _replaceable(out):
-        raise OutputExistsError(f"{out} is not an sdtrt engine folder (no manifest.json) and not empty: --force "
-                                "replaces only engine folders; choose another --out, or move it away yourself")
+        what = "an sdtrt engine folder" if owned_entries(out) is not None else "a folder that is not an sdtrt engine folder"
+        raise OutputExistsError(f"output folder {out} already exists ({what}); pass --force to replace sdtrt's files in "
+                                "it (files of yours there are kept)")
     tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -143,17 +143,6 @@ def _prepare_out(out: Path, force: bool) -> Path:
     except OSError as ex:
         raise UsageError(f"cannot write to {parent}: {ex.strerror}") from None
     return tmp
-
-
-def _replaceable(folder: Path) -> bool:
-    """An empty folder, or one an export wrote (its manifest.json, of any schema version): what --force may delete."""
-    try:
-        if not any(folder.iterdir()):
-            return True
-        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "schema_version" in data and "components" in data
 
 
 def _check_not_source(out: Path, source: Path) -> None:
@@ -165,14 +154,18 @@ def _check_not_source(out: Path, source: Path) -> None:
                          "choose an --out outside it")
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = temp_path(out, "old")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _commit(tmp: Path, out: Path, log) -> None:
+    """Put the export in place. Into an existing folder (``--force``), only sdtrt's files are replaced: what its old
+    manifest lists (graphs, engines, tokenizer, scheduler) and the names the new export writes; every other file of
+    the folder stays (a user's images, notes, subfolders)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    owned = owned_entries(out) or set()
+    foreign = sorted(e.name for e in tmp.iterdir() if e.name not in owned and os.path.lexists(out / e.name))
+    if foreign:
+        log(f"warning: replacing {', '.join(foreign)} in {out}, which no sdtrt manifest there listed (--force)")
+    replace_entries(tmp, out, owned, last=MANIFEST_NAME)
 
 
 def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
@@ -202,7 +195,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
         controlnets = {name: load_controlnet(source, model, config, log, index)
                        for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
         manifest = _export_into(model, config, tmp, log, controlnets)
-        _commit(tmp, out)
+        _commit(tmp, out, log)
     except BaseException as ex:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(ex, OSError) and ex.filename is None and ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -189,18 +189,77 @@ def _controls(p: dict[str, str]) -> tuple[dict, ...]:
     return tuple(controls)
 
 
-def read_png_parameters(path) -> str:
-    """The ``parameters`` text chunk of a PNG (sdtrt's or A1111's)."""
+# output formats by file suffix, as A1111 saves them (modules/images.py, save_image_with_geninfo)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+JPEG_QUALITY = 80  # A1111's default jpeg_quality (also used for lossy WebP)
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag
+# EXIF UserComment character codes (EXIF 2.3, 4.6.5): 8 bytes before the text; piexif's "unicode" is UTF-16 BE
+_COMMENT_CODES = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
+_JPEG_EXIF_MAX = 65533  # one APP1 segment
+
+
+def write_image(image, fp, parameters: str, fmt: str = "PNG") -> None:
+    """Save ``image`` with its ``parameters`` text where A1111 puts it, so its PNG Info tab and ``--from-png`` read it:
+    PNG: a ``parameters`` text chunk; JPEG and WebP: the EXIF UserComment in piexif's "unicode" encoding
+    (``UNICODE\\0`` + UTF-16 BE), quality 80 as A1111's defaults."""
+    from PIL import PngImagePlugin
+
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(fp, format="PNG", pnginfo=info)
+        return
+    data = _exif_user_comment(b"UNICODE\0" + parameters.encode("utf-16-be"))
+    if fmt == "JPEG" and len(data) > _JPEG_EXIF_MAX:
+        raise UsageError(f"the generation parameters ({len(parameters)} characters) do not fit in a JPEG's EXIF "
+                         "block (64 KB): save as .png or .webp")
+    image.convert("RGB").save(fp, format=fmt, quality=JPEG_QUALITY, exif=data)
+
+
+def _exif_user_comment(comment: bytes) -> bytes:
+    """An EXIF block holding only the Exif sub-IFD's UserComment, typed UNDEFINED as EXIF 2.3 (4.6.5) requires and as
+    piexif (A1111's reader) returns it as bytes. Written here because Pillow's ``Image.Exif`` types bytes as BYTE,
+    which piexif reads back as a tuple of ints that A1111 cannot decode. Big-endian TIFF: header, IFD0 with the
+    Exif-IFD pointer, the Exif IFD with one entry, then the comment."""
+    import struct
+
+    exif_ifd = 8 + 2 + 12 + 4  # header, IFD0's entry count, one entry, next-IFD offset
+    value = exif_ifd + 2 + 12 + 4
+    return (b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8)
+            + struct.pack(">HHHII", 1, _EXIF_IFD, 4, 1, exif_ifd) + struct.pack(">I", 0)
+            + struct.pack(">HHHII", 1, _USER_COMMENT, 7, len(comment), value) + struct.pack(">I", 0) + comment)
+
+
+def _user_comment(data) -> str | None:
+    """An EXIF UserComment as text, read as A1111 reads it (piexif's UserComment.load, else UTF-8)."""
+    if isinstance(data, str):
+        return data or None
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        return None
+    encoding = _COMMENT_CODES.get(bytes(data[:8]))
+    body = bytes(data[8:]) if encoding or bytes(data[:8]) == b"\0" * 8 else bytes(data)
+    try:
+        text = body.decode(encoding or "utf-8")
+    except UnicodeDecodeError:
+        text = body.decode("utf-8", errors="ignore")
+    return text.rstrip("\0") or None
+
+
+def read_parameters(path) -> str:
+    """The generation parameters of an image (sdtrt's or A1111's): a PNG's ``parameters`` text chunk, or a JPEG's or
+    WebP's EXIF UserComment."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
             text = (getattr(image, "text", None) or {}).get("parameters") or image.info.get("parameters")
+            if not text:
+                text = _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as ex:
         raise UsageError(f"{path} is not a readable image ({ex})") from None
     if not text:
-        raise UsageError(f"{path} holds no generation parameters (no 'parameters' text chunk)")
+        raise UsageError(f"{path} holds no generation parameters (no 'parameters' text chunk or EXIF UserComment)")
     return text

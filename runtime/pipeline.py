@@ -972,17 +972,17 @@ def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
 
 
 def save_png(image, path: Path, parameters: str) -> None:
-    """Write a PNG with the generation parameters in a 'parameters' text chunk; temp file, then rename."""
+    """Write an image with the generation parameters (a PNG's 'parameters' text chunk; for .jpg/.webp the EXIF
+    UserComment, as A1111); temp file, then rename."""
     save_pngs([image], [path], [parameters])
 
 
 def save_pngs(images, paths, parameters, overwrite: bool = True) -> None:
     """``save_png`` for images that belong together (one generation's batch): all appear, or none (``atomic_paths``);
-    ``overwrite=False`` refuses a path that something else created meanwhile."""
-    from PIL import PngImagePlugin
+    ``overwrite=False`` refuses a path that something else created meanwhile. The format follows each path's suffix
+    (``infotext.IMAGE_FORMATS``; PNG for any other)."""
+    from sdtrt.runtime.infotext import IMAGE_FORMATS, write_image
 
     with atomic_paths([Path(p) for p in paths], overwrite=overwrite) as temps:
-        for image, tmp, text in zip(images, temps, parameters, strict=True):
-            info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", text)
-            image.save(tmp, format="PNG", pnginfo=info)
+        for image, tmp, text, path in zip(images, temps, parameters, paths, strict=True):
+            write_image(image, tmp, text, IMAGE_FORMATS.get(Path(path).suffix.lower(), "PNG"))

@@ -30,7 +30,10 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return text
-        shown = ":".join(map(str, action.default)) if isinstance(action.default, tuple) else action.default
+        if isinstance(action.default, tuple):
+            shown = ("x" if action.metavar == "WxH" else ":").join(map(str, action.default))
+        else:
+            shown = action.default
         return f"{text} (default: {shown})"
 
 
@@ -102,7 +105,11 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a model to validated ONNX + manifest (needs sdtrt[export])",
                        description="Export a Stable Diffusion model to ONNX graphs, each checked against PyTorch "
                                    "(parity gate), and a manifest. Nothing is written unless every graph passes.")
-    p.add_argument("model", help="diffusers folder, or a built-in architecture: tiny, small, sd15, sd21")
+    from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
+
+    builtins = ", ".join(name for name, arch in BUILTIN_ARCHITECTURES.items() if arch.supported)
+    p.add_argument("model", help="a diffusers folder, a single-file checkpoint (.safetensors; .ckpt with "
+                                 f"--allow-pickle), or a built-in architecture with seeded random weights: {builtins}")
     p.add_argument("--out", help="engine folder to write (default: engines/<model name>)")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="graph precision; fp16 keeps FP32 where fp16 overflows")
@@ -110,7 +117,9 @@ def _add_export(sub) -> None:
     p.add_argument("--size", type=_range, default=(256, 1024), metavar="MIN:MAX",
                    help="image height/width range in pixels, multiples of 8")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing folder: replaces sdtrt's files there (what its manifest lists), keeps "
+                        "every other file")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled (.bin) weights in a diffusers folder; only for files you trust")
     p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
@@ -260,9 +269,16 @@ def _add_generate(sub) -> None:
                    help="replay the generation parameters of a PNG (sdtrt's or A1111's); flags given override them")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
+    p.add_argument("--n-iter", type=int, default=1, metavar="N",
+                   help="batch count (A1111's): N generations of --num-images each, seeds SEED, SEED + B, SEED + 2B, ...")
     p.add_argument("-o", "--output", default="out.png",
-                   help="PNG path; with --num-images N > 1 the images go to NAME-0.png .. NAME-(N-1).png")
-    p.add_argument("--force", action="store_true", help="overwrite existing images (default: refuse)")
+                   help="image path, .png (parameters in a text chunk) or .jpg/.jpeg/.webp (in EXIF, as A1111); if it "
+                        "exists, or for several images, numbered NAME-0001.png, NAME-0002.png, ... after the highest "
+                        "number already there")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite: write -o itself, or NAME-0001.png on for several images")
+    p.add_argument("--control-preview", default=None, metavar="PNG",
+                   help="also save the control image each ControlNet reads (the canny edge map, sized), numbered as -o")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -318,29 +334,40 @@ def _controls(args, png: tuple[dict, ...]) -> dict:
                 canny_thresholds=(low, high))
 
 
-def _output_paths(output: str, count: int, force: bool):
-    """The PNG paths, checked before any work: writable, a .png, and (without --force) not there yet."""
+def _output_paths(output: str, count: int, force: bool, flag: str = "-o/--output"):
+    """The image paths, checked before any work: writable, a known image suffix. ``output`` itself for one image
+    when it is free (or with ``force``); else ``NAME-0001.ext``, ... numbered after the highest ``NAME-NNNN`` of any
+    image suffix already in the folder, as A1111 and ComfyUI number (``force``: from 0001, overwriting)."""
+    import re
     from pathlib import Path
 
     from sdtrt.fsutil import check_writable
+    from sdtrt.runtime.infotext import IMAGE_FORMATS
 
     path = Path(output)
     if not output.strip():
-        raise UsageError("-o/--output must not be empty")
-    if not path.name.lower().endswith(".png") or path.name.lower() == ".png":
-        raise UsageError(f"output {output} must be a file name ending in .png" if path.name.lower() == ".png"
-                         else f"output {output} must end in .png")
-    paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+        raise UsageError(f"{flag} must not be empty")
+    suffixes = ", ".join(IMAGE_FORMATS)
+    if path.suffix.lower() not in IMAGE_FORMATS or not path.stem or path.name.startswith("."):
+        raise UsageError(f"{flag} {output} must be a file name ending in one of {suffixes}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise UsageError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: {folder} is a file, not a folder")
+    if count == 1 and (force or not os.path.lexists(path)):  # a dangling symlink counts as taken
+        paths = [path]
+    else:
+        start = 1
+        if not force:
+            numbered = re.compile(re.escape(path.stem) + r"-(\d+)(?:" + "|".join(map(re.escape, IMAGE_FORMATS)) + ")$",
+                                  re.IGNORECASE)
+            taken = [int(m.group(1)) for e in os.listdir(folder) if (m := numbered.match(e))]
+            start = max(taken, default=0) + 1
+        paths = [path.with_name(f"{path.stem}-{k:04d}{path.suffix}") for k in range(start, start + count)]
     for target in paths:
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.exists():
-            raise UsageError(f"cannot write {target}: folder {folder} does not exist")
-        if not folder.is_dir():
-            raise UsageError(f"cannot write {target}: {folder} is a file, not a folder")
         if target.is_dir():
             raise UsageError(f"cannot write {target}: it is a folder")
-        if os.path.lexists(target) and not force:  # a dangling symlink too: the final link would refuse it
-            raise UsageError(f"{target} exists (pass --force to overwrite it)")
     for target in {paths[0], paths[-1]}:  # one folder: the first name and the longest stand for the rest
         try:
             check_writable(target)
@@ -356,9 +383,9 @@ def _generation_settings(args) -> tuple[dict, int | None]:
                                            "clip_skip", "num_images", *IMAGE_FLAGS) if hasattr(args, k)}
     keep = None
     if args.from_png:
-        from sdtrt.runtime.infotext import read_png_parameters, replay
+        from sdtrt.runtime.infotext import read_parameters, replay
 
-        r = replay(read_png_parameters(args.from_png))
+        r = replay(read_parameters(args.from_png))
         png = {"prompt": r.prompt, "negative": r.negative_prompt, "steps": r.steps, "cfg": r.cfg, "seed": r.seed,
                "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
                "clip_skip": r.clip_skip, "num_images": r.batch_size, "karras": r.karras, "model_hash": r.model_hash,
@@ -384,7 +411,7 @@ def _generation_settings(args) -> tuple[dict, int | None]:
 
 def _cmd_generate(args) -> int:
     from sdtrt.runtime import Pipeline, save_pngs
-    from sdtrt.runtime.request import GenerationRequest
+    from sdtrt.runtime.request import MAX_SEED, GenerationRequest
 
     s, keep = _generation_settings(args)
     width, height = s["size"] or (None, None)
@@ -398,7 +425,15 @@ def _cmd_generate(args) -> int:
     for flag in ("image", "mask"):
         if s[flag] is not None and not str(s[flag]).strip():
             raise UsageError(f"--{flag} must not be empty")
-    paths = _output_paths(args.output, 1 if keep is not None else s["num_images"], args.force)
+    if args.n_iter < 1:
+        raise UsageError(f"--n-iter must be at least 1, got {args.n_iter}")
+    per = 1 if keep is not None else s["num_images"]
+    paths = _output_paths(args.output, args.n_iter * per, args.force)
+    previews = None
+    if args.control_preview is not None:
+        if not control_images:
+            raise UsageError("--control-preview needs --control (this generation uses no ControlNet)")
+        previews = _output_paths(args.control_preview, len(control_images), args.force, "--control-preview")
     embeddings = args.embedding + ([args.embeddings_dir] if args.embeddings_dir else [])
     with Pipeline.from_dir(args.dir, backend=args.backend, loras=args.lora, lora_dir=args.lora_dir,
                            embeddings=embeddings) as pipe:
@@ -409,23 +444,46 @@ def _cmd_generate(args) -> int:
         if s.get("model_hash") and s["model_hash"] != pipe.manifest.components["unet"].sha256[:10]:
             print(f"sdtrt generate: warning: the image was made with model hash {s['model_hash']}, this folder's is "
                   f"{pipe.manifest.components['unet'].sha256[:10]}: the result will differ", file=sys.stderr)
+        if previews is not None:
+            _save_control_maps(plan, previews, args.force)
         table = plan.table
         if table.num_steps != request.num_inference_steps - table.start:
             print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps - table.start} "
                   "steps (its warm-up evaluates one step twice)", file=sys.stderr)
-        with _progress(table.num_steps) as bar:
-            result = pipe.generate(request, callback=bar, plan=plan)
-        images = list(zip(result.images, result.parameters))
-        images = images if keep is None else images[keep:keep + 1]
-        # all or none, and without --force never over a file another run wrote meanwhile
-        save_pngs([im for im, _ in images], paths, [p for _, p in images], overwrite=args.force)
-        for path in paths:
-            print(path)
-        t = result.timings
-        encode = f"vae encoder {t['vae_encoder']:.2f}s, " if plan.sources is not None else ""
-        print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, {encode}denoise "
-              f"{t['denoise']:.2f}s, vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
+        for k in range(args.n_iter):  # A1111's batch count: the k-th batch starts at seed + k * batch size
+            if k:
+                request = _replace(request, seed=(seed + k * request.num_images_per_prompt) % (MAX_SEED + 1))
+            with _progress(table.num_steps) as bar:
+                result = pipe.generate(request, callback=bar, plan=plan)
+            if k == 0:
+                seed = result.seed  # a random seed is drawn once, for the first batch
+            images = list(zip(result.images, result.parameters))
+            images = images if keep is None else images[keep:keep + 1]
+            batch_paths = paths[k * per:(k + 1) * per]
+            # all or none, and without --force never over a file another run wrote meanwhile
+            save_pngs([im for im, _ in images], batch_paths, [p for _, p in images], overwrite=args.force)
+            for path in batch_paths:
+                print(path)
+            t = result.timings
+            encode = f"vae encoder {t['vae_encoder']:.2f}s, " if plan.sources is not None else ""
+            print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, {encode}denoise "
+                  f"{t['denoise']:.2f}s, vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
     return 0
+
+
+def _save_control_maps(plan, paths, force: bool) -> None:
+    """``--control-preview``: the control image each ControlNet reads (after its preprocessor, at the generation's
+    size), as 8-bit RGB."""
+    import numpy as np
+    from PIL import Image
+
+    from sdtrt.runtime import save_pngs
+
+    maps = [Image.fromarray(np.round(c.array[0].transpose(1, 2, 0) * 255).astype(np.uint8)) for c in plan.controls]
+    save_pngs(maps, paths, [f"ControlNet {j}: {c.name}, preprocessor {c.preprocessor}"
+                            for j, c in enumerate(plan.controls)], overwrite=force)
+    for path, control in zip(paths, plan.controls):
+        print(f"control image of ControlNet {control.name}: {path}", file=sys.stderr)
 
 
 def _replace(request, **changes):
@@ -495,8 +553,11 @@ def _add_serve(sub) -> None:
                                    "/metrics. Binds 127.0.0.1 unless --api-key is set.")
     p.add_argument("dir", help="engine folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
-    p.add_argument("--backend", default="auto", help="as for generate")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (7860 is A1111's)")
+    from sdtrt.runtime.backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed to bind elsewhere)")
     p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
                    help="require HTTP Basic credentials, as A1111's --api-auth (or --api-key, to bind elsewhere)")
@@ -776,6 +837,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_doctor(sub)
     _add_serve(sub)
     _add_bench_serve(sub)
+    from sdtrt.cli_make import add_commands
+
+    add_commands(sub)
     return parser
 
 

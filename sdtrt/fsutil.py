@@ -147,3 +147,46 @@ def check_writable(path: Path) -> None:
         os.close(fd)
     finally:
         tmp.unlink()
+
+
+def replace_entries(new: Path, folder: Path, replaced: set[str], last: str) -> None:
+    """Move every entry of the folder ``new`` into ``folder``, replacing the entries named in ``replaced`` (and any of
+    the same name), leaving every other entry of ``folder`` as it is. ``last`` is moved out first and in last (the
+    manifest: a reader sees the old folder, then none, then the new one, never a mix under one manifest). The old
+    entries wait in a sibling ``.NAME.old-PID`` until the switch is done, and are put back if it fails half-way;
+    ``new`` is removed when it is empty."""
+    new, folder = Path(new), Path(folder)
+    incoming = sorted((e.name for e in new.iterdir()), key=lambda n: n == last)
+    outgoing = sorted({n for n in replaced | set(incoming) if os.path.lexists(folder / n)}, key=lambda n: n != last)
+    old = temp_path(folder, "old")
+    old.mkdir()
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in outgoing:
+            os.rename(folder / name, old / name)
+            moved_out.append(name)
+        for name in incoming:
+            os.rename(new / name, folder / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            try:
+                os.rename(folder / name, new / name)
+            except OSError:
+                pass
+        for name in reversed(moved_out):
+            try:
+                os.rename(old / name, folder / name)
+            except OSError:
+                pass
+        try:
+            old.rmdir()  # only when everything went back: never delete what could not be restored
+        except OSError:
+            pass
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        new.rmdir()
+    except OSError:
+        pass

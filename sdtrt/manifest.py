@@ -362,6 +362,39 @@ class Manifest:
         return cls.from_json(text)
 
 
+def owned_entries(folder: Path) -> set[str] | None:
+    """The top-level names in ``folder`` that sdtrt wrote, as its manifest lists them (graphs and their external data,
+    TensorRT engines, tokenizer and scheduler folders, the manifest and the hash record); None when the folder holds
+    no sdtrt manifest. Read from the raw JSON, so a manifest of another schema version still says what it owns; a
+    name that would leave the folder (absolute, ``..``) is never listed: nothing outside is sdtrt's to replace."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "schema_version" not in data or not isinstance(data.get("components"), dict):
+        return None
+    from sdtrt.integrity import CACHE
+
+    names = [MANIFEST_NAME, CACHE, data.get("tokenizer_dir", "tokenizer"),
+             data.get("scheduler_config", "scheduler/scheduler_config.json")]
+    for component in data["components"].values():
+        if isinstance(component, dict):
+            names += [component.get("file"), *(component.get("external_data") or ())]
+    engines = (data.get("tensorrt") or {}).get("engines") if isinstance(data.get("tensorrt"), dict) else None
+    for engine in (engines or {}).values():
+        if isinstance(engine, dict):
+            names.append(engine.get("file"))
+    owned = set()
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            continue
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            continue
+        owned.add(parts[0])
+    return owned
+
+
 def residual_levels(specs) -> list[tuple[int, int]]:
     """(channels, factor) of the down_residual_i and mid_residual tensors among ``specs``, in order."""
     named = {s.name: s for s in specs}

@@ -111,12 +111,10 @@ class ServeConfig:
 
 
 def _png_b64(image, parameters: str) -> str:
-    from PIL import PngImagePlugin
+    from sdtrt.runtime.infotext import write_image
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    write_image(image, buf, parameters)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -106,9 +106,9 @@ def test_a_prompt_that_is_not_utf8(engine, tmp_path):
     ("n" * 300 + ".png", "File name too long"),
     ("/proc/sdtrt-test.png", "cannot write /proc/sdtrt-test.png"),
     ("afile/x.png", "afile is a file, not a folder"),
-    ("exists.png", "exists.png exists (pass --force to overwrite it)"),
     ("", "-o/--output must not be empty"),
-    (".png", "output .png must be a file name ending in .png"),
+    (".png", "-o/--output .png must be a file name ending in one of .png, .jpg, .jpeg, .webp"),
+    ("x.gif", "-o/--output x.gif must be a file name ending in one of .png"),
 ])
 def test_output_paths_the_os_refuses_are_checked_before_any_work(cli, engine, tmp_path, target, needle, monkeypatch):
     (tmp_path / "afile").write_text("x")
@@ -136,9 +136,9 @@ def test_an_image_another_run_wrote_meanwhile_is_kept(cli, engine, tmp_path, mon
 
     generate = pipeline.Pipeline.generate
 
-    def racing(self, *args, **kwargs):  # a concurrent `generate -o x-1.png` finishes while this one runs
+    def racing(self, *args, **kwargs):  # a concurrent `generate -o x.png` takes x-0002.png while this one runs
         result = generate(self, *args, **kwargs)
-        (tmp_path / "x-1.png").write_bytes(b"theirs")
+        (tmp_path / "x-0002.png").write_bytes(b"theirs")
         return result
 
     monkeypatch.setattr(pipeline.Pipeline, "generate", racing)
@@ -146,8 +146,8 @@ def test_an_image_another_run_wrote_meanwhile_is_kept(cli, engine, tmp_path, mon
                        "-o", tmp_path / "x.png")
     one_line(code, err, "generate", "it was created while this ran (another process?); --force replaces it",
              progress=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-1.png"]  # and x-0.png is not left alone either
-    assert (tmp_path / "x-1.png").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0002.png"]  # and x-0001.png is not left alone either
+    assert (tmp_path / "x-0002.png").read_bytes() == b"theirs"
 
 
 def test_a_disk_that_fills_up_at_the_second_image_leaves_none(cli, engine, tmp_path, monkeypatch):
@@ -335,13 +335,14 @@ def test_bad_export_outputs(cli, tmp_path, out, needle, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
-def test_force_replaces_only_an_engine_folder(cli, tmp_path):
+def test_a_folder_of_other_files_is_refused_without_force(cli, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    code, _, err = cli("export", "tiny", "--out", precious, "--force", "--size", "64:64")
-    one_line(code, err, "export", f"{precious} is not an sdtrt engine folder (no manifest.json) and not empty")
-    assert [p.name for p in tmp_path.iterdir()] == ["precious"] and (precious / "thesis.tex").read_text()
+    code, _, err = cli("export", "tiny", "--out", precious, "--size", "64:64")
+    one_line(code, err, "export", f"output folder {precious} already exists (a folder that is not an sdtrt engine "
+                                  "folder); pass --force")
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"] and [p.name for p in precious.iterdir()] == ["thesis.tex"]
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "containing"])
@@ -627,7 +628,7 @@ def test_numbered_outputs_are_documented_and_written_as_documented(cli, engine, 
     code, out, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--num-images", 2,
                          "-o", tmp_path / "img.png")
     assert code == 0, err
-    assert out.split() == [str(tmp_path / "img-0.png"), str(tmp_path / "img-1.png")]
+    assert out.split() == [str(tmp_path / "img-0001.png"), str(tmp_path / "img-0002.png")]
 
 
 def test_progress_counts_unet_evaluations_honestly(cli, engine, tmp_path):

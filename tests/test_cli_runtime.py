@@ -10,7 +10,7 @@ def test_generate_writes_pngs_whose_parameters_read_back(engine, tmp_path, cli):
     code, out, err = cli("generate", engine, "a lighthouse at dusk", "-n", "fog", "--steps", 3, "--seed", 11,
                              "--size", "96x64", "--scheduler", "euler_a", "--num-images", 2, "-o", tmp_path / "img.png")
     assert code == 0, err
-    paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
+    paths = [tmp_path / "img-0001.png", tmp_path / "img-0002.png"]
     assert out.split() == [str(p) for p in paths]
     image = Image.open(paths[1])
     assert image.size == (96, 64)
@@ -79,7 +79,7 @@ def test_bad_generation_arguments(cli, engine, tmp_path, flags, needle):
 
 
 @pytest.mark.parametrize("target, needle", [("missing/x.png", "does not exist"), ("folder.png", "is a folder"),
-                                            ("x.jpg", "must end in .png")])
+                                            ("x.tiff", "must be a file name ending in one of .png, .jpg")])
 def test_unwritable_output_path(cli, engine, tmp_path, target, needle):
     (tmp_path / "folder.png").mkdir()
     code, _, err = cli("generate", engine, "a cat", "-o", tmp_path / target)

@@ -20,23 +20,25 @@ def _peft_lora(folder, seed, alpha=RANK):
     """(unet, text-encoder) PEFT state dicts of a rank-4 LoRA with random A and B (B is zero at PEFT's init: every
     delta would be 0), and the metadata diffusers saves with them (their LoraConfigs: lora_alpha)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0",
-                                                                            "proj_in", "proj_out"]))
-    text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                   "out_proj"]))
+    # peft's own API, not diffusers'/transformers' add_adapter: transformers 5.x refuses peft < 0.22 there
+    configs = {"unet": LoraConfig(r=RANK, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                                          "proj_in", "proj_out"]),
+               "text_encoder": LoraConfig(r=RANK, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                  "out_proj"])}
+    unet = inject_adapter_in_model(configs["unet"], unet)
+    text_encoder = inject_adapter_in_model(configs["text_encoder"], text_encoder)
     with torch.no_grad():
         for module in (unet, text_encoder):
             for name, p in module.named_parameters():
                 if "lora_" in name:
                     p.copy_(0.15 * torch.randn_like(p))
-    metadata = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
-                "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict()}
+    metadata = {f"{name}_lora_adapter_metadata": config.to_dict() for name, config in configs.items()}
     return get_peft_model_state_dict(unet), get_peft_model_state_dict(text_encoder), metadata
 
 

@@ -79,15 +79,15 @@ def test_from_png_reproduces_the_image_bit_for_bit(engine, cli, tmp_path):
                        "--steps", 4, "--seed", 5, "--clip-skip", 2, "--num-images", 2, "--scheduler", "dpmpp_2m_karras",
                        "-o", tmp_path / "a.png")
     assert code == 0, err
-    original = Image.open(tmp_path / "a-1.png")
+    original = Image.open(tmp_path / "a-0002.png")
     params = a1111_params(original.text["parameters"])
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras" and params["Clip skip"] == "2"
     assert params["Size"] == "96x64" and params["Batch size"] == "2" and params["Batch pos"] == "1"
     assert re.fullmatch(r"[0-9a-f]{10}", params["Model hash"]) and params["Version"] == "sdtrt 0.1.0"
-    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-1.png", "-o", tmp_path / "b.png")
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-0002.png", "-o", tmp_path / "b.png")
     assert code == 0, err
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "b.png")), np.array(original))
-    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-1.png", "--seed", 6, "-o", tmp_path / "c.png")
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-0002.png", "--seed", 6, "-o", tmp_path / "c.png")
     assert code == 0, err and "Seed: 6" in Image.open(tmp_path / "c.png").text["parameters"]
 
 
