@@ -624,6 +624,23 @@ def test_help_shows_defaults_and_describes_every_option():
             assert "(default: 30)" in text and "(default: 7.5)" in text
 
 
+def test_help_names_what_a_newcomer_looks_for():
+    import re
+
+    from sdtrt.cli import build_parser
+    from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
+    from sdtrt.runtime.backends import BACKENDS
+
+    subs = next(a for a in build_parser()._actions if a.dest == "command").choices
+    # one line; argparse also wraps after a hyphen ("small-\ninpaint")
+    flat = {name: re.sub(r"\s+", " ", re.sub(r"-\n\s*", "-", sub.format_help())) for name, sub in subs.items()}
+    assert all(name in flat["export"] for name, arch in BUILTIN_ARCHITECTURES.items() if arch.supported)
+    assert "single-file" in flat["export"]
+    assert "(default: 7860)" in flat["serve"] and all(b in flat["serve"] for b in BACKENDS)
+    assert "(default: 512x512)" in flat["bench-serve"]
+    assert "(default: 1)" in flat["generate"].split("--n-iter")[1]
+
+
 def test_numbered_outputs_are_documented_and_written_as_documented(cli, engine, tmp_path):
     code, out, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", "--num-images", 2,
                          "-o", tmp_path / "img.png")
