@@ -2,7 +2,6 @@
 the same by diffusers (load_lora_weights + fuse_lora, load_textual_inversion) and by sdtrt's runtime, on the mid-size
 model (fp32, ONNX Runtime CPU)."""
 
-import numpy as np
 import torch
 
 from sdtrt.parity import psnr

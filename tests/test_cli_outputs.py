@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdtrt.runtime import Pipeline
-from tests.runtime.conftest import control_folder  # noqa: F401  (fixture)
+from tests.runtime.conftest import control_folder  # noqa: F401,F811  (fixture)
 
 GEN = ("--steps", 2, "--size", "64x64", "--seed", 3)
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from sdtrt.manifest import Manifest, owned_entries
-from tests.runtime.conftest import fake_gpu, fp16_folder  # noqa: F401  (fixtures of the build test)
+from tests.runtime.conftest import fake_gpu, fp16_folder  # noqa: F401,F811  (fixtures of the build test)
 
 
 def _plant(folder):

@@ -1,0 +1,333 @@
+"""``sdtrt generate``: the generation settings from flags, a replayed image and defaults; the output paths (numbered
+as A1111 numbers); the batch count; the control-image preview. A thin layer over ``Pipeline``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sdtrt.cli import _finite, _size
+from sdtrt.errors import UsageError
+
+DEFAULTS = {"steps": 30, "cfg": 7.5}
+IMAGE_FLAGS = ("image", "strength", "mask", "mask_blur", "padding_mask_crop", "outpaint", "outpaint_fill")
+
+
+def _sides(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected L,T,R,B pixels, e.g. 64,0,64,0, got {text!r}") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected 4 numbers L,T,R,B, got {text!r}")
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"pixels must not be negative, got {text!r}")
+    return values
+
+
+def add_generate(sub) -> None:
+    from sdtrt.runtime.backends import BACKENDS
+    from sdtrt.runtime.request import OUTPAINT_FILLS
+    from sdtrt.runtime.samplers import SAMPLERS
+
+    unset = argparse.SUPPRESS  # flags a PNG's parameters may set; given ones win
+    p = sub.add_parser("generate", help="generate images from an engine folder",
+                       description="Text to image, or from an image (--image: img2img; with --mask: inpainting; "
+                                   "--outpaint: outpainting), with the engines of an engine folder (no torch needed). "
+                                   "Prompts use A1111's syntax: (word:1.3), (word), [word], BREAK, any length up to "
+                                   "the export's --max-chunks x 75 tokens.")
+    p.add_argument("dir", help="engine folder written by `sdtrt export`")
+    p.add_argument("prompt", nargs="?", default=unset, help="what to draw (optional with --from-png)")
+    p.add_argument("-n", "--negative", default=unset, help="negative prompt (default: none)")
+    p.add_argument("--steps", type=int, default=unset, help="denoising steps (default: 30)")
+    p.add_argument("--cfg", type=_finite, default=unset,
+                   help="guidance scale, 0..100; <= 1 runs without guidance, as diffusers (default: 7.5)")
+    p.add_argument("--seed", type=int, default=unset,
+                   help="seed (NumPy PCG64), 0..2^64-1; -1 or none: random (the seed used is printed and saved)")
+    p.add_argument("--size", type=_size, default=unset, metavar="WxH", help="image size (default: the model's)")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=unset, help="sampler (default: the model's scheduler)")
+    p.add_argument("--clip-skip", type=int, default=unset, metavar="N",
+                   help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before, ...")
+    p.add_argument("--num-images", type=int, default=unset, help="images for the prompt, one batch (default: 1)")
+    p.add_argument("--image", default=unset, metavar="PNG",
+                   help="start from this image (img2img; with --mask, inpainting); the size defaults to its own, "
+                        "rounded down to the model's multiple")
+    p.add_argument("--strength", type=_finite, default=unset,
+                   help="how much of --image is repainted, in (0, 1] (default: 0.8 img2img, 1.0 inpainting)")
+    p.add_argument("--mask", default=unset, metavar="PNG", help="inpainting mask for --image: white is repainted")
+    p.add_argument("--mask-blur", type=_finite, default=unset, metavar="PX",
+                   help="Gaussian blur radius of the mask, in pixels (A1111's Mask blur; default: 0)")
+    p.add_argument("--padding-mask-crop", type=int, default=unset, metavar="PX",
+                   help="inpaint only the box around the mask grown by PX pixels, at full size, and paste it back "
+                        "(A1111's 'Only masked')")
+    p.add_argument("--outpaint", type=_sides, default=unset, metavar="L,T,R,B",
+                   help="extend --image by these pixels on the left, top, right and bottom (multiples of 8), then "
+                        "inpaint the new area")
+    p.add_argument("--outpaint-fill", choices=OUTPAINT_FILLS, default=unset,
+                   help="how the new area starts: its edge pixels repeated, the image mirrored, or gray (default: "
+                        "edge)")
+    p.add_argument("--control", action="append", default=[], metavar="[canny:]PNG[:SCALE[:START:END]]",
+                   help="a control image for the folder's next ControlNet (the first --control goes to the first "
+                        "ControlNet, ...): a ready-made map, or canny:PHOTO to take its Canny edges; SCALE is the "
+                        "conditioning scale (default 1), START:END the fraction of the steps it acts in (default 0:1)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply this LoRA (diffusers/PEFT or kohya/A1111 .safetensors) at SCALE (default 1) without "
+                        "re-export, on ONNX Runtime; repeat for several")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where A1111's <lora:NAME:WEIGHT> prompt tags find NAME.safetensors")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding (.safetensors: diffusers' learned_embeds, or A1111's, whose "
+                        "file name is the token to write in prompts); repeat for several")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="load every .safetensors embedding of DIR (A1111's embeddings/ folder)")
+    p.add_argument("--canny-low", type=int, default=None, metavar="T",
+                   help="Canny's low hysteresis threshold, 0..10000 (default 100)")
+    p.add_argument("--canny-high", type=int, default=None, metavar="T",
+                   help="Canny's high hysteresis threshold (default 200)")
+    p.add_argument("--from-png", default=None, metavar="PNG",
+                   help="replay the generation parameters of a PNG (sdtrt's or A1111's); flags given override them")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
+    p.add_argument("--n-iter", type=int, default=1, metavar="N",
+                   help="batch count (A1111's): N generations of --num-images each, seeds SEED, SEED + B, SEED + 2B, ...")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="image path, .png (parameters in a text chunk) or .jpg/.jpeg/.webp (in EXIF, as A1111); if it "
+                        "exists, or for several images, numbered NAME-0001.png, NAME-0002.png, ... after the highest "
+                        "number already there")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite: write -o itself, or NAME-0001.png on for several images")
+    p.add_argument("--control-preview", default=None, metavar="PNG",
+                   help="also save the control image each ControlNet reads (the canny edge map, sized), numbered as -o")
+    p.set_defaults(func=_cmd_generate)
+
+
+def control_spec(text: str) -> tuple[str, str, float | None, float | None, float | None]:
+    """``[canny:|none:]PATH[:SCALE[:START:END]]`` -> (preprocessor, path, scale, start, end); None: not given. Numbers
+    are read from the right, so a path may hold colons."""
+    from sdtrt.runtime.request import PREPROCESSORS
+
+    parts = text.split(":")
+    pre = "none"
+    if len(parts) > 1 and parts[0] in PREPROCESSORS:
+        pre, parts = parts[0], parts[1:]
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 3:
+        try:
+            value = float(parts[-1])
+        except ValueError:
+            break
+        numbers.insert(0, value)
+        parts = parts[:-1]
+    path = ":".join(parts)
+    if not path.strip():
+        raise UsageError(f"--control {text!r}: no image path")
+    if len(numbers) == 2:
+        raise UsageError(f"--control {text!r}: give SCALE, or SCALE:START:END (not two numbers)")
+    scale, start, end = (numbers + [None] * 3)[:3] if len(numbers) != 1 else (numbers[0], None, None)
+    return pre, path, scale, start, end
+
+
+def _controls(args, png: tuple[dict, ...]) -> dict:
+    """The ControlNet arguments of the pipeline from the --control flags, a replayed PNG's values filling what a flag
+    leaves out."""
+    specs = [control_spec(c) for c in args.control]
+    if png and not specs:
+        names = ", ".join(str(c.get("Model", "?")) for c in png)
+        raise UsageError(f"the image was made with {len(png)} ControlNet{'s' * (len(png) != 1)} ({names}): pass their "
+                         "control images with --control (the images are not stored in the PNG)")
+    if not specs:
+        return {}
+    old = list(png) + [{}] * len(specs)
+    low = args.canny_low if args.canny_low is not None else int(next(
+        (c["Threshold A"] for c in png if "Threshold A" in c), 100))
+    high = args.canny_high if args.canny_high is not None else int(next(
+        (c["Threshold B"] for c in png if "Threshold B" in c), 200))
+    return dict(control_images=[path for _, path, *_ in specs],
+                control_preprocessors=[pre for pre, *_ in specs],
+                controlnet_conditioning_scale=[s if s is not None else old[i].get("Weight", 1.0)
+                                               for i, (_, _, s, _, _) in enumerate(specs)],
+                control_guidance_start=[s if s is not None else old[i].get("Guidance Start", 0.0)
+                                        for i, (_, _, _, s, _) in enumerate(specs)],
+                control_guidance_end=[e if e is not None else old[i].get("Guidance End", 1.0)
+                                      for i, (_, _, _, _, e) in enumerate(specs)],
+                canny_thresholds=(low, high))
+
+
+def _output_paths(output: str, count: int, force: bool, flag: str = "-o/--output"):
+    """The image paths, checked before any work: writable, a known image suffix. ``output`` itself for one image
+    when it is free (or with ``force``); else ``NAME-0001.ext``, ... numbered after the highest ``NAME-NNNN`` of any
+    image suffix already in the folder, as A1111 and ComfyUI number (``force``: from 0001, overwriting)."""
+    import re
+    from pathlib import Path
+
+    from sdtrt.fsutil import check_writable
+    from sdtrt.runtime.infotext import IMAGE_FORMATS
+
+    path = Path(output)
+    if not output.strip():
+        raise UsageError(f"{flag} must not be empty")
+    suffixes = ", ".join(IMAGE_FORMATS)
+    if path.suffix.lower() not in IMAGE_FORMATS or not path.stem or path.name.startswith("."):
+        raise UsageError(f"{flag} {output} must be a file name ending in one of {suffixes}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise UsageError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: {folder} is a file, not a folder")
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
+    if count == 1 and (force or not os.path.lexists(path)):  # a dangling symlink counts as taken
+        paths = [path]
+    else:
+        start = 1
+        if not force:
+            numbered = re.compile(re.escape(path.stem) + r"-(\d+)(?:" + "|".join(map(re.escape, IMAGE_FORMATS)) + ")$",
+                                  re.IGNORECASE)
+            taken = [int(m.group(1)) for e in os.listdir(folder) if (m := numbered.match(e))]
+            start = max(taken, default=0) + 1
+        paths = [path.with_name(f"{path.stem}-{k:04d}{path.suffix}") for k in range(start, start + count)]
+    for target in paths:
+        if target.is_dir():
+            raise UsageError(f"cannot write {target}: it is a folder")
+    for target in {paths[0], paths[-1]}:  # one folder: the first name and the longest stand for the rest
+        try:
+            check_writable(target)
+        except OSError as ex:
+            raise UsageError(f"cannot write {target}: {ex.strerror or ex}") from None
+    return paths
+
+
+def _generation_settings(args) -> tuple[dict, int | None]:
+    """The generation's arguments from the flags, a replayed PNG and the defaults, in that order of precedence;
+    and, for an image of a replayed batch, which image of the batch to keep."""
+    given = {k: getattr(args, k) for k in ("prompt", "negative", "steps", "cfg", "seed", "size", "scheduler",
+                                           "clip_skip", "num_images", *IMAGE_FLAGS) if hasattr(args, k)}
+    keep = None
+    if args.from_png:
+        from sdtrt.runtime.infotext import read_parameters, replay
+
+        r = replay(read_parameters(args.from_png))
+        png = {"prompt": r.prompt, "negative": r.negative_prompt, "steps": r.steps, "cfg": r.cfg, "seed": r.seed,
+               "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
+               "clip_skip": r.clip_skip, "num_images": r.batch_size, "karras": r.karras, "model_hash": r.model_hash,
+               "strength": r.strength, "mask_blur": r.mask_blur, "padding_mask_crop": r.padding_mask_crop,
+               "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls}
+        if r.from_image and "image" not in given:
+            what = f"Denoising strength {r.strength:g}" if r.strength is not None else "outpainting"
+            raise UsageError(f"{args.from_png} was made from an input image ({what}): pass that image with --image "
+                             "(and --mask for inpainting)")
+        if r.batch_size > 1 and "num_images" not in given:
+            keep = r.batch_pos  # the seed drew the whole batch: regenerate it, keep the one image
+        given = {**{k: v for k, v in png.items() if v is not None}, **given}
+    if "prompt" not in given:
+        raise UsageError("a prompt is needed (or --from-png IMAGE)")
+    settings = {"negative": "", **DEFAULTS, "seed": None, "size": None, "scheduler": None, "clip_skip": 1,
+                "num_images": 1, "image": None, "strength": None, "mask": None, "mask_blur": 0,
+                "padding_mask_crop": None, "outpaint": None, "outpaint_fill": "edge", **given}
+    if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
+        raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
+                         f"{settings['clip_skip']}")
+    return settings, keep
+
+
+def _cmd_generate(args) -> int:
+    from sdtrt.runtime import Pipeline, save_pngs
+    from sdtrt.runtime.request import MAX_SEED, GenerationRequest
+
+    s, keep = _generation_settings(args)
+    width, height = s["size"] or (None, None)
+    controls = _controls(args, s.get("controls", ()))
+    control_images = controls.pop("control_images", None)
+    request = GenerationRequest.create(s["prompt"], s["negative"], s["steps"], s["cfg"], height, width, s["seed"],
+                                       s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1,
+                                       strength=s["strength"], mask_blur=s["mask_blur"],
+                                       padding_mask_crop=s["padding_mask_crop"], outpaint=s["outpaint"],
+                                       outpaint_fill=s["outpaint_fill"], **controls)
+    for flag in ("image", "mask"):
+        if s[flag] is not None and not str(s[flag]).strip():
+            raise UsageError(f"--{flag} must not be empty")
+    if args.n_iter < 1:
+        raise UsageError(f"--n-iter must be at least 1, got {args.n_iter}")
+    per = 1 if keep is not None else s["num_images"]
+    paths = _output_paths(args.output, args.n_iter * per, args.force)
+    previews = None
+    if args.control_preview is not None:
+        if not control_images:
+            raise UsageError("--control-preview needs --control (this generation uses no ControlNet)")
+        previews = _output_paths(args.control_preview, len(control_images), args.force, "--control-preview")
+    embeddings = args.embedding + ([args.embeddings_dir] if args.embeddings_dir else [])
+    with Pipeline.from_dir(args.dir, backend=args.backend, loras=args.lora, lora_dir=args.lora_dir,
+                           embeddings=embeddings) as pipe:
+        plan = pipe.plan(request, s["image"], s["mask"], control_images)  # every check, before any compute
+        if s.get("karras") and not plan.sampler.use_karras_sigmas:
+            raise UsageError(f"the image used {plan.table.name} with the Karras schedule, which this model's scheduler "
+                             "config does not set; pass --scheduler to choose another sampler")
+        if s.get("model_hash") and s["model_hash"] != pipe.manifest.components["unet"].sha256[:10]:
+            print(f"sdtrt generate: warning: the image was made with model hash {s['model_hash']}, this folder's is "
+                  f"{pipe.manifest.components['unet'].sha256[:10]}: the result will differ", file=sys.stderr)
+        if previews is not None:
+            _save_control_maps(plan, previews, args.force)
+        table = plan.table
+        if table.num_steps != request.num_inference_steps - table.start:
+            print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps - table.start} "
+                  "steps (its warm-up evaluates one step twice)", file=sys.stderr)
+        for k in range(args.n_iter):  # A1111's batch count: the k-th batch starts at seed + k * batch size
+            if k:
+                request = _replace(request, seed=(seed + k * request.num_images_per_prompt) % (MAX_SEED + 1))
+            with _progress(table.num_steps) as bar:
+                result = pipe.generate(request, callback=bar, plan=plan)
+            if k == 0:
+                seed = result.seed  # a random seed is drawn once, for the first batch
+            images = list(zip(result.images, result.parameters))
+            images = images if keep is None else images[keep:keep + 1]
+            batch_paths = paths[k * per:(k + 1) * per]
+            # all or none, and without --force never over a file another run wrote meanwhile
+            save_pngs([im for im, _ in images], batch_paths, [p for _, p in images], overwrite=args.force)
+            for path in batch_paths:
+                print(path)
+            t = result.timings
+            encode = f"vae encoder {t['vae_encoder']:.2f}s, " if plan.sources is not None else ""
+            print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, {encode}denoise "
+                  f"{t['denoise']:.2f}s, vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
+    return 0
+
+
+def _save_control_maps(plan, paths, force: bool) -> None:
+    """``--control-preview``: the control image each ControlNet reads (after its preprocessor, at the generation's
+    size), as 8-bit RGB."""
+    import numpy as np
+    from PIL import Image
+
+    from sdtrt.runtime import save_pngs
+
+    maps = [Image.fromarray(np.round(c.array[0].transpose(1, 2, 0) * 255).astype(np.uint8)) for c in plan.controls]
+    save_pngs(maps, paths, [f"ControlNet {j}: {c.name}, preprocessor {c.preprocessor}"
+                            for j, c in enumerate(plan.controls)], overwrite=force)
+    for path, control in zip(paths, plan.controls):
+        print(f"control image of ControlNet {control.name}: {path}", file=sys.stderr)
+
+
+def _replace(request, **changes):
+    from dataclasses import replace
+
+    return replace(request, **changes)
+
+
+class _progress:
+    """A tqdm bar over U-Net evaluations (hidden when stderr is not a terminal), as a pipeline callback."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="denoising", unit="U-Net call", file=sys.stderr, leave=False,
+                        disable=None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
