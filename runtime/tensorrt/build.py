@@ -198,7 +198,7 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
     cudart = cudart or api.import_cudart()
     device = api.device_info(cudart)
     version = api.trt_version(trt)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = api.logger(trt)
     cache = TimingCache(Path(cfg.timing_cache) if cfg.timing_cache else
                         folder / timing_cache_file(version, device.compute_capability), log)
     log(f"TensorRT {version} on {device.name} (sm_{device.compute_capability}); timing cache "
