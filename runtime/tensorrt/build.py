@@ -288,7 +288,7 @@ def _verify(folder: Path, manifest: Manifest, files: dict[str, str], trt, cudart
             raise BuildError(f"the {name} engine does not match ONNX Runtime at {worst.shape}: max relative error "
                              f"{worst.max_rel_error:.3g} > {worst.tolerance:g}; engines not installed (this is a "
                              "TensorRT or driver problem worth reporting; --no-verify installs them anyway)")
-        e2e = end_to_end(folder, manifest, engines)
+        e2e = end_to_end(folder, manifest, engines, log=log)
     finally:
         engines.close()
     log(f"  end to end: {e2e.batch}x {e2e.width}x{e2e.height}, {e2e.steps} {e2e.sampler} steps, TensorRT device loop "
