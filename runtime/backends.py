@@ -71,14 +71,15 @@ class EngineSet(dict):
                 reserve(shapes)
 
     def close(self) -> None:
-        for engine in self.values():
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
-        for resource in self.resources:
-            resource.close()
+        """Close every engine, then the shared resources, even when one close fails (a sticky CUDA error): the first
+        error is raised after all were tried, so the stream and the shared memory are never left behind."""
+        closers = [e.close for e in self.values() if getattr(e, "close", None) is not None]
+        closers += [r.close for r in self.resources]
         self.resources = []
         self.clear()
+        from sdtrt.runtime.device_loop import attempt_all
+
+        attempt_all(closers)
 
 
 class OrtEngine:

@@ -42,6 +42,19 @@ def aligned(nbytes: int) -> int:
     return -(-int(nbytes) // ALIGN) * ALIGN
 
 
+def attempt_all(steps) -> None:
+    """Run every callable of ``steps`` even when some raise; raise the first error once all were tried. For close
+    paths: after a sticky CUDA error every call fails, and stopping at the first would leak everything after it."""
+    first = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as ex:  # noqa: BLE001  (re-raised below, after the rest ran)
+            first = first or ex
+    if first is not None:
+        raise first
+
+
 class Memory(Protocol):
     def malloc(self, nbytes: int) -> int: ...
 
@@ -99,16 +112,16 @@ class DeviceLoop:
         return self.graphs.captures if self.graphs is not None else 0
 
     def _release(self) -> None:
+        """Free every buffer; each free is attempted even when one fails (after a sticky CUDA error every call does),
+        and the first error is raised after the rest were tried."""
         m = self.memory
-        if self.graphs is not None:
-            self.graphs.reset()
-        for ptr in self._buffers:
-            m.free(ptr)
-        self._buffers = []
-        if self.result is not None:
-            m.free_host(self.result)
-            self.result = None
-        self._key = None
+        buffers, result = self._buffers, self.result
+        self._buffers, self.result, self._key = [], None, None
+        steps = [self.graphs.reset] if self.graphs is not None else []
+        steps += [lambda p=p: m.free(p) for p in buffers]
+        if result is not None:
+            steps.append(lambda: m.free_host(result))
+        attempt_all(steps)
 
     def close(self) -> None:
         self._release()

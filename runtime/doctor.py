@@ -3,7 +3,9 @@
 Reports, never raises for what is missing: TensorRT, cuda-python, the NVIDIA driver and the CUDA
 version it supports, the GPU and its compute capability, ONNX Runtime's providers, and whether an
 engine folder's TensorRT engines were built for this TensorRT and GPU. ``run_check`` does the short
-TensorRT-against-ONNX Runtime generation of ``sdtrt build``'s verification.
+TensorRT-against-ONNX Runtime generations of ``sdtrt build``'s verification, each run twice so the second replays
+the CUDA graph (``tensorrt.verify.end_to_end``: a 2-chunk prompt too, and a LoRA refitted in and out on
+--refittable engines); a replay that differs from the first run raises.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def _folder_findings(folder: Path, trt, device) -> list[Finding]:
 
 
 def run_check(folder: str | Path, steps: int = 4):
-    """The short generation of build's verification on the installed engines: an ``EndToEndCheck``."""
+    """The short generations of build's verification on the installed engines: an ``EndToEndCheck``; raises
+    ``BuildError`` when a replayed CUDA graph gives another image than the first run."""
     from sdtrt.manifest import Manifest
     from sdtrt.runtime.tensorrt.backend import load_trt_engines
     from sdtrt.runtime.tensorrt.verify import end_to_end

@@ -228,11 +228,130 @@ def delta(layer: Layer) -> np.ndarray:
 
 
 def base_weight(folder: Path, entry) -> np.ndarray:
-    """The graph's own value of a mapped weight (``manifest.WeightEntry``), read from its external data file: a
-    writable copy, in the graph's dtype and layout."""
+    """The graph's own value of a weight: a writable copy, in the graph's dtype and layout. ``entry`` is a mapped
+    weight (``manifest.WeightEntry``, read from its external data file where the export recorded it), or
+    ``(graph file, initializer name)`` for any initializer of an ONNX graph in ``folder`` (any rank, biases
+    included; its bytes in external data or inside the .onnx itself), which a refit needs for every weight TensorRT
+    combined with a changed one."""
+    if isinstance(entry, tuple):
+        graph, name = entry
+        found = onnx_initializers(Path(folder) / graph).get(name)
+        if found is None:
+            raise UsageError(f"{graph} has no initializer {name!r}: the engine and the exported graph disagree "
+                             f"(rebuild the engines with `sdtrt build {folder}`)")
+        entry = found
     raw = np.memmap(Path(folder) / entry.file, np.uint8, "r")
     n = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
     return np.array(raw[entry.offset:entry.offset + n].view(entry.dtype).reshape(entry.shape))
+
+
+# ONNX TensorProto.DataType -> NumPy, for the types whose bytes are stored little-endian as they are
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+                11: "float64"}
+_INDEX: dict[tuple, dict] = {}
+
+
+def onnx_initializers(path: Path) -> dict:
+    """Every initializer of the ONNX graph at ``path`` -> a ``manifest.WeightEntry`` saying where its bytes are, read
+    from the protobuf itself (no onnx package: the runtime does not depend on it). onnx.proto3: ModelProto.graph = 7,
+    GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, float_data = 4 (packed), name = 8,
+    raw_data = 9, double_data = 10 (packed), external_data = 13 (location/offset/length), data_location = 14.
+    Cached per file and modification time."""
+    import mmap
+
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _INDEX:
+        return _INDEX[key]
+    out = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for num, start, end in _fields(buf, 0, len(buf)):
+            if num != 7 or end is None:
+                continue
+            for gnum, gstart, gend in _fields(buf, start, end):
+                if gnum == 5 and gend is not None:
+                    name, entry = _tensor_entry(buf, gstart, gend, path.name)
+                    if entry is not None:
+                        out[name] = entry
+    _INDEX[key] = out
+    return out
+
+
+def _tensor_entry(buf, start: int, end: int, graph_file: str):
+    from sdtrt.manifest import WeightEntry
+
+    dims, dtype, name, data, external, location = [], 0, "", None, {}, 0
+    for num, s, e in _fields(buf, start, end):
+        if num == 1:
+            if e is None:
+                dims.append(s)
+            else:  # packed
+                i = s
+                while i < e:
+                    d, i = _varint(buf, i)
+                    dims.append(d)
+        elif num == 2 and e is None:
+            dtype = s
+        elif num == 8 and e is not None:
+            name = bytes(buf[s:e]).decode()
+        elif num in (4, 9, 10) and e is not None:  # raw_data, or packed fixed-width float/double data
+            data = (s, e)
+        elif num == 13 and e is not None:
+            kv = {k: v for k, v in _string_pairs(buf, s, e)}
+            external[kv.get("key", "")] = kv.get("value", "")
+        elif num == 14 and e is None:
+            location = s
+    np_dtype = _ONNX_DTYPES.get(dtype)
+    if np_dtype is None:
+        return name, None
+    if location == 1:  # EXTERNAL
+        return name, WeightEntry(name, False, external["location"], int(external.get("offset", 0)), np_dtype,
+                                 tuple(dims))
+    if data is None:
+        return name, None  # stored as varints (int32_data / int64_data): not read here
+    return name, WeightEntry(name, False, graph_file, data[0], np_dtype, tuple(dims))
+
+
+def _string_pairs(buf, start: int, end: int):
+    """StringStringEntryProto: key = 1, value = 2."""
+    for num, s, e in _fields(buf, start, end):
+        if e is not None:
+            yield ("key" if num == 1 else "value"), bytes(buf[s:e]).decode()
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, value or start, None or end) of each protobuf field in buf[start:end]."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+            yield num, value, None
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield num, i, i + n
+            i += n
+        elif wire == 1:
+            yield num, i, i + 8
+            i += 8
+        elif wire == 5:
+            yield num, i, i + 4
+            i += 4
+        else:
+            raise UsageError(f"not an ONNX graph (protobuf wire type {wire})")
 
 
 def updated_weights(folder: Path, component, graph: str, loras: list[tuple[list[Layer], float]]) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ from sdtrt.fsutil import atomic_paths
 from sdtrt.manifest import CONTROLNET_PREFIX, Manifest
 from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
 from sdtrt import __version__
-from sdtrt.runtime.backends import check_shapes, load_engines
+from sdtrt.runtime.backends import BackendError, check_shapes, load_engines
 from sdtrt.runtime.device_loop import residual_shapes
 from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, latent_mask, load_image,
                                   outpaint_canvas, prepare_control_image, prepare_sources)
@@ -160,7 +160,9 @@ class Pipeline:
         """LoRAs for every later generation: [(file, scale), ...] or ["file:scale", ...] (diffusers/PEFT or
         kohya/A1111 .safetensors; an empty list: none). Applied without re-export: the U-Net's and text encoder's
         affected weights are the base weights plus the scaled low-rank updates, computed afresh from the base every
-        time (``runtime.lora``), so switching never accumulates."""
+        time (``runtime.lora``), so switching never accumulates. A swap that fails leaves the pipeline as it was: a
+        refit TensorRT refused (which may have changed some weights) is undone by restoring the graph's own weights,
+        and the LoRAs set before are applied again from those by the next generation."""
         loras = normalize_loras(loras)
         self._apply_loras(loras)  # first: a LoRA that fails leaves the pipeline as it was
         self.loras = loras
@@ -218,8 +220,26 @@ class Pipeline:
             new = updated_weights(self.folder, self.manifest.components[graph], graph, layers)
             if graph == "text_encoder" and self.embeddings:
                 new |= self._token_table(new)
-            engine.override(new)
+            try:
+                engine.override(new)
+            except BackendError as ex:
+                self._restore_base(graph, engine, ex)
+                raise
             state.applied[graph] = key
+            state.broken.pop(graph, None)
+
+    def _restore_base(self, graph: str, engine, error: BackendError) -> None:
+        """After a failed refit, whose weights TensorRT may have changed in part: never report the earlier LoRAs as
+        still applied, and put the graph's own weights back; if even that fails, generations are refused (``generate``)
+        until a weight change succeeds."""
+        state = self._lora_state
+        state.applied[graph] = None  # unknown: differs from every set of LoRAs, the graph's own weights included
+        try:
+            engine.override({})
+        except BackendError as again:
+            state.broken[graph] = f"{error}; restoring its own weights failed too ({again})"
+            return
+        state.applied[graph] = ((), 0)  # the graph's own weights, without LoRAs or embeddings
 
     @classmethod
     def from_engines(cls, folder: str | Path, manifest: Manifest, engines: dict) -> "Pipeline":
@@ -581,6 +601,10 @@ class Pipeline:
         if reserve is not None:
             reserve(plan.shapes)
 
+        if self._lora_state.broken:
+            graph, why = next(iter(self._lora_state.broken.items()))
+            raise BackendError(f"the {graph} engine's weights are in an unknown state ({why}): generations are refused "
+                               "until a LoRA change succeeds (set_loras) or the pipeline is loaded again")
         self._apply_loras(plan.loras)
         seed = req.seed if req.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         rng = np.random.Generator(np.random.PCG64(seed))
@@ -894,6 +918,7 @@ class LoraState:
 
     def __init__(self):
         self.applied: dict[str, tuple] = {}
+        self.broken: dict[str, str] = {}  # graph -> why its weights are unknown (a refit and its undoing failed)
         self._read: dict[tuple, list] = {}
         self._digests: dict[str, str] = {}
 

@@ -124,3 +124,16 @@ def device_info(cudart, device: int = 0) -> DeviceInfo:
 
 def trt_version(trt) -> str:
     return str(trt.__version__)
+
+
+_LOGGERS: dict[int, tuple] = {}
+
+
+def logger(trt):
+    """The one TensorRT logger of this process (per TensorRT module), shared by builder, runtime and refitters:
+    TensorRT documents a single ILogger per process ("the logger ... must be the same for all
+    builder/runtime/refitter objects", NvInferRuntime.h)."""
+    entry = _LOGGERS.get(id(trt))
+    if entry is None or entry[0] is not trt:
+        entry = _LOGGERS[id(trt)] = (trt, trt.Logger(trt.Logger.WARNING))
+    return entry[1]

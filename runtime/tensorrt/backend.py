@@ -9,10 +9,16 @@ Follows trtexec's inference code (``samples/common/sampleInference.cpp``) and th
   when a larger shape comes, never sized for the profile maximum up front;
 - every ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` return is checked: a
   refused address keeps the old one, which would silently reuse step 0's inputs;
-- the denoising loop is ``runtime.device_loop.DeviceLoop``; each shape runs once eagerly (TensorRT sets
-  up lazily), then is captured as a CUDA graph and replayed. A capture that fails is ended, its graph
-  destroyed, a warning given once, and that shape runs without a graph (trtexec's ``endCaptureOnError``);
-- ``close()`` (or ``with``) frees contexts, graphs, buffers, pinned memory, the shared block and the stream.
+- engine I/O is checked once, at load, against the manifest: every tensor's dtype (``get_tensor_dtype``), location
+  (``get_tensor_location``: DEVICE), format (``get_tensor_format``: LINEAR, the only layout sdtrt writes),
+  ``is_shape_inference_io`` (false) and static dimensions; nothing is checked in the per-step loop;
+- ``set_input_shape`` and ``set_device_memory`` are called only when the value changes, so a captured graph never
+  replays against a context whose state moved since the capture;
+- the denoising loop is ``runtime.device_loop.DeviceLoop`` with the CUDA graphs of ``cuda.CudaGraphs`` (eager
+  first, captured when a shape comes again, replayed after);
+- refits (LoRAs, embeddings) are ``refit.Refit``;
+- ``close()`` (or ``with``) frees contexts, graphs, buffers, pinned memory, the shared block and the stream, and
+  goes on past a failed call (a sticky CUDA error) so nothing is left behind.
 
 Engines are refused, with the command that fixes it, when they were built for another TensorRT
 version or GPU, when a file is corrupt, or when a shape is outside the engine's profile.
@@ -27,162 +33,17 @@ import numpy as np
 
 from sdtrt.manifest import Component, Manifest, TensorSpec
 from sdtrt.integrity import FileEntry
-from sdtrt.runtime.backends import (BackendError, DeviceMemoryError, EngineSet, ShapeError, check_integrity,
-                                    controlnets)
-from sdtrt.runtime.device_loop import DeviceLoop, aligned, update_shapes
+from sdtrt.runtime.backends import BackendError, EngineSet, ShapeError, check_integrity, controlnets
+from sdtrt.runtime.device_loop import DeviceLoop, aligned, attempt_all, update_shapes
 from sdtrt.runtime.tensorrt import api
 from sdtrt.runtime.tensorrt.build import REFITTABLE
+from sdtrt.runtime.tensorrt.cuda import CudaGraphs, CudaMemory
+from sdtrt.runtime.tensorrt.refit import Refit, numpy_dtypes, unrefittable
+
+__all__ = ["CudaGraphs", "CudaMemory", "SharedContextMemory", "TrtEngine", "TrtSession", "load_trt_engines"]
 
 log = logging.getLogger("sdtrt")
 REQUIRED = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "sampler_update")
-
-
-class CudaMemory:
-    """The stream, allocations and copies of one backend instance (cuda-python's runtime API).
-
-    Counts what it holds, so ``close()`` can free everything and tests can see leaks."""
-
-    def __init__(self, cudart):
-        self.cudart = cudart
-        self.stream = api.check(cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-                                "cudaStreamCreateWithFlags")
-        self.live: dict[int, int] = {}  # device pointer -> bytes
-        self.pinned_live: dict[int, int] = {}
-
-    def _call(self, result, what: str):
-        return api.check(self.cudart, result, what)
-
-    def malloc(self, nbytes: int) -> int:
-        nbytes = max(aligned(nbytes), 256)
-        err, ptr = self.cudart.cudaMalloc(nbytes)
-        if err == self.cudart.cudaError_t.cudaErrorMemoryAllocation:
-            free = self.free_bytes()
-            raise DeviceMemoryError(f"not enough GPU memory: {nbytes / 2**30:.2f} GiB more are needed, "
-                                    f"{free / 2**30:.2f} GiB are free; use a smaller size or batch, or free the GPU")
-        ptr = int(self._call((err, ptr), f"cudaMalloc({nbytes} bytes)"))
-        self.live[ptr] = nbytes
-        return ptr
-
-    def free(self, ptr: int) -> None:
-        if self.live.pop(ptr, None) is not None:
-            self._call(self.cudart.cudaFree(ptr), "cudaFree")
-
-    def free_bytes(self) -> int:
-        err, free, _total = self.cudart.cudaMemGetInfo()
-        return int(free) if err == self.cudart.cudaError_t.cudaSuccess else 0
-
-    def host(self, shape, dtype) -> np.ndarray:
-        """A page-locked host array (device-to-host copies into pageable memory are synchronous)."""
-        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
-        ptr = int(self._call(self.cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
-        self.pinned_live[ptr] = nbytes
-        buf = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * nbytes).from_address(ptr))
-        return buf[: int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
-
-    def free_host(self, array: np.ndarray) -> None:
-        ptr = int(array.ctypes.data)
-        if self.pinned_live.pop(ptr, None) is not None:
-            self._call(self.cudart.cudaFreeHost(ptr), "cudaFreeHost")
-
-    def upload(self, ptr: int, array: np.ndarray) -> None:
-        # From pageable memory: the copy is staged before this returns, so ``array`` may go away.
-        array = np.ascontiguousarray(array)
-        if array.nbytes > self.live.get(ptr, 0):
-            raise BackendError(f"internal error: upload of {array.nbytes} bytes into a buffer of {self.live.get(ptr, 0)}")
-        self._call(self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
-                                               self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
-                   "cudaMemcpyAsync (upload)")
-
-    def download(self, out: np.ndarray, ptr: int) -> None:
-        self._call(self.cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes,
-                                               self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
-                   "cudaMemcpyAsync (download)")
-
-    def zero(self, ptr: int, nbytes: int) -> None:
-        self._call(self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self.stream), "cudaMemsetAsync")
-
-    def barrier(self) -> None:
-        pass  # uploads and launches share one stream: already ordered
-
-    def sync(self) -> None:
-        self._call(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-
-    def close(self) -> None:
-        """Free everything; keeps going past a failed call so one error does not leak the rest."""
-        if self.stream is None:
-            return
-        cudart, stream = self.cudart, self.stream
-        self.stream = None
-        cudart.cudaStreamSynchronize(stream)  # nothing may still use what is freed below
-        for ptr in list(self.live):
-            self.live.pop(ptr)
-            cudart.cudaFree(ptr)
-        for ptr in list(self.pinned_live):
-            self.pinned_live.pop(ptr)
-            cudart.cudaFreeHost(ptr)
-        cudart.cudaStreamDestroy(stream)
-
-
-class CudaGraphs:
-    """Capture the enqueued loop once per key and replay it; one graph exists at a time.
-
-    The first run of a key is eager (TensorRT's lazy set-up must not happen inside a capture); the
-    capture follows in the same call and is replayed from the next call on."""
-
-    def __init__(self, memory: CudaMemory, enabled: bool = True):
-        self.memory, self.cudart, self.enabled = memory, memory.cudart, enabled
-        self.exec = None
-        self.key = None
-        self.captures = 0  # successful captures (tests and benchmarks read it)
-        self.failed: set = set()  # keys whose capture failed: they run eagerly
-        self._warned = False
-
-    def reset(self) -> None:
-        if self.exec is not None:
-            api.check(self.cudart, self.cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
-            self.exec, self.key = None, None
-
-    def run(self, key, enqueue) -> None:
-        cudart, stream = self.cudart, self.memory.stream
-        if self.exec is not None and self.key == key:
-            api.check(cudart, cudart.cudaGraphLaunch(self.exec, stream), "cudaGraphLaunch")
-            return
-        enqueue()
-        if self.enabled and key not in self.failed:
-            self.reset()
-            self._capture(key, enqueue)
-
-    def _capture(self, key, enqueue) -> None:
-        cudart, stream = self.cudart, self.memory.stream
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        api.check(cudart, cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-        problem = None
-        try:
-            enqueue()
-        except BackendError as ex:  # a refused launch: the captured graph must not be used
-            problem = str(ex)
-        except BaseException:
-            _, graph = cudart.cudaStreamEndCapture(stream)  # leave the stream usable, then re-raise
-            if graph is not None:
-                cudart.cudaGraphDestroy(graph)
-            raise
-        err, graph = cudart.cudaStreamEndCapture(stream)  # always end the capture, even after a failure
-        if err != cudart.cudaError_t.cudaSuccess:
-            problem = problem or api.error_name(cudart, err)
-        elif problem is None:
-            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
-            if err == cudart.cudaError_t.cudaSuccess:
-                self.exec, self.key = graph_exec, key
-                self.captures += 1
-            else:
-                problem = f"cudaGraphInstantiate: {api.error_name(cudart, err)}"
-        if graph is not None:  # cuda-python gives None with an error; the exec keeps what it needs
-            api.check(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-        if problem is not None:
-            self.failed.add(key)
-            if not self._warned:
-                log.warning("CUDA graph capture failed (%s); this shape runs without a CUDA graph", problem)
-                self._warned = True
 
 
 class SharedContextMemory:
@@ -195,6 +56,7 @@ class SharedContextMemory:
         self.memory = memory
         self.ptr, self.size, self.generation = 0, 0, 0
         self.contexts: list = []
+        self.attached: dict[int, tuple[int, int]] = {}  # id(context) -> the (ptr, size) it was given
 
     def fit(self, engine: "TrtEngine") -> None:
         """Size the block for ``engine``'s context at its current input shapes, and attach it."""
@@ -207,13 +69,20 @@ class SharedContextMemory:
             old, self.ptr, self.size = self.ptr, new, aligned(need)
             self.generation += 1
             for other in self.contexts:
-                other.set_device_memory(self.ptr, self.size)
+                self._attach(other)
             if old:
                 self.memory.sync()  # nothing may still run in the old block
                 self.memory.free(old)
         if ctx not in self.contexts:
             self.contexts.append(ctx)
-        ctx.set_device_memory(self.ptr, self.size)
+        self._attach(ctx)
+
+    def _attach(self, ctx) -> None:
+        """``set_device_memory`` only when the block differs from the context's: a captured graph holds the
+        context's state at capture, so nothing about it may move while the graph is replayed."""
+        if self.attached.get(id(ctx)) != (self.ptr, self.size):
+            ctx.set_device_memory(self.ptr, self.size)
+            self.attached[id(ctx)] = (self.ptr, self.size)
 
 
 def profile_component(component: Component, profile: dict[str, tuple]) -> Component:
@@ -250,13 +119,14 @@ class TrtEngine:
             raise BackendError(f"engine {path.name} has tensors {sorted(names)}, the manifest says {sorted(declared)}; "
                                f"rebuild it with `sdtrt build {path.parent}`")
         self.component = profile_component(component, profile)
-        self._dtypes = {s.name: np.dtype(s.dtype) for s in component.inputs + component.outputs}
+        self._dtypes = check_io(trt, self.engine, component, path)
         self._dynamic = {s.name for s in component.inputs if not all(isinstance(d, int) for d in s.shape)}
         self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
             raise BackendError(f"TensorRT could not create an execution context for {path.name}")
         self.stream = int(memory.stream)
-        self._overridden: set[str] = set()  # initializers refitted away from the graph's own weights
+        self._shapes: dict[str, tuple[int, ...]] = {}  # the input shapes the context holds (set_input_shape)
+        self.refit = Refit(self, self._base_weight)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (ptr, capacity bytes)
         self._host: dict[str, np.ndarray] = {}
 
@@ -267,10 +137,17 @@ class TrtEngine:
     input_dtype = dtype
 
     def set_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Set the dynamic input shapes that changed (only those: a captured graph must not replay against a
+        context whose shapes were set again), then fit the shared block to them."""
         for name, shape in shapes.items():
-            if name in self._dynamic and not self.context.set_input_shape(name, tuple(int(d) for d in shape)):
-                raise ShapeError(f"{self.label}: {name} shape {tuple(shape)} is outside the engine profile "
+            shape = tuple(int(d) for d in shape)
+            if name not in self._dynamic or self._shapes.get(name) == shape:
+                continue
+            self._shapes.pop(name, None)  # unknown until TensorRT accepts it
+            if not self.context.set_input_shape(name, shape):
+                raise ShapeError(f"{self.label}: {name} shape {shape} is outside the engine profile "
                                  "(rebuild with `sdtrt build --size/--batch`)")
+            self._shapes[name] = shape
         self.shared.fit(self)
 
     def bind(self, name: str, ptr: int) -> None:
@@ -303,6 +180,8 @@ class TrtEngine:
             loop.update.set_shapes(update_shapes(shapes["latents"]))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # in the engine's dtypes, as ONNX Runtime's path casts (an int64 id fed to an int32 input is not its bytes)
+        feeds = {name: np.ascontiguousarray(value, self._dtypes[name]) for name, value in feeds.items()}
         self.set_shapes({name: value.shape for name, value in feeds.items()})
         for name, value in feeds.items():
             ptr = self._buffer(name, value.nbytes)
@@ -327,51 +206,41 @@ class TrtEngine:
         return {name: host.copy() for name, (host, _) in outputs.items()}
 
     def override(self, initializers: dict[str, np.ndarray]) -> None:
-        """Refit the engine with these weights; weights an earlier override changed and this one does not go back to
-        the graph's own (read from its external data). Every weight is set from the base plus deltas, never on top
-        of the previous refit (TensorRT issue 3628: A, B, then A again must be A)."""
+        """Refit the engine with these weights (``refit.Refit``); weights an earlier override changed and this one does
+        not go back to the graph's own. Every weight is set from the base plus deltas, never on top of the previous
+        refit (TensorRT issue 3628: A, B, then A again must be A). A failed refit raises with every weight of the
+        attempt counted as changed; the caller restores the base."""
         if not getattr(self, "refittable", False):
             raise BackendError(f"{self.label} was not built refittable: LoRAs and embeddings need `sdtrt build "
                                f"{self.path.parent} --refittable` (or fuse LoRAs at export)")
-        values = dict(initializers)
-        for name in self._overridden - set(values):  # back to the base weight
-            values[name] = self._base_weight(name)
-        self.memory.sync()  # nothing may run on the old weights while they change
-        trt = self.trt  # (named `trt`: the API-contract test checks every trt.X against the real bindings)
-        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
-        weights = []  # alive until refit_cuda_engine returns
-        for name, array in values.items():
-            weights.append(trt.Weights(np.ascontiguousarray(array)))
-            if not refitter.set_named_weights(name, weights[-1]):
-                raise BackendError(f"TensorRT refused new weights for {name} in {self.label} (shape or type differs?)")
-        if not refitter.refit_cuda_engine():
-            missing = list(refitter.get_missing_weights())
-            raise BackendError(f"TensorRT could not refit {self.label}"
-                               + (f": weights missing for {', '.join(missing[:3])}" if missing else ""))
-        self._overridden = set(initializers)
-        loop = getattr(self, "device_loop", None)
-        if loop is not None and loop.graphs is not None:
-            loop.graphs.reset()  # captured launches are re-captured on the new weights
+        try:
+            self.refit.apply(initializers)
+        finally:  # even a failed refit may have changed weights under a captured graph: capture again
+            loop = getattr(self, "device_loop", None)
+            if loop is not None and loop.graphs is not None:
+                loop.graphs.reset()
 
     def _base_weight(self, initializer: str) -> np.ndarray:
+        """The graph's own value of any initializer: a mapped weight from where the export recorded it, any other
+        (a bias, a fused projection's partner) read from the ONNX graph."""
         from sdtrt.runtime.lora import base_weight
 
         for entry in self.component.weights.values():
             if entry.initializer == initializer:
                 return base_weight(self.path.parent, entry)
-        raise BackendError(f"{self.label}: no base weight recorded for {initializer}")
+        return base_weight(self.path.parent, (self.component.file, initializer))
 
     def close(self) -> None:
+        """Free what this engine holds; every free is attempted even when one fails (a sticky CUDA error), and the
+        session's close() frees whatever is left."""
         loop = getattr(self, "device_loop", None)
+        buffers, hosts = [p for p, _ in self._buffers.values()], list(self._host.values())
+        self._buffers, self._host = {}, {}
         try:
-            if loop is not None:
-                loop.close()
-            for ptr, _ in self._buffers.values():
-                self.memory.free(ptr)
-            for host in self._host.values():
-                self.memory.free_host(host)
-        finally:  # whatever failed above, the session's close() frees the rest
-            self._buffers, self._host = {}, {}
+            attempt_all(([loop.close] if loop is not None else [])
+                        + [lambda p=p: self.memory.free(p) for p in buffers]
+                        + [lambda h=h: self.memory.free_host(h) for h in hosts])
+        finally:
             self.context = None
             self.engine = None
 
@@ -389,6 +258,40 @@ class TrtDeviceLoop(DeviceLoop):
         return self.shared.generation
 
 
+def check_io(trt, cuda_engine, component: Component, path: Path) -> dict[str, np.dtype]:
+    """Every I/O tensor of ``cuda_engine`` (an ICudaEngine) as the manifest declares it, checked once at load:
+    dtype (``get_tensor_dtype``), location (``get_tensor_location`` == DEVICE: sdtrt binds device pointers), format
+    (``get_tensor_format`` == LINEAR: the row-major layout sdtrt reads and writes), not a shape-inference tensor
+    (``is_shape_inference_io``), and every dimension static in both equal (``get_tensor_shape``; -1 marks a dynamic
+    one). NvInferRuntime.h's ICudaEngine getters; trtexec's ``sampleInference.cpp`` allocates by the same getters.
+    Returns name -> NumPy dtype."""
+    dtypes = numpy_dtypes(trt)
+    out = {}
+    rebuild = f"rebuild it with `sdtrt build {path.parent}`"
+    for spec in component.inputs + component.outputs:
+        name, want = spec.name, np.dtype(spec.dtype)
+        got = cuda_engine.get_tensor_dtype(name)
+        if dtypes.get(got) != want:
+            raise BackendError(f"engine {path.name}: {name} is {getattr(got, 'name', got)} in the engine, the manifest "
+                               f"says {want}; {rebuild}")
+        if cuda_engine.get_tensor_location(name) != trt.TensorLocation.DEVICE:
+            raise BackendError(f"engine {path.name}: {name} lives in host memory in the engine; sdtrt binds device "
+                               f"memory ({rebuild})")
+        fmt = cuda_engine.get_tensor_format(name)
+        if fmt != trt.TensorFormat.LINEAR:
+            raise BackendError(f"engine {path.name}: {name} has the {getattr(fmt, 'name', fmt)} layout in the engine; "
+                               f"sdtrt reads and writes LINEAR (row-major) tensors ({rebuild})")
+        if cuda_engine.is_shape_inference_io(name):
+            raise BackendError(f"engine {path.name}: {name} is a shape tensor in the engine (read on the host); "
+                               f"sdtrt binds only execution tensors ({rebuild})")
+        dims = tuple(int(d) for d in cuda_engine.get_tensor_shape(name))
+        if len(dims) != len(spec.shape) or any(isinstance(m, int) and d not in (-1, m) for d, m in zip(dims, spec.shape)):
+            raise BackendError(f"engine {path.name}: {name} has shape {dims} in the engine, the manifest says "
+                               f"{tuple(spec.shape)}; {rebuild}")
+        out[name] = want
+    return out
+
+
 def check_fingerprint(manifest: Manifest, trt, device: api.DeviceInfo, folder: Path) -> None:
     build = manifest.tensorrt
     rebuild = f"rebuild them here with `sdtrt build {folder}`"
@@ -402,6 +305,18 @@ def check_fingerprint(manifest: Manifest, trt, device: api.DeviceInfo, folder: P
                            f"this GPU is {device.name} (sm_{device.compute_capability}); {rebuild}")
 
 
+def check_refittable(engine: TrtEngine, component: Component) -> None:
+    """At load of a refittable engine: the mapped weights (what LoRAs and embeddings change) TensorRT cannot refit,
+    named once here and refused by any refit that needs them (``get_all_weights``)."""
+    mapped = {e.initializer for e in component.weights.values()}
+    blocked = unrefittable(engine, mapped)
+    engine.refit.unrefittable = set(blocked)
+    if blocked:
+        log.warning("%s: %d of its %d LoRA-mapped weights are not refittable in this engine (folded at build): %s%s; "
+                    "LoRAs that touch them are refused", engine.label, len(blocked), len(mapped), ", ".join(blocked[:3]),
+                    " ..." if len(blocked) > 3 else "")
+
+
 class TrtSession:
     """What the engines of one folder share: TensorRT runtime, stream, shared context memory."""
 
@@ -409,7 +324,7 @@ class TrtSession:
         self.trt, self.cudart = trt, cudart
         self.memory = CudaMemory(cudart)
         self.shared = SharedContextMemory(self.memory)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.runtime = trt.Runtime(api.logger(trt))
         self.engines: list[TrtEngine] = []
 
     def load(self, path: Path, component: Component, profile) -> TrtEngine:
@@ -420,15 +335,13 @@ class TrtSession:
     def close(self) -> None:
         if self.memory.stream is None:
             return
+        engines, self.engines = self.engines, []
+        self.shared.contexts, self.shared.attached = [], {}  # contexts go before their engines
         try:
-            self.memory.sync()
-            self.shared.contexts = []  # contexts go before their engines
-            for engine in self.engines:
-                engine.close()
+            attempt_all([self.memory.sync] + [engine.close for engine in engines])
         finally:
-            self.engines = []
             self.shared.ptr = self.shared.size = 0
-            self.memory.close()  # frees the shared block and anything left
+            self.memory.close()  # frees the shared block and anything left; never raises
 
 
 def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, use_cuda_graph: bool = True,
@@ -452,6 +365,8 @@ def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, us
             path = Path(folder) / (files or {}).get(name, built.file)
             engines[name] = session.load(path, manifest.components[name], built.profile)
             engines[name].refittable = manifest.tensorrt.refittable and name in REFITTABLE
+            if engines[name].refittable:
+                check_refittable(engines[name], manifest.components[name])
     except BaseException:
         session.close()
         raise

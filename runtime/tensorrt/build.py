@@ -198,7 +198,7 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
     cudart = cudart or api.import_cudart()
     device = api.device_info(cudart)
     version = api.trt_version(trt)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = api.logger(trt)
     cache = TimingCache(Path(cfg.timing_cache) if cfg.timing_cache else
                         folder / timing_cache_file(version, device.compute_capability), log)
     log(f"TensorRT {version} on {device.name} (sm_{device.compute_capability}); timing cache "
@@ -288,7 +288,7 @@ def _verify(folder: Path, manifest: Manifest, files: dict[str, str], trt, cudart
             raise BuildError(f"the {name} engine does not match ONNX Runtime at {worst.shape}: max relative error "
                              f"{worst.max_rel_error:.3g} > {worst.tolerance:g}; engines not installed (this is a "
                              "TensorRT or driver problem worth reporting; --no-verify installs them anyway)")
-        e2e = end_to_end(folder, manifest, engines)
+        e2e = end_to_end(folder, manifest, engines, log=log)
     finally:
         engines.close()
     log(f"  end to end: {e2e.batch}x {e2e.width}x{e2e.height}, {e2e.steps} {e2e.sampler} steps, TensorRT device loop "

@@ -6,14 +6,17 @@ Used by ``sdtrt build`` (before the engines are installed) and ``sdtrt doctor --
    the export's parity gate used (recorded in the manifest; inputs regenerated deterministically
    here) where the engine's profile admits them, and at the profile's min and opt shapes;
    max|trt - ort| / max|ort| must stay within ``TOLERANCE``;
-2. end to end: a short generation on the TensorRT device loop against the same generation on
-   ONNX Runtime's host loop; the PSNR between the two images must reach ``MIN_PSNR_DB``.
+2. end to end: short generations on the TensorRT device loop against the same generations on
+   ONNX Runtime's host loop; the PSNR between the two images must reach ``MIN_PSNR_DB``. Each is run
+   twice and the second (a CUDA graph's capture and launch) must equal the first exactly; a 2-chunk
+   prompt, and on --refittable engines a LoRA refitted in and out again, are cases of their own.
 
 No torch: this runs where the engines run.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +116,19 @@ def verify_engines(folder: Path, manifest: Manifest, engines: dict, log=print) -
     return results
 
 
-def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4) -> EndToEndCheck:
-    """Check 2: the same short generation on ``trt_engines`` and on ONNX Runtime."""
+def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, log=None) -> EndToEndCheck:
+    """Check 2: short generations on ``trt_engines`` against the same on ONNX Runtime's host loop, each run twice.
+
+    The first run of a shape is eager and the second is captured and launched as a CUDA graph (``cuda.CudaGraphs``),
+    so each case's second image must equal its first exactly: a broken replay would otherwise pass this check and
+    show only from a user's second generation on. Cases: a one-chunk prompt; a two-chunk prompt (77 tokens more on
+    the dynamic text axis) where the profile admits it; on ``--refittable`` engines, a random LoRA refitted in
+    (replayed, against ONNX Runtime with the same LoRA) and refitted out again (replayed, the first image exactly).
+    ``psnr_db`` is the worst case's; a replay that differs raises ``BuildError``."""
     from sdtrt.runtime.backends import load_engines
     from sdtrt.runtime.pipeline import Pipeline
 
+    log = log or (lambda s: None)
     build = manifest.tensorrt
     latents = build.engines["unet"].profile["latents"][0]  # profile min (static: the only shape)
     batch = int(latents[0])
@@ -130,12 +141,54 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4) ->
         y, x = np.mgrid[0:height, 0:width]
         control = np.stack([(x / width), (y / height), 0.5 + 0.5 * np.sin(x / 7.0)], -1).astype(np.float32)  # (H, W, 3)
         kwargs["control_images"] = [(control * 255).astype(np.uint8)] * len(manifest.controlnets)
+    cases = {"1-chunk prompt": kwargs}
+    text_max = build.engines["unet"].profile.get("encoder_hidden_states", ((), (), (0, 0)))[2]
+    if len(text_max) > 1 and text_max[1] >= 2 * manifest.model.max_text_length:
+        cases["2-chunk prompt"] = dict(kwargs, prompt=[", ".join([E2E_PROMPT] * 8)] * batch)  # 80-150 tokens
     device = Pipeline.from_engines(folder, manifest, trt_engines)
-    got = device(**kwargs).images
-    # the host loop: a reference that shares no loop code with the device loop under test
-    with Pipeline.from_engines(folder, manifest, load_engines(folder, manifest, reference, device_loop=False)) as host:
-        want = host(**kwargs).images
-    value = psnr(got, want)
+    got = {label: _twice(device, label, kw) for label, kw in cases.items()}
+    lora = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if build.refittable and all(manifest.components[g].weights for g in ("unet", "text_encoder")):
+            from sdtrt.benchmarks.lora_swap import random_lora
+
+            lora = (str(Path(tmp) / "verify_lora.safetensors"), 0.8)
+            random_lora(manifest, Path(lora[0]), 4, 0)
+            device.set_loras([lora])
+            got["refitted LoRA"] = _twice(device, "refitted LoRA", kwargs)
+            device.set_loras([])
+            back = _twice(device, "LoRA refitted out", kwargs)
+            if not np.array_equal(back, got["1-chunk prompt"]):
+                raise _replay_error("LoRA refitted out", got["1-chunk prompt"], back, "the image without it")
+        # the host loop: a reference that shares no loop code with the device loop under test
+        with Pipeline.from_engines(folder, manifest, load_engines(folder, manifest, reference, device_loop=False)) as host:
+            values = {}
+            for label, image in got.items():
+                if label == "refitted LoRA":
+                    host.set_loras([lora])
+                values[label] = psnr(image, host(**cases.get(label, kwargs)).images)
+                log(f"    {label}: PSNR {values[label]:.1f} dB against {reference}; replayed CUDA graph identical")
+    label, value = min(values.items(), key=lambda kv: kv[1])
     return EndToEndCheck(psnr_db=999.0 if value == float("inf") else max(round(value, 2), 0.0), min_psnr_db=MIN_PSNR_DB,
                          passed=bool(value >= MIN_PSNR_DB), width=width, height=height, batch=batch, steps=steps,
                          sampler=device.sampler_table(None, steps).name, reference=reference)
+
+
+def _twice(pipe, label: str, kwargs: dict) -> np.ndarray:
+    """The generation's image, after checking that running it again (the CUDA graph's capture and launch, or its
+    replay) gives exactly the same."""
+    first = pipe(**kwargs).images
+    again = pipe(**kwargs).images
+    if not np.array_equal(first, again):
+        raise _replay_error(label, first, again, "the first run")
+    return first
+
+
+def _replay_error(label: str, want: np.ndarray, got: np.ndarray, what: str):
+    from sdtrt.runtime.tensorrt.build import BuildError
+
+    diff = float(np.nanmax(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)))) \
+        if np.isfinite(got).any() else float("nan")
+    return BuildError(f"CUDA-graph replay check failed ({label}): the replayed generation differs from {what} (max "
+                      f"difference {diff:.3g}); the engines are not safe to use for a second generation (a TensorRT or "
+                      "driver problem worth reporting)")

@@ -177,3 +177,25 @@ def test_a_bfloat16_lora_reads_as_its_float32_values(small_model, lora_files, tm
         pipe.set_loras([(tmp_path / "f32.safetensors", 0.7)])
         b = ours(pipe)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("graph", ["unet.onnx", "text_encoder.onnx", "vae_decoder.onnx", "sampler_update.onnx"])
+def test_base_weight_reads_any_initializer_of_a_graph(tiny_export, graph):
+    """A refit supplies every weight TensorRT combined with a changed one (biases inside the .onnx, fused partners in
+    its external data): the one base-weight reader reads any initializer by name, without the onnx package, as onnx
+    does."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sdtrt.runtime.lora import base_weight, onnx_initializers
+
+    folder, manifest = tiny_export
+    model = onnx.load(str(folder / graph))
+    found = onnx_initializers(folder / graph)
+    assert len(found) == len(model.graph.initializer)
+    for init in model.graph.initializer:
+        want = numpy_helper.to_array(init)
+        got = base_weight(folder, (graph, init.name))
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), init.name
+    for entry in (manifest.components[graph[:-5]].weights or {}).values():  # a mapped weight: the same either way
+        np.testing.assert_array_equal(base_weight(folder, entry), base_weight(folder, (graph, entry.initializer)))

@@ -23,280 +23,38 @@ a user a NaN image on their first run:
 - streams, graphs, graph execs, device and pinned allocations are counted, so leaks show;
 - a TensorRT context scribbles over its device-memory block when it runs, as real kernels do;
 - a timing cache carries the TensorRT version and compute capability it was made with and is
-  refused (``set_timing_cache`` returns False) on another; garbage bytes give no cache at all.
+  refused (``set_timing_cache`` returns False) on another; garbage bytes give no cache at all;
+- a captured graph holds what it captured: the engine's weights at capture (a refit after it is not seen by a
+  replay), and it may only be replayed while every context it launched keeps the input shapes and device memory
+  it had at capture (``set_input_shape`` / ``set_device_memory`` since then: AssertionError, undefined on a GPU);
+- the refitter refuses names outside the engine's refittable weights (``get_all_weights``) and weights whose
+  dtype or count differ from ``get_weights_prototype``; weights combined at build (a Conv or Gemm with its bias, a
+  MatMul with the Add of its bias, MatMuls reading the same input: fused Q/K/V) are refitted together, and every
+  unsupplied member of a group with a supplied one is reported by ``get_missing_weights``; ``refit_cuda_engine``
+  with weights missing applies a random subset of what was set and returns False ("a subset of weights may have
+  been refitted");
+- engine tensors carry a dtype, a location and a format (``get_tensor_dtype``/``location``/``format``);
+- ``sticky_error`` makes every CUDA call fail as after an illegal address; frees still release what they name
+  (a dying context takes its memory with it), so a close path that stops early shows as a leak.
 """
 
 from __future__ import annotations
 
-import ctypes
-import inspect
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tests.runtime.tensorrt.fake_cuda import FAKED_CUDART, GARBAGE, FakeCudart, _Enum  # noqa: F401  (re-exported)
+
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
               "tensor(int64)": np.int64}
-GARBAGE = 0xFF  # what fresh device memory holds here: NaN as fp16 and as fp32
-
-
-# ---- cuda-python runtime ---------------------------------------------------------------------------------
-
-class _Enum(int):
-    def __new__(cls, value, name):
-        obj = int.__new__(cls, value)
-        obj.name = name
-        return obj
-
-    def __repr__(self):
-        return f"<{self.name}: {int(self)}>"
-
-
-class FakeCudart:
-    class cudaError_t:
-        cudaSuccess = _Enum(0, "cudaSuccess")
-        cudaErrorInvalidValue = _Enum(1, "cudaErrorInvalidValue")
-        cudaErrorMemoryAllocation = _Enum(2, "cudaErrorMemoryAllocation")
-        cudaErrorInsufficientDriver = _Enum(35, "cudaErrorInsufficientDriver")
-        cudaErrorNoDevice = _Enum(100, "cudaErrorNoDevice")
-        cudaErrorStreamCaptureUnsupported = _Enum(900, "cudaErrorStreamCaptureUnsupported")
-        cudaErrorStreamCaptureInvalidated = _Enum(901, "cudaErrorStreamCaptureInvalidated")
-
-    class cudaMemcpyKind:
-        cudaMemcpyHostToDevice = _Enum(1, "cudaMemcpyHostToDevice")
-        cudaMemcpyDeviceToHost = _Enum(2, "cudaMemcpyDeviceToHost")
-
-    class cudaStreamCaptureMode:
-        cudaStreamCaptureModeGlobal = _Enum(0, "cudaStreamCaptureModeGlobal")
-        cudaStreamCaptureModeThreadLocal = _Enum(1, "cudaStreamCaptureModeThreadLocal")
-        cudaStreamCaptureModeRelaxed = _Enum(2, "cudaStreamCaptureModeRelaxed")
-
-    cudaStreamNonBlocking = 1
-
-    @dataclass
-    class cudaDeviceProp:
-        name: bytes
-        major: int
-        minor: int
-        totalGlobalMem: int
-
-    def __init__(self, name="NVIDIA H100 80GB HBM3", major=9, minor=0, devices=1, driver=12090, runtime=12090,
-                 total_memory=80 * 2**30, memory_limit: int | None = None):
-        self.prop = self.cudaDeviceProp(name.encode(), major, minor, total_memory)
-        self.devices, self.driver, self.runtime = devices, driver, runtime
-        self.memory_limit = memory_limit if memory_limit is not None else total_memory
-        self.pending: list = []  # work issued to the stream and not yet run
-        self._allocs: dict[int, np.ndarray] = {}
-        self._next = 1 << 40
-        self._pinned: dict[int, np.ndarray] = {}
-        self.streams: set[int] = set()
-        self.graphs: dict[int, list] = {}  # live cudaGraph_t handles
-        self.execs: dict[int, list] = {}  # live cudaGraphExec_t handles
-        self._handle = 1000
-        self.capture: dict | None = None  # {"stream", "mode", "ops", "invalid"}
-        self.log: list[str] = []  # what ran, in order: "exec:<engine>", "memcpy", "sync", "graph", ...
-
-    ok = property(lambda self: self.cudaError_t.cudaSuccess)
-
-    @property
-    def bytes_allocated(self) -> int:
-        return sum(a.size for a in self._allocs.values())
-
-    def live(self) -> dict[str, int]:
-        """Everything a program must give back: tests check it returns to zero."""
-        return {"device allocations": len(self._allocs), "pinned allocations": len(self._pinned),
-                "streams": len(self.streams), "graphs": len(self.graphs), "graph execs": len(self.execs)}
-
-    def _new_handle(self) -> int:
-        self._handle += 1
-        return self._handle
-
-    # capture rules
-    def _unsafe_in_capture(self, what: str):
-        """An API call CUDA forbids while a stream is capturing: it fails and invalidates the capture."""
-        if self.capture is None or self.capture["mode"] == self.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed \
-                and what.startswith("cudaMalloc"):
-            return None
-        self.capture["invalid"] = self.capture["invalid"] or what
-        self.log.append(f"capture-invalidated:{what}")
-        return self.cudaError_t.cudaErrorStreamCaptureUnsupported
-
-    def _run(self, op):
-        if self.capture is not None:
-            self.capture["ops"].append(op)
-        else:
-            self.pending.append(op)
-
-    def _drain(self):
-        """The host waits for the stream: everything issued so far runs, in order."""
-        ops, self.pending = self.pending, []
-        for op in ops:
-            op()
-
-    # device memory
-    def cudaMalloc(self, size):
-        if err := self._unsafe_in_capture("cudaMalloc"):
-            return err, None
-        if self.bytes_allocated + int(size) > self.memory_limit:
-            return self.cudaError_t.cudaErrorMemoryAllocation, None
-        ptr = self._next
-        self._allocs[ptr] = np.full(int(size), GARBAGE, np.uint8)
-        self._next += (int(size) + 4095) // 4096 * 4096 + 4096  # 512-byte (and more) aligned, as cudaMalloc
-        return self.ok, ptr
-
-    def cudaFree(self, devPtr):
-        if err := self._unsafe_in_capture("cudaFree"):
-            return (err,)
-        if int(devPtr) not in self._allocs:
-            return (self.cudaError_t.cudaErrorInvalidValue,)
-        self._drain()  # cudaFree synchronises the device
-        del self._allocs[int(devPtr)]
-        return (self.ok,)
-
-    def cudaMallocHost(self, size):
-        if err := self._unsafe_in_capture("cudaMallocHost"):
-            return err, None
-        buf = np.full(max(int(size), 1), GARBAGE, np.uint8)
-        self._pinned[buf.ctypes.data] = buf
-        return self.ok, buf.ctypes.data
-
-    def cudaFreeHost(self, ptr):
-        if err := self._unsafe_in_capture("cudaFreeHost"):
-            return (err,)
-        if int(ptr) not in self._pinned:
-            return (self.cudaError_t.cudaErrorInvalidValue,)
-        self._drain()
-        del self._pinned[int(ptr)]
-        return (self.ok,)
-
-    def cudaMemGetInfo(self):
-        return self.ok, self.prop.totalGlobalMem - self.bytes_allocated, self.prop.totalGlobalMem
-
-    def view(self, ptr: int, nbytes: int) -> np.ndarray:
-        """Bytes [ptr, ptr + nbytes) of simulated device memory (a writable view)."""
-        for base, arr in self._allocs.items():
-            if base <= ptr and ptr + nbytes <= base + arr.size:
-                return arr[ptr - base: ptr - base + nbytes]
-        raise AssertionError(f"access to unallocated device memory {ptr:#x} (+{nbytes}): an illegal address on a GPU")
-
-    def _pinned_range(self, ptr: int, nbytes: int) -> bool:
-        return any(base <= ptr and ptr + nbytes <= base + arr.size for base, arr in self._pinned.items())
-
-    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
-        host = src if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else dst
-        if not self._pinned_range(int(host), int(count)) and (err := self._unsafe_in_capture("pageable cudaMemcpyAsync")):
-            return (err,)
-        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice and not self._pinned_range(int(host), int(count)):
-            staged = bytes((ctypes.c_char * int(count)).from_address(int(src)))  # pageable: copied before return
-            src_bytes = lambda: staged  # noqa: E731
-        else:
-            src_bytes = lambda: bytes((ctypes.c_char * int(count)).from_address(int(src)))  # noqa: E731
-
-        def op():
-            self.log.append("memcpy")
-            if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
-                self.view(int(dst), int(count))[:] = np.frombuffer(src_bytes(), np.uint8)
-            else:
-                ctypes.memmove(int(dst), self.view(int(src), int(count)).ctypes.data, int(count))
-        self._run(op)
-        if kind == self.cudaMemcpyKind.cudaMemcpyDeviceToHost and not self._pinned_range(int(host), int(count)) \
-                and self.capture is None:
-            self._drain()  # into pageable memory the copy is synchronous
-        return (self.ok,)
-
-    def cudaMemsetAsync(self, devPtr, value, count, stream):
-        self.view(int(devPtr), int(count))  # an invalid pointer fails at the call
-        self._run(lambda: self.view(int(devPtr), int(count)).fill(value))
-        return (self.ok,)
-
-    # streams and graphs
-    def cudaStreamCreate(self):
-        return self.cudaStreamCreateWithFlags(0)
-
-    def cudaStreamCreateWithFlags(self, flags):
-        handle = self._new_handle()
-        self.streams.add(handle)
-        return self.ok, handle
-
-    def cudaStreamDestroy(self, stream):
-        if int(stream) not in self.streams:
-            return (self.cudaError_t.cudaErrorInvalidValue,)
-        self._drain()  # the work already issued still completes
-        self.streams.discard(int(stream))
-        return (self.ok,)
-
-    def cudaStreamSynchronize(self, stream):
-        if err := self._unsafe_in_capture("cudaStreamSynchronize"):
-            return (err,)
-        self._drain()
-        self.log.append("sync")
-        return (self.ok,)
-
-    def cudaStreamBeginCapture(self, stream, mode):
-        assert self.capture is None, "nested capture"
-        assert int(stream) in self.streams, "capture on an unknown stream"
-        self.capture = {"stream": int(stream), "mode": mode, "ops": [], "invalid": None}
-        return (self.ok,)
-
-    def cudaStreamEndCapture(self, stream):
-        capture, self.capture = self.capture, None
-        if capture is None:
-            return self.cudaError_t.cudaErrorInvalidValue, None
-        if capture["invalid"]:
-            return self.cudaError_t.cudaErrorStreamCaptureInvalidated, None
-        handle = self._new_handle()
-        self.graphs[handle] = capture["ops"]
-        return self.ok, handle
-
-    def cudaGraphInstantiate(self, graph, flags):
-        if int(graph) not in self.graphs:
-            return self.cudaError_t.cudaErrorInvalidValue, None
-        handle = self._new_handle()
-        self.execs[handle] = list(self.graphs[int(graph)])
-        return self.ok, handle
-
-    def cudaGraphLaunch(self, graphExec, stream):
-        if int(graphExec) not in self.execs:
-            return (self.cudaError_t.cudaErrorInvalidValue,)
-        self.log.append("graph")
-        self.pending.extend(self.execs[int(graphExec)])
-        return (self.ok,)
-
-    def cudaGraphDestroy(self, graph):
-        if self.graphs.pop(int(graph), None) is None:
-            return (self.cudaError_t.cudaErrorInvalidValue,)
-        return (self.ok,)
-
-    def cudaGraphExecDestroy(self, graphExec):
-        if self.execs.pop(int(graphExec), None) is None:
-            return (self.cudaError_t.cudaErrorInvalidValue,)
-        return (self.ok,)
-
-    # devices and versions
-    def cudaGetDeviceCount(self):
-        if not self.driver:
-            return self.cudaError_t.cudaErrorInsufficientDriver, None
-        if not self.devices:
-            return self.cudaError_t.cudaErrorNoDevice, 0
-        return self.ok, self.devices
-
-    def cudaGetDeviceProperties(self, device):
-        return self.ok, self.prop
-
-    def cudaDriverGetVersion(self):
-        return self.ok, self.driver
-
-    def cudaRuntimeGetVersion(self):
-        return self.ok, self.runtime
-
-
-FAKED_CUDART = tuple(n for n, v in vars(FakeCudart).items() if n.startswith("cuda") and inspect.isfunction(v))
 
 
 # ---- tensorrt --------------------------------------------------------------------------------------------
 
-CURRENT: dict = {"cudart": None, "version": "10.16.1.11"}  # the fake GPU and TensorRT a test runs on
+CURRENT: dict = {"cudart": None, "version": "10.16.1.11",  # the fake GPU and TensorRT a test runs on
+           "folded": set()}  # initializers a build folds away (not refittable), a test control
 
 
 class _Severity:
@@ -305,9 +63,11 @@ class _Severity:
 
 class Logger:
     WARNING = _Severity.WARNING
+    made = 0  # loggers made (a test control: one per process)
 
     def __init__(self, min_severity=_Severity.WARNING):
         self.min_severity = min_severity
+        Logger.made += 1
 
 
 class NetworkDefinitionCreationFlag:
@@ -318,37 +78,105 @@ class BuilderFlag:
     REFIT = _Enum(5, "REFIT")
 
 
+class DataType:
+    FLOAT = _Enum(0, "FLOAT")
+    HALF = _Enum(1, "HALF")
+    INT8 = _Enum(2, "INT8")
+    INT32 = _Enum(3, "INT32")
+    BOOL = _Enum(4, "BOOL")
+    UINT8 = _Enum(5, "UINT8")
+    INT64 = _Enum(8, "INT64")
+
+
+_TRT_OF_NUMPY = {np.dtype(np.float32): DataType.FLOAT, np.dtype(np.float16): DataType.HALF,
+                 np.dtype(np.int8): DataType.INT8, np.dtype(np.int32): DataType.INT32, np.dtype(np.bool_): DataType.BOOL,
+                 np.dtype(np.uint8): DataType.UINT8, np.dtype(np.int64): DataType.INT64}
+
+
+class TensorLocation:
+    DEVICE = _Enum(0, "DEVICE")
+    HOST = _Enum(1, "HOST")
+
+
+class TensorFormat:
+    LINEAR = _Enum(0, "LINEAR")
+    CHW32 = _Enum(3, "CHW32")
+    HWC8 = _Enum(4, "HWC8")
+
+
 class Weights:
-    """Host weights handed to TensorRT (the real class wraps a NumPy array without copying)."""
+    """Host weights handed to TensorRT (the real class wraps a NumPy array without copying; a dtype TensorRT has no
+    DataType for, such as float64, is refused)."""
 
     def __init__(self, a):
         self.array = np.asarray(a)
+        if self.array.dtype not in _TRT_OF_NUMPY:
+            raise TypeError(f"Unsupported numpy data type: {self.array.dtype}")
+        self._dtype, self._size = _TRT_OF_NUMPY[self.array.dtype], int(self.array.size)
+
+    @classmethod
+    def _prototype(cls, dtype, size):
+        w = cls.__new__(cls)
+        w.array, w._dtype, w._size = None, dtype, int(size)
+        return w
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def size(self):
+        return self._size
+
+    @property
+    def nbytes(self):
+        return 0 if self.array is None else int(self.array.nbytes)
 
 
 class Refitter:
-    """TensorRT's refitter on the fake engine: weights set by name, applied by refit_cuda_engine; weights not set
-    keep their current (possibly earlier-refitted) values, as in TensorRT."""
+    """TensorRT's refitter on the fake engine, as strict as TensorRT (see the module docstring): weights not set keep
+    their current (possibly earlier-refitted) values."""
+
+    _rng = np.random.default_rng(0)  # which subset a refit with weights missing applies
 
     def __init__(self, engine, logger):
         self.engine, self.pending = engine, {}
 
+    def get_all_weights(self):
+        return sorted(self.engine._refittable())
+
+    def get_weights_prototype(self, weights_name):
+        current = self.engine._weights().get(weights_name) if weights_name in self.engine._refittable() else None
+        if current is None:
+            return Weights._prototype(DataType.FLOAT, -1)
+        return Weights._prototype(_TRT_OF_NUMPY[current.dtype], current.size)
+
     def set_named_weights(self, name, weights):
-        current = self.engine._weights().get(name)
-        array = weights.array
-        if current is None or current.shape != array.shape or current.dtype != array.dtype:
-            return False  # not a refittable weight of this engine, or of another shape or type
-        self.pending[name] = array.copy()  # TensorRT copies at refit; the fake copies at once
+        proto = self.get_weights_prototype(name)
+        if proto.size < 0 or weights.size != proto.size or weights.dtype != proto.dtype:
+            return False  # not a refittable weight of this engine, or of another count or type
+        shape = self.engine._weights()[name].shape
+        self.pending[name] = weights.array.reshape(shape).copy()  # TensorRT copies at refit; the fake at once
         return True
+
+    def get_missing_weights(self):
+        groups = self.engine._refit_groups()
+        missing = set()
+        for name in self.pending:
+            missing |= groups.get(name, {name}) - set(self.pending)
+        return sorted(missing)
 
     def refit_cuda_engine(self):
         if not self.engine.plan.get("refittable"):
             return False  # "engine is not refittable" in TensorRT's log
+        if self.get_missing_weights():
+            names = sorted(self.pending)
+            subset = [n for n in names if Refitter._rng.random() < 0.5] or names[:1]
+            self.engine._refit({n: self.pending[n] for n in subset})  # "a subset of weights may have been refitted"
+            return False
         self.engine._refit(self.pending)
         self.pending = {}
         return True
-
-    def get_missing_weights(self):
-        return []
 
 
 class MemoryPoolType:
@@ -526,14 +354,65 @@ class ICudaEngine:
             self._onnx_weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         return {**self._onnx_weights, **self.refitted}
 
+    def _refittable(self) -> set[str]:
+        """Weights a refitter can set: the float initializers of rank 1 or more, less those the build folded."""
+        return {n for n, w in self._weights().items() if w.dtype.kind == "f" and w.ndim >= 1} - set(CURRENT["folded"])
+
+    def _refit_groups(self) -> dict[str, set[str]]:
+        """Initializer -> the weights TensorRT combined it with at build (itself included): a Conv/Gemm's weight and
+        bias, a MatMul's weight and the initializer of the Add after it, and MatMuls reading the same tensor (fused
+        Q/K/V projections), with their biases."""
+        if hasattr(self, "_groups"):
+            return self._groups
+        import onnx
+
+        graph = onnx.load(self.plan["onnx"], load_external_data=False).graph
+        inits = {i.name for i in graph.initializer}
+        parent: dict[str, str] = {}
+
+        def find(x):
+            while parent.setdefault(x, x) != x:
+                x = parent[x]
+            return x
+
+        def union(names):
+            names = [n for n in names if n in inits]
+            for a, b in zip(names, names[1:]):
+                parent[find(a)] = find(b)
+
+        consumers: dict[str, list] = {}
+        for node in graph.node:
+            for x in node.input:
+                consumers.setdefault(x, []).append(node)
+        by_input: dict[str, list[str]] = {}
+        for node in graph.node:
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+                union(list(node.input[1:]))
+            elif node.op_type == "MatMul" and node.input[1] in inits:
+                members = [node.input[1]] + [x for c in consumers.get(node.output[0], []) if c.op_type == "Add"
+                                             for x in c.input if x in inits]
+                union(members)
+                by_input.setdefault(node.input[0], []).append(node.input[1])
+        for weights in by_input.values():
+            union(weights)
+        groups: dict[str, set[str]] = {}
+        for name in parent:
+            groups.setdefault(find(name), set()).add(name)
+        self._groups = {name: groups[find(name)] for name in parent}
+        return self._groups
+
     def _refit(self, values: dict) -> None:
         import onnxruntime as ort
 
+        import onnx
+        from onnx import numpy_helper
+
         self.refitted.update(values)
-        opts = ort.SessionOptions()
-        names = list(self.refitted)
-        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.refitted[n]) for n in names])
-        self.session = ort.InferenceSession(self.plan["onnx"], opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(self.plan["onnx"])
+        for init in model.graph.initializer:
+            if init.name in self.refitted:
+                init.CopyFrom(numpy_helper.from_array(self.refitted[init.name], init.name))
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
     @property
     def num_io_tensors(self):
@@ -541,6 +420,35 @@ class ICudaEngine:
 
     def get_tensor_name(self, index):
         return (list(self._inputs) + self._outputs)[index]
+
+    def _ort_type(self, name):
+        if name in self._inputs:
+            return self._inputs[name].type
+        return {o.name: o.type for o in self.session.get_outputs()}[name]
+
+    def get_tensor_dtype(self, name):
+        return _TRT_OF_NUMPY[np.dtype(ORT_DTYPES[self._ort_type(name)])]
+
+    def get_tensor_location(self, name):
+        return TensorLocation.DEVICE
+
+    def get_tensor_format(self, name):
+        return TensorFormat.LINEAR
+
+    def is_shape_inference_io(self, name):
+        return False
+
+    def get_tensor_shape(self, name):
+        """-1 for a dimension the profile leaves dynamic (a static build pins every input dimension)."""
+        if name in self._inputs:
+            profile = self.plan["profile"].get(name)
+            dims = self._inputs[name].shape
+            if profile is not None:
+                lo, _, hi = profile
+                return tuple(int(a) if a == b else -1 for a, b in zip(lo, hi))
+            return tuple(d if isinstance(d, int) else -1 for d in dims)
+        shape = {o.name: o.shape for o in self.session.get_outputs()}[name]
+        return tuple(d if isinstance(d, int) else -1 for d in shape)
 
     def _max_shapes(self):
         return {n: tuple(self.plan["profile"][n][2]) if n in self.plan["profile"] else tuple(i.shape)
@@ -565,6 +473,7 @@ class IExecutionContext:
         self.addresses: dict[str, int] = {}
         self._out_shapes: dict = {}
         self._eager: set = set()  # shape sets that ran outside a capture (TensorRT's lazy set-up is done)
+        self.epoch = 0  # bumped by set_input_shape and set_device_memory
 
     @property
     def cudart(self) -> FakeCudart:
@@ -573,6 +482,7 @@ class IExecutionContext:
     def set_device_memory(self, memory, size):
         assert self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED
         self.memory = (int(memory), int(size))
+        self.epoch += 1  # the context's state moved: a graph captured before must not be replayed
 
     def _dynamic(self):
         return [n for n, i in self.engine._inputs.items() if any(not isinstance(d, int) for d in i.shape)]
@@ -584,6 +494,7 @@ class IExecutionContext:
         if len(shape) != len(lo) or any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)):
             return False  # outside the profile, as TensorRT reports
         self.shapes[name] = tuple(int(d) for d in shape)
+        self.epoch += 1  # TensorRT re-derives shape-dependent state: a graph captured before is stale
         return True
 
     def set_tensor_address(self, name, memory):
@@ -642,6 +553,7 @@ class IExecutionContext:
         if cudart.capture is None:
             self._eager.add(key)
         addresses = dict(self.addresses)  # what a launch captures: the addresses at enqueue time
+        session = self.engine.session  # and the weights: a refit after a capture is not seen by its replays
         wrong = self.engine.plan.get("wrong", False)
 
         def op():
@@ -652,10 +564,17 @@ class IExecutionContext:
                 dtype = np.dtype(ORT_DTYPES[info.type])
                 count = int(np.prod(shapes[n])) * dtype.itemsize
                 feeds[n] = cudart.view(addresses[n], count).view(dtype).reshape(shapes[n]).copy()
-            for n, value in zip(self.engine._outputs, self.engine.session.run(None, feeds)):
+            for n, value in zip(self.engine._outputs, session.run(None, feeds)):
                 if wrong:
                     value = (value * 1.25).astype(value.dtype)
                 cudart.view(addresses[n], value.nbytes)[:] = np.ascontiguousarray(value).view(np.uint8).reshape(-1)
+        if cudart.capture is not None:
+            epoch = self.epoch
+
+            def check():
+                assert self.epoch == epoch, (f"a CUDA graph replayed {self.engine.name}'s launch after set_input_shape or "
+                                             "set_device_memory changed its context since the capture (undefined on a GPU)")
+            op.check = check
         cudart._run(op)
         return True
 
@@ -670,6 +589,8 @@ def fake_tensorrt(version: str = "10.16.1.11", cudart: FakeCudart | None = None)
     module.__version__ = version
     CURRENT["version"] = version
     CURRENT["cudart"] = cudart
+    CURRENT["folded"] = set()
+    Logger.made = 0
     Builder.fail_on = set()
     Builder.wrong = set()
     Builder.built = []
@@ -678,4 +599,5 @@ def fake_tensorrt(version: str = "10.16.1.11", cudart: FakeCudart | None = None)
 
 FAKED_CLASSES = ("Logger", "NetworkDefinitionCreationFlag", "MemoryPoolType", "ExecutionContextAllocationStrategy",
                  "Builder", "OnnxParser", "Runtime", "IBuilderConfig", "IOptimizationProfile", "ITimingCache",
-                 "ICudaEngine", "IExecutionContext", "BuilderFlag", "Weights", "Refitter")
+                 "ICudaEngine", "IExecutionContext", "BuilderFlag", "Weights", "Refitter", "DataType",
+                 "TensorLocation", "TensorFormat")

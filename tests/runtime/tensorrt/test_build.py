@@ -270,3 +270,45 @@ def test_controlnets_are_built_verified_and_run_end_to_end(fake_gpu, control_fol
     assert [s[2] for s in (lo, opt, hi)] == [-(-s[2] // 4) for s in latents]  # ceil(h / 4) at each bound
     assert all(r.passed for r in built.verification["controlnet_depth"])
     assert built.end_to_end.passed
+
+
+# ---- issue 21: the end-to-end check replays the CUDA graph -------------------------------------------------------
+
+def _graphs_launch_nothing(monkeypatch):
+    """A broken replay: the graph launch is accepted and does nothing (the result buffer keeps the last run's)."""
+    def launch(self, graphExec, stream):
+        if int(graphExec) not in self.execs:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        self.log.append("graph")
+        return (self.ok,)
+
+    monkeypatch.setattr(fakes.FakeCudart, "cudaGraphLaunch", launch)
+
+
+def test_defect_the_build_check_catches_a_cuda_graph_replay_that_does_nothing(fake_gpu, fp16_folder, monkeypatch):
+    _graphs_launch_nothing(monkeypatch)
+    with pytest.raises(BuildError, match=r"CUDA-graph replay check failed \(1-chunk prompt\): the replayed generation "
+                                         r"differs from the first run"):
+        build_engines(fp16_folder, VERIFIED, log=lambda s: None)
+    assert Manifest.load(fp16_folder).tensorrt is None and not list(fp16_folder.glob("*.plan"))  # nothing installed
+
+
+def test_defect_doctor_run_replays_the_graph_too(fake_gpu, fp16_folder, monkeypatch):
+    from sdtrt.runtime.doctor import run_check
+
+    build_engines(fp16_folder, SMALL, log=lambda s: None)
+    assert run_check(fp16_folder).passed
+    _graphs_launch_nothing(monkeypatch)
+    with pytest.raises(BuildError, match="CUDA-graph replay check failed"):
+        run_check(fp16_folder)
+
+
+def test_the_build_check_covers_two_chunks_and_a_refit_there_and_back(fake_gpu, fp16_folder):
+    lines = []
+    cfg = BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), refittable=True)
+    manifest = build_engines(fp16_folder, cfg, log=lines.append)
+    assert manifest.tensorrt.end_to_end.passed
+    text = "\n".join(lines)
+    for case in ("1-chunk prompt", "2-chunk prompt", "refitted LoRA"):
+        assert re.search(rf"{case}: PSNR (\d+\.\d|inf) dB against onnxruntime-cpu; replayed CUDA graph identical", text), case
+    assert not list(fp16_folder.glob("verify_lora*"))  # the LoRA lived in a temporary folder

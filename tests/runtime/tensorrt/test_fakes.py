@@ -141,3 +141,60 @@ def test_a_plan_of_another_tensorrt_version_does_not_deserialize(gpu, tiny_fp16)
     trt, _ = gpu
     plan = {"onnx": str(tiny_fp16[0] / "unet.onnx"), "version": "10.15.1.29", "profile": {}}
     assert trt.Runtime(None).deserialize_cuda_engine(json.dumps(plan).encode()) is None
+
+
+def _captured(trt, cudart, tiny_fp16):
+    """The sampler-update context, run eagerly once, then captured: (engine, context, stream, graph exec)."""
+    engine, ctx = _context(tiny_fp16, trt)
+    stream = _ok(cudart, cudart.cudaStreamCreateWithFlags(1))
+    for spec in tiny_fp16[1].components["sampler_update"].inputs:
+        if spec.name != "coefs":
+            ctx.set_input_shape(spec.name, (1, 4, 8, 8) if spec.name != "mask" else (1, 1, 8, 8))
+    need = ctx.update_device_memory_size_for_shapes()
+    ctx.set_device_memory(_ok(cudart, cudart.cudaMalloc(need)), need)
+    for n in list(engine._inputs) + engine._outputs:
+        ptr = _ok(cudart, cudart.cudaMalloc(2048))
+        cudart.view(ptr, 2048)[:] = 0
+        ctx.set_tensor_address(n, ptr)
+    assert ctx.execute_async_v3(stream)
+    cudart.cudaStreamSynchronize(stream)
+    cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+    assert ctx.execute_async_v3(stream)
+    graph = _ok(cudart, cudart.cudaStreamEndCapture(stream))
+    return engine, ctx, stream, _ok(cudart, cudart.cudaGraphInstantiate(graph, 0))
+
+
+def test_a_graph_replayed_after_its_context_changed_is_an_error(gpu, tiny_fp16):
+    trt, cudart = gpu
+    _, ctx, stream, graph_exec = _captured(trt, cudart, tiny_fp16)
+    _ok(cudart, cudart.cudaGraphLaunch(graph_exec, stream))
+    ctx.set_input_shape("noise", (1, 4, 8, 8))  # the same shape, set again: TensorRT's state may move
+    with pytest.raises(AssertionError, match="changed its context since the capture"):
+        cudart.cudaGraphLaunch(graph_exec, stream)
+
+
+def test_a_graph_holds_the_weights_it_captured(gpu, tiny_fp16):
+    """A refit after a capture is not seen by the replay (the graph must be captured again)."""
+    trt, cudart = gpu
+    engine, ctx, stream, graph_exec = _captured(trt, cudart, tiny_fp16)
+    captured = engine.session
+    engine._refit({})  # a new session, as a refit makes
+    assert engine.session is not captured
+    seen = []
+    real = captured.run
+    captured.run = lambda *a, **k: seen.append(1) or real(*a, **k)
+    _ok(cudart, cudart.cudaGraphLaunch(graph_exec, stream))
+    cudart.cudaStreamSynchronize(stream)
+    assert seen == [1]
+
+
+def test_sticky_errors_fail_every_call_but_frees_still_release(gpu):
+    _, cudart = gpu
+    ptr = _ok(cudart, cudart.cudaMalloc(256))
+    stream = _ok(cudart, cudart.cudaStreamCreateWithFlags(1))
+    cudart.sticky_error = cudart.cudaError_t.cudaErrorIllegalAddress
+    assert cudart.cudaStreamSynchronize(stream) == (cudart.sticky_error,)
+    assert cudart.cudaMalloc(256) == (cudart.sticky_error, None)
+    assert cudart.cudaFree(ptr) == (cudart.sticky_error,)
+    assert cudart.cudaStreamDestroy(stream) == (cudart.sticky_error,)
+    assert not any(cudart.live().values())
