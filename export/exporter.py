@@ -131,10 +131,14 @@ def _prepare_out(out: Path, force: bool) -> Path:
     remove_stale(parent, out.name)  # what an export killed before it could clean up left behind
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} is a file, not a folder (--force replaces folders only)")
+    owned = owned_entries(out) if out.exists() else None
     if out.exists() and not force:
-        what = "an sdtrt engine folder" if owned_entries(out) is not None else "a folder that is not an sdtrt engine folder"
+        what = "an sdtrt engine folder" if owned is not None else "a folder that is not an sdtrt engine folder"
         raise OutputExistsError(f"output folder {out} already exists ({what}); pass --force to replace sdtrt's files in "
                                 "it (files of yours there are kept)")
+    if out.exists() and owned is None:  # --force into a folder of other files: never over one of them
+        _refuse_foreign(out, [e.name for e in out.iterdir() if e.name in (MANIFEST_NAME, "tokenizer", "scheduler")
+                              or e.name.endswith((".onnx", ".onnx.data"))])
     tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -154,18 +158,26 @@ def _check_not_source(out: Path, source: Path) -> None:
                          "choose an --out outside it")
 
 
-def _commit(tmp: Path, out: Path, log) -> None:
+def _commit(tmp: Path, out: Path) -> None:
     """Put the export in place. Into an existing folder (``--force``), only sdtrt's files are replaced: what its old
     manifest lists (graphs, engines, tokenizer, scheduler) and the names the new export writes; every other file of
-    the folder stays (a user's images, notes, subfolders)."""
+    the folder stays (a user's images, notes, subfolders), and a file of the user's under a name the export writes is
+    refused, not replaced."""
     if not out.exists():
         tmp.rename(out)
         return
     owned = owned_entries(out) or set()
-    foreign = sorted(e.name for e in tmp.iterdir() if e.name not in owned and os.path.lexists(out / e.name))
-    if foreign:
-        log(f"warning: replacing {', '.join(foreign)} in {out}, which no sdtrt manifest there listed (--force)")
+    _refuse_foreign(out, sorted(e.name for e in tmp.iterdir() if e.name not in owned and os.path.lexists(out / e.name)))
     replace_entries(tmp, out, owned, last=MANIFEST_NAME)
+
+
+def _refuse_foreign(out: Path, names: list[str]) -> None:
+    """``--force`` replaces sdtrt's files only: names the export writes that are there but no sdtrt manifest lists
+    are the user's, and are never replaced."""
+    if names:
+        raise OutputExistsError(f"{out} holds {', '.join(names)}, which the export would write but no sdtrt manifest "
+                                "there lists: --force replaces only sdtrt's own files; move them away or choose "
+                                "another --out")
 
 
 def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
@@ -195,7 +207,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
         controlnets = {name: load_controlnet(source, model, config, log, index)
                        for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
         manifest = _export_into(model, config, tmp, log, controlnets)
-        _commit(tmp, out, log)
+        _commit(tmp, out)
     except BaseException as ex:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(ex, OSError) and ex.filename is None and ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -8,7 +8,7 @@ Used by ``sdtrt build`` (before the engines are installed) and ``sdtrt doctor --
    max|trt - ort| / max|ort| must stay within ``TOLERANCE``;
 2. end to end: short generations on the TensorRT device loop against the same generations on
    ONNX Runtime's host loop; the PSNR between the two images must reach ``MIN_PSNR_DB``. Each is run
-   twice and the second (a CUDA graph's capture and launch) must equal the first exactly; a 2-chunk
+   twice and the second (a CUDA graph's capture and launch) must equal the first (to 60 dB); a 2-chunk
    prompt, and on --refittable engines a LoRA refitted in and out again, are cases of their own.
 
 No torch: this runs where the engines run.
@@ -29,6 +29,10 @@ from sdtrt.parity import compare, psnr
 # (swapped graph, broken fusion) is off by far more than either.
 TOLERANCE = {"fp16": 2e-2, "fp32": 1e-2}
 MIN_PSNR_DB = 25.0
+# a replayed CUDA graph against the eager run of the same generation: the same kernels, so identical up to TensorRT
+# tactics that are not bit-deterministic (atomics); a replay that is broken (stale weights or shapes, a launch that
+# does nothing) is off by far more
+REPLAY_MIN_PSNR_DB = 60.0
 E2E_PROMPT = "a photo of an astronaut riding a horse on the moon"
 DEFAULT_VALUES = {"timestep": 981.0, "guidance_scale": 7.5}
 
@@ -120,10 +124,10 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, lo
     """Check 2: short generations on ``trt_engines`` against the same on ONNX Runtime's host loop, each run twice.
 
     The first run of a shape is eager and the second is captured and launched as a CUDA graph (``cuda.CudaGraphs``),
-    so each case's second image must equal its first exactly: a broken replay would otherwise pass this check and
+    so each case's second image must equal its first (``REPLAY_MIN_PSNR_DB``): a broken replay would otherwise pass this check and
     show only from a user's second generation on. Cases: a one-chunk prompt; a two-chunk prompt (77 tokens more on
     the dynamic text axis) where the profile admits it; on ``--refittable`` engines, a random LoRA refitted in
-    (replayed, against ONNX Runtime with the same LoRA) and refitted out again (replayed, the first image exactly).
+    (replayed, against ONNX Runtime with the same LoRA) and refitted out again (replayed, the first image again).
     ``psnr_db`` is the worst case's; a replay that differs raises ``BuildError``."""
     from sdtrt.runtime.backends import load_engines
     from sdtrt.runtime.pipeline import Pipeline
@@ -150,7 +154,7 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, lo
     lora = None
     with tempfile.TemporaryDirectory() as tmp:
         if build.refittable and all(manifest.components[g].weights for g in ("unet", "text_encoder")):
-            from sdtrt.benchmarks.lora_swap import random_lora
+            from sdtrt.runtime.synthetic import random_lora
 
             lora = (str(Path(tmp) / "verify_lora.safetensors"), 0.8)
             random_lora(manifest, Path(lora[0]), 4, 0)
@@ -158,7 +162,7 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, lo
             got["refitted LoRA"] = _twice(device, "refitted LoRA", kwargs)
             device.set_loras([])
             back = _twice(device, "LoRA refitted out", kwargs)
-            if not np.array_equal(back, got["1-chunk prompt"]):
+            if psnr(back, got["1-chunk prompt"]) < REPLAY_MIN_PSNR_DB:
                 raise _replay_error("LoRA refitted out", got["1-chunk prompt"], back, "the image without it")
         # the host loop: a reference that shares no loop code with the device loop under test
         with Pipeline.from_engines(folder, manifest, load_engines(folder, manifest, reference, device_loop=False)) as host:
@@ -167,7 +171,7 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, lo
                 if label == "refitted LoRA":
                     host.set_loras([lora])
                 values[label] = psnr(image, host(**cases.get(label, kwargs)).images)
-                log(f"    {label}: PSNR {values[label]:.1f} dB against {reference}; replayed CUDA graph identical")
+                log(f"    {label}: PSNR {values[label]:.1f} dB against {reference}; replayed CUDA graph agrees")
     label, value = min(values.items(), key=lambda kv: kv[1])
     return EndToEndCheck(psnr_db=999.0 if value == float("inf") else max(round(value, 2), 0.0), min_psnr_db=MIN_PSNR_DB,
                          passed=bool(value >= MIN_PSNR_DB), width=width, height=height, batch=batch, steps=steps,
@@ -176,10 +180,10 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, lo
 
 def _twice(pipe, label: str, kwargs: dict) -> np.ndarray:
     """The generation's image, after checking that running it again (the CUDA graph's capture and launch, or its
-    replay) gives exactly the same."""
+    replay) gives the same (``REPLAY_MIN_PSNR_DB``)."""
     first = pipe(**kwargs).images
     again = pipe(**kwargs).images
-    if not np.array_equal(first, again):
+    if psnr(first, again) < REPLAY_MIN_PSNR_DB:
         raise _replay_error(label, first, again, "the first run")
     return first
 

@@ -204,9 +204,10 @@ def test_export_limits_match_torch():
     ({}, True),  # empty
     ({"manifest.json": json.dumps({"schema_version": 1, "model": {}, "components": {}})}, True),  # an engine folder
     ({"manifest.json": json.dumps({"name": "my web app", "icons": []})}, False),  # someone else's manifest.json
-    ({"notes.txt": "mine"}, False),
+    ({"notes.txt": "mine"}, True),  # other files: written beside them (--force)
+    ({"notes.txt": "mine", "unet.onnx": "my own graph"}, False),  # a name the export writes, not sdtrt's
 ])
-def test_force_replaces_only_empty_or_engine_folders(tmp_path, content, ok):
+def test_force_writes_into_a_folder_but_never_over_a_file_that_is_not_sdtrts(tmp_path, content, ok):
     from sdtrt.errors import OutputExistsError
     from sdtrt.export.exporter import _prepare_out
 
@@ -218,9 +219,9 @@ def test_force_replaces_only_empty_or_engine_folders(tmp_path, content, ok):
         tmp = _prepare_out(out, force=True)
         assert tmp.is_dir() and tmp.parent == tmp_path
     else:
-        with pytest.raises(OutputExistsError, match="is not an sdtrt engine folder"):
+        with pytest.raises(OutputExistsError, match="which the export would write but no sdtrt manifest there lists"):
             _prepare_out(out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == sorted(content)
+    assert {p.name: p.read_text() for p in out.iterdir()} == content
 
 
 def test_a_scheduler_config_only_other_samplers_can_run_is_exported_with_a_warning():

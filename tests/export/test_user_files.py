@@ -71,16 +71,23 @@ def test_export_force_into_a_folder_that_is_not_an_engine_folder_writes_only_sdt
     assert not {"astronaut.png", "notes.txt", "mine"} & owned_entries(out)
 
 
-def test_a_file_of_the_users_named_like_sdtrts_is_replaced_only_with_force_and_a_warning(cli, tmp_path):
+def test_a_file_of_the_users_named_like_sdtrts_is_never_replaced(cli, tmp_path, monkeypatch):
     out = tmp_path / "models"
     out.mkdir()
     (out / "unet.onnx").write_text("the user's own graph")
     code, _, err = cli("export", "tiny", "--out", out, "--size", "64:64", "--batch", "1:1")
     assert code == 2 and "pass --force" in err
-    assert (out / "unet.onnx").read_text() == "the user's own graph"
     code, _, err = cli("export", "tiny", "--out", out, "--force", "--size", "64:64", "--batch", "1:1")
-    assert code == 0, err
-    assert "warning: replacing unet.onnx" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "holds unet.onnx, which the export would write" in err, err
+    assert [p.name for p in out.iterdir()] == ["unet.onnx"] and (out / "unet.onnx").read_text() == "the user's own graph"
+    # a name only the finished export knows (a ControlNet's graph) is checked when it is put in place
+    (out / "unet.onnx").unlink()
+    (out / "controlnet_edges.onnx").write_text("mine")
+    code, _, err = cli("export", "tiny", "--out", out, "--force", "--size", "64:64", "--batch", "1:1",
+                       "--controlnet", "edges=random")
+    assert code == 2 and "holds controlnet_edges.onnx, which the export would write" in err.splitlines()[-1], err
+    assert [p.name for p in out.iterdir()] == ["controlnet_edges.onnx"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_a_failed_switch_puts_every_old_file_back(tiny_fp16, tmp_path, monkeypatch):
