@@ -328,6 +328,9 @@ def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, fo
         log(format_table(table))
         work.rmdir()
         old = manifest.components.get(key)
+        owned = owned_entries(folder) or set()
+        _refuse_foreign(folder, sorted(f.name for f in tmp.iterdir() if f.name not in owned
+                                       and os.path.lexists(folder / f.name)))
         for f in tmp.iterdir():  # new files under names no installed manifest points at, until the manifest switches
             f.rename(folder / f.name)
         manifest = replace(manifest, components={**manifest.components, key: component})

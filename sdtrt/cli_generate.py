@@ -256,6 +256,10 @@ def _cmd_generate(args) -> int:
         if not control_images:
             raise UsageError("--control-preview needs --control (this generation uses no ControlNet)")
         previews = _output_paths(args.control_preview, len(control_images), args.force, "--control-preview")
+        same = sorted(set(previews) & set(paths))
+        if same:
+            raise UsageError(f"--control-preview and -o/--output name the same file ({same[0]}): give them different "
+                             "names")
     embeddings = args.embedding + ([args.embeddings_dir] if args.embeddings_dir else [])
     with Pipeline.from_dir(args.dir, backend=args.backend, loras=args.lora, lora_dir=args.lora_dir,
                            embeddings=embeddings) as pipe:

@@ -46,6 +46,10 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
         m = _TEMP.match(entry.name)
         if not m or (name is not None and m.group("name") != name) or pid_alive(int(m.group("pid"))):
             continue
+        if (entry / _JOURNAL).is_file():  # a folder switch that was killed: undo it, never delete what it holds
+            if _undo_switch(entry):
+                removed.append(entry)
+            continue
         try:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -149,17 +153,24 @@ def check_writable(path: Path) -> None:
         tmp.unlink()
 
 
+_JOURNAL = ".sdtrt-switch.json"  # in a switch's .NAME.old-PID folder: what it moves, to undo a killed switch
+
+
 def replace_entries(new: Path, folder: Path, replaced: set[str], last: str) -> None:
     """Move every entry of the folder ``new`` into ``folder``, replacing the entries named in ``replaced`` (and any of
     the same name), leaving every other entry of ``folder`` as it is. ``last`` is moved out first and in last (the
     manifest: a reader sees the old folder, then none, then the new one, never a mix under one manifest). The old
-    entries wait in a sibling ``.NAME.old-PID`` until the switch is done, and are put back if it fails half-way;
-    ``new`` is removed when it is empty."""
+    entries wait in a sibling ``.NAME.old-PID.*`` until the switch is done, and are put back if it fails half-way;
+    a journal there lets ``remove_stale`` put them back after a switch that was killed. ``new`` is removed when
+    empty."""
+    import json
+    import tempfile
+
     new, folder = Path(new), Path(folder)
     incoming = sorted((e.name for e in new.iterdir()), key=lambda n: n == last)
     outgoing = sorted({n for n in replaced | set(incoming) if os.path.lexists(folder / n)}, key=lambda n: n != last)
-    old = temp_path(folder, "old")
-    old.mkdir()
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-{os.getpid()}.", dir=folder.parent))
+    (old / _JOURNAL).write_text(json.dumps({"folder": folder.name, "outgoing": outgoing, "incoming": incoming}))
     moved_out: list[str] = []
     moved_in: list[str] = []
     try:
@@ -170,23 +181,51 @@ def replace_entries(new: Path, folder: Path, replaced: set[str], last: str) -> N
             os.rename(new / name, folder / name)
             moved_in.append(name)
     except BaseException:
+        restored = True
         for name in reversed(moved_in):
             try:
                 os.rename(folder / name, new / name)
             except OSError:
-                pass
+                restored = False
         for name in reversed(moved_out):
             try:
                 os.rename(old / name, folder / name)
             except OSError:
-                pass
-        try:
-            old.rmdir()  # only when everything went back: never delete what could not be restored
-        except OSError:
-            pass
+                restored = False
+        if restored:  # never delete what could not be put back: the journal stays for remove_stale
+            shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     try:
         new.rmdir()
     except OSError:
         pass
+
+
+def _undo_switch(old: Path) -> bool:
+    """Put back what a killed ``replace_entries`` had moved out of its folder, taking out what it had moved in (an
+    incoming name that is in the folder is the new one, unless it was to go out and is not in ``old`` yet); True when
+    everything went back and ``old`` is gone."""
+    import json
+
+    try:
+        journal = json.loads((old / _JOURNAL).read_text(encoding="utf-8"))
+        folder = old.parent / journal["folder"]
+        outgoing, incoming = set(journal["outgoing"]), list(journal["incoming"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        for name in incoming:
+            target = folder / name
+            if os.path.lexists(target) and (name not in outgoing or os.path.lexists(old / name)):
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+        for entry in old.iterdir():
+            if entry.name != _JOURNAL:
+                os.rename(entry, folder / entry.name)
+        shutil.rmtree(old)
+    except OSError:
+        return False
+    return True

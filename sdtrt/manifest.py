@@ -362,21 +362,28 @@ class Manifest:
         return cls.from_json(text)
 
 
+# what every export writes, whatever a manifest says: the folders sdtrt owns by name
+OWNED_FOLDERS = ("tokenizer", "scheduler")
+_OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
+
+
 def owned_entries(folder: Path) -> set[str] | None:
-    """The top-level names in ``folder`` that sdtrt wrote, as its manifest lists them (graphs and their external data,
-    TensorRT engines, tokenizer and scheduler folders, the manifest and the hash record); None when the folder holds
-    no sdtrt manifest. Read from the raw JSON, so a manifest of another schema version still says what it owns; a
-    name that would leave the folder (absolute, ``..``) is never listed: nothing outside is sdtrt's to replace."""
+    """The names in ``folder`` that sdtrt wrote (what ``export --force`` may replace): the manifest, the hash record,
+    the ``tokenizer`` and ``scheduler`` folders, and the graph, external-data and engine files the manifest lists;
+    None when the folder holds no sdtrt manifest. Read from the raw JSON, so a manifest of another schema version
+    still says what it owns. A manifest is not trusted to name anything else: a listed name counts only as a plain
+    file name with a graph or engine suffix that is a file (or link) in the folder, never a path or a folder (a
+    hand-edited manifest naming ``photos/x.onnx`` or ``~`` makes nothing of the user's sdtrt's to replace)."""
+    folder = Path(folder)
     try:
-        data = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or "schema_version" not in data or not isinstance(data.get("components"), dict):
         return None
     from sdtrt.integrity import CACHE
 
-    names = [MANIFEST_NAME, CACHE, data.get("tokenizer_dir", "tokenizer"),
-             data.get("scheduler_config", "scheduler/scheduler_config.json")]
+    names = []
     for component in data["components"].values():
         if isinstance(component, dict):
             names += [component.get("file"), *(component.get("external_data") or ())]
@@ -384,14 +391,11 @@ def owned_entries(folder: Path) -> set[str] | None:
     for engine in (engines or {}).values():
         if isinstance(engine, dict):
             names.append(engine.get("file"))
-    owned = set()
+    owned = {MANIFEST_NAME, CACHE, *OWNED_FOLDERS}
     for name in names:
-        if not isinstance(name, str) or not name.strip():
-            continue
-        parts = Path(name).parts
-        if Path(name).is_absolute() or ".." in parts or not parts:
-            continue
-        owned.add(parts[0])
+        if (isinstance(name, str) and name.endswith(_OWNED_SUFFIXES) and Path(name).name == name
+                and "\\" not in name and not (folder / name).is_dir()):
+            owned.add(name)
     return owned
 
 

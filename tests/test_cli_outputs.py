@@ -28,7 +28,7 @@ def test_an_existing_output_is_numbered_not_refused_nor_overwritten(cli, engine,
 
 @pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".webp"])
 def test_jpeg_and_webp_carry_the_parameters_where_a1111_reads_them(cli, engine, tmp_path, suffix):
-    piexif = pytest.importorskip("piexif")
+    import piexif
     import piexif.helper
 
     prompt, negative = "a (red:1.2) fox, \u00e9t\u00e9 \u732b", "blurry: 1, 2"
@@ -91,9 +91,29 @@ def test_control_preview_is_the_canny_map_the_controlnet_reads(cli, control_fold
     (["--n-iter", "0"], "--n-iter must be at least 1, got 0"),
     (["--control-preview", "m.png"], "--control-preview needs --control"),
     (["--control", "c.png", "--control-preview", "m.gif"], "--control-preview m.gif must be a file name ending in one of .png"),
+    (["--control", "c.png", "--control-preview", "out.png", "-o", "out.png"], "name the same file (out.png)"),
 ])
 def test_bad_output_flags(cli, engine, tmp_path, flags, needle, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("generate", engine, "a cat", "--steps", 2, "--size", "64x64", *flags)
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a1111s_own_jpeg_and_webp_are_replayed(cli, engine, tmp_path):
+    """A1111 saves JPEG/WebP, then inserts the infotext with piexif.dump + piexif.insert (modules/images.py)."""
+    import piexif
+    import piexif.helper
+
+    code, _, err = cli("generate", engine, "a red fox", "-n", "fog", *GEN, "--scheduler", "euler", "-o", tmp_path / "ours.png")
+    assert code == 0, err
+    text = Image.open(tmp_path / "ours.png").text["parameters"]
+    for suffix, fmt in ((".jpg", "JPEG"), (".webp", "WEBP")):
+        theirs = tmp_path / f"a1111{suffix}"
+        Image.open(tmp_path / "ours.png").convert("RGB").save(theirs, format=fmt, quality=80)
+        exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text, encoding="unicode")}})
+        piexif.insert(exif, str(theirs))
+        code, _, err = cli("generate", engine, "--from-png", theirs, "-o", tmp_path / f"replay{suffix}.png")
+        assert code == 0, err
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"replay{suffix}.png")),
+                                      np.asarray(Image.open(tmp_path / "ours.png")))

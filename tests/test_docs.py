@@ -128,5 +128,5 @@ def test_readme_is_a_front_door_and_ci_runs_its_commands():
     tests = next(b for b in blocks(ROOT / "README.md") if "pytest" in b)
     for command in (install, run, tests):
         assert command.strip() in ci, command
-    assert "python3 -m venv" in ci  # CI installs into a new environment, never into what the machine has
+    assert "python3 -m venv --clear" in ci  # CI installs into a new environment, never into what was left there
     assert "-c constraints.txt" in install and "-c constraints.txt" in tests

@@ -142,3 +142,61 @@ def test_build_keeps_the_users_files(fake_gpu, fp16_folder):
     _kept(fp16_folder, planted)
     engines = Manifest.load(fp16_folder).tensorrt.engines
     assert {p.name for p in fp16_folder.glob("*.plan")} == {e.file for e in engines.values()}
+
+
+def test_a_hand_edited_manifest_cannot_make_the_users_files_sdtrts(cli, tiny_fp16, tmp_path):
+    """A manifest naming a user's folder, a path into it or a name without a graph suffix owns none of them."""
+    import json
+
+    out = tmp_path / "engine"
+    shutil.copytree(tiny_fp16[0], out)
+    planted = _plant(out)
+    data = json.loads((out / "manifest.json").read_text())
+    data["components"]["unet"]["external_data"] += ["mine", "mine/result.png", "notes.txt", "../engine"]
+    data["tokenizer_dir"], data["scheduler_config"] = "mine", "astronaut.png"
+    (out / "manifest.json").write_text(json.dumps(data))
+    assert not {"mine", "notes.txt", "astronaut.png", "..", "../engine"} & owned_entries(out)
+    code, _, err = cli("export", "tiny", "--out", out, "--force", "--size", "64:64", "--batch", "1:1")
+    assert code == 0, err
+    _kept(out, planted)
+
+
+def test_a_switch_killed_half_way_is_undone_by_the_next_run(tiny_fp16, tmp_path):
+    """SIGKILL between two renames of the switch (os._exit): the old files wait beside the folder with a journal, and
+    the next export, build or `info` (remove_stale) puts the folder back exactly as it was."""
+    import subprocess
+    import sys
+
+    from sdtrt.fsutil import remove_stale
+
+    out = tmp_path / "engine"
+    shutil.copytree(tiny_fp16[0], out)
+    _plant(out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    new = tmp_path / "new"
+    new.mkdir()
+    for name in ("manifest.json", "unet.onnx", "tokenizer", "extra.onnx"):
+        (new / name).write_text(f"new {name}")
+    script = f"""
+import os
+from pathlib import Path
+from sdtrt import fsutil
+from sdtrt.manifest import owned_entries
+real, calls = os.rename, []
+def rename(src, dst):
+    if str(src).startswith({str(new)!r}):
+        calls.append(src)
+        if len(calls) == 2:  # every old entry went out, one new one came in
+            os._exit(9)
+    real(src, dst)
+fsutil.os.rename = rename
+fsutil.replace_entries(Path({str(new)!r}), Path({str(out)!r}), owned_entries(Path({str(out)!r})), "manifest.json")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    came_in = [n for n in ("unet.onnx", "tokenizer", "extra.onnx") if (out / n).is_file()
+               and (out / n).read_bytes() == f"new {n}".encode()]
+    assert not (out / "manifest.json").exists() and len(came_in) == 1  # killed half-way, as intended
+    assert remove_stale(tmp_path, "engine")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    _no_temporaries(tmp_path)
