@@ -17,11 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from sdtrt.errors import ModelSourceError, OutputExistsError, UsageError, ValidationError
-from sdtrt.fsutil import remove_stale, replace_entries, temp_path
+from sdtrt.errors import ManifestError, ModelSourceError, OutputExistsError, UsageError, ValidationError
+from sdtrt.fsutil import folder_lock, only_lock, remove_stale, replace_entries, temp_path
 from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
 from sdtrt.export.controlnet import BUILTIN_CONTROLNET, parse_spec
 from sdtrt.manifest import CONTROLNET_PREFIX, MANIFEST_NAME, owned_entries
+from sdtrt.manifest_check import MAX_BATCH, MAX_SIZE
 from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
 from sdtrt.runtime.prompts import MAX_CHUNKS
 
@@ -64,9 +65,13 @@ class ExportConfig:
             raise UsageError(f"batch must be at least 1, got {self.batch_min}")
         if self.batch_min > self.batch_max:
             raise UsageError(f"batch range {self.batch_min}:{self.batch_max} has MIN > MAX")
+        if self.batch_max > MAX_BATCH:  # what a manifest may say (sdtrt.manifest_check)
+            raise UsageError(f"batch must be at most {MAX_BATCH}, got {self.batch_max}")
         for v in (self.size_min, self.size_max):
             if v < 64 or v % 8:
                 raise UsageError(f"image size {v} must be a multiple of 8 and at least 64")
+            if v > MAX_SIZE:
+                raise UsageError(f"image size {v} must be at most {MAX_SIZE}")
         if self.size_min > self.size_max:
             raise UsageError(f"size range {self.size_min}:{self.size_max} has MIN > MAX")
         if not 17 <= self.opset <= MAX_OPSET:
@@ -122,21 +127,27 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Check ``out`` can be written (replaced, with ``force``) and make the temporary folder the export fills."""
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that cannot be an engine folder, before it is made (and locked)."""
     parent = out.parent
     if not parent.is_dir():  # as generate's -o: a mistyped path is not silently created
         what = "is a file, not a folder" if parent.exists() else "does not exist (create it first)"
         raise UsageError(f"cannot create {out}: {'' if parent.exists() else 'folder '}{parent} {what}")
-    remove_stale(parent, out.name)  # what an export killed before it could clean up left behind
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} is a file, not a folder (--force replaces folders only)")
-    owned = owned_entries(out) if out.exists() else None
-    if out.exists() and not force:
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Check ``out`` (which the export made, or found, and holds the lock of) can be written (replaced, with
+    ``force``) and make the temporary folder the export fills. An empty ``out`` is as good as a new one."""
+    parent = out.parent
+    remove_stale(parent, out.name)  # what an export killed before it could clean up left behind
+    owned = owned_entries(out)
+    if not only_lock(out) and not force:
         what = "an sdtrt engine folder" if owned is not None else "a folder that is not an sdtrt engine folder"
         raise OutputExistsError(f"output folder {out} already exists ({what}); pass --force to replace sdtrt's files in "
                                 "it (files of yours there are kept)")
-    if out.exists() and owned is None:  # --force into a folder of other files: never over one of them
+    if owned is None:  # --force into a folder of other files: never over one of them
         _refuse_foreign(out, [e.name for e in out.iterdir() if e.name in (MANIFEST_NAME, "tokenizer", "scheduler")
                               or e.name.endswith((".onnx", ".onnx.data"))])
     tmp = temp_path(out)
@@ -163,9 +174,6 @@ def _commit(tmp: Path, out: Path) -> None:
     manifest lists (graphs, engines, tokenizer, scheduler) and the names the new export writes; every other file of
     the folder stays (a user's images, notes, subfolders), and a file of the user's under a name the export writes is
     refused, not replaced."""
-    if not out.exists():
-        tmp.rename(out)
-        return
     owned = owned_entries(out) or set()
     _refuse_foreign(out, sorted(e.name for e in tmp.iterdir() if e.name not in owned and os.path.lexists(out / e.name)))
     replace_entries(tmp, out, owned, last=MANIFEST_NAME)
@@ -192,27 +200,32 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     source = resolve_source(config.model, allow_pickle=config.allow_pickle)
     if isinstance(source, Path):
         _check_not_source(out, source)
-    tmp = _prepare_out(out, config.force)
-    t0 = time.perf_counter()
-    try:
-        log(f"loading {config.model} ...")
-        model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed, config=config.config,
-                           prediction_type=config.prediction_type, tokenizer=config.tokenizer)
-        log(f"  loaded in {time.perf_counter() - t0:.1f}s")
-        _check_scheduler(model.scheduler_config, config.model, log)
-        if config.loras:
-            from sdtrt.export.lora import LoraSpec, fuse_loras
+    _check_out(out)
+    # one writer per folder: a second export (or build, export-controlnet) into it waits here, then finds this one's
+    # result (refused without --force); a new folder is made now, to hold the lock, and removed again on failure
+    with folder_lock(out, "sdtrt export", log, create=True):
+        tmp = _prepare_out(out, config.force)
+        t0 = time.perf_counter()
+        try:
+            log(f"loading {config.model} ...")
+            model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed, config=config.config,
+                               prediction_type=config.prediction_type, tokenizer=config.tokenizer)
+            log(f"  loaded in {time.perf_counter() - t0:.1f}s")
+            _check_scheduler(model.scheduler_config, config.model, log)
+            if config.loras:
+                from sdtrt.export.lora import LoraSpec, fuse_loras
 
-            model = fuse_loras(model, [LoraSpec.parse(t) for t in config.loras], config.allow_pickle, log)
-        controlnets = {name: load_controlnet(source, model, config, log, index)
-                       for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
-        manifest = _export_into(model, config, tmp, log, controlnets)
-        _commit(tmp, out)
-    except BaseException as ex:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(ex, OSError) and ex.filename is None and ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            ex.filename = str(out.parent)  # which disk filled up (the ONNX writers do not say)
-        raise
+                model = fuse_loras(model, [LoraSpec.parse(t) for t in config.loras], config.allow_pickle, log)
+            controlnets = {name: load_controlnet(source, model, config, log, index)
+                           for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
+            manifest = _export_into(model, config, tmp, log, controlnets)
+            _commit(tmp, out)
+        except BaseException as ex:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(ex, OSError) and ex.filename is None and ex.errno in (errno.ENOSPC, errno.EDQUOT,
+                                                                                errno.EFBIG):
+                ex.filename = str(out.parent)  # which disk filled up (the ONNX writers do not say)
+            raise
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
 
@@ -284,13 +297,18 @@ def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, fo
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
     """``sdtrt export-controlnet DIR [NAME=]PATH``: export one more ControlNet into an engine folder, for the U-Net
     already there (its residual inputs say which ControlNets fit), through the same parity gate; the graph's files
-    are written first, the manifest last (atomically), so an interrupted run leaves the folder as it was."""
+    are written first, the manifest last (atomically), so an interrupted run leaves the folder as it was. The folder
+    is locked throughout: a second run waits, then adds its ControlNet to the manifest this one wrote."""
+    with folder_lock(Path(folder), "sdtrt export-controlnet", log):
+        return _add_controlnet(Path(folder), spec, allow_pickle, force, opset, log)
+
+
+def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, opset: int, log) -> Manifest:
     from sdtrt.export.controlnet import builtin_controlnet, check_compatible, load_controlnet_folder
     from sdtrt.export.graphs import controlnet_spec
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table
 
-    folder = Path(folder)
     manifest = Manifest.load(folder)
     name, source = parse_spec(spec)
     key = CONTROLNET_PREFIX + name
@@ -303,6 +321,9 @@ def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, fo
         if m.weights_seed is None:
             raise UsageError(f"{BUILTIN_CONTROLNET!r} is shaped like a built-in model's U-Net; {folder} was exported "
                              f"from {m.source}: give a ControlNet folder")
+        if m.source not in BUILTIN_ARCHITECTURES:  # weights_seed is only recorded for them: never load a path
+            raise ManifestError(f"{folder}/manifest.json records weights_seed for source {m.source!r}, which is no "
+                                f"built-in model ({', '.join(BUILTIN_ARCHITECTURES)}): hand-edited?")
         from sdtrt.export.loaders import load_model
 
         base = load_model(m.source, seed=m.weights_seed)

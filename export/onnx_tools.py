@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.export.graphs import GraphSpec
+from sdtrt.fsutil import normal_mode
 
 # protobuf cannot serialise a single message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -57,6 +58,7 @@ def save_model(model, path: Path, external: bool = False) -> list[str]:
     data_name = path.name + ".data"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
+    normal_mode(path.parent / data_name)  # ONNX's C++ writer makes it 0600, unlike every other file of the folder
     return [data_name]
 
 

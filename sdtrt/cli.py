@@ -370,15 +370,17 @@ def _add_info(sub) -> None:
 def _cmd_info(args) -> int:
     from pathlib import Path
 
-    from sdtrt.fsutil import remove_stale
-    from sdtrt.integrity import folder_files, verify_files
+    from sdtrt.fsutil import folder_lock, remove_stale
+    from sdtrt.integrity import folder_files, stray_files, verify_files
     from sdtrt.manifest import Manifest
     from sdtrt.runtime.backends import available_backends
 
     folder = Path(args.dir)
-    remove_stale(folder.parent, folder.name)  # an export killed before it could clean up
+    with folder_lock(folder, "sdtrt info", wait=False) as free:  # a writer at work cleans up after itself
+        if free or not folder.exists():
+            remove_stale(folder.parent, folder.name)  # an export killed before it could clean up
+            remove_stale(folder)
     m = Manifest.load(folder)
-    remove_stale(folder)
     info = m.model
     print(f"{args.dir}: {info.family} from {info.source}, {m.precision}, manifest schema {m.schema_version}")
     print(f"  prediction {info.prediction_type}, {info.latent_channels} latent channels, VAE x{info.vae_scale_factor} "
@@ -417,6 +419,10 @@ def _cmd_info(args) -> int:
         for entry in folder_files(m):
             status = next((p for p in problems if p.startswith(entry.file + ":")), None)
             print(f"  {'MISMATCH' if status else 'ok':<8} {entry.file}" + (f" ({status.split(': ', 1)[1]})" if status else ""))
+        # a note, not a failure: sdtrt never reads a file its manifest does not list (docs/reliability.md)
+        for name in stray_files(folder, m):
+            print(f"  note     {name} is not listed in manifest.json: sdtrt does not use it (left by an interrupted "
+                  "run or an older export?); delete it if it is not yours")
     if problems:
         print(f"this folder cannot run: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         if args.verify:

@@ -139,6 +139,24 @@ def write_atomic(path: Path, data: bytes | str) -> None:
                 fh.write(memoryview(data))
 
 
+def file_mode() -> int:
+    """The mode a file created now gets: 0o666 without the process's umask (read from /proc where it can be, as
+    setting the umask to read it back would race other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def normal_mode(path: Path) -> None:
+    """Give ``path`` the mode of a file created with ``open`` (writers that use ``mkstemp`` make it 0600: ONNX's
+    external data files; a service account then cannot read them)."""
+    os.chmod(path, file_mode())
+
+
 def check_writable(path: Path) -> None:
     """Raise ``OSError`` (with the OS's reason) unless a file can be created beside ``path`` and renamed onto it:
     the folder exists, is writable, is a real filesystem and the name is not too long."""
@@ -229,3 +247,135 @@ def _undo_switch(old: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+# ---- one writer per engine folder ------------------------------------------------------------------------------
+
+LOCK_NAME = ".sdtrt-lock"  # in an engine folder while a writer (export, export-controlnet, build) holds it
+_held: dict[tuple[int, int, int], int] = {}  # (folder's device, inode, thread) -> depth: a writer calling a writer
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str, log=None, create: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold ``folder``'s writer lock (``flock`` on ``folder/.sdtrt-lock``) for the block: one sdtrt writer per engine
+    folder at a time. Another holder makes this wait, saying so through ``log`` (with ``wait=False``, yield False
+    at once instead). Readers need no lock: every writer puts its files in place before the one rename that
+    switches the manifest. The kernel drops the lock when its holder dies (even by SIGKILL), and the lock file is
+    removed on release, so a crash never leaves anything that blocks the next run (a file a killed holder left
+    behind is free to lock). ``create`` (export): make the folder when it does not exist, and remove it again if
+    it is still empty when the block ends. Yields True when held; False with ``wait=False`` while another writer
+    holds it, when the folder is not a folder (without ``create``; the caller's own check says so), or when no
+    lock file can be made there and ``wait`` is off (a read-only folder: nobody writes there)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): writers are not serialized
+        yield True
+        return
+    import threading
+
+    folder = Path(folder)
+    made = False
+    if create:
+        try:
+            folder.mkdir()
+            made = True
+        except FileExistsError:
+            pass
+    elif not folder.is_dir():
+        yield False
+        return
+    st = os.stat(folder)
+    key = (st.st_dev, st.st_ino, threading.get_ident())
+    if key in _held:  # this thread holds it already (the lock is per open file, so it would wait for itself)
+        _held[key] += 1
+        try:
+            yield True
+        finally:
+            _held[key] -= 1
+        return
+    path = folder / LOCK_NAME
+    fd = None
+    try:
+        while True:
+            if not create and not folder.is_dir():  # gone while this waited (an export that failed removed it)
+                yield False
+                return
+            try:
+                fd = _open_lock(path)
+            except OSError:
+                if wait:
+                    raise
+                yield False
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    fd = None
+                    yield False
+                    return
+                if log is not None:
+                    log(f"waiting for {_holder(fd)} to finish writing to {folder} (one writer per engine folder) ...")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the holder removed the file on release: a newcomer may lock a new one under the same name
+                current = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                break
+            os.close(fd)
+            fd = None
+            if create and not folder.is_dir():  # the holder's export failed and removed the folder it had made
+                try:
+                    folder.mkdir()
+                    made = True
+                except FileExistsError:
+                    pass
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        except OSError:  # opened read-only (another user's lock file): it still locks
+            pass
+        _held[key] = 1
+        try:
+            yield True
+        finally:
+            del _held[key]
+            try:
+                path.unlink()  # while still held: a waiter on this file notices, and locks the next one
+            except OSError:
+                pass
+    finally:
+        if made:
+            try:
+                folder.rmdir()  # only when empty: an export that failed leaves no folder behind
+            except OSError:
+                pass
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    flags = os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, os.O_RDWR | flags, 0o666)
+    except PermissionError:  # another user's lock file (flock needs no write access) in a folder shared with them
+        return os.open(path, os.O_RDONLY | flags, 0o666)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as the holder wrote it: ``pid 123 (sdtrt export)``."""
+    try:
+        pid, _, what = os.pread(fd, 200, 0).decode("utf-8", "replace").strip().partition(" ")
+    except OSError:
+        pid = ""
+    return f"pid {pid} ({what})" if pid.isdigit() else "another sdtrt process"
+
+
+def only_lock(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing, or nothing but a lock file (an export that made it, not yet filled)."""
+    try:
+        return all(e.name == LOCK_NAME for e in Path(folder).iterdir())
+    except OSError:
+        return False

@@ -2,8 +2,10 @@
 
 A graph swapped in from another export runs without a word and gives a different image, so the runtime
 checks every file it loads against the manifest's sha256. Hashing a 1.7 GB U-Net takes about a second;
-a small record in the folder (``.sdtrt-hashes.json``: size, mtime and inode of each file when it was last
-hashed) lets later loads skip files that have not changed since. ``sdtrt info --verify`` hashes
+a small record in the folder (``.sdtrt-hashes.json``: size, mtime, ctime, inode and device of each file when it
+was last hashed) lets later loads skip files that have not changed since. The ctime is what makes the record
+trustworthy: a write that puts the old mtime back (``touch -d``, ``os.utime``) still moves the ctime, which
+nothing but the kernel's clock sets. ``sdtrt info --verify`` hashes
 everything regardless.
 """
 
@@ -15,7 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtrt.manifest import Manifest, sha256_file
+from sdtrt.manifest import OWNED_SUFFIXES, Manifest, sha256_file
 
 CACHE = ".sdtrt-hashes.json"
 
@@ -48,12 +50,13 @@ def _file_kind(mode: int) -> str:
 
 
 def _stamp(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def verify_files(folder: Path, entries: list[FileEntry], full: bool = False, use_cache: bool = True) -> list[str]:
     """Problems found, one line each (``"unet.onnx: ..."``); empty when every file matches. ``full`` hashes
-    every file; otherwise files whose size, mtime and inode match the record of their last hash are trusted."""
+    every file; otherwise files whose size, mtime, ctime, inode and device match the record of their last hash are
+    trusted."""
     folder = Path(folder)
     cache_path = folder / CACHE
     try:
@@ -100,3 +103,17 @@ def verify_files(folder: Path, entries: list[FileEntry], full: bool = False, use
         except OSError:
             pass
     return problems
+
+
+
+def stray_files(folder: Path, manifest: Manifest) -> list[str]:
+    """Files of ``folder`` that look like sdtrt's (graphs, external data, engines) but that its manifest does not
+    list: left by an interrupted run or an older sdtrt, or copied in by hand. sdtrt never reads them (the manifest
+    says what to load), so they are a note, not an error. Other files are not named: a user's files may live in
+    the folder, and timing caches of other GPUs are kept on purpose (a build there reuses them)."""
+    listed = {e.file for e in folder_files(manifest)}
+    try:
+        names = sorted(e.name for e in Path(folder).iterdir())
+    except OSError:
+        return []
+    return [n for n in names if n not in listed and not n.startswith(".") and n.endswith(OWNED_SUFFIXES)]

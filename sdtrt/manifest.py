@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sdtrt.config import from_dict, to_json, write_json_atomic
 from sdtrt.errors import ManifestError
+from sdtrt.manifest_check import folder_problem, values_problem
 
 # 2: prompt chunks and CLIP-skip outputs in the text encoder, the VAE encoder, inpainting inputs and the blend in
 # the sampler update; 3: ControlNet residual inputs in the U-Net, ControlNet components (graph I/O changed: older
@@ -203,7 +204,7 @@ class TensorRTBuild:
     gpu: str
     compute_capability: str
     engines: dict[str, BuiltEngine]
-    timing_cache: str = ""
+    timing_cache: str = ""  # its file name in the folder; "" when kept elsewhere (--timing-cache) or never saved
     opt_level: int = 3
     workspace_gb: float | None = None
     static: bool = False
@@ -250,9 +251,9 @@ class Manifest:
                                 "(re-export the model with this sdtrt)")
         try:
             manifest = from_dict(cls, data)
-        except (ValueError, TypeError) as ex:
+            problem = manifest.problem()
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as ex:
             raise ManifestError(f"manifest.json is malformed: {ex}") from None
-        problem = manifest.problem()
         if problem:
             raise ManifestError(f"manifest.json holds impossible values: {problem} (re-export the model)")
         return manifest
@@ -295,7 +296,7 @@ class Manifest:
                 if not (len(spec.shape) == len(spec.min_shape) == len(spec.max_shape)) or any(
                         lo < 0 or lo > hi for lo, hi in zip(spec.min_shape, spec.max_shape)):
                     return f"{name}.{spec.name} has inconsistent shapes"
-        return self._graph_problem()
+        return values_problem(self) or self._graph_problem()
 
     def _graph_problem(self) -> str | None:
         """Model facts that the graphs' own specs also state must agree (a wrong vae_scale_factor would make
@@ -359,12 +360,16 @@ class Manifest:
             raise ManifestError(f"{path} is not UTF-8 text: not a manifest written by sdtrt") from None
         except OSError as ex:
             raise ManifestError(f"cannot read {path}: {ex.strerror}") from None
-        return cls.from_json(text)
+        manifest = cls.from_json(text)
+        problem = folder_problem(manifest, folder)
+        if problem:
+            raise ManifestError(f"{path} is refused: {problem}; an engine folder's files must lie inside it")
+        return manifest
 
 
 # what every export writes, whatever a manifest says: the folders sdtrt owns by name
 OWNED_FOLDERS = ("tokenizer", "scheduler")
-_OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
+OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
 
 
 def owned_entries(folder: Path) -> set[str] | None:
@@ -393,7 +398,7 @@ def owned_entries(folder: Path) -> set[str] | None:
             names.append(engine.get("file"))
     owned = {MANIFEST_NAME, CACHE, *OWNED_FOLDERS}
     for name in names:
-        if (isinstance(name, str) and name.endswith(_OWNED_SUFFIXES) and Path(name).name == name
+        if (isinstance(name, str) and name.endswith(OWNED_SUFFIXES) and Path(name).name == name
                 and "\\" not in name and not (folder / name).is_dir()):
             owned.add(name)
     return owned

@@ -53,3 +53,37 @@ def test_something_else_in_place_of_a_file_is_named(engine, replace, kind, with_
     entries = [e if with_size else integrity.FileEntry(e.file, e.sha256) for e in integrity.folder_files(manifest)]
     problems = integrity.verify_files(engine, entries, full=True)
     assert problems == [f"unet.onnx: is not a regular file ({kind})"]
+
+
+@pytest.mark.parametrize("name", ["unet.onnx.data", "vae_decoder.onnx"])
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_hashed_again_and_refused(engine, name):
+    import os
+
+    Pipeline.from_dir(engine).close()  # the stat record now trusts every file as it is
+    path = engine / name
+    before = path.stat()
+    with open(path, "r+b") as fh:  # same inode, same size, one bit
+        fh.seek(before.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(before.st_size // 2)
+        fh.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # what `touch -r` or a careful tool does
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    with pytest.raises(ManifestError, match=f"{name}: its sha256 differs from manifest.json"):
+        Pipeline.from_dir(engine)
+
+
+def test_info_verify_notes_sdtrt_looking_files_the_manifest_does_not_list(engine):
+    import subprocess
+    import sys
+
+    (engine / "unet.old.onnx").write_bytes(b"an orphan graph")
+    (engine / "controlnet_x.onnx.data").write_bytes(b"orphan weights")
+    (engine / "unet.trt10.sm90.12345678.plan").write_bytes(b"an orphan engine")
+    (engine / "notes.txt").write_text("the user's own file")  # not sdtrt's business
+    proc = subprocess.run([sys.executable, "-m", "sdtrt", "info", str(engine), "--verify"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr  # the folder runs: what it does not list, sdtrt never reads
+    notes = [line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("note")]
+    assert notes == ["controlnet_x.onnx.data", "unet.old.onnx", "unet.trt10.sm90.12345678.plan"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrt.errors import SdtrtError, UsageError
-from sdtrt.fsutil import remove_stale, temp_path, write_atomic
+from sdtrt.fsutil import folder_lock, remove_stale, temp_path, write_atomic
 from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, resolve_shape, sha256_file
 
 Triple = tuple[int, int, int]
@@ -185,10 +185,16 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
     off) and install them; returns (and saves) the updated manifest.
 
     Engines are written to temporary files and renamed into place only after every one was built and
-    verified: a failed or interrupted build leaves the previous engines and manifest as they were."""
+    verified: a failed or interrupted build leaves the previous engines and manifest as they were. The folder is
+    locked throughout (``fsutil.folder_lock``): another build, export or export-controlnet waits for this one."""
+    folder = Path(folder)
+    with folder_lock(folder, "sdtrt build", log):
+        return _build_engines(folder, cfg, trt, cudart, log)
+
+
+def _build_engines(folder: Path, cfg: BuildConfig, trt, cudart, log) -> Manifest:
     from sdtrt.runtime.tensorrt import api
 
-    folder = Path(folder)
     manifest = Manifest.load(folder)
     cfg.check(manifest)
     cfg = cfg.resolved(manifest)
@@ -242,7 +248,7 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
                                       profile=shapes, build_seconds=round(time.perf_counter() - t0, 1))
             log(f"  {name}: {final} ({built[name].size_bytes / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
         record = TensorRTBuild(version=version, gpu=device.name, compute_capability=device.compute_capability,
-                               engines=built, timing_cache=str(cache.path), opt_level=cfg.opt_level,
+                               engines=built, timing_cache=_in_folder(cache.path, folder), opt_level=cfg.opt_level,
                                workspace_gb=cfg.workspace_gb, static=cfg.static is not None,
                                refittable=cfg.refittable)
         if cfg.verify:
@@ -267,6 +273,12 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
         for stale in {e.file for e in old.engines.values()} - {e.file for e in record.engines.values()}:
             (folder / stale).unlink(missing_ok=True)
     return manifest
+
+
+def _in_folder(path: Path, folder: Path) -> str:
+    """The timing cache as the manifest records it: its name in the folder, or "" for one kept elsewhere
+    (``--timing-cache``): a manifest names no file outside its folder."""
+    return path.name if path.resolve().parent == folder.resolve() else ""
 
 
 def _verify(folder: Path, manifest: Manifest, files: dict[str, str], trt, cudart, log) -> TensorRTBuild:
