@@ -357,11 +357,19 @@ def folder_lock(folder: Path, what: str, log=None, create: bool = False, wait: b
 
 
 def _open_lock(path: Path) -> int:
+    import errno
+
     flags = os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        return os.open(path, os.O_RDWR | flags, 0o666)
-    except PermissionError:  # another user's lock file (flock needs no write access) in a folder shared with them
-        return os.open(path, os.O_RDONLY | flags, 0o666)
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o666)
+        except PermissionError:  # another user's lock file (flock needs no write access) in a folder shared with them
+            return os.open(path, os.O_RDONLY | flags, 0o666)
+    except OSError as ex:
+        if ex.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, "a symlink where sdtrt keeps its lock file, which it never follows (remove it)",
+                      str(path)) from None
 
 
 def _holder(fd: int) -> str:

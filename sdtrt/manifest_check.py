@@ -143,8 +143,8 @@ def _components_problem(m) -> str | None:
     table = text.weights.get("embeddings.token_embedding")
     model = m.model
     if table is not None and table.shape != (model.vocab_size + model.embedding_slots, model.text_hidden_size):
-        return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} x text_hidden_size "
-                f"{model.text_hidden_size}, but the text encoder's token table is {table.shape}")
+        return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} rows of text_hidden_size "
+                f"{model.text_hidden_size}, but the text encoder's token table is {table.shape[0]} x {table.shape[1]}")
     if table is None and model.embedding_slots:
         return f"embedding_slots = {model.embedding_slots}, but the text encoder records no token table"
     return None

@@ -383,6 +383,9 @@ def test_a_read_only_filesystem_is_named_as_such(cli, tmp_path, monkeypatch):
     (["tiny", "--seed", str(2**70)], "--seed must be 0..18446744073709551613 (the weights of built-in models), got"),
     (["tiny", "--seed", "-1"], "--seed must be 0.."),
     (["", "--size", "64:64"], "the model path is empty"),
+    # what a manifest may say (sdtrt/manifest_check.py): an export never writes one that no command would load
+    (["tiny", "--batch", "1:100000"], "batch must be at most 4096, got 100000"),
+    (["tiny", "--size", "64:65536"], "image size 65536 must be at most 32768"),
 ])
 def test_bad_export_values_are_refused_before_any_work(cli, tmp_path, args, needle):
     code, _, err = cli("export", *args, "--out", tmp_path / "o")

@@ -121,7 +121,7 @@ def test_a_lock_file_planted_as_a_symlink_is_not_followed(tmp_path):
     folder = tmp_path / "engine"
     folder.mkdir()
     (folder / LOCK_NAME).symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="a symlink where sdtrt keeps its lock file"):
         with folder_lock(folder, "sdtrt build"):
             pass
     assert target.read_text() == "precious"

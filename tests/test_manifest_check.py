@@ -101,7 +101,7 @@ def _set(path, value):
 
 NUMBERS = [
     ("model.embedding_slots", -5, "model.embedding_slots = -5 (must be 0.."),  # was: "-5 of -5 left"
-    ("model.embedding_slots", 63, "embedding_slots 63 x text_hidden_size 32, but the text encoder's token table is"),
+    ("model.embedding_slots", 63, "embedding_slots 63 rows of text_hidden_size 32, but the text encoder's token table is 870 x 32"),
     ("model.embedding_slots", 10**9, "embedding_slots = 1000000000 (at most 65536)"),
     ("model.vocab_size", 2**40, "vocab_size + embedding_slots"),
     ("model.weights_seed", -1, "model.weights_seed = -1"),
