@@ -89,6 +89,16 @@ def _finite(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1..65535 (0: any free port), got {text}")
+    return value
+
+
 def _need(extra: str, *modules: str) -> None:
     """Refuse before any work when an optional dependency is missing, naming the extra that brings it."""
     import importlib.util
@@ -230,7 +240,8 @@ def _add_serve(sub) -> None:
                                    "/metrics. Binds 127.0.0.1 unless --api-key is set.")
     p.add_argument("dir", help="engine folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port (7860 is A1111's)")
+    p.add_argument("--port", type=_port, default=7860,
+                   help="TCP port, 1..65535 (7860 is A1111's; 0: any free port, named in the startup line)")
     from sdtrt.runtime.backends import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -247,6 +258,13 @@ def _add_serve(sub) -> None:
                    help="how long a request waits for compatible ones to share its engine call (0: no batching)")
     p.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN]",
                    help="browser origins allowed to call the API (CORS; off unless given), as A1111's option")
+    p.add_argument("--body-timeout", type=_finite, default=60.0, metavar="S",
+                   help="seconds a request's whole body may take to arrive (slower, or shorter than its "
+                        "Content-Length: 408 and the connection is closed)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request (uvicorn's access log, on stdout)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   default="warning", help="the server's own messages from this level up (info: also uvicorn's "
+                                           "start/stop lines); the access log is apart")
     r = p.add_argument_group("scale-out on Ray Serve (needs sdtrt[ray])")
     r.add_argument("--ray", action="store_true",
                    help="deploy on Ray Serve: Ray's proxy on --host:--port routes to replicas, one per GPU")
@@ -271,7 +289,7 @@ def _cmd_serve(args) -> int:
     config = ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
                          api_auth=args.api_auth, max_queue=args.max_queue, timeout_s=args.timeout,
                          max_steps=args.max_steps, max_images=args.max_images, max_pixels=args.max_pixels,
-                         batch_window_ms=args.batch_window, cors_origins=origins)
+                         batch_window_ms=args.batch_window, cors_origins=origins, body_timeout_s=args.body_timeout)
     ray_given = [flag for flag, value, default in (
         ("--replicas", args.replicas, 1), ("--autoscale", args.autoscale, None),
         ("--target-ongoing-requests", args.target_ongoing_requests, None),
@@ -280,8 +298,12 @@ def _cmd_serve(args) -> int:
     if not args.ray:
         if ray_given:
             raise UsageError(f"{ray_given[0]} is an option of Ray Serve scale-out: add --ray")
-        serve(config)
+        serve(config, access_log=not args.no_access_log, log_level=args.log_level)
         return 0
+    plain = [flag for flag, given in (("--no-access-log", args.no_access_log), ("--log-level", args.log_level != "warning"))
+             if given]
+    if plain:
+        raise UsageError(f"{plain[0]} is an option of the server without --ray (Ray Serve keeps its own logs)")
     _need("ray", "ray")
     low = high = None
     if args.autoscale is not None:

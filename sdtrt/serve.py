@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import json
 import math
@@ -33,6 +32,7 @@ from fastapi import Request  # this module is the serve extra: its imports may b
 from pydantic import BaseModel, ConfigDict, Field  # handlers' annotations from the module's names)
 
 from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.serve_http import BodyReader, ClientGone, Guard, check_credentials, error_response
 
 A1111_DEFAULTS = {"steps": 20, "cfg_scale": 7.0, "width": 512, "height": 512}  # A1111's API defaults
 
@@ -87,21 +87,26 @@ class ServeConfig:
     max_images: int = 8  # per request (batch_size x n_iter)
     batch_window_ms: float = 50.0  # how long the first of compatible requests waits for others (0: no batching)
     cors_origins: tuple[str, ...] = ()  # A1111's --cors-allow-origins; empty: no CORS headers at all
+    body_timeout_s: float = 60.0  # the whole body must arrive within this of the request's start; else 408
 
     def check(self) -> None:
+        from sdtrt.runtime.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise UsageError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be 1..65535 (0: any free port), got {self.port!r}")
+        check_credentials(self.api_key, self.api_auth)
         if self.host not in ("127.0.0.1", "localhost", "::1") and not (self.api_key or self.api_auth):
             raise UsageError(f"binding to {self.host} exposes the server: set --api-key (clients send "
                              "'Authorization: Bearer KEY') or --api-auth USER:PASS, or keep the default 127.0.0.1")
-        for pair in (self.api_auth or "").split(",") if self.api_auth is not None else ():
-            user, sep, password = pair.partition(":")
-            if not (sep and user and password):
-                raise UsageError(f"--api-auth takes USER:PASS[,USER:PASS...], got {pair!r}")
         for label, value in (("--max-queue", self.max_queue), ("--max-steps", self.max_steps),
                              ("--max-images", self.max_images), ("--max-pixels", self.max_pixels)):
             if value < 1:
                 raise UsageError(f"{label} must be at least 1, got {value}")
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
+        for label, seconds in (("--timeout", self.timeout_s), ("--body-timeout", self.body_timeout_s)):
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise UsageError(f"{label} must be positive, got {seconds}")
         if not (math.isfinite(self.batch_window_ms) and 0 <= self.batch_window_ms <= 10_000):
             raise UsageError(f"--batch-window must be 0..10000 ms, got {self.batch_window_ms}")
         for origin in self.cors_origins:
@@ -266,7 +271,7 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
                 if time.monotonic() >= deadline:
                     raise asyncio.TimeoutError()
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError()
+                    raise ClientGone()
         except BaseException:
             job.cancelled = True
             raise
@@ -292,68 +297,29 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
             state["pipe"].close()
         executor.shutdown(wait=False)
 
-    class Guard:
-        """API key and body-size checks as a plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide a
-        client's disconnect from the handlers, and queued work of clients that left would still run)."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] == "http":
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-                problem = None
-                if (config.api_key or config.api_auth) and scope["path"] != "/health" and \
-                        not any(hmac.compare_digest(headers.get("authorization", ""), a) for a in accepted):
-                    problem = 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <api key>"
-                                    if config.api_key else "send HTTP Basic credentials (--api-auth)"}
-                length = headers.get("content-length", "")
-                if problem is None and length.isdigit() and int(length) > config.max_body_mb * 2**20:
-                    problem = 413, {"error": "too_large",
-                                    "detail": f"the body is over this server's limit of {config.max_body_mb:g} MB"}
-                if replica is not None:
-                    send = _with_header(send, b"x-sdtrt-replica", replica.encode())
-                if problem is not None:
-                    await JSONResponse(problem[1], status_code=problem[0])(scope, receive, send)
-                    return
-            await self.inner(scope, receive, send)
-
-    accepted = set()  # the Authorization header values that let a request in
-    if config.api_key:
-        accepted.add(f"Bearer {config.api_key}")
-    for pair in (config.api_auth or "").split(",") if config.api_auth else ():
-        accepted.add("Basic " + base64.b64encode(pair.encode()).decode())
-    app.add_middleware(Guard)
-    if config.cors_origins:  # outermost: it answers browsers' preflight requests, which carry no credentials
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials="*" not in config.cors_origins)
-
     @app.exception_handler(SdtrtError)
     async def library_error(request: Request, ex: SdtrtError):
         kind = type(ex).__name__
         m_errors.labels(kind).inc()
-        return JSONResponse({"error": kind, "detail": str(ex)}, status_code=422)
+        return error_response(request.url.path, 422, kind, str(ex))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, ex: RequestValidationError):
         m_errors.labels("RequestValidationError").inc()
-        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                           for e in ex.errors()[:5])
-        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+        fields = [".".join(str(p) for p in e.get("loc", ())[1:]) or "body" for e in ex.errors()[:5]]
+        detail = "; ".join(f"{f}: {e.get('msg')}" for f, e in zip(fields, ex.errors()))
+        return error_response(request.url.path, 422, "invalid_request", detail, param=fields[0] if fields else None)
 
     @app.exception_handler(_QueueFull)
     async def full(request: Request, ex: _QueueFull):
         m_errors.labels("queue_full").inc()
-        return JSONResponse({"error": "busy", "detail": f"{config.max_queue} requests are queued or running; retry"},
-                            status_code=503, headers={"Retry-After": "5"})
+        return error_response(request.url.path, 503, "busy", f"{config.max_queue} requests are queued or running; "
+                              "retry", headers={"Retry-After": "5"})
 
     @app.exception_handler(asyncio.TimeoutError)
     async def timed_out(request: Request, ex):
         m_errors.labels("timeout").inc()
-        return JSONResponse({"error": "timeout", "detail": f"not done within {config.timeout_s:g} s"},
-                            status_code=504)
+        return error_response(request.url.path, 504, "timeout", f"not done within {config.timeout_s:g} s")
 
     def a1111_response(body: BaseModel, images, infos, seed: int | None) -> dict:
         encoded = [_png_b64(im, info) for im, info in zip(images, infos)]
@@ -432,20 +398,30 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    accepted = set()  # the Authorization header values that let a request in
+    if config.api_key:
+        accepted.add(f"Bearer {config.api_key}")
+    for pair in (config.api_auth or "").split(",") if config.api_auth else ():
+        accepted.add("Basic " + base64.b64encode(pair.encode()).decode())
+    max_bytes = int(config.max_body_mb * 2**20)
+    # innermost first: the body is read (and checked) only for requests the guard lets in
+    count = lambda kind: m_errors.labels(kind).inc()  # noqa: E731
+    app.add_middleware(BodyReader, timeout_s=config.body_timeout_s, max_bytes=max_bytes, count=count,
+                       json_paths=frozenset(r.path for r in app.routes if "POST" in getattr(r, "methods", ())))
+    app.add_middleware(Guard, accepted=accepted, max_bytes=max_bytes, replica=replica, count=count,
+                       hint="send Authorization: Bearer <api key>" if config.api_key
+                       else "send HTTP Basic credentials (--api-auth)")
+    if config.cors_origins:  # outermost: it answers browsers' preflight requests, which carry no credentials
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.cors_origins)
+
     return app
 
 
 class _QueueFull(Exception):
     pass
-
-
-def _with_header(send, name: bytes, value: bytes):
-    async def wrapped(message):
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
-        await send(message)
-
-    return wrapped
 
 
 class Job:
@@ -536,14 +512,39 @@ def _seed(infos: list[str]) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the server until interrupted (uvicorn)."""
-    import uvicorn
+def serve(config: ServeConfig, access_log: bool = True, log_level: str = "warning", say=None) -> None:
+    """Run the server (uvicorn) until SIGTERM/SIGINT, then let requests in flight finish and return. Everything that
+    can fail is done before uvicorn runs — the configuration checked, the socket bound, the engines loaded and their
+    files checked against the manifest — so a failure is the caller's error (the CLI's one line), not a traceback;
+    the startup line is printed once the socket listens."""
+    import sys
 
+    from sdtrt.errors import Terminated
+    from sdtrt.runtime import Pipeline
+    from sdtrt.serve_http import bind, run_uvicorn, url
+
+    say = say or (lambda s: print(s, file=sys.stderr, flush=True))
     config.check()
-    if not Path(config.folder).is_dir():
-        raise UsageError(f"engine folder {config.folder} does not exist")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    folder = Path(config.folder)
+    if not folder.is_dir():
+        raise UsageError(f"engine folder {config.folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    sock = bind(config.host, config.port)
+    pipe = None
+    try:
+        try:
+            pipe = Pipeline.from_dir(folder, config.backend)
+        except (KeyboardInterrupt, Terminated):  # stopped before it served: as a stop while serving, not an error
+            say("sdtrt serve: stopped while loading the engines")
+            return
+        app = create_app(config, pipeline=pipe)
+        listening = (f"sdtrt serve: listening on {url(sock, config.host)} (model {pipe.model_name}, backend "
+                     f"{pipe.backend_name}, A1111 /sdapi/v1 + OpenAI /v1/images)")
+        run_uvicorn(app, sock, lambda: say(listening), access_log=access_log, log_level=log_level,
+                    drain_s=min(config.timeout_s, 120.0), say=say)
+    finally:
+        sock.close()
+        if pipe is not None:
+            pipe.close()  # also where the app's shutdown did (a second close is a no-op)
 
 
 # ---- scale-out on Ray Serve --------------------------------------------------------------------------------------
@@ -723,6 +724,8 @@ def serve_ray(config: ServeConfig, ray_config: RayConfig, log=print) -> None:
 
     config.check()
     ray_config.check()
+    if config.port == 0:
+        raise UsageError("--ray needs a fixed --port (Ray's proxy cannot pick a free one and say which)")
     folder = Path(config.folder).resolve()
     if not folder.is_dir():
         raise UsageError(f"engine folder {config.folder} does not exist")
@@ -778,16 +781,9 @@ def serve_ray(config: ServeConfig, ray_config: RayConfig, log=print) -> None:
 
 def _check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on before starting a cluster (Ray's proxy would fail deep inside)."""
-    import socket
+    from sdtrt.serve_http import bind
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as ex:
-            raise UsageError(f"cannot listen on {host}:{port}: {ex.strerror or ex} (another server there? pass "
-                             "--port)") from None
+    bind(host, port).close()
 
 
 def _check_fits(ray_config: RayConfig, options: dict, log) -> None:

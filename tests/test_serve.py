@@ -107,6 +107,7 @@ def test_img2img_and_openai_images(server):
 
 BAD = [
     ("/sdapi/v1/txt2img", b"{not json", 422),
+    ("/v1/images/generations", b'{"prompt": "a", "n": 1', 400),
     ("/sdapi/v1/txt2img", {"prompt": "a", "steps": -3}, 422),
     ("/sdapi/v1/txt2img", {"prompt": "a", "steps": "many"}, 422),
     ("/sdapi/v1/txt2img", {"prompt": "a", "width": 100000, "height": 100000}, 422),
@@ -117,8 +118,8 @@ BAD = [
     ("/sdapi/v1/img2img", {"prompt": "a", "init_images": ["%%% not base64 %%%"]}, 422),
     ("/sdapi/v1/img2img", {"prompt": "a", "init_images": [base64.b64encode(b"not an image").decode()]}, 422),
     ("/sdapi/v1/img2img", {"prompt": "a"}, 422),
-    ("/v1/images/generations", {"prompt": "a", "size": "big"}, 422),
-    ("/v1/images/generations", {"n": 1}, 422),
+    ("/v1/images/generations", {"prompt": "a", "size": "big"}, 400),
+    ("/v1/images/generations", {"n": 1}, 400),
 ]
 
 
@@ -129,8 +130,11 @@ def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(server):
         kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
             else {"json": body}
         r = httpx.post(f"{url}{path}", timeout=60, **kwargs)
-        assert r.status_code == status, (path, body, r.status_code, r.text)
-        assert r.json()["detail"], r.text
+        if path.startswith("/v1/"):  # OpenAI's error shape, and its status for a bad request
+            assert r.status_code == 400 and r.json()["error"]["message"], (path, body, r.status_code, r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error", r.text
+        else:
+            assert r.status_code == status and r.json()["detail"], (path, body, r.status_code, r.text)
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "still here", "steps": 2, "width": 64, "height": 64},
                    timeout=60)
     assert r.status_code == 200
