@@ -66,8 +66,24 @@ def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2, Batch pos: -1", "Batch pos: '-1', not a non-negative"),
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch pos: 1", "Batch pos: 1 with Batch size: 1"),
     # a caption someone else put in the chunk is not a generation to replay (it would run as a prompt with defaults)
-    ("\x00\x01 garbage \xff", "holds no generation settings (no 'Steps: ...' line)"),
+    ("\x00\x01 garbage \xff", "holds no generation settings (no 'Steps: ...' in a last line"),
     ("a cat, by someone\nSampler: Euler, Seed: 3, Size: 64x64", "holds no generation settings"),
+    # issue 22: settings alone are a prompt to A1111's reader (fewer than 3 on the last line); sizes it cannot read
+    ("Steps: 3", "holds no generation settings"),
+    ("Steps: 3, Seed: 5", "holds no generation settings"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 0x0", "Size: 0x0: width and height must be positive"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x0", "Size: 64x0: width and height must be positive"),
+    ("a cat\nSteps: 3, Seed: 1, Size: -5x3", "Size: '-5x3', not WIDTHxHEIGHT"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x64x2", "Size: '64x64x2', not WIDTHxHEIGHT"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 1e3x64", "Size: '1e3x64', not WIDTHxHEIGHT"),
+    ("a cat\nSteps: 3, Seed: 1e400, Size: 64x64", "Seed: '1e400', not a number"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x64, CFG scale: nan", "CFG scale: 'nan', not a finite number"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x64, CFG scale: 1e999", "CFG scale: '1e999', not a finite number"),
+    # the LoRAs and embeddings it was made with, as A1111 lists them: a list that is not one is not skipped
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, Lora hashes: "style"', "Lora hashes: 'style', not a list of 'name: hash'"),
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, Lora hashes: "style: zz"', "not a list of 'name: hash'"),
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, TI hashes: ": 0123456789ab"', "TI hashes: ': 0123456789ab', not a"),
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, Lora weights: "style: inf"', "not a list of 'name: weight'"),
 ])
 def test_parameters_sdtrt_cannot_replay_are_refused_by_name(text, needle):
     with pytest.raises(UsageError, match=re.escape(needle)):
