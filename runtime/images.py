@@ -11,6 +11,9 @@ Reference: diffusers ``image_processor.VaeImageProcessor`` (``preprocess``, ``ge
 
 from __future__ import annotations
 
+import struct
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,17 +22,20 @@ import numpy as np
 
 from sdtrt.errors import UsageError
 from sdtrt.runtime.request import OUTPAINT_FILLS  # how the new area of an outpainting canvas starts
+ORIENTATION = 0x0112  # the EXIF Orientation tag
 OUTPAINT_OVERLAP = 8  # pixels of the original image, along each extended side, repainted with the new area
 
 
-def load_image(source: Any, label: str = "image"):
-    """A PIL image from a path, a PIL image, or a NumPy array (H, W[, C]) of uint8, or floats in [0, 1].
+def load_image(source: Any, label: str = "image", max_pixels: int | None = None):
+    """A PIL image from a path, a PIL image, or a NumPy array (H, W[, C]) of uint8, or floats in [0, 1], upright: an
+    EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), as diffusers' ``load_image`` and A1111 do.
 
-    The file is decoded completely here, so a truncated or corrupt file is a ``UsageError`` now, not later."""
-    from PIL import Image, UnidentifiedImageError
+    A file is decoded completely here (``open_image``), so a truncated or corrupt file is a ``UsageError`` now, not
+    later; so is one over ``max_pixels`` (or PIL's decompression-bomb limit), before its pixels are decoded."""
+    from PIL import Image
 
     if isinstance(source, Image.Image):
-        image = source
+        image = _upright(source, label)
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if not str(source):
@@ -38,21 +44,89 @@ def load_image(source: Any, label: str = "image"):
             raise UsageError(f"{label} {path} does not exist")
         if not path.is_file():
             raise UsageError(f"{label} {path} is not a file")
-        try:
-            with Image.open(path) as opened:
-                opened.load()  # decode now: a truncated file fails here
-                image = opened.copy()
-        except Image.DecompressionBombError as ex:
-            raise UsageError(f"{label} {path} is too large to decode safely ({ex})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as ex:
-            raise UsageError(f"{label} {path} is not a readable image ({str(ex).splitlines()[0] if str(ex) else type(ex).__name__})") from None
+        image = open_image(path, f"{label} {path}", max_pixels)
     elif isinstance(source, np.ndarray):
         image = _array_image(source, label)
     else:
         raise UsageError(f"{label} must be a path, a PIL image or a NumPy array, got {type(source).__name__}")
     if image.width < 1 or image.height < 1:
         raise UsageError(f"{label} is empty ({image.width}x{image.height})")
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise UsageError(f"{label} is {image.width}x{image.height}, over the limit of {max_pixels} pixels per image")
     return image
+
+
+# PIL's decompression-bomb check warns (DecompressionBombWarning) between Image.MAX_IMAGE_PIXELS and twice that, and
+# raises above. Here both refuse: the warning is silenced around Image.open only, and the size checked after it.
+# Warnings filters are process-wide: the lock keeps two threads (a server's request and its engine) from restoring
+# each other's.
+_OPEN_LOCK = threading.Lock()
+# what PIL raises for a damaged file: its own errors, and the ones its parsers let through
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, struct.error, EOFError)
+
+
+def open_image(source, label: str, max_pixels: int | None = None, decode: bool = True):
+    """An image file (a path or a binary file object) as an upright PIL image, decoded completely; or a
+    ``UsageError`` in one line. The size is read from the header and checked first (``max_pixels``, and PIL's
+    decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``, refused rather than warned about), so an oversized image is
+    refused before its pixels take memory. PNG text chunks that expand beyond PIL's ``PngImagePlugin.MAX_TEXT_CHUNK``
+    (or ``MAX_TEXT_MEMORY`` together) are refused too. ``decode=False``: the opened file, not decoded (the caller
+    closes it); no orientation is applied."""
+    from PIL import Image
+
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source)
+    except Image.DecompressionBombError as ex:
+        raise UsageError(f"{label} is too large to decode safely ({_first_line(ex)})") from None
+    except _DECODE_ERRORS as ex:
+        raise UsageError(_unreadable(label, ex)) from None
+    try:
+        width, height = opened.size
+        if width < 1 or height < 1:
+            raise UsageError(f"{label} is empty ({width}x{height})")
+        if max_pixels is not None and width * height > max_pixels:
+            raise UsageError(f"{label} is {width}x{height}, over the limit of {max_pixels} pixels per image")
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise UsageError(f"{label} is {width}x{height}, over PIL's decompression-bomb limit of "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS): too large to decode safely")
+    except UsageError:
+        opened.close()
+        raise
+    if not decode:
+        return opened
+    with opened:
+        try:
+            opened.load()  # decode now: a truncated file fails here
+        except _DECODE_ERRORS as ex:
+            raise UsageError(_unreadable(label, ex)) from None
+        upright = _upright(opened, label)
+        return opened.copy() if upright is opened else upright
+
+
+def _upright(image, label: str):
+    """``image`` turned by its EXIF orientation (``ImageOps.exif_transpose``: the tag removed), or ``image`` itself
+    when it has none (or 1, upright)."""
+    from PIL import ImageOps
+
+    try:
+        if image.getexif().get(ORIENTATION, 1) in (1, None):
+            return image
+        return ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS as ex:
+        raise UsageError(f"{label} has EXIF data that cannot be read ({_first_line(ex)})") from None
+
+
+def _unreadable(label: str, ex: BaseException) -> str:
+    if "MAX_TEXT" in str(ex):  # PngImagePlugin's limits on text chunks
+        return f"{label} holds text chunks that expand beyond what PIL reads safely ({_first_line(ex)})"
+    return f"{label} is not a readable image ({_first_line(ex)})"
+
+
+def _first_line(ex: BaseException) -> str:
+    text = str(ex).strip()
+    return text.splitlines()[0][:200] if text else type(ex).__name__
 
 
 def _array_image(array: np.ndarray, label: str):

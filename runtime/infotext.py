@@ -9,11 +9,22 @@ Format (A1111 ``modules/processing.py create_infotext``, parsed by ``modules/inf
 Values holding ``,``, ``:`` or a newline are JSON-quoted. A1111 writes "Clip skip" only above 1, and reads a
 missing one as 1. sdtrt adds "Batch size"/"Batch pos" for images of a batch (the seed draws the whole batch's
 latents at once), which A1111's parser keeps as extra keys.
+
+LoRAs and embeddings are recorded as A1111 records them: ``Lora hashes: "name: hash, ..."`` (A1111's short hash of
+each LoRA file) and ``TI hashes: "name: hash, ..."`` (of each embedding the prompts use); a LoRA's weight is in its
+``<lora:name:weight>`` prompt tag, and for LoRAs applied without a tag (``--lora FILE:W``) in sdtrt's
+``Lora weights: "name: W, ..."``. ``replay.py`` finds and checks them when an image is replayed.
+
+A1111's reader has no escape: a prompt line starting with ``Negative prompt:`` would be read as the negative prompt's
+start. Such a line is written with a backslash before it, which A1111's prompt parser drops (a backslash escapes only
+brackets and backslashes, a lone one vanishes), so A1111 encodes the prompt unchanged, and ``parse_infotext`` removes
+it again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -26,6 +37,7 @@ A1111_SAMPLERS = {
     "lcm": ("LCM", None), "unipc": ("UniPC", None),
 }
 _LEGACY = {"DPM++ 2M Karras": ("DPM++ 2M", "Karras"), "LMS Karras": ("LMS", "Karras")}  # A1111 before 1.9
+_NEGATIVE = "Negative prompt:"
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -44,16 +56,32 @@ def unquote(text: str) -> str:
     return text
 
 
+def _escape(text: str) -> str:
+    """A backslash before each line A1111's reader would take for the start of the negative prompt."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(_NEGATIVE):
+            cut = len(line) - len(line.lstrip())
+            lines[i] = f"{line[:cut]}\\{line[cut:]}"
+    return "\n".join(lines)
+
+
+def _unescape(line: str) -> str:
+    return line[1:] if line.startswith("\\" + _NEGATIVE) else line
+
+
 def create_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
-    """The text A1111 writes: ``params`` in order, None values left out."""
+    """The text A1111 writes: ``params`` in order, None values left out; prompt lines that start as the negative
+    prompt's marker does are escaped (module docstring)."""
     line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{line}".strip()
+    negative = f"\n{_NEGATIVE} {_escape(negative_prompt)}" if negative_prompt else ""
+    return f"{_escape(prompt)}{negative}\n{line}".strip()
 
 
 def parse_infotext(text: str) -> dict[str, str]:
     """A1111's ``parse_generation_parameters``: "Prompt", "Negative prompt" and every ``Key: value``;
-    ``Size`` is split into ``Size-1`` (width) and ``Size-2`` (height)."""
+    ``Size`` is split into ``Size-1`` (width) and ``Size-2`` (height). A prompt line escaped by ``create_infotext``
+    reads back without its backslash."""
     *lines, last = text.strip().split("\n")
     if len(_PARAM.findall(last)) < 3:
         lines.append(last)
@@ -61,9 +89,9 @@ def parse_infotext(text: str) -> dict[str, str]:
     prompt, negative, in_negative = [], [], False
     for line in lines:
         line = line.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[16:].strip()
-        (negative if in_negative else prompt).append(line)
+        if line.startswith(_NEGATIVE):
+            in_negative, line = True, line[len(_NEGATIVE):].strip()
+        (negative if in_negative else prompt).append(_unescape(line))
     out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in _PARAM.findall(last):
         value = unquote(value)
@@ -101,6 +129,11 @@ class Replay:
     outpaint_fill: str | None = None
     # ControlNets, in order: A1111's ControlNet extension's fields ("Module", "Model", "Weight", "Guidance Start", ...)
     controls: tuple[dict, ...] = ()
+    # what the image was made with besides the model, as (name, short hash) in the text's order: A1111's "Lora hashes"
+    # (tagged, fused and --lora LoRAs) and "TI hashes" (embeddings); sdtrt's "Lora weights": LoRAs without a tag
+    lora_hashes: tuple[tuple[str, str], ...] = ()
+    lora_weights: tuple[tuple[str, float], ...] = ()
+    ti_hashes: tuple[tuple[str, str], ...] = ()
 
     @property
     def from_image(self) -> bool:
@@ -113,7 +146,8 @@ def replay(text: str) -> Replay:
     if "Steps" not in p:  # A1111 and sdtrt always write it; without it the text is a caption, not settings
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
         raise UsageError(f"the image's parameters text ({first!r}...) holds no generation settings (no 'Steps: ...' "
-                         "line): it was not written by A1111 or sdtrt; give the prompt and settings instead")
+                         "in a last line of at least 3 'Key: value' settings, which A1111 and sdtrt write): give the "
+                         "prompt and settings instead")
 
     def number(key, kind):
         if key not in p:
@@ -121,9 +155,12 @@ def replay(text: str) -> Replay:
         try:
             if kind is int and re.fullmatch(r"\s*-?\d+\s*", p[key]):
                 return int(p[key])  # exactly: a seed near 2^63 does not survive a float
-            return kind(float(p[key])) if kind is int else kind(p[key])
+            value = kind(float(p[key])) if kind is int else kind(p[key])
         except (ValueError, OverflowError):
             raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not a finite number")
+        return value
 
     scheduler, karras = None, False
     if "Sampler" in p:
@@ -149,6 +186,11 @@ def replay(text: str) -> Replay:
                              f"{'positive' if lo else 'non-negative'} integer")
         return int(p[key])
 
+    if "Size" in p:  # parse_infotext splits a WIDTHxHEIGHT of digits into Size-1 and Size-2
+        raise UsageError(f"the image's parameters hold Size: {p['Size']!r}, not WIDTHxHEIGHT in pixels")
+    width, height = number("Size-1", int), number("Size-2", int)
+    if width is not None and (width < 1 or height < 1):
+        raise UsageError(f"the image's parameters hold Size: {width}x{height}: width and height must be positive")
     batch_size, batch_pos = count("Batch size", 1) or 1, count("Batch pos", 0) or 0
     if batch_pos >= batch_size:  # the image to keep of the regenerated batch: one it does not have writes nothing
         raise UsageError(f"the image's parameters hold Batch pos: {batch_pos} with Batch size: {batch_size}: the "
@@ -161,13 +203,43 @@ def replay(text: str) -> Replay:
         outpaint = tuple(int(v) for v in p["Outpaint"].split(","))
     return Replay(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], steps=number("Steps", int),
                   scheduler=scheduler, karras=karras, cfg=number("CFG scale", float), seed=number("Seed", int),
-                  width=number("Size-1", int), height=number("Size-2", int), clip_skip=clip or 1,
+                  width=width, height=height, clip_skip=clip or 1,
                   batch_size=batch_size, batch_pos=batch_pos, model_hash=p.get("Model hash"),
                   # A1111's txt2img writes Denoising strength for its hires. fix pass too: not an input image
                   strength=None if any(k.startswith("Hires") for k in p) else number("Denoising strength", float),
                   mask_blur=number("Mask blur", float),
                   padding_mask_crop=count("Masked area padding", 0) if p.get("Inpaint area") == "Only masked" else None,
-                  outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), controls=_controls(p))
+                  outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), controls=_controls(p),
+                  lora_hashes=_pairs(p, "Lora hashes", _hash), lora_weights=_pairs(p, "Lora weights", _weight),
+                  ti_hashes=_pairs(p, "TI hashes", _hash))
+
+
+def _hash(text: str) -> str | None:
+    return text.lower() if re.fullmatch(r"[0-9a-fA-F]{8,64}", text) else None
+
+
+def _weight(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _pairs(p: dict[str, str], key: str, read) -> tuple:
+    """A1111's "name: value, name: value" lists ("Lora hashes", "TI hashes"; names have no ',' or ':'), read as
+    A1111's Lora extension reads them (split at ',' then at the first ':'), each value checked by ``read``."""
+    if key not in p:
+        return ()
+    out = []
+    for part in p[key].split(","):
+        name, sep, value = part.partition(":")
+        checked = read(value.strip()) if sep else None
+        if not name.strip() or checked is None:
+            raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not a list of 'name: "
+                             f"{'hash' if read is _hash else 'weight'}' (the PNG's parameters were edited or damaged)")
+        out.append((name.strip(), checked))
+    return tuple(out)
 
 
 def _controls(p: dict[str, str]) -> tuple[dict, ...]:
@@ -246,20 +318,46 @@ def _user_comment(data) -> str | None:
 
 
 def read_parameters(path) -> str:
-    """The generation parameters of an image (sdtrt's or A1111's): a PNG's ``parameters`` text chunk, or a JPEG's or
-    WebP's EXIF UserComment."""
-    from PIL import Image, UnidentifiedImageError
+    """The generation parameters of an image (sdtrt's or A1111's), where A1111's ``read_info_from_image`` finds them:
+    a PNG's ``parameters`` text chunk (tEXt, zTXt or iTXt); over it, an EXIF UserComment (JPEG, WebP, AVIF, a PNG's
+    eXIf); without EXIF, a comment (GIF's comment extension, a JPEG's COM segment). The pixels are not decoded,
+    except for a PNG whose text chunks come after its image data; an image over PIL's decompression-bomb limit, or
+    with text chunks beyond PIL's limits, is refused in one line."""
+    from pathlib import Path
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            text = (getattr(image, "text", None) or {}).get("parameters") or image.info.get("parameters")
-            if not text:
-                text = _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as ex:
-        raise UsageError(f"{path} is not a readable image ({ex})") from None
+    from sdtrt.runtime.images import _DECODE_ERRORS, _unreadable, open_image
+
+    if not Path(path).exists():
+        raise UsageError(f"{path} does not exist")
+    if not Path(path).is_file():
+        raise UsageError(f"{path} is not a file")
+    with open_image(path, str(path), decode=False) as image:
+        text = _info_text(image)
+        if not text and image.format == "PNG":  # text chunks after the image data are read with the pixels
+            try:
+                image.load()
+            except _DECODE_ERRORS as ex:
+                raise UsageError(_unreadable(str(path), ex)) from None
+            text = _info_text(image)
     if not text:
-        raise UsageError(f"{path} holds no generation parameters (no 'parameters' text chunk or EXIF UserComment)")
+        raise UsageError(f"{path} holds no generation parameters (no 'parameters' text chunk, EXIF UserComment or "
+                         "comment)")
     return text
+
+
+def _info_text(image) -> str | None:
+    """A1111's ``read_info_from_image`` on an opened image's ``info``."""
+    from sdtrt.runtime.images import _DECODE_ERRORS
+
+    info = image.info
+    text = info.get("parameters")
+    if "exif" in info:
+        try:
+            comment = _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
+        except _DECODE_ERRORS:  # damaged EXIF: A1111 reads none either (piexif fails)
+            comment = None
+        text = comment or text
+    elif "comment" in info:
+        comment = info["comment"]
+        text = comment.decode("utf-8", errors="replace") if isinstance(comment, bytes) else comment
+    return text if isinstance(text, str) and text.strip() else None

@@ -79,6 +79,67 @@ def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return _A1111_TAG.sub("", prompt), found
 
 
+def network_name(name: str) -> str:
+    """A LoRA's or embedding's name as A1111 writes it in "Lora hashes"/"TI hashes": without ',' and ':'."""
+    return name.replace(",", "").replace(":", "").strip()
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path, kind: str = "file") -> str:
+    """The SHA-256 (hex) A1111 identifies a file by, cached per file version (path, mtime, size): ``"lora"``,
+    A1111's LoRA hash (``hashes.sha256(..., use_addnet_hash=True)``, kohya's ``addnet_hash_safetensors``): the
+    tensor data after a .safetensors header, so that editing the metadata keeps it; ``"file"``: the whole file, as
+    A1111 hashes embeddings and checkpoints."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size, kind)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            if kind == "lora" and p.suffix.lower() == ".safetensors":
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
+            while block := f.read(1 << 22):
+                h.update(block)
+        if len(_DIGESTS) >= 256:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def lora_matches(path, short: str) -> bool:
+    """Whether the LoRA file at ``path`` is the one a "Lora hashes" entry ``short`` names: A1111's hash of it, its
+    whole-file SHA-256 (sdtrt before it wrote A1111's, and fused LoRAs in a manifest), or the hash its metadata
+    claims (``sshs_model_hash``, which A1111 prefers when a file has it)."""
+    short = short.lower()
+    if file_digest(path, "lora").startswith(short) or file_digest(path, "file").startswith(short):
+        return True
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(Path(path).expanduser()), "np") as fh:
+            claimed = (fh.metadata() or {}).get("sshs_model_hash", "")
+    except Exception:  # noqa: BLE001  (not a safetensors file: read_lora says so when it is applied)
+        return False
+    return bool(claimed) and claimed.lower().startswith(short)
+
+
+def collect_tags(texts) -> tuple[list[str], dict[str, float]]:
+    """The ``<lora:name:weight>`` tags of a generation's prompts and negative prompts, as it applies them: the texts
+    without their tags, and name -> weight in order of first mention (the same name again: the first weight)."""
+    found: dict[str, float] = {}
+    stripped = []
+    for text in texts:
+        rest, tags = prompt_loras(text)
+        stripped.append(rest)
+        for name, weight in tags:
+            found.setdefault(name, weight)
+    return stripped, found
+
+
 def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) -> list[Layer]:
     """The layers of the LoRA at ``path`` resolved against ``weights`` (graph -> module path -> entry); a UsageError
     naming how many matched when not all do."""

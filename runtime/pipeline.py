@@ -43,6 +43,7 @@ from sdtrt.runtime.device_loop import residual_shapes
 from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, latent_mask, load_image,
                                   outpaint_canvas, prepare_control_image, prepare_sources)
 from sdtrt.runtime.infotext import A1111_SAMPLERS, create_infotext
+from sdtrt.runtime.lora import network_name
 from sdtrt.runtime.prompts import MAX_CHUNKS, PromptChunks, chunk_prompt, join_chunks
 from sdtrt.runtime.request import GenerationRequest
 from sdtrt.runtime.samplers import Blend, SamplerConfig, SamplerTable, build_table, step, with_control
@@ -85,6 +86,8 @@ class GenerationPlan:
     prompts: tuple[str, ...] = ()  # the prompts and negative prompts as encoded (A1111's <lora:…> tags taken out)
     negatives: tuple[str, ...] = ()
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files and scales applied for this generation
+    lora_names: tuple[str, ...] = ()  # their names in the infotext (a tag's name; a file's stem)
+    tagged: int = 0  # how many of them (the last) come from <lora:name:weight> prompt tags
 
     @property
     def inpainting_unet(self) -> bool:
@@ -114,9 +117,11 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self.loras: tuple[tuple[str, float], ...] = ()  # set_loras: applied to every generation
         self.lora_dir: Path | None = None  # where A1111's <lora:name:weight> prompt tags find name.safetensors
+        self.lora_files: dict[str, str] = {}  # tag name -> file, before lora_dir (a replay's checked files)
         self._lora_state = LoraState()
         self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion token -> its vectors (n, D)
         self._embedding_rows: list[np.ndarray] = []  # the vectors in the spare token-table rows, in order
+        self.embedding_files: dict[str, Path] = {}  # token -> the file it was read from ("TI hashes")
 
     @classmethod
     def from_dir(cls, folder: str | Path, backend: str = "auto", threads: int = 0,
@@ -192,6 +197,7 @@ class Pipeline:
             raise UsageError(str(ex)) from None
         self.embeddings[token] = vectors
         self._embedding_rows.append(vectors)
+        self.embedding_files[token] = Path(path).expanduser()
         if apply:
             self._apply_loras(self.loras)
         return token
@@ -318,7 +324,7 @@ class Pipeline:
         would raise."""
         if not isinstance(req, GenerationRequest):
             raise UsageError(f"expected a GenerationRequest, got {type(req).__name__}")
-        req, loras = self._prompt_loras(req)
+        req, loras, names = self._prompt_loras(req)
         req = self._expand_embeddings(req)
         inputs = self.task_inputs(req, image, mask_image)
         controls = self._control_inputs(req, control_images)
@@ -361,7 +367,8 @@ class Pipeline:
             table = with_control(table, [(c.scale, c.start, c.end) for c in controls])
         return GenerationPlan(table, sampler, height, width, cfg, shapes["vae_decoder"]["latents"], shapes, texts,
                               chunks, inputs.task, strength, sources, tuple(controls), req.prompt,
-                              req.negative_prompt, self.loras + loras)
+                              req.negative_prompt, self.loras + loras,
+                              tuple(Path(p).stem for p, _ in self.loras) + names, len(loras))
 
     def _token_table(self, updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The text encoder's token table with the embeddings' vectors in its spare rows (after any LoRA update)."""
@@ -400,33 +407,31 @@ class Pipeline:
         n = len(req.prompt)
         return replace_(req, prompt=tuple(texts[:n]), negative_prompt=tuple(texts[n:]))
 
-    def _prompt_loras(self, req: GenerationRequest) -> tuple[GenerationRequest, tuple[tuple[str, float], ...]]:
-        """The request with A1111's ``<lora:name:weight>`` tags taken out of its prompts, and the LoRAs they name
-        (``lora_dir``/name.safetensors; the same name twice: the first weight)."""
+    def _prompt_loras(self, req: GenerationRequest) -> tuple[GenerationRequest, tuple[tuple[str, float], ...],
+                                                            tuple[str, ...]]:
+        """The request with A1111's ``<lora:name:weight>`` tags taken out of its prompts, the LoRAs they name
+        (``lora_files[name]``, else ``lora_dir``/name.safetensors; the same name twice: the first weight) and their
+        names."""
         from dataclasses import replace as replace_
 
-        from sdtrt.runtime.lora import prompt_loras
+        from sdtrt.runtime.lora import collect_tags
 
-        found: dict[str, float] = {}
-        texts = []
-        for text in req.prompt + req.negative_prompt:
-            stripped, tags = prompt_loras(text)
-            texts.append(stripped)
-            for name, weight in tags:
-                found.setdefault(name, weight)
+        texts, found = collect_tags(req.prompt + req.negative_prompt)
         if not found:
-            return req, ()
-        if self.lora_dir is None:
-            raise UsageError(f"the prompt names <lora:{next(iter(found))}:…>: give the folder of LoRA files (lora_dir=, "
-                             "or --lora-dir)")
+            return req, (), ()
+        if self.lora_dir is None and not set(found) <= set(self.lora_files):
+            name = next(n for n in found if n not in self.lora_files)
+            raise UsageError(f"the prompt names <lora:{name}:…>: give the folder of LoRA files (lora_dir=, or "
+                             "--lora-dir)")
         loras = []
         for name, weight in found.items():
-            path = self.lora_dir / f"{name}.safetensors"
+            path = Path(self.lora_files[name]) if name in self.lora_files else self.lora_dir / f"{name}.safetensors"
             if not path.is_file():
                 raise UsageError(f"<lora:{name}:{weight:g}>: {path} does not exist")
             loras.append((str(path), weight))
         n = len(req.prompt)
-        return replace_(req, prompt=tuple(texts[:n]), negative_prompt=tuple(texts[n:])), tuple(loras)
+        return (replace_(req, prompt=tuple(texts[:n]), negative_prompt=tuple(texts[n:])), tuple(loras),
+                tuple(found))
 
     def _control_inputs(self, req: GenerationRequest, control_images) -> list["Control"]:
         """The control images paired with the folder's ControlNets, in order (None leaves one out), loaded."""
@@ -741,16 +746,22 @@ class Pipeline:
         name, schedule = A1111_SAMPLERS[plan.table.name]
         if schedule is None and plan.sampler.use_karras_sigmas:
             schedule = "Karras"
-        return create_infotext(req.prompt[k // req.num_images_per_prompt],
-                               req.negative_prompt[k // req.num_images_per_prompt], {
+        prompt, negative = req.prompt[k // req.num_images_per_prompt], req.negative_prompt[k // req.num_images_per_prompt]
+        untagged = len(plan.loras) - plan.tagged  # set_loras' (--lora), whose weights no prompt tag holds
+        return create_infotext(prompt, negative, {
             "Steps": req.num_inference_steps, "Sampler": name, "Schedule type": schedule,
             "CFG scale": f"{req.guidance_scale:g}", "Seed": seed, "Size": f"{plan.width}x{plan.height}",
             "Model hash": self.manifest.components["unet"].sha256[:10], "Model": self.model_name,
             "Clip skip": req.clip_skip + 1 if req.clip_skip else None,
-            # A1111's record of LoRAs: "name: hash" (fused into this folder's graphs at export)
-            "Lora hashes": ", ".join([f"{n}: {h}" for n, _, h in (x.rsplit(":", 2) for x in self.manifest.model.loras)]
-                                     + [f"{Path(p).stem}: {self._lora_state.digest(p)}" for p, _ in plan.loras])
-            or None,
+            # A1111's record of LoRAs: "name: hash", fused into this folder's graphs at export, then applied now;
+            # the weights of those without a prompt tag in sdtrt's "Lora weights"; the embeddings the prompts use
+            "Lora hashes": ", ".join([f"{network_name(n)}: {h}" for n, _, h in
+                                      (x.rsplit(":", 2) for x in self.manifest.model.loras)]
+                                     + [f"{network_name(name)}: {self._lora_state.digest(p)}"
+                                        for (p, _), name in zip(plan.loras, plan.lora_names)]) or None,
+            "Lora weights": ", ".join(f"{network_name(name)}: {float(w)!r}" for (_, w), name in
+                                      zip(plan.loras[:untagged], plan.lora_names[:untagged])) or None,
+            "TI hashes": self._ti_hashes(prompt, negative),
             "Batch size": req.batch if req.batch > 1 else None, "Batch pos": k if req.batch > 1 else None,
             # A1111's img2img keys; "Outpaint" (left,top,right,bottom pixels) and "Outpaint fill" are sdtrt's
             "Denoising strength": f"{plan.strength:g}" if plan.strength is not None else None,
@@ -761,6 +772,17 @@ class Pipeline:
             "Outpaint fill": req.outpaint_fill if req.outpaint else None,
             **{f"ControlNet {j}": c.infotext(req.canny_thresholds) for j, c in enumerate(plan.controls)},
             "Version": f"sdtrt {__version__}"})
+
+    def _ti_hashes(self, *texts: str) -> str | None:
+        """A1111's "TI hashes" of the embeddings ``texts`` use: "token: short SHA-256 of its file", in load order."""
+        if not self.embeddings:
+            return None
+        from sdtrt.runtime.lora import file_digest
+
+        ids = {self.tokenizer._tok.token_to_id(t): t for t in self.embeddings}
+        used = {ids[i] for found in self.tokenizer.fragments(list(texts)) for i in found if i in ids}
+        return ", ".join(f"{network_name(t)}: {file_digest(self.embedding_files[t])[:12]}" for t in self.embeddings
+                         if t in used) or None
 
     @property
     def model_name(self) -> str:
@@ -920,7 +942,6 @@ class LoraState:
         self.applied: dict[str, tuple] = {}
         self.broken: dict[str, str] = {}  # graph -> why its weights are unknown (a refit and its undoing failed)
         self._read: dict[tuple, list] = {}
-        self._digests: dict[str, str] = {}
 
     def layers(self, path: str, weights: dict) -> list:
         from sdtrt.runtime.lora import read_lora
@@ -942,13 +963,12 @@ class LoraState:
             return (0, 0)
         return (st.st_mtime_ns, st.st_size)
 
-    def digest(self, path: str) -> str:
-        from sdtrt.manifest import sha256_file
+    @staticmethod
+    def digest(path: str) -> str:
+        """A1111's short hash of a LoRA file ("Lora hashes")."""
+        from sdtrt.runtime.lora import file_digest
 
-        key = (path, self.version(path))
-        if key not in self._digests:
-            self._digests[key] = sha256_file(Path(path).expanduser())[:12]
-        return self._digests[key]
+        return file_digest(path, "lora")[:12]
 
 
 def _refuse_without_mask(req: GenerationRequest, inpainting_unet: bool, what: str) -> None:

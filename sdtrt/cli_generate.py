@@ -86,7 +86,10 @@ def add_generate(sub) -> None:
     p.add_argument("--canny-high", type=int, default=None, metavar="T",
                    help="Canny's high hysteresis threshold (default 200)")
     p.add_argument("--from-png", default=None, metavar="PNG",
-                   help="replay the generation parameters of a PNG (sdtrt's or A1111's); flags given override them")
+                   help="replay the generation parameters of an image (sdtrt's or A1111's: PNG, JPEG, WebP, GIF); "
+                        "flags given override them. The LoRAs and embeddings it names are found among --lora, "
+                        "--lora-dir and --embedding(s-dir) and checked by hash: a missing or different one is an "
+                        "error")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
     p.add_argument("--n-iter", type=int, default=1, metavar="N",
@@ -219,6 +222,8 @@ def _generation_settings(args) -> tuple[dict, int | None]:
                              "(and --mask for inpainting)")
         if r.batch_size > 1 and "num_images" not in given:
             keep = r.batch_pos  # the seed drew the whole batch: regenerate it, keep the one image
+        # its LoRAs and embeddings (replay.apply): those of a prompt a flag replaces are not needed
+        png["replay"] = (r, "prompt" not in given, "negative" not in given)
         given = {**{k: v for k, v in png.items() if v is not None}, **given}
     if "prompt" not in given:
         raise UsageError("a prompt is needed (or --from-png IMAGE)")
@@ -261,8 +266,14 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"--control-preview and -o/--output name the same file ({same[0]}): give them different "
                              "names")
     embeddings = args.embedding + ([args.embeddings_dir] if args.embeddings_dir else [])
-    with Pipeline.from_dir(args.dir, backend=args.backend, loras=args.lora, lora_dir=args.lora_dir,
-                           embeddings=embeddings) as pipe:
+    replaying = s.get("replay")
+    with Pipeline.from_dir(args.dir, backend=args.backend, loras=None if replaying else args.lora,
+                           lora_dir=args.lora_dir, embeddings=embeddings) as pipe:
+        if replaying:  # the image's LoRAs found among --lora and --lora-dir, and checked, as its embeddings
+            from sdtrt.runtime import replay
+
+            r, prompt_kept, negative_kept = replaying
+            replay.apply(pipe, r, args.lora, args.lora_dir, prompt_kept, negative_kept)
         plan = pipe.plan(request, s["image"], s["mask"], control_images)  # every check, before any compute
         if s.get("karras") and not plan.sampler.use_karras_sigmas:
             raise UsageError(f"the image used {plan.table.name} with the Karras schedule, which this model's scheduler "

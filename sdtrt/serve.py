@@ -123,9 +123,10 @@ def _png_b64(image, parameters: str) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _decode_image(data: str, label: str):
-    """A base64 image (A1111 clients send raw base64 or a data: URL) as a PIL image, or a UsageError."""
-    from PIL import Image, UnidentifiedImageError
+def _decode_image(data: str, label: str, max_pixels: int):
+    """A base64 image (A1111 clients send raw base64 or a data: URL) as an upright PIL image, or a UsageError: its
+    size is read from the header and held to the server's pixel limit before any pixel is decoded."""
+    from sdtrt.runtime.images import open_image
 
     if not isinstance(data, str) or not data:
         raise UsageError(f"{label} must be a base64-encoded image")
@@ -135,12 +136,7 @@ def _decode_image(data: str, label: str):
         raw = base64.b64decode(data, validate=True)
     except (ValueError, TypeError):
         raise UsageError(f"{label} is not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as ex:
-        raise UsageError(f"{label} is not a readable image ({type(ex).__name__})") from None
-    return image
+    return open_image(io.BytesIO(raw), label, max_pixels)
 
 
 def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
@@ -346,8 +342,8 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
     async def img2img(body: Img2Img, request: Request):
         if not body.init_images:
             raise UsageError("init_images needs one base64 image")
-        image = _decode_image(body.init_images[0], "init_images[0]")
-        mask = _decode_image(body.mask, "mask") if body.mask else None
+        image = _decode_image(body.init_images[0], "init_images[0]", config.max_pixels)
+        mask = _decode_image(body.mask, "mask", config.max_pixels) if body.mask else None
         req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
                          body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
         images, infos = await submit("img2img", request, req, body.n_iter, image, mask)

@@ -141,6 +141,41 @@ def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(server):
     assert 'sdtrt_errors_total{kind="RequestValidationError"}' in httpx.get(f"{url}/metrics").text
 
 
+def test_image_bombs_and_oversized_inputs_are_4xx_json_and_rotated_ones_upright(server):
+    """issue 22: A1111's img2img images (init_images and mask) are held to the server's pixel limit from their
+    header, a decompression bomb is a 422 in A1111's error shape (not a 500 with PIL's traceback), and a JPEG's EXIF
+    orientation is applied. (OpenAI's endpoint here takes no image.)"""
+    from tests.runtime.test_images import _oriented, header_png, text_bomb
+
+    url, _ = server
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    buf = io.BytesIO()
+    Image.new("RGB", (1100, 1000), "white").save(buf, format="PNG")  # over the default 1048576 pixels
+    ok = io.BytesIO()
+    Image.new("RGB", (64, 64), "gray").save(ok, format="PNG")
+    cases = [(header_png(20000, 20000), "too large to decode safely"),
+             (header_png(10000, 10000), "is 10000x10000, over the limit of 1048576 pixels per image"),
+             (buf.getvalue(), "is 1100x1000, over the limit of 1048576 pixels per image"),
+             (header_png(8, 8, text_bomb(50)), "holds text chunks that expand beyond what PIL reads safely")]
+    for data, needle in cases:
+        for field, body in (("init_images[0]", {"init_images": [b64(data)]}),
+                            ("mask", {"init_images": [b64(ok.getvalue())], "mask": "data:image/png;base64," + b64(data)})):
+            r = httpx.post(f"{url}/sdapi/v1/img2img", json={"prompt": "a", "steps": 2, **body}, timeout=60)
+            assert r.status_code == 422, (field, needle, r.status_code, r.text)
+            assert r.json()["error"] == "UsageError" and r.json()["detail"].startswith(field), r.text
+            assert needle in r.json()["detail"], r.text
+    upright = io.BytesIO()
+    Image.open(io.BytesIO(_oriented(6))).transpose(Image.Transpose.ROTATE_270).save(upright, format="PNG")
+    images = []
+    for data in (_oriented(6), upright.getvalue()):
+        r = httpx.post(f"{url}/sdapi/v1/img2img", json={"prompt": "a cat", "init_images": [b64(data)], "steps": 3,
+                                                        "seed": 2, "width": 64, "height": 64,
+                                                        "denoising_strength": 0.6}, timeout=120)
+        assert r.status_code == 200, r.text
+        images.append(np.asarray(png(r.json()["images"][0])[0]))
+    assert np.array_equal(images[0], images[1])
+
+
 def test_a_full_queue_answers_503_with_retry_after(server):
     url, _ = server
     slow = {"prompt": "slow", "steps": 15, "width": 512, "height": 512}  # seconds each on 2 cores

@@ -54,6 +54,47 @@ def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
     assert parsed["Prompt"] == "line one\nline two" and parsed["Model"] == "a, b: c"
 
 
+def a1111_parse(x: str) -> tuple[str, str]:
+    """(prompt, negative prompt) as A1111's parse_generation_parameters (modules/infotext_utils.py) reads them."""
+    prompt, negative_prompt, done_with_prompt = "", "", False
+    *lines, lastline = x.strip().split("\n")
+    if len(A1111_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    return prompt, negative_prompt
+
+
+@pytest.mark.parametrize("prompt, negative", [
+    ("Negative prompt: a cat", ""),  # the whole prompt imitates the marker
+    ("a cat\nNegative prompt: a dog", "blurry"),
+    ("a cat\n   Negative prompt: a dog\n(sharp:1.2)", "blurry\nNegative prompt: worse\nugly"),
+    ("a cat", "Negative prompt: twice"),
+    ("a cat\nNegative prompt:", "x\nNegative prompt:\nNegative prompt: y"),
+    ("(a cat:1.1)\nNegative prompt: [dog]\nSteps: 3, Sampler: Euler, Seed: 1", ""),  # and a settings line
+])
+def test_a_prompt_imitating_the_negative_prompt_marker_round_trips(prompt, negative):
+    from sdtrt.runtime.prompts import parse_prompt_attention
+
+    text = create_infotext(prompt, negative, {"Steps": 3, "Sampler": "Euler", "CFG scale": 7, "Seed": 1})
+    parsed = parse_infotext(text)
+    lines = lambda s: "\n".join(line.strip() for line in s.split("\n"))  # noqa: E731  (A1111 strips each line)
+    assert (parsed["Prompt"], parsed["Negative prompt"]) == (lines(prompt), lines(negative))
+    assert parsed["Steps"] == "3" and parsed["Seed"] == "1"
+    # A1111 reads the escaped lines with their backslash, which its prompt parser drops: the same conditioning
+    theirs = a1111_parse(text)
+    for ours, read in zip((prompt, negative), theirs):
+        assert parse_prompt_attention(read) == parse_prompt_attention(lines(ours)), (ours, read)
+    assert a1111_params(text)["Seed"] == "1"
+
+
 @pytest.mark.parametrize("text, needle", [
     ("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1", "the sampler 'DPM++ SDE', which sdtrt does not have"),
     ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Exponential, Seed: 1", "schedule type 'Exponential'"),
@@ -66,8 +107,24 @@ def test_values_that_need_quoting_are_quoted_as_a1111_quotes_them():
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2, Batch pos: -1", "Batch pos: '-1', not a non-negative"),
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch pos: 1", "Batch pos: 1 with Batch size: 1"),
     # a caption someone else put in the chunk is not a generation to replay (it would run as a prompt with defaults)
-    ("\x00\x01 garbage \xff", "holds no generation settings (no 'Steps: ...' line)"),
+    ("\x00\x01 garbage \xff", "holds no generation settings (no 'Steps: ...' in a last line"),
     ("a cat, by someone\nSampler: Euler, Seed: 3, Size: 64x64", "holds no generation settings"),
+    # issue 22: settings alone are a prompt to A1111's reader (fewer than 3 on the last line); sizes it cannot read
+    ("Steps: 3", "holds no generation settings"),
+    ("Steps: 3, Seed: 5", "holds no generation settings"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 0x0", "Size: 0x0: width and height must be positive"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x0", "Size: 64x0: width and height must be positive"),
+    ("a cat\nSteps: 3, Seed: 1, Size: -5x3", "Size: '-5x3', not WIDTHxHEIGHT"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x64x2", "Size: '64x64x2', not WIDTHxHEIGHT"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 1e3x64", "Size: '1e3x64', not WIDTHxHEIGHT"),
+    ("a cat\nSteps: 3, Seed: 1e400, Size: 64x64", "Seed: '1e400', not a number"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x64, CFG scale: nan", "CFG scale: 'nan', not a finite number"),
+    ("a cat\nSteps: 3, Seed: 1, Size: 64x64, CFG scale: 1e999", "CFG scale: '1e999', not a finite number"),
+    # the LoRAs and embeddings it was made with, as A1111 lists them: a list that is not one is not skipped
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, Lora hashes: "style"', "Lora hashes: 'style', not a list of 'name: hash'"),
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, Lora hashes: "style: zz"', "not a list of 'name: hash'"),
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, TI hashes: ": 0123456789ab"', "TI hashes: ': 0123456789ab', not a"),
+    ('a cat\nSteps: 3, Seed: 1, Size: 64x64, Lora weights: "style: inf"', "not a list of 'name: weight'"),
 ])
 def test_parameters_sdtrt_cannot_replay_are_refused_by_name(text, needle):
     with pytest.raises(UsageError, match=re.escape(needle)):
@@ -116,3 +173,41 @@ def test_from_png_bad_input(engine, cli, tmp_path, make, needle):
 def test_no_prompt_and_no_png_is_one_line(engine, cli, tmp_path):
     code, _, err = cli("generate", engine, "-o", tmp_path / "x.png")
     assert code == 2 and err == "sdtrt generate: error: a prompt is needed (or --from-png IMAGE)"
+
+
+def test_parameters_are_read_wherever_a1111_reads_them(tmp_path):
+    """A1111's read_info_from_image: the PNG 'parameters' chunk (tEXt, zTXt, iTXt; before or after the image data),
+    an EXIF UserComment over it (JPEG and WebP as A1111 writes them: piexif.insert), else a comment (A1111 saves
+    GIFs with comment=infotext; a JPEG's COM segment)."""
+    import zlib
+
+    import piexif
+    import piexif.helper
+
+    from sdtrt.runtime.infotext import read_parameters
+
+    text = "a fox, (fog:1.2)\nNegative prompt: blur\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 8x8"
+    image = Image.new("RGB", (8, 8), "red")
+    for name, zip_ in (("tEXt", False), ("zTXt", True), ("iTXt", True)):
+        info = PngImagePlugin.PngInfo()
+        (info.add_itxt if name == "iTXt" else info.add_text)("parameters", text, zip=zip_)
+        image.save(tmp_path / f"{name}.png", pnginfo=info)
+    plain = tmp_path / "plain.png"
+    image.save(plain)
+    data = plain.read_bytes()  # a tEXt chunk after the image data, before IEND (as some tools append it)
+    body = b"parameters\0" + text.encode("latin-1")
+    chunk = len(body).to_bytes(4, "big") + b"tEXt" + body + zlib.crc32(b"tEXt" + body).to_bytes(4, "big")
+    (tmp_path / "after.png").write_bytes(data[:-12] + chunk + data[-12:])
+    for suffix, fmt in ((".jpg", "JPEG"), (".webp", "WEBP")):
+        image.save(tmp_path / f"a1111{suffix}", format=fmt)
+        exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text, encoding="unicode")}})
+        piexif.insert(exif, str(tmp_path / f"a1111{suffix}"))
+    image.save(tmp_path / "a1111.gif", comment=text)
+    image.save(tmp_path / "com.jpg", comment=text.encode())
+    for name in ("tEXt.png", "zTXt.png", "iTXt.png", "after.png", "a1111.jpg", "a1111.webp", "a1111.gif", "com.jpg"):
+        assert read_parameters(tmp_path / name) == text, name
+    # a comment and EXIF: the EXIF UserComment, as in A1111
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"ASCII\0\0\0" + text.encode()
+    image.save(tmp_path / "both.jpg", comment=b"stale\nSteps: 1, Seed: 1, Size: 8x8", exif=exif)
+    assert read_parameters(tmp_path / "both.jpg") == text
