@@ -48,6 +48,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not source:
         raise UsageError(f"--controlnet {spec!r}: give a ControlNet folder, or {BUILTIN_CONTROLNET!r}")
     name = name.strip() or (BUILTIN_CONTROLNET if source == BUILTIN_CONTROLNET else Path(source.rstrip("/")).name)
+    if len(name) > 64:
+        raise UsageError(f"ControlNet name {name[:20]!r}... is {len(name)} characters; at most 64 (it names the graph "
+                         "file; give NAME=PATH to choose a shorter one)")
     if not _NAME.match(name):
         raise UsageError(f"ControlNet name {name!r}: use letters, digits, '_', '-' and '.' (give NAME=PATH to choose "
                          "one)")
@@ -81,9 +84,9 @@ def builtin_controlnet(unet, latent_channels: int, vae_scale: int, seed: int):
     return controlnet.eval()
 
 
-def load_controlnet_folder(path: Path, allow_pickle: bool = False):
-    """A diffusers ``ControlNetModel`` folder (config.json and safetensors weights; pickles only when allowed)."""
-    from sdtrt.export.loaders import PICKLE_SUFFIXES, _library_logs_silenced, _offline
+def check_controlnet_folder(path: Path, allow_pickle: bool = False) -> None:
+    """What can be said of a ControlNet folder without loading it (before the slow model load, issue 22)."""
+    from sdtrt.export.loaders import PICKLE_SUFFIXES
 
     if not path.exists():
         raise ModelSourceError(f"ControlNet path {path} does not exist")
@@ -100,6 +103,13 @@ def load_controlnet_folder(path: Path, allow_pickle: bool = False):
                                    "(pickles can run arbitrary code)")
         if not pickles:
             raise ModelSourceError(f"{path} has no weights (diffusion_pytorch_model.safetensors)")
+
+
+def load_controlnet_folder(path: Path, allow_pickle: bool = False):
+    """A diffusers ``ControlNetModel`` folder (config.json and safetensors weights; pickles only when allowed)."""
+    from sdtrt.export.loaders import _library_logs_silenced, _offline
+
+    check_controlnet_folder(path, allow_pickle)
     _offline()
     from diffusers import ControlNetModel
 

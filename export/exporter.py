@@ -200,6 +200,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     source = resolve_source(config.model, allow_pickle=config.allow_pickle)
     if isinstance(source, Path):
         _check_not_source(out, source)
+    _preflight(config, source)
     _check_out(out)
     # one writer per folder: a second export (or build, export-controlnet) into it waits here, then finds this one's
     # result (refused without --force); a new folder is made now, to hold the lock, and removed again on failure
@@ -215,10 +216,25 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
             if config.loras:
                 from sdtrt.export.lora import LoraSpec, fuse_loras
 
+                base = model
                 model = fuse_loras(model, [LoraSpec.parse(t) for t in config.loras], config.allow_pickle, log)
             controlnets = {name: load_controlnet(source, model, config, log, index)
                            for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
-            manifest = _export_into(model, config, tmp, log, controlnets)
+            try:
+                manifest = _export_into(model, config, tmp, log, controlnets)
+            except ValidationError as ex:
+                if not config.loras:
+                    raise
+                from sdtrt.export.lora import strongest_change
+
+                failed = str(ex).split(" ", 1)[0]  # the gate's message starts with the graph's name
+                ratio, layer = strongest_change(base, model, (failed,) if failed in ("unet", "text_encoder") else
+                                                ("unet", "text_encoder"))
+                raise ValidationError(
+                    f"{ex}; the graphs carry the fused LoRAs ({', '.join(config.loras)}), which change {layer}'s "
+                    f"weights by {ratio:.3g}x their own size: a LoRA that strong (or at that scale) takes the model "
+                    "where its numbers no longer agree; lower the scale (FILE:SCALE), or export with --precision "
+                    "fp32 if the gate failed in fp16") from None
             _commit(tmp, out)
         except BaseException as ex:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +244,21 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
             raise
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def _preflight(config: ExportConfig, source) -> None:
+    """Everything about the inputs that can be refused without loading the model (which takes seconds to minutes):
+    option combinations, the LoRA files, the ControlNet folders (issue 22)."""
+    from sdtrt.export.controlnet import check_controlnet_folder
+    from sdtrt.export.lora import LoraSpec, check_lora_file
+
+    if (config.config or config.tokenizer) and not (isinstance(source, Path) and source.is_file()):
+        raise UsageError("--config and --tokenizer are for single-file checkpoints (.safetensors)")
+    for text in config.loras:
+        check_lora_file(LoraSpec.parse(text), config.allow_pickle)
+    for _, cn in map(parse_spec, config.controlnets):
+        if cn != BUILTIN_CONTROLNET:
+            check_controlnet_folder(Path(cn).expanduser(), config.allow_pickle)
 
 
 def _check_scheduler(scheduler_config: dict, source: str, log) -> None:

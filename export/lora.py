@@ -62,6 +62,17 @@ def lora_layers(path: Path) -> int:
     return sum(1 for k in keys if k.endswith((".lora_down.weight", ".lora_A.weight", "lora.down.weight")))
 
 
+def check_lora_file(spec: LoraSpec, allow_pickle: bool) -> Path:
+    """``check_file`` and, for safetensors, that it holds LoRA layers at all: what can be refused without torch."""
+    path = check_file(spec, allow_pickle)
+    if path.suffix.lower() not in (".safetensors", *PICKLED):
+        raise ModelSourceError(f"LoRA {path} is not a .safetensors file (nor a pickled {'/'.join(PICKLED)} with "
+                               "--allow-pickle)")
+    if lora_layers(path) == 0:
+        raise ModelSourceError(f"LoRA {path} has no LoRA layers (no lora_down / lora_A weights): not a LoRA file")
+    return path
+
+
 def fuse_loras(model, specs: list[LoraSpec], allow_pickle: bool = False, log=print):
     """A copy of ``model`` (``loaders.LoadedModel``) with the LoRAs fused into its U-Net and text encoder."""
     import torch
@@ -100,6 +111,25 @@ def fuse_loras(model, specs: list[LoraSpec], allow_pickle: bool = False, log=pri
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
     return replace(model, unet=unet.eval(), text_encoder=text_encoder.eval())
+
+
+def strongest_change(base, fused, parts=("unet", "text_encoder")) -> tuple[float, str]:
+    """The largest relative change ||W' - W|| / ||W|| the fused LoRAs made to one weight of the U-Net or text
+    encoder, and that weight's name: what a failed parity gate reports of the LoRAs' strength."""
+    import torch
+
+    best, where = 0.0, "no layer"
+    with torch.no_grad():
+        for part in parts:
+            before = dict(getattr(base, part).named_parameters())
+            for name, after in getattr(fused, part).named_parameters():
+                old = before.get(name)
+                if old is None or old.shape != after.shape or old.data_ptr() == after.data_ptr():
+                    continue
+                change = float((after.double() - old.double()).norm() / old.double().norm().clamp_min(1e-30))
+                if change > best:
+                    best, where = change, f"{part}.{name}"
+    return best, where
 
 
 def _adapted(*modules) -> int:

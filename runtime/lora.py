@@ -49,7 +49,10 @@ def parse_spec(text: str) -> tuple[str, float]:
         try:
             path, scale = head, float(tail)
         except ValueError:
-            pass
+            named = Path(head).expanduser()
+            if head.strip() and not Path(text).expanduser().exists() and (
+                    named.is_file() or named.suffix.lower() in (".safetensors", *PICKLED)):
+                raise UsageError(f"--lora {text!r}: the scale {tail!r} is not a number (FILE[:SCALE])") from None
     if not path.strip():
         raise UsageError(f"--lora {text!r}: no file")
     if not math.isfinite(scale):

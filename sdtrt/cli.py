@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from typing import Sequence
@@ -41,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
+        # "-5:64" and "-64x64" are values (so that the option's own check names the problem), not unknown options
+        self._negative_number_matcher = re.compile(r"^-\d[\d.:xX]*$|^-\.\d+$")
 
     def error(self, message: str):  # one line, no usage dump
         raise UsageError(message)
@@ -568,17 +571,30 @@ class _StderrHandler:
 
         self.logger = logging.getLogger("sdtrt")
         self.handler = Handler(logging.WARNING)
+        self.prefix = prefix
 
     def __enter__(self):
         import logging
+        import warnings
 
         self.logger.addHandler(self.handler)
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.WARNING)
+        # Python warnings (NumPy's, PIL's, a library's) as one line too, never with a source path and line
+        self.showwarning, prefix = warnings.showwarning, self.prefix
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = " ".join(str(message).split())
+            print(f"{prefix}: warning: {category.__name__}: {text[:500]}", file=sys.stderr)
+
+        warnings.showwarning = show
         return self
 
     def __exit__(self, *exc):
+        import warnings
+
         self.logger.removeHandler(self.handler)
+        warnings.showwarning = self.showwarning
 
 
 _deferred: dict = {"signal": None, "thread": None}  # a signal that arrived during an import, not yet raised

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from sdtrt.cli import _finite, _size
 from sdtrt.errors import UsageError
@@ -105,6 +106,24 @@ def add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _control_spec_problem(text: str, preprocessors) -> None:
+    """Name what is wrong with a --control whose image path does not exist, when it is not the path: fields after an
+    image that exists, or an unknown preprocessor in front of one (issue 22)."""
+    parts = text.split(":")
+    known = len(parts) > 1 and parts[0] in preprocessors
+    if known:
+        parts = parts[1:]
+    for i in range(len(parts) - 1, 0, -1):
+        head = ":".join(parts[:i])
+        if Path(head).expanduser().is_file():
+            raise UsageError(f"--control {text!r}: after the image {head} expected SCALE or SCALE:START:END (numbers), "
+                             f"got {':'.join(parts[i:])!r}")
+    if not known and len(parts) > 1 and len(parts[0]) > 1 and (
+            Path(":".join(parts[1:])).expanduser().is_file()
+            or parts[0].isalpha() and any(c in parts[1] for c in "./\\")):
+        raise UsageError(f"--control {text!r}: unknown preprocessor {parts[0]!r} (known: {', '.join(preprocessors)})")
+
+
 def control_spec(text: str) -> tuple[str, str, float | None, float | None, float | None]:
     """``[canny:|none:]PATH[:SCALE[:START:END]]`` -> (preprocessor, path, scale, start, end); None: not given. Numbers
     are read from the right, so a path may hold colons."""
@@ -125,6 +144,8 @@ def control_spec(text: str) -> tuple[str, str, float | None, float | None, float
     path = ":".join(parts)
     if not path.strip():
         raise UsageError(f"--control {text!r}: no image path")
+    if not Path(path).expanduser().exists():
+        _control_spec_problem(text, PREPROCESSORS)
     if len(numbers) == 2:
         raise UsageError(f"--control {text!r}: give SCALE, or SCALE:START:END (not two numbers)")
     scale, start, end = (numbers + [None] * 3)[:3] if len(numbers) != 1 else (numbers[0], None, None)

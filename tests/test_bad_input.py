@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -391,6 +392,111 @@ def test_bad_export_values_are_refused_before_any_work(cli, tmp_path, args, need
     code, _, err = cli("export", *args, "--out", tmp_path / "o")
     one_line(code, err, "export", needle)
     assert list(tmp_path.iterdir()) == []
+
+
+def _inputs(folder: Path) -> None:
+    """A LoRA-shaped file, a safetensors file that is not a LoRA, a control image, a half ControlNet folder."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.zeros((4, 32), np.float32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": np.zeros((32, 4), np.float32)},
+              str(folder / "style.safetensors"))
+    save_file({"weight": np.zeros(3, np.float32)}, str(folder / "plain.safetensors"))
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "map.png")
+    (folder / "fake.safetensors").write_bytes(b"not a safetensors file")
+    (folder / "cn").mkdir()
+    (folder / "cn" / "config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lora", "missing.safetensors"], "LoRA file missing.safetensors does not exist"),
+    (["--lora", "style.safetensors:abc"], "--lora 'style.safetensors:abc': the scale 'abc' is not a number"),
+    (["--lora", "style.safetensors:"], "the scale '' is not a number"),
+    (["--lora", "plain.safetensors"], "plain.safetensors has no LoRA layers (no lora_down / lora_A weights): not a LoRA"),
+    (["--lora", "map.png"], "LoRA map.png is not a .safetensors file"),
+    (["--lora", "fake.safetensors"], "LoRA fake.safetensors is not a readable safetensors file"),
+    (["--lora", "style.pt"], "LoRA file style.pt does not exist"),
+    (["--lora", "."], "is not a file"),
+    (["--controlnet", "nowhere"], "ControlNet path nowhere does not exist"),
+    (["--controlnet", "cn"], "cn has no weights (diffusion_pytorch_model.safetensors)"),
+    (["--controlnet", "map.png"], "is a file: give a diffusers ControlNetModel folder"),
+    (["--controlnet", "x" * 65 + "=random"], "is 65 characters; at most 64"),
+    (["--controlnet", "a/b=random"], "use letters, digits"),
+    (["--config", "sd15"], "--config and --tokenizer are for single-file checkpoints"),
+    (["--tokenizer", "."], "--config and --tokenizer are for single-file checkpoints"),
+    (["--size", "-8:64"], "image size -8 must be a multiple of 8 and at least 64"),
+    (["--size=-64"], "image size -64 must be a multiple of 8"),
+    (["--batch", "-1:2"], "batch must be at least 1, got -1"),
+])
+def test_what_can_be_refused_without_the_model_is_refused_before_it_loads(cli, tmp_path, monkeypatch, args, needle):
+    """Issue 22: a bad --lora/--controlnet/option is one line before the model load (seconds to minutes), naming
+    the real problem."""
+    import sdtrt.export.loaders as loaders
+
+    _inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    before = sorted(tmp_path.iterdir())
+    code, _, err = cli("export", "tiny", "--out", tmp_path / "o", *args)
+    one_line(code, err, "export", needle)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--lora", "style.safetensors:abc"], "--lora 'style.safetensors:abc': the scale 'abc' is not a number"),
+    (["--control", "map.png:1:0:1:extra"], "after the image map.png expected SCALE or SCALE:START:END (numbers), got "
+                                           "'1:0:1:extra'"),
+    (["--control", "canny:map.png:strong"], "after the image map.png expected SCALE or SCALE:START:END"),
+    (["--control", "sobel:map.png"], "unknown preprocessor 'sobel' (known: none, canny)"),
+    (["--control", "depth:map.png:0.5"], "unknown preprocessor 'depth'"),
+    (["--control", "map.png:1:2"], "give SCALE, or SCALE:START:END (not two numbers)"),
+    (["--size", "-64x64"], "width and height must be positive, got '-64x64'"),
+    (["--size=-8x-8"], "width and height must be positive"),
+])
+def test_messages_name_the_real_problem(cli, engine, tmp_path, monkeypatch, flags, needle):
+    _inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("generate", engine, "a cat", "--steps", 2, "-o", tmp_path / "x.png", *flags)
+    one_line(code, err, "generate", needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_lora_too_strong_for_the_parity_gate_is_named_with_its_strength(cli, engine, tmp_path):
+    """The gate's failure says that the fused LoRA is the likely cause, how strong it is, and what to do."""
+    lora = tmp_path / "l.safetensors"
+    assert cli("make-lora", engine, lora)[0] == 0
+    code, _, err = cli("export", "tiny", "--out", tmp_path / "o", "--lora", f"{lora}:5000", "--size", "64:64",
+                       "--batch", "1:1")
+    one_line(code, err, "export", "does not match PyTorch", progress=True)
+    assert f"the graphs carry the fused LoRAs ({lora}:5000), which change " in err, err
+    ratio = float(err.split("weights by ")[1].split("x their own size")[0])
+    assert ratio > 100, err
+    assert "lower the scale (FILE:SCALE), or export with --precision fp32" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_library_warning_before_an_error_is_one_line_without_a_source_path(cli, engine, tmp_path, monkeypatch):
+    """Python warnings (NumPy's, PIL's) print as the CLI's own one-line warnings, never as path:line: Warning."""
+    import warnings
+
+    import sdtrt.runtime.pipeline as pipeline
+
+    import numpy as np
+
+    def load(*a, **k):
+        np.float32(1e30) * np.float32(1e30)  # NumPy's own RuntimeWarning: overflow encountered
+        warnings.warn("a library's\nwarning", UserWarning)
+        raise pipeline.UsageError("the real problem")
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_dir", classmethod(lambda cls, *a, **k: load()))
+    code, _, err = cli("generate", engine, "a cat", "--steps", 2, "-o", tmp_path / "x.png")
+    assert code == 2 and "Traceback" not in err and ".py:" not in err, err
+    lines = err.splitlines()
+    assert lines[-1] == "sdtrt generate: error: the real problem", err
+    assert "sdtrt generate: warning: RuntimeWarning: overflow encountered in scalar multiply" in lines, err
+    assert "sdtrt generate: warning: UserWarning: a library's warning" in lines, err
 
 
 def test_export_without_the_export_extra_says_what_to_install(cli, tmp_path, monkeypatch):

@@ -164,8 +164,12 @@ def _raw(url: str, path: str, body: bytes, declared: int, pause_s: float = 0.0, 
                 pass
         s.settimeout(10)
         data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # a byte sent just after the server's answer and close: the answer is lost
+            if not data:
+                return None, "", {}, time.monotonic() - t
     head, _, payload = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), head.decode().lower(), json.loads(payload), time.monotonic() - t
 
@@ -186,9 +190,13 @@ def test_a_body_that_is_too_slow_or_shorter_than_declared_is_cut_off_after_the_t
         t.start()
     for t in threads:
         t.join()
+    assert set(got) == set(clients), got
     for name, (status, head, answer, seconds) in got.items():
         if name == "in time, in 3 pieces":
             assert status == 200 and answer["images"], answer
+            continue
+        if status is None and "byte/s" in name:  # reset: cut off, its answer lost to a byte sent meanwhile
+            assert 0.9 < seconds < 4, (name, seconds)
             continue
         # cut off: answered, and the connection closed by the server (the client would still send)
         assert status == 408 and 0.9 < seconds < 4 and "connection: close" in head, (name, status, seconds, head)
@@ -242,7 +250,7 @@ def test_a_client_that_goes_away_leaves_one_log_line(server):
         s.sendall(f"POST {A1111} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         time.sleep(0.5)
-    deadline = time.time() + 30
+    deadline = time.time() + 180  # the second line comes when its image is done: slow on a busy machine
     while len(err.read_text().splitlines()) < before + 2 and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
