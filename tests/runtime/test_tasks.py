@@ -111,8 +111,14 @@ def latent_shape(ours, batch, height, width):
 PROMPTS = ["a red fox in the snow", "a castle, oil on canvas"]
 
 
-@pytest.mark.parametrize("strength", [0.3, 0.8])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+def _grid(samplers, keep, *rest):
+    """Every sampler; those not in ``keep`` only in ``-m slow`` (the full grid). ``keep`` covers each kind of update
+    (multistep, ancestral, the Karras schedule, PNDM's warm-up, LCM's own); test_samplers.py checks every table."""
+    return [pytest.param(s, *rest, marks=() if s in keep else pytest.mark.slow) for s in samplers]
+
+
+@pytest.mark.parametrize("sampler,strength", _grid(SAMPLERS, SAMPLERS, 0.3)
+                         + _grid(SAMPLERS, ("euler_a", "dpmpp_2m_karras", "lcm"), 0.8))
 def test_img2img_matches_diffusers(small_pipes, sampler, strength):
     ours, img2img, _ = small_pipes
     image = picture(100, 70)  # diffusers and sdtrt both round it down to 96x64
@@ -157,7 +163,7 @@ def inpaint_case(ours, theirs, sampler, strength, nine_channel, mask_blur=0, pad
     return got, want
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", _grid(SAMPLERS, ("pndm", "dpmpp_2m", "euler_a", "lcm")))
 def test_inpainting_with_an_ordinary_model_matches_diffusers(small_pipes, sampler):
     ours, _, inpaint = small_pipes
     got, want = inpaint_case(ours, inpaint, sampler, 0.7, nine_channel=False)
