@@ -71,13 +71,19 @@ def open_image(source, label: str, max_pixels: int | None = None, decode: bool =
     decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``, refused rather than warned about), so an oversized image is
     refused before its pixels take memory. PNG text chunks that expand beyond PIL's ``PngImagePlugin.MAX_TEXT_CHUNK``
     (or ``MAX_TEXT_MEMORY`` together) are refused too. ``decode=False``: the opened file, not decoded (the caller
-    closes it); no orientation is applied."""
+    closes it); no orientation is applied, and no decompression-bomb limit (nothing is decoded)."""
     from PIL import Image
 
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(source)
+            limit = Image.MAX_IMAGE_PIXELS
+            if not decode:  # only the header and text are read: no pixels, so no bomb
+                Image.MAX_IMAGE_PIXELS = None
+            try:
+                opened = Image.open(source)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
     except Image.DecompressionBombError as ex:
         raise UsageError(f"{label} is too large to decode safely ({_first_line(ex)})") from None
     except _DECODE_ERRORS as ex:
@@ -88,7 +94,7 @@ def open_image(source, label: str, max_pixels: int | None = None, decode: bool =
             raise UsageError(f"{label} is empty ({width}x{height})")
         if max_pixels is not None and width * height > max_pixels:
             raise UsageError(f"{label} is {width}x{height}, over the limit of {max_pixels} pixels per image")
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        if decode and Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
             raise UsageError(f"{label} is {width}x{height}, over PIL's decompression-bomb limit of "
                              f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS): too large to decode safely")
     except UsageError:

@@ -321,8 +321,8 @@ def read_parameters(path) -> str:
     """The generation parameters of an image (sdtrt's or A1111's), where A1111's ``read_info_from_image`` finds them:
     a PNG's ``parameters`` text chunk (tEXt, zTXt or iTXt); over it, an EXIF UserComment (JPEG, WebP, AVIF, a PNG's
     eXIf); without EXIF, a comment (GIF's comment extension, a JPEG's COM segment). The pixels are not decoded,
-    except for a PNG whose text chunks come after its image data; an image over PIL's decompression-bomb limit, or
-    with text chunks beyond PIL's limits, is refused in one line."""
+    except for a PNG whose text chunks come after its image data (refused over PIL's decompression-bomb limit); text
+    chunks beyond PIL's limits are refused in one line. A large image whose text comes first is read like any other."""
     from pathlib import Path
 
     from sdtrt.runtime.images import _DECODE_ERRORS, _unreadable, open_image
@@ -334,6 +334,12 @@ def read_parameters(path) -> str:
     with open_image(path, str(path), decode=False) as image:
         text = _info_text(image)
         if not text and image.format == "PNG":  # text chunks after the image data are read with the pixels
+            from PIL import Image
+
+            w, h = image.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                raise UsageError(f"{path} has no parameters before its image data, and at {w}x{h} it is too large "
+                                 "to decode safely for text after them")
             try:
                 image.load()
             except _DECODE_ERRORS as ex:

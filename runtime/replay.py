@@ -118,7 +118,8 @@ def _recorded(r: Replay, prompt_kept: bool, negative_kept: bool) -> list[_Record
 
 def _find(item: _Recorded, specs: list[_Given], lora_dir) -> list[str]:
     """Set ``item.file`` (and its weight from a flag), or say what is wrong."""
-    usable = [s for s in specs if not s.used and Path(s.path).expanduser().is_file()]  # others: set_loras says so
+    # a file serves one flag entry, and any prompt tag too (one LoRA given with --lora and tagged in the prompt)
+    usable = [s for s in specs if (not s.used or item.kind == "tag") and Path(s.path).expanduser().is_file()]
     by_hash = [s for s in usable if item.hash and lora_matches(s.path, item.hash)]
     by_name = [s for s in usable if s.stem == network_name(item.name)]
     if by_hash or (by_name and not item.hash):

@@ -40,7 +40,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--timeout", type=_finite, default=600.0, help="seconds per request, queue wait included")
     p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
-    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image made")
+    p.add_argument("--max-input-pixels", type=int, default=4096 * 4096,
+                   help="pixels per image sent (img2img's init_images and mask; checked from the header, before "
+                        "decoding)")
     p.add_argument("--batch-window", type=_finite, default=50.0, metavar="MS",
                    help="how long a request waits for compatible ones to share its engine call (0: no batching)")
     p.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN]",
@@ -76,6 +79,7 @@ def _cmd_serve(args) -> int:
     config = ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
                          api_auth=args.api_auth, max_queue=args.max_queue, timeout_s=args.timeout,
                          max_steps=args.max_steps, max_images=args.max_images, max_pixels=args.max_pixels,
+                         max_input_pixels=args.max_input_pixels,
                          batch_window_ms=args.batch_window, cors_origins=origins, body_timeout_s=args.body_timeout)
     ray_given = [flag for flag, value, default in (
         ("--replicas", args.replicas, 1), ("--autoscale", args.autoscale, None),

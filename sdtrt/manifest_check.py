@@ -198,8 +198,11 @@ def folder_problem(m, folder: Path) -> str | None:
         names += [(f"{name} file", f) for f in (c.file, *c.external_data)]
     if m.tensorrt is not None:
         names += [(f"{name} engine", e.file) for name, e in m.tensorrt.engines.items()]
-        if m.tensorrt.timing_cache:
-            names.append(("tensorrt.timing_cache", m.tensorrt.timing_cache))
+        # a record only (nothing opens the cache through it); builds before issue 22 wrote an absolute path, which
+        # stays valid when the folder moves: only a relative name must stay inside
+        cache = m.tensorrt.timing_cache
+        if cache and not PurePosixPath(cache).is_absolute():
+            names.append(("tensorrt.timing_cache", cache))
     problem = _outside(folder, root, names)
     if problem:
         return problem

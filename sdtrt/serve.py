@@ -82,7 +82,8 @@ class ServeConfig:
     max_queue: int = 8  # requests waiting or running; beyond: 503
     timeout_s: float = 600.0  # per request, queue wait included
     max_body_mb: float = 32.0
-    max_pixels: int = 1024 * 1024  # per image
+    max_pixels: int = 1024 * 1024  # per image made
+    max_input_pixels: int = 4096 * 4096  # per image sent (img2img's init_images, mask): read from the header first
     max_steps: int = 150
     max_images: int = 8  # per request (batch_size x n_iter)
     batch_window_ms: float = 50.0  # how long the first of compatible requests waits for others (0: no batching)
@@ -101,7 +102,8 @@ class ServeConfig:
             raise UsageError(f"binding to {self.host} exposes the server: set --api-key (clients send "
                              "'Authorization: Bearer KEY') or --api-auth USER:PASS, or keep the default 127.0.0.1")
         for label, value in (("--max-queue", self.max_queue), ("--max-steps", self.max_steps),
-                             ("--max-images", self.max_images), ("--max-pixels", self.max_pixels)):
+                             ("--max-images", self.max_images), ("--max-pixels", self.max_pixels),
+                             ("--max-input-pixels", self.max_input_pixels)):
             if value < 1:
                 raise UsageError(f"{label} must be at least 1, got {value}")
         for label, seconds in (("--timeout", self.timeout_s), ("--body-timeout", self.body_timeout_s)):
@@ -342,8 +344,8 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
     async def img2img(body: Img2Img, request: Request):
         if not body.init_images:
             raise UsageError("init_images needs one base64 image")
-        image = _decode_image(body.init_images[0], "init_images[0]", config.max_pixels)
-        mask = _decode_image(body.mask, "mask", config.max_pixels) if body.mask else None
+        image = _decode_image(body.init_images[0], "init_images[0]", config.max_input_pixels)
+        mask = _decode_image(body.mask, "mask", config.max_input_pixels) if body.mask else None
         req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
                          body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
         images, infos = await submit("img2img", request, req, body.n_iter, image, mask)

@@ -225,9 +225,11 @@ class BodyReader:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0: a free port), or a UsageError naming why not."""
+    """A TCP socket bound to ``host:port`` (0: a free port), or a UsageError naming why not. IPv6 only for an IPv6
+    address (uvicorn's rule): ``localhost`` is 127.0.0.1 even where /etc/hosts lists ::1 first, as clients expect."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as ex:
         raise UsageError(f"cannot listen on {host}: {getattr(ex, 'strerror', None) or ex}") from None

@@ -55,8 +55,8 @@ ESCAPES = {
     "engine ..": (lambda e: _trt(e, file="../../unet.plan"), "unet engine file '../../unet.plan'"),
     "engine symlinked out": (lambda e: (_trt(e), (e / "unet.plan").symlink_to("/etc/passwd")),
                              "unet engine 'unet.plan' leads outside the engine folder (to /etc/passwd)"),
-    "timing cache absolute": (lambda e: _edit(e, lambda d: d.update(tensorrt={**TRT, "timing_cache": "/etc/passwd"})),
-                              "tensorrt.timing_cache '/etc/passwd' leads outside"),
+    "timing cache ..": (lambda e: _edit(e, lambda d: d.update(tensorrt={**TRT, "timing_cache": "../../etc/passwd"})),
+                        "tensorrt.timing_cache '../../etc/passwd' leads outside"),
     "weight in another file": (lambda e: _edit(e, lambda d: d["components"]["unet"]["weights"]["conv_in"].update(
         file="../../etc/passwd")), "unet weight conv_in is in '../../etc/passwd', not one of the graph's external"),
 }
@@ -78,6 +78,13 @@ def test_a_manifest_naming_a_file_outside_its_folder_is_refused(cli, engine, tmp
     breakage, needle = ESCAPES[case]
     breakage(engine)
     _all_commands_refuse(cli, engine, tmp_path, needle)
+
+
+def test_an_absolute_timing_cache_of_an_older_build_still_loads(engine):
+    """Builds before issue 22 recorded the cache's absolute path (a record: nothing opens the cache through it), which
+    points elsewhere once the folder is moved or mounted under another path; such a folder must keep loading."""
+    _edit(engine, lambda d: d.update(tensorrt={**TRT, "timing_cache": "/old/mount/sd15/timing.trt10.sm89.cache"}))
+    assert Manifest.load(engine).tensorrt.timing_cache.startswith("/old/mount/")
 
 
 def test_symlinks_that_stay_inside_the_folder_are_fine(cli, engine):

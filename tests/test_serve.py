@@ -150,12 +150,14 @@ def test_image_bombs_and_oversized_inputs_are_4xx_json_and_rotated_ones_upright(
     url, _ = server
     b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
     buf = io.BytesIO()
-    Image.new("RGB", (1100, 1000), "white").save(buf, format="PNG")  # over the default 1048576 pixels
+    Image.new("RGB", (4100, 4100), "white").save(buf, format="PNG")  # over the default 4096x4096 input pixels
+    big = io.BytesIO()
+    Image.new("RGB", (1600, 1200), "white").save(big, format="PNG")  # a photo over --max-pixels (output): taken
     ok = io.BytesIO()
     Image.new("RGB", (64, 64), "gray").save(ok, format="PNG")
     cases = [(header_png(20000, 20000), "too large to decode safely"),
-             (header_png(10000, 10000), "is 10000x10000, over the limit of 1048576 pixels per image"),
-             (buf.getvalue(), "is 1100x1000, over the limit of 1048576 pixels per image"),
+             (header_png(10000, 10000), "is 10000x10000, over the limit of 16777216 pixels per image"),
+             (buf.getvalue(), "is 4100x4100, over the limit of 16777216 pixels per image"),
              (header_png(8, 8, text_bomb(50)), "holds text chunks that expand beyond what PIL reads safely")]
     for data, needle in cases:
         for field, body in (("init_images[0]", {"init_images": [b64(data)]}),
@@ -164,6 +166,9 @@ def test_image_bombs_and_oversized_inputs_are_4xx_json_and_rotated_ones_upright(
             assert r.status_code == 422, (field, needle, r.status_code, r.text)
             assert r.json()["error"] == "UsageError" and r.json()["detail"].startswith(field), r.text
             assert needle in r.json()["detail"], r.text
+    r = httpx.post(f"{url}/sdapi/v1/img2img", json={"prompt": "a", "steps": 2, "width": 64, "height": 64,
+                                                    "init_images": [b64(big.getvalue())]}, timeout=120)
+    assert r.status_code == 200, r.text  # input and output limits are separate: clients send full-size photos
     upright = io.BytesIO()
     Image.open(io.BytesIO(_oriented(6))).transpose(Image.Transpose.ROTATE_270).save(upright, format="PNG")
     images = []

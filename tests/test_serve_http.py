@@ -306,3 +306,26 @@ def test_a_signal_lets_the_request_in_flight_finish_then_exits_0(tiny_fp32, tmp_
     lines = err.read_text().splitlines()
     assert len(lines) == 2 and f"{sig.name}: stopping; 1 request(s) in flight finish first" in lines[1], lines
     assert out.read_text() == ""  # --no-access-log
+
+
+def test_localhost_binds_ipv4_even_where_hosts_lists_ipv6_first(monkeypatch):
+    """Debian's /etc/hosts names ::1 localhost first; clients call http://127.0.0.1:7860 (uvicorn binds IPv4 too)."""
+    import socket
+
+    from sdtrt.serve_http import bind
+
+    real = socket.getaddrinfo
+
+    def hosts_with_ipv6_first(host, port, family=0, *a, **k):
+        found = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                 (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        if host != "localhost":
+            return real(host, port, family, *a, **k)
+        return [f for f in found if family in (0, f[0])]
+
+    monkeypatch.setattr(socket, "getaddrinfo", hosts_with_ipv6_first)
+    sock = bind("localhost", 0)
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()

@@ -103,6 +103,16 @@ def test_a_decompression_bomb_is_refused_in_one_line_without_pils_warning(tmp_pa
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_the_parameters_of_a_huge_image_are_read_without_decoding_it(tmp_path):
+    """An upscaled A1111 image far over PIL's bomb limit still replays: its text comes before the pixels."""
+    text = "a castle\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64"
+    path = tmp_path / "upscaled.png"
+    path.write_bytes(header_png(20000, 20000, _chunk(b"tEXt", b"parameters\0" + text.encode())))
+    assert read_parameters(path) == text
+    with pytest.raises(UsageError, match="too large to decode safely"):
+        load_image(path)
+
+
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header_before_decoding(monkeypatch):
     buf = io.BytesIO()
     Image.new("RGB", (1100, 1000), "white").save(buf, format="PNG")  # 1.1 MP, a few KB

@@ -224,3 +224,17 @@ def test_a1111s_metadata_hash_and_a_renamed_file_are_found(networks, tmp_path):
     assert resolve_loras(r, given=[str(renamed)]).files == {"char": str(renamed)}
     with pytest.raises(UsageError, match="LoRA char .* named by its prompt tag, which is not given"):
         resolve_loras(r, given=[str(networks["style"])])  # neither its name nor its hash
+
+
+def test_a_lora_given_with_lora_and_tagged_in_the_prompt_replays_from_the_one_file(cli, engine, tmp_path, networks):
+    """One file, both as --lora FILE:0.5 and as <lora:style:0.7> (two "Lora hashes" entries): the replay's --lora
+    FILE serves both."""
+    style = networks["style"]
+    code, _, err = cli("generate", engine, "a cat <lora:style:0.7>", "--lora", f"{style}:0.5", "--lora-dir",
+                       style.parent, *SETTINGS, "-o", tmp_path / "both.png")
+    assert code == 0, err
+    assert a1111_params(params(tmp_path / "both.png"))["Lora weights"] == "style: 0.5"
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "both.png", "--lora", style,
+                       "-o", tmp_path / "again.png")
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "both.png"))
