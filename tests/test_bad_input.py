@@ -414,7 +414,7 @@ def _inputs(folder: Path) -> None:
     (["--lora", "missing.safetensors"], "LoRA file missing.safetensors does not exist"),
     (["--lora", "style.safetensors:abc"], "--lora 'style.safetensors:abc': the scale 'abc' is not a number"),
     (["--lora", "style.safetensors:"], "the scale '' is not a number"),
-    (["--lora", "plain.safetensors"], "plain.safetensors has no LoRA layers (no lora_down / lora_A weights): not a LoRA"),
+    (["--lora", "plain.safetensors"], "plain.safetensors has no LoRA layers (no lora_down / lora_A weights): it is not a LoRA"),
     (["--lora", "map.png"], "LoRA map.png is not a .safetensors file"),
     (["--lora", "fake.safetensors"], "LoRA fake.safetensors is not a readable safetensors file"),
     (["--lora", "style.pt"], "LoRA file style.pt does not exist"),
