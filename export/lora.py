@@ -69,7 +69,8 @@ def check_lora_file(spec: LoraSpec, allow_pickle: bool) -> Path:
         raise ModelSourceError(f"LoRA {path} is not a .safetensors file (nor a pickled {'/'.join(PICKLED)} with "
                                "--allow-pickle)")
     if lora_layers(path) == 0:
-        raise ModelSourceError(f"LoRA {path} has no LoRA layers (no lora_down / lora_A weights): it is not a LoRA file")
+        raise ModelSourceError(f"LoRA {path} has no LoRA layers (no lora_down / lora_A weights): it is not a LoRA "
+                               "file")
     return path
 
 
