@@ -219,9 +219,20 @@ def _images(folder):
     (["--image", "in.png", "--mask-blur", "4"], "mask_blur needs a mask"),
     (["--image", "in.png", "--mask", "mask.png", "--mask-blur", "-1"], "mask_blur must be between 0 and 256"),
     (["--image", ""], "--image must not be empty"),
+    # issue 22: messages that name the real problem
+    (["--lora", "style.safetensors:abc"], "--lora 'style.safetensors:abc': the scale 'abc' is not a number"),
+    (["--control", "map.png:1:0:1:extra"], "after the image map.png expected SCALE or SCALE:START:END (numbers), got "
+                                           "'1:0:1:extra'"),
+    (["--control", "canny:map.png:strong"], "after the image map.png expected SCALE or SCALE:START:END"),
+    (["--control", "sobel:map.png"], "unknown preprocessor 'sobel' (known: none, canny)"),
+    (["--control", "depth:map.png:0.5"], "unknown preprocessor 'depth'"),
+    (["--control", "map.png:1:2"], "give SCALE, or SCALE:START:END (not two numbers)"),
+    (["--size", "-64x64"], "width and height must be positive, got '-64x64'"),
+    (["--size=-8x-8"], "width and height must be positive"),
 ])
 def test_bad_image_inputs(cli, engine, tmp_path, monkeypatch, flags, needle):
     _images(tmp_path)
+    _inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("generate", engine, "a cat", "--steps", 3, "-o", tmp_path / "x.png", *flags)
     one_line(code, err, "generate", needle)
@@ -442,25 +453,6 @@ def test_what_can_be_refused_without_the_model_is_refused_before_it_loads(cli, t
     code, _, err = cli("export", "tiny", "--out", tmp_path / "o", *args)
     one_line(code, err, "export", needle)
     assert sorted(tmp_path.iterdir()) == before
-
-
-@pytest.mark.parametrize("flags, needle", [
-    (["--lora", "style.safetensors:abc"], "--lora 'style.safetensors:abc': the scale 'abc' is not a number"),
-    (["--control", "map.png:1:0:1:extra"], "after the image map.png expected SCALE or SCALE:START:END (numbers), got "
-                                           "'1:0:1:extra'"),
-    (["--control", "canny:map.png:strong"], "after the image map.png expected SCALE or SCALE:START:END"),
-    (["--control", "sobel:map.png"], "unknown preprocessor 'sobel' (known: none, canny)"),
-    (["--control", "depth:map.png:0.5"], "unknown preprocessor 'depth'"),
-    (["--control", "map.png:1:2"], "give SCALE, or SCALE:START:END (not two numbers)"),
-    (["--size", "-64x64"], "width and height must be positive, got '-64x64'"),
-    (["--size=-8x-8"], "width and height must be positive"),
-])
-def test_messages_name_the_real_problem(cli, engine, tmp_path, monkeypatch, flags, needle):
-    _inputs(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    code, _, err = cli("generate", engine, "a cat", "--steps", 2, "-o", tmp_path / "x.png", *flags)
-    one_line(code, err, "generate", needle)
-    assert not (tmp_path / "x.png").exists()
 
 
 def test_a_lora_too_strong_for_the_parity_gate_is_named_with_its_strength(cli, engine, tmp_path):
