@@ -121,7 +121,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header_before_decodin
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
     with pytest.raises(UsageError, match=r"init_images\[0\] is 1100x1000, over the limit of 1048576 pixels per image"):
         open_image(io.BytesIO(buf.getvalue()), "init_images[0]", max_pixels=1024 * 1024)
-    from sdtrt.serve import _decode_image  # the server's A1111 img2img path
+    from sdtrt.serve.images import decode_image as _decode_image  # the server's A1111 img2img path
 
     data = base64.b64encode(buf.getvalue()).decode()
     with pytest.raises(UsageError, match="over the limit of 1048576 pixels"):

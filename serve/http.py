@@ -1,4 +1,4 @@
-"""The HTTP edge of ``sdtrt serve``, between the socket and the FastAPI app of ``sdtrt.serve``:
+"""The HTTP edge of ``sdtrt serve``, between the socket and the FastAPI app of ``sdtrt.serve.app``:
 
 - ``error_response``: each protocol's own error shape — AUTOMATIC1111's routes ``{"error", "detail"}``, OpenAI's
   ``/v1/*`` ``{"error": {"message", "type", "param", "code"}}`` (and 400 where FastAPI would say 422);

@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from sdtrt.runtime import Pipeline  # noqa: E402
-from tests.test_serve import free_port  # noqa: E402
+from tests.serve.test_app import free_port  # noqa: E402
 
 CLIENTS = 3
 

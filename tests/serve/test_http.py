@@ -314,7 +314,7 @@ def test_localhost_binds_ipv4_even_where_hosts_lists_ipv6_first(monkeypatch):
     """Debian's /etc/hosts names ::1 localhost first; clients call http://127.0.0.1:7860 (uvicorn binds IPv4 too)."""
     import socket
 
-    from sdtrt.serve_http import bind
+    from sdtrt.serve.http import bind
 
     real = socket.getaddrinfo
 
