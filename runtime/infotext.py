@@ -36,7 +36,94 @@ A1111_SAMPLERS = {
     "euler_a": ("Euler a", None), "dpmpp_2m": ("DPM++ 2M", None), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
     "lcm": ("LCM", None), "unipc": ("UniPC", None),
 }
+# A1111's other names of its samplers (modules/sd_samplers_kdiffusion.py samplers_k_diffusion, sd_samplers_timesteps)
+A1111_ALIASES = {"dpmpp_2m": ["k_dpmpp_2m"], "euler_a": ["k_euler_a", "k_euler_ancestral"], "euler": ["k_euler"],
+                 "lms": ["k_lms"], "ddim": ["ddim"], "pndm": ["plms"], "unipc": ["unipc"], "lcm": ["k_lcm"]}
+# A1111's schedule types (modules/sd_schedulers.py, v1.10): name -> (label, aliases, default_rho, need_inner_model,
+# sdtrt's schedule: samplers.SCHEDULES, None for the sampler's own). Uniform and Normal space the timesteps evenly
+# over the whole range (diffusers' "linspace"), SGM Uniform and Simple drop the last one ("trailing", as diffusers'
+# scheduler docs map them), DDIM's is "leading"; Karras and Exponential re-space the sigmas.
+A1111_SCHEDULERS = {
+    "automatic": ("Automatic", None, -1.0, False, None),
+    "uniform": ("Uniform", None, -1.0, True, "linspace"),
+    "karras": ("Karras", None, 7.0, False, "karras"),
+    "exponential": ("Exponential", None, -1.0, False, "exponential"),
+    "sgm_uniform": ("SGM Uniform", ["SGMUniform"], -1.0, True, "trailing"),
+    "simple": ("Simple", None, -1.0, True, "trailing"),
+    "normal": ("Normal", None, -1.0, True, "linspace"),
+    "ddim": ("DDIM", None, -1.0, True, "leading"),
+}
+# A1111's schedule types sdtrt has no table for (refused by name rather than run as another)
+A1111_MISSING_SCHEDULERS = {"polyexponential": "Polyexponential", "kl_optimal": "KL Optimal",
+                            "align_your_steps": "Align Your Steps", "beta": "Beta"}
+SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "trailing": "SGM Uniform", "linspace": "Normal",
+                   "leading": "DDIM"}  # what the infotext's "Schedule type" says for each of sdtrt's schedules
 _LEGACY = {"DPM++ 2M Karras": ("DPM++ 2M", "Karras"), "LMS Karras": ("LMS", "Karras")}  # A1111 before 1.9
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().replace("_", " ").split())
+
+
+def a1111_schedule(text: str | None) -> tuple[str | None, bool]:
+    """(sdtrt schedule or None for Automatic, known) of an A1111 schedule type given by name, label or alias in any
+    case; unknown (or empty) text is Automatic with known=False. One sdtrt lacks is a UsageError naming those it
+    has."""
+    if not text:
+        return None, text is None or text == ""
+    key = _key(text)
+    for name, (label, aliases, *_, schedule) in A1111_SCHEDULERS.items():
+        if key in {_key(name), _key(label), *(_key(a) for a in aliases or ())}:
+            return schedule, True
+    if key in {_key(k) for k in A1111_MISSING_SCHEDULERS} | {_key(v) for v in A1111_MISSING_SCHEDULERS.values()}:
+        raise UsageError(f"schedule type {text!r} is not available in sdtrt; it has: "
+                         f"{', '.join(label for label, *_ in A1111_SCHEDULERS.values())}")
+    return None, False
+
+
+def a1111_sampler(text: str) -> tuple[str | None, str | None]:
+    """(sdtrt sampler, sdtrt schedule named in it) of an A1111 sampler name ("DPM++ 2M Karras" is "DPM++ 2M" with the
+    Karras schedule, as A1111's get_sampler_and_scheduler splits it), an alias or sdtrt's own name, in any case;
+    (None, None) when unknown."""
+    from sdtrt.runtime.samplers import SAMPLERS, split_schedule
+
+    key = _key(text)
+    for ours, (name, schedule) in A1111_SAMPLERS.items():
+        if key in {_key(ours), _key(name + (f" {schedule}" if schedule else "")),
+                   *(_key(a) for a in A1111_ALIASES.get(ours, ()))} and (schedule is None or key != _key(name)):
+            return ours, None
+    base, schedule = split_schedule(text.strip().lower())
+    if base in SAMPLERS:
+        return base, schedule
+    for name, (label, aliases, *_, sched) in A1111_SCHEDULERS.items():
+        for option in (label, name, *(aliases or ())):
+            if sched is not None and key.endswith(" " + _key(option)):
+                ours, inner = a1111_sampler(key[:-len(_key(option)) - 1])
+                if ours is not None and inner is None:
+                    return ours, sched
+    return None, None
+
+
+def sdtrt_scheduler(sampler: str, schedule: str | None) -> str:
+    """sdtrt's sampler name of ``sampler`` run on ``schedule`` (e.g. "euler_karras"; "dpmpp_2m_karras")."""
+    if schedule is None:
+        return sampler
+    if sampler.endswith("_karras") and schedule == "karras":
+        return sampler
+    base = "dpmpp_2m" if sampler == "dpmpp_2m_karras" else sampler
+    return f"{base}_{schedule}"
+
+
+def a1111_names(sampler) -> tuple[str, str | None]:
+    """(A1111 sampler name, schedule type or None for Automatic) of a SamplerConfig, for the infotext."""
+    name, schedule = A1111_SAMPLERS[sampler.name]
+    if sampler.schedule is not None:
+        return name, SCHEDULE_LABELS[sampler.schedule]
+    if schedule is None and sampler.use_karras_sigmas:
+        return name, "Karras"
+    if schedule is None and sampler.use_exponential_sigmas:
+        return name, "Exponential"
+    return name, schedule
 _NEGATIVE = "Negative prompt:"
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -164,19 +251,17 @@ def replay(text: str) -> Replay:
 
     scheduler, karras = None, False
     if "Sampler" in p:
-        name, schedule = _LEGACY.get(p["Sampler"], (p["Sampler"], p.get("Schedule type")))
-        schedule = None if schedule in (None, "", "Automatic") else schedule
-        matches = [k for k, (n, s) in A1111_SAMPLERS.items() if n == name]
-        if not matches:
+        ours, named = a1111_sampler(p["Sampler"])
+        if ours is None:
             known = sorted({n for n, _ in A1111_SAMPLERS.values()})
             raise UsageError(f"the image was made with the sampler {p['Sampler']!r}, which sdtrt does not have "
                              f"({', '.join(known)}); pass --scheduler to choose one")
-        if schedule not in (None, "Karras"):
-            raise UsageError(f"the image was made with schedule type {schedule!r}; sdtrt has Karras and the "
-                             "model's own schedule")
-        exact = [k for k in matches if A1111_SAMPLERS[k][1] == schedule]
-        scheduler = exact[0] if exact else matches[0]
-        karras = schedule == "Karras" and not exact
+        schedule, known = a1111_schedule(p.get("Schedule type"))
+        if not known:
+            raise UsageError(f"the image was made with schedule type {p['Schedule type']!r}, which sdtrt does not "
+                             "know; pass --scheduler to choose one")
+        scheduler = sdtrt_scheduler(ours, schedule or named)
+        check_schedule(scheduler, p["Sampler"], p.get("Schedule type"))
 
     def count(key, lo):  # a whole number, not number()'s int(float(...)): "2.5" images is not 2
         if key not in p:
@@ -212,6 +297,18 @@ def replay(text: str) -> Replay:
                   outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), controls=_controls(p),
                   lora_hashes=_pairs(p, "Lora hashes", _hash), lora_weights=_pairs(p, "Lora weights", _weight),
                   ti_hashes=_pairs(p, "TI hashes", _hash))
+
+
+def check_schedule(scheduler: str, sampler: str, schedule: str | None) -> None:
+    """A UsageError in A1111's terms when sdtrt's sampler has no such schedule (its diffusers class lacks it)."""
+    from sdtrt.runtime.samplers import schedules_for, split_schedule
+
+    base, sched = split_schedule(scheduler)
+    if sched is not None and sched not in schedules_for(base):
+        takes = [SCHEDULE_LABELS[s] for s in schedules_for(base)]
+        label = schedule or SCHEDULE_LABELS[sched]
+        raise UsageError(f"sampler {sampler!r} has no schedule type {label!r} in sdtrt (diffusers' scheduler for it "
+                         f"has none); it takes: {', '.join(['Automatic', *takes])}")
 
 
 def _hash(text: str) -> str | None:

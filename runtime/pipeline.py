@@ -42,7 +42,7 @@ from sdtrt.runtime.backends import BackendError, check_shapes, load_engines
 from sdtrt.runtime.device_loop import residual_shapes
 from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, latent_mask, load_image,
                                   outpaint_canvas, prepare_control_image, prepare_sources)
-from sdtrt.runtime.infotext import A1111_SAMPLERS, create_infotext
+from sdtrt.runtime.infotext import a1111_names, create_infotext
 from sdtrt.runtime.lora import network_name
 from sdtrt.runtime.prompts import MAX_CHUNKS, PromptChunks, chunk_prompt, join_chunks
 from sdtrt.runtime.request import GenerationRequest
@@ -743,9 +743,7 @@ class Pipeline:
 
     def _infotext(self, req: GenerationRequest, plan: GenerationPlan, seed: int, k: int) -> str:
         """A1111's ``parameters`` text for image ``k`` of the batch."""
-        name, schedule = A1111_SAMPLERS[plan.table.name]
-        if schedule is None and plan.sampler.use_karras_sigmas:
-            schedule = "Karras"
+        name, schedule = a1111_names(plan.sampler)
         prompt, negative = req.prompt[k // req.num_images_per_prompt], req.negative_prompt[k // req.num_images_per_prompt]
         untagged = len(plan.loras) - plan.tagged  # set_loras' (--lora), whose weights no prompt tag holds
         return create_infotext(prompt, negative, {

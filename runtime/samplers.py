@@ -56,7 +56,6 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-# diffusers scheduler class -> our sampler name (the model's default sampler)
 # diffusers scheduler class -> our sampler name (a model's default sampler; DPM-Solver++ keeps its config's own
 # Karras setting, as diffusers would)
 SCHEDULER_CLASSES = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if name != "dpmpp_2m_karras"}
@@ -94,7 +93,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 # Keys read into SamplerConfig (validated there); every other key is inert for the table (_INERT) or must keep the
 # one value a linear table expresses (_FIXED): anything else is refused, never ignored.
 _MODELED = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "timestep_spacing", "steps_offset", "set_alpha_to_one", "use_karras_sigmas", "solver_order", "solver_type",
+            "timestep_spacing", "steps_offset", "set_alpha_to_one", "use_karras_sigmas", "use_exponential_sigmas",
+            "solver_order", "solver_type",
             "lower_order_final", "euler_at_final", "disable_corrector", "original_inference_steps", "timestep_scaling"}
 _INERT = {"dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range", "flow_shift", "time_shift_type"}
 _INERT_FOR = {"LCMScheduler": {"set_alpha_to_one", "steps_offset", "timestep_spacing"}}  # LCM's own grid ignores them
@@ -103,7 +103,6 @@ _FIXED: dict[str, tuple[Any, str]] = {
     "thresholding": (False, "dynamic thresholding is not linear"),
     "rescale_betas_zero_snr": (False, "zero-terminal-SNR rescaling is not implemented"),
     "skip_prk_steps": (True, "PNDM's Runge-Kutta warm-up is not implemented; PLMS (skip_prk_steps=true) is"),
-    "use_exponential_sigmas": (False, "exponential sigmas are not implemented"),
     "use_beta_sigmas": (False, "beta sigmas are not implemented"),
     "use_lu_lambdas": (False, "Lu lambdas are not implemented"),
     "use_flow_sigmas": (False, "flow-matching sigmas are not implemented"),
@@ -124,6 +123,37 @@ _FIXED: dict[str, tuple[Any, str]] = {
 
 class SamplerError(UsageError):
     """Unknown sampler, or a scheduler config a linear table cannot express."""
+
+
+# Noise schedules a sampler can be asked for by a suffix of its name ("euler_karras", "unipc_exponential",
+# "ddim_trailing"): the diffusers config setting each one is, on the classes that have that setting (the combinations
+# diffusers supports; A1111's schedule types map onto them in infotext.A1111_SCHEDULERS).
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "karras": {"use_karras_sigmas": True, "use_exponential_sigmas": False},  # Karras et al. 2022, rho 7
+    "exponential": {"use_exponential_sigmas": True, "use_karras_sigmas": False},  # log-uniform sigmas
+    "trailing": {"timestep_spacing": "trailing"},  # Lin et al. 2023, table 2 (A1111's "SGM Uniform", "Simple")
+    "linspace": {"timestep_spacing": "linspace"},  # A1111's "Normal", "Uniform"
+    "leading": {"timestep_spacing": "leading"},  # A1111's "DDIM"
+}
+
+
+def split_schedule(name: str) -> tuple[str, str | None]:
+    """(sampler, schedule) of a sampler name with an optional schedule suffix; ``dpmpp_2m_karras`` is a sampler of
+    its own (the model's DPM-Solver++ config names it). Unknown names come back whole (refused by the caller)."""
+    if name in SAMPLERS:
+        return name, None
+    for schedule in SCHEDULES:
+        base = name[:-len(schedule) - 1]
+        if name.endswith("_" + schedule) and base in SAMPLERS:
+            return base, schedule
+    return name, None
+
+
+def schedules_for(name: str) -> tuple[str, ...]:
+    """The schedules sampler ``name`` takes: those whose settings its diffusers class has (and reads)."""
+    class_name = DIFFUSERS_EQUIVALENT[name][0]
+    defaults, inert = CLASS_DEFAULTS[class_name], _INERT_FOR.get(class_name, set())
+    return tuple(s for s, keys in SCHEDULES.items() if all(k in defaults and k not in inert for k in keys))
 
 
 def diffusers_config(config: dict[str, Any], class_name: str) -> dict[str, Any]:
@@ -171,6 +201,8 @@ class SamplerConfig:
     steps_offset: int = 0
     set_alpha_to_one: bool = False
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    schedule: str | None = None  # the schedule asked for by name (SCHEDULES), None: the config's own
     eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like
     solver_type: str = "midpoint"  # DPM-Solver++: "midpoint" or "heun"
     lower_order_final: bool = True
@@ -195,10 +227,15 @@ class SamplerConfig:
                                    f"--scheduler ({', '.join(SAMPLERS)})")
             if name == "dpmpp_2m" and config.get("use_karras_sigmas") is True:
                 name = "dpmpp_2m_karras"  # the model's own DPM-Solver++, Karras or not as its config says
+        name, schedule = split_schedule(name) if isinstance(name, str) else (name, None)
         if name not in SAMPLERS:
-            raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+            raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}, optionally with a "
+                               f"schedule suffix (_{', _'.join(SCHEDULES)}), e.g. euler_karras")
         class_name, named = DIFFUSERS_EQUIVALENT[name]
-        eff = {**diffusers_config(config, class_name), **named}
+        if schedule is not None and schedule not in schedules_for(name):
+            raise SamplerError(f"{name} has no {schedule} schedule (diffusers' {class_name} has no such setting); it "
+                               f"takes: {', '.join(schedules_for(name)) or 'only its own schedule'}")
+        eff = {**diffusers_config(config, class_name), **named, **(SCHEDULES[schedule] if schedule else {})}
         inert = _INERT | _INERT_FOR.get(class_name, set())
         for key, value in eff.items():
             if key in _FIXED and key not in inert and value != _FIXED[key][0]:
@@ -224,8 +261,13 @@ class SamplerConfig:
             kwargs["steps_offset"] = _number("steps_offset", eff["steps_offset"], 0, T - 1, integer=True)
         if "set_alpha_to_one" in eff and "set_alpha_to_one" not in inert:
             kwargs["set_alpha_to_one"] = _flag("set_alpha_to_one", eff["set_alpha_to_one"])
-        if "use_karras_sigmas" in eff:
-            kwargs["use_karras_sigmas"] = _flag("use_karras_sigmas", eff["use_karras_sigmas"])
+        for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+            if key in eff:
+                kwargs[key] = _flag(key, eff[key])
+        if kwargs.get("use_karras_sigmas") and kwargs.get("use_exponential_sigmas"):
+            raise SamplerError("scheduler config: use_karras_sigmas and use_exponential_sigmas are both set; diffusers "
+                               "takes only one")
+        kwargs["schedule"] = schedule
         if class_name == "DPMSolverMultistepScheduler":
             _number("solver_order", eff["solver_order"], 2, 2, integer=True)  # dpmpp_2m: second-order multistep only
             kwargs["solver_type"] = _choice("solver_type", eff["solver_type"], ("midpoint", "heun"))
@@ -392,6 +434,16 @@ def _karras(sigmas_desc: np.ndarray, n: int, rho: float = 7.0) -> np.ndarray:
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
+def _exponential(sigmas_desc: np.ndarray, n: int) -> np.ndarray:
+    """Sigmas uniform in log sigma between the schedule's ends (diffusers' _convert_to_exponential)."""
+    return np.exp(np.linspace(math.log(float(sigmas_desc[0])), math.log(float(sigmas_desc[-1])), n))
+
+
+def _sigma_kind(cfg: SamplerConfig):
+    """The sigma re-spacing the config asks for (Karras or exponential), or None."""
+    return _karras if cfg.use_karras_sigmas else _exponential if cfg.use_exponential_sigmas else None
+
+
 def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma, by linear interpolation in log sigma."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -518,14 +570,16 @@ def _pndm(cfg: SamplerConfig, n: int, start: int = 0) -> _Raw:
     return _Raw(ts.astype(np.float64), A, B, C, np.ones(S), 1.0, _ddpm_levels(acp, ts))
 
 
-def _sigma_schedule(cfg: SamplerConfig, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Timesteps and sigmas (with the final 0) of the Euler/LMS family."""
+def _sigma_schedule(cfg: SamplerConfig, n: int, respace: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps and sigmas (with the final 0) of the Euler/LMS family; ``respace``: Karras or exponential sigmas
+    between the spaced schedule's ends, as the config says."""
     train = _train_sigmas(alphas_cumprod(cfg))
     ts = _spaced(cfg, n, integer=False).astype(np.float32).astype(np.float64)
     sigmas = np.interp(ts, np.arange(len(train)), train)
-    if karras:
-        sigmas = _karras(sigmas, n)
-        ts = _sigma_to_t(sigmas, np.log(train))
+    kind = _sigma_kind(cfg) if respace else None
+    if kind is not None:
+        sigmas = kind(sigmas, n)
+        ts = _sigma_to_t(sigmas, np.log(train.astype(np.float32)).astype(np.float64))
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
     return ts.astype(np.float32).astype(np.float64), sigmas
 
@@ -536,7 +590,7 @@ def _init_sigma(cfg: SamplerConfig, sigmas: np.ndarray) -> float:
 
 
 def _euler(cfg: SamplerConfig, n: int, start: int = 0, ancestral: bool = False) -> _Raw:
-    ts, sig = _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas and not ancestral)
+    ts, sig = _sigma_schedule(cfg, n, respace=not ancestral)
     A, B, C = _alloc(n, 1, 1)
     for i in range(start, n):
         s, s_next = sig[i], sig[i + 1]
@@ -565,7 +619,7 @@ def _lms_coefficient(sig: np.ndarray, order: int, i: int, k: int) -> float:
 
 
 def _lms(cfg: SamplerConfig, n: int, start: int = 0, order: int = 4) -> _Raw:
-    ts, sig = _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)
+    ts, sig = _sigma_schedule(cfg, n, respace=True)
     A, B, C = _alloc(n, order, order)
     A[:, 0] = 1.0
     for i in range(start, n):
@@ -586,11 +640,14 @@ def _dpm_schedule(cfg: SamplerConfig, n: int, floor_cosine: bool) -> tuple[np.nd
     """Timesteps and sigmas (final 0 appended) of DPM-Solver and UniPC in diffusers."""
     train = _train_sigmas(alphas_cumprod(cfg))
     T = cfg.num_train_timesteps
-    if cfg.use_karras_sigmas:
-        sigmas = _karras(train[::-1], n)
-        ts = _sigma_to_t(sigmas, np.log(train))
-        # diffusers rounds; DPM-Solver truncates (int64 cast) for the cosine schedule
-        ts = np.floor(ts) if floor_cosine and cfg.beta_schedule == "squaredcos_cap_v2" else np.round(ts)
+    kind = _sigma_kind(cfg)
+    if kind is not None:
+        sigmas = kind(train[::-1], n)
+        ts = _sigma_to_t(sigmas, np.log(train.astype(np.float32)).astype(np.float64))
+        # Karras: diffusers rounds, but DPM-Solver truncates (int64 cast) for the cosine schedule; exponential: both
+        # truncate (the int64 cast alone)
+        floor = kind is _exponential or (floor_cosine and cfg.beta_schedule == "squaredcos_cap_v2")
+        ts = np.floor(ts) if floor else np.round(ts)
     else:
         if cfg.timestep_spacing == "linspace":
             ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
@@ -788,9 +845,9 @@ _BUILDERS = {
 _TIMESTEPS = {  # each sampler's timesteps alone (cheap), to check a step count before building its table
     "ddim": lambda cfg, n: _spaced(cfg, n, integer=True),
     "pndm": _pndm_timesteps,
-    "lms": lambda cfg, n: _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)[0],
-    "euler": lambda cfg, n: _sigma_schedule(cfg, n, karras=cfg.use_karras_sigmas)[0],
-    "euler_a": lambda cfg, n: _sigma_schedule(cfg, n, karras=False)[0],
+    "lms": lambda cfg, n: _sigma_schedule(cfg, n, respace=True)[0],
+    "euler": lambda cfg, n: _sigma_schedule(cfg, n, respace=True)[0],
+    "euler_a": lambda cfg, n: _sigma_schedule(cfg, n, respace=False)[0],
     "dpmpp_2m": lambda cfg, n: _dpm_schedule(cfg, n, floor_cosine=True)[0],
     "dpmpp_2m_karras": lambda cfg, n: _dpm_schedule(cfg, n, floor_cosine=True)[0],
     "lcm": _lcm_timesteps,
@@ -808,7 +865,7 @@ def _timesteps_fit(cfg: SamplerConfig, n: int) -> bool:
     if not (len(ts) and np.isfinite(ts).all() and ts.min() >= 0 and ts.max() <= cfg.num_train_timesteps - 1):
         return False
     # multistep solvers divide by the step between sigmas: a repeated timestep (rounding at n near T) is a 0
-    repeats_matter = cfg.name in ("dpmpp_2m", "unipc", "lms") and not cfg.use_karras_sigmas
+    repeats_matter = cfg.name in ("dpmpp_2m", "unipc", "lms") and _sigma_kind(cfg) is None
     return not (repeats_matter and np.any(np.diff(ts) >= 0))
 
 

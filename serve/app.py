@@ -24,6 +24,14 @@ from sdtrt.serve.http import BodyReader, ClientGone, Guard, error_response
 from sdtrt.serve.worker import EngineWorker, Job, QueueFull
 
 
+class Interrupted(Exception):
+    """A1111's ``POST /sdapi/v1/interrupt`` (or ``skip``) stopped the running request at a step boundary."""
+
+    def __init__(self, how: str):
+        super().__init__(how)
+        self.how = how
+
+
 class Server:
     """What the routers share: the configuration, the loaded pipeline, the engine thread, the queue and the metrics."""
 
@@ -40,7 +48,8 @@ class Server:
         self.m_images = Counter("sdtrt_images", "images generated", registry=registry)
         self.m_batch = Histogram("sdtrt_batch_size", "images per engine call", registry=registry,
                                  buckets=(1, 2, 3, 4, 6, 8, 16))
-        self.state: dict[str, Any] = {"pipe": pipeline, "waiting": 0, "progress": 0.0, "worker": None}
+        self.state: dict[str, Any] = {"pipe": pipeline, "waiting": 0, "progress": 0.0, "worker": None,
+                                      "job": 0, "running": False, "stop": None}  # stop: (how, job) from stop()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-load")
 
     @property
@@ -72,25 +81,60 @@ class Server:
         if images > config.max_images:
             raise UsageError(f"{images} images per request is over this server's limit of {config.max_images}")
 
+    def stop(self, how: str) -> None:
+        """A1111's interrupt ("interrupt": the running request ends at its next step, answering the images it has
+        finished) and skip ("skip": its current batch ends, the next runs); no effect when nothing runs, and none on
+        queued requests, as A1111's ``shared.state``."""
+        if self.state["running"]:
+            self.state["stop"] = (how, self.state["job"])
+
+    def _checkpoint(self, job: int) -> None:
+        """Called between steps (the pipeline's callback): raises Interrupted when this job was asked to stop."""
+        stop = self.state["stop"]
+        if stop is not None and stop[1] == job:
+            if stop[0] == "skip":
+                self.state["stop"] = None
+            raise Interrupted(stop[0])
+
+    def _begin(self) -> int:
+        state = self.state
+        state["job"] += 1
+        state["running"], state["stop"] = True, None
+        return state["job"]
+
     # ---- in the engine thread --------------------------------------------------------------------------------------
 
     def run(self, req, n_iter: int, plan) -> tuple[list, list[str]]:
         """``n_iter`` batches (A1111: seed + i for the i-th), on the plan made when the request was checked (it does
         not depend on the seed)."""
         pipe, state = self.pipe, self.state
-        images, infos = [], []
-        for i in range(n_iter):
-            batch = replace(req, seed=req.seed + i)
-            state["progress"] = i / n_iter
+        images, infos, stopped = [], [], None
+        job = self._begin()
+        try:
+            for i in range(n_iter):
+                batch = replace(req, seed=req.seed + i)
+                state["progress"] = i / n_iter
 
-            def progress(done, total, i=i):
-                state["progress"] = (i + done / total) / n_iter
+                def progress(done, total, i=i):
+                    state["progress"] = (i + done / total) / n_iter
+                    if done < total:  # a batch whose steps are all done is kept
+                        self._checkpoint(job)
 
-            result = pipe.generate(batch, callback=progress, plan=plan)
-            self.m_batch.observe(batch.batch)
-            images += result.images
-            infos += result.parameters
-        state["progress"] = 0.0
+                try:
+                    self._checkpoint(job)  # asked between batches (a device loop reports only its end)
+                    result = pipe.generate(batch, callback=progress, plan=plan)
+                except Interrupted as ex:  # skip: the next batch; interrupt: what is finished
+                    stopped = ex.how
+                    if ex.how == "skip":
+                        continue
+                    break
+                self.m_batch.observe(batch.batch)
+                images += result.images
+                infos += result.parameters
+        finally:
+            state["progress"], state["running"] = 0.0, False
+        if not images and stopped:
+            raise Interrupted(stopped)
         return images, infos
 
     def merge(self, group: list[Job]) -> list[tuple[list, list[str]]]:
@@ -113,7 +157,11 @@ class Server:
         merged = GenerationRequest.create(prompts, negatives, first.num_inference_steps, first.guidance_scale,
                                           first.height, first.width, first.seed, 1, first.scheduler,
                                           clip_skip=first.clip_skip)
-        result = pipe.generate(merged, latents=np.concatenate(latents))
+        job = self._begin()
+        try:
+            result = pipe.generate(merged, latents=np.concatenate(latents), callback=lambda done, total: done < total and self._checkpoint(job))
+        finally:
+            self.state["running"] = False
         self.m_batch.observe(merged.batch)
         out, k = [], 0
         for job in group:
@@ -227,6 +275,12 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
         m_errors.labels("queue_full").inc()
         return error_response(request.url.path, 503, "busy", f"{config.max_queue} requests are queued or running; "
                               "retry", headers={"Retry-After": "5"})
+
+    @app.exception_handler(Interrupted)
+    async def interrupted(request: Request, ex: Interrupted):
+        m_errors.labels("interrupted").inc()
+        return error_response(request.url.path, 409, "Interrupted", f"stopped by POST /sdapi/v1/{ex.how} before any "
+                              "image was finished")
 
     @app.exception_handler(asyncio.TimeoutError)
     async def timed_out(request: Request, ex):

@@ -9,11 +9,12 @@ import io
 from sdtrt.errors import UsageError
 
 
-def png_b64(image, parameters: str) -> str:
+def png_b64(image, parameters: str, fmt: str = "PNG") -> str:
+    """``image`` with its ``parameters`` as base64 (PNG; JPEG or WEBP for A1111's samples_format)."""
     from sdtrt.runtime.infotext import write_image
 
     buf = io.BytesIO()
-    write_image(image, buf, parameters)
+    write_image(image, buf, parameters, fmt)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

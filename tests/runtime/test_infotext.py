@@ -36,7 +36,17 @@ def test_an_a1111_infotext_replays_as_sdtrt_settings():
     assert karras.scheduler == "dpmpp_2m_karras" and not karras.karras
     legacy = replay("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64, Clip skip: 2")
     assert legacy.scheduler == "dpmpp_2m_karras" and legacy.clip_skip == 2
-    assert replay("a cat\nSteps: 9, Sampler: Euler, Schedule type: Karras, Seed: 3, Size: 8x8").karras
+    # A1111's schedule types by label onto sdtrt's sampler + schedule (infotext.A1111_SCHEDULERS)
+    for sampler, schedule, ours in [("Euler", "Karras", "euler_karras"), ("UniPC", "Exponential", "unipc_exponential"),
+                                    ("Euler a", "SGM Uniform", "euler_a_trailing"), ("DDIM", "Normal", "ddim_linspace"),
+                                    ("LMS Karras", None, "lms_karras"), ("Euler", "Automatic", "euler")]:
+        text = f"a cat\nSteps: 9, Sampler: {sampler}, " + (f"Schedule type: {schedule}, " if schedule else "") + \
+            "Seed: 3, Size: 8x8"
+        assert replay(text).scheduler == ours, text
+    for schedule, needle in [("Karras", "'Euler a' has no schedule type 'Karras'"), ("Beta", "not available in sdtrt"),
+                             ("Wobbly", "which sdtrt does not know")]:
+        with pytest.raises(UsageError, match=needle):
+            replay(f"a cat\nSteps: 9, Sampler: Euler a, Schedule type: {schedule}, Seed: 3, Size: 8x8")
 
 
 def test_a_random_seed_replays_exactly():
@@ -97,7 +107,7 @@ def test_a_prompt_imitating_the_negative_prompt_marker_round_trips(prompt, negat
 
 @pytest.mark.parametrize("text, needle", [
     ("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1", "the sampler 'DPM++ SDE', which sdtrt does not have"),
-    ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Exponential, Seed: 1", "schedule type 'Exponential'"),
+    ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Align Your Steps, Seed: 1", "schedule type 'Align Your Steps'"),
     ("a cat\nSteps: many, Sampler: Euler, CFG scale: 7, Seed: 1", "Steps: 'many', not a number"),
     # an image of a batch names its place in it: a place the batch does not have is an error, not no image at all
     ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Batch size: 3, Batch pos: 7",

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sdtrt.config import from_dict, to_dict
-from sdtrt.runtime.samplers import (CLASS_DEFAULTS, DIFFUSERS_EQUIVALENT, SAMPLERS, SamplerConfig, SamplerError,
-                                    build_table, step)
+from sdtrt.runtime.samplers import (CLASS_DEFAULTS, DIFFUSERS_EQUIVALENT, SAMPLERS, SCHEDULES, SamplerConfig,
+                                    SamplerError, build_table, schedules_for, step)
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
@@ -27,12 +27,13 @@ CONFIGS = {
 }
 
 
-def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0):
-    """Run diffusers' scheduler; return the U-Net inputs it asks for at each step and the final sample."""
+def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0, settings=None):
+    """Run diffusers' scheduler (``settings``: config keys set on top, e.g. a schedule's); return the U-Net inputs it
+    asks for at each step and the final sample."""
     import diffusers
 
     cls_name, extra = DIFFUSERS_EQUIVALENT[name]
-    sched = getattr(diffusers, cls_name).from_config({**config, **extra})
+    sched = getattr(diffusers, cls_name).from_config({**config, **extra, **(settings or {})})
     sched.set_timesteps(steps)
     # float64 tensors: the reference then carries less rounding of its own (Euler and DPM cast to float32 inside)
     x = torch.from_numpy(z0.astype(np.float64)) * sched.init_noise_sigma
@@ -84,6 +85,44 @@ def test_trajectory_matches_diffusers(name, config_name, steps):
     for i, (g, w) in enumerate(zip(got_inputs, want_inputs)):
         assert rel(g, w) <= 1e-5, f"U-Net input at step {i}: {rel(g, w):.2e}"
     assert rel(got, want) <= 1e-5
+
+
+# every sampler with every schedule it takes (dpmpp_2m + karras is dpmpp_2m_karras, a sampler of its own, above)
+SCHEDULED = [(n, s) for n in SAMPLERS if n != "dpmpp_2m_karras" for s in schedules_for(n) if f"{n}_{s}" not in SAMPLERS]
+
+
+@pytest.mark.parametrize("name, schedule", SCHEDULED, ids=[f"{n}_{s}" for n, s in SCHEDULED])
+@pytest.mark.parametrize("config_name", ["sd15", "v-trailing"])
+def test_every_schedule_a_sampler_takes_matches_diffusers_with_that_setting(name, schedule, config_name):
+    # "euler_karras" is EulerDiscreteScheduler(use_karras_sigmas=True), "ddim_trailing" DDIMScheduler(
+    # timestep_spacing="trailing"), ...: every setting its diffusers class has, and only those
+    config, steps = CONFIGS[config_name], 9
+    cfg = SamplerConfig.from_scheduler_config(config, f"{name}_{schedule}")
+    assert (cfg.name, cfg.schedule) == (name, schedule)
+    table = build_table(cfg, steps)
+    rng = np.random.default_rng(5)
+    z0, *rest = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(1 + 2 * table.num_steps))
+    outputs, noises = rest[:table.num_steps], rest[table.num_steps:]
+    timesteps, want_inputs, want = diffusers_trajectory(name, config, steps, z0, outputs, noises,
+                                                        settings=SCHEDULES[schedule])
+    np.testing.assert_allclose(table.timesteps, timesteps, rtol=1e-6, atol=1e-4)
+    got_inputs, got = our_trajectory(table, z0, outputs, noises)
+    for i, (g, w) in enumerate(zip(got_inputs, want_inputs)):
+        assert rel(g, w) <= 1e-5, f"U-Net input at step {i}: {rel(g, w):.2e}"
+    assert rel(got, want) <= 1e-5
+
+
+def test_a_schedule_the_samplers_diffusers_class_lacks_is_refused_by_name():
+    import diffusers
+
+    assert "use_karras_sigmas" not in diffusers.EulerAncestralDiscreteScheduler.__init__.__code__.co_varnames
+    with pytest.raises(SamplerError, match=r"euler_a has no karras schedule .*EulerAncestralDiscreteScheduler.*"
+                                           r"takes: trailing, linspace, leading"):
+        SamplerConfig.from_scheduler_config(SD15, "euler_a_karras")
+    with pytest.raises(SamplerError, match="lcm has no trailing schedule"):
+        SamplerConfig.from_scheduler_config(SD15, "lcm_trailing")
+    assert schedules_for("euler") == ("karras", "exponential", "trailing", "linspace", "leading")
+    assert schedules_for("ddim") == ("trailing", "linspace", "leading")
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
@@ -203,7 +242,7 @@ def test_the_models_own_dpm_solver_keeps_its_karras_setting():
 
 @pytest.mark.parametrize("name, key, value", [
     ("euler", "interpolation_type", "log_linear"), ("euler", "timestep_type", "continuous"),
-    ("euler", "final_sigmas_type", "sigma_min"), ("lms", "use_exponential_sigmas", True),
+    ("euler", "final_sigmas_type", "sigma_min"), ("lms", "use_beta_sigmas", True),
     ("dpmpp_2m", "algorithm_type", "sde-dpmsolver++"), ("dpmpp_2m", "lambda_min_clipped", -5.1),
     ("dpmpp_2m", "use_lu_lambdas", True), ("dpmpp_2m", "variance_type", "learned_range"),
     ("unipc", "predict_x0", False), ("euler_a", "rescale_betas_zero_snr", True), ("lcm", "thresholding", True),
