@@ -200,7 +200,7 @@ def test_interrupt_and_skip_stop_the_running_generation_at_its_next_step(server)
     # stopped one) and a 409 when there are none.
     def run(how, when):
         box = {}
-        t = threading.Thread(target=lambda: box.update(r=txt2img(server, steps=150, n_iter=2, sampler_name="Euler")))
+        t = threading.Thread(target=lambda: box.update(r=txt2img(server, steps=100, n_iter=2, sampler_name="Euler")))
         t.start()
         while httpx.get(f"{server}/sdapi/v1/progress").json()["progress"] < when and t.is_alive():
             time.sleep(0.02)
