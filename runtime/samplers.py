@@ -156,6 +156,11 @@ def schedules_for(name: str) -> tuple[str, ...]:
     return tuple(s for s, keys in SCHEDULES.items() if all(k in defaults and k not in inert for k in keys))
 
 
+# every name a sampler can be asked for by: the samplers, and each with each schedule it takes
+SAMPLER_NAMES = SAMPLERS + tuple(f"{n}_{s}" for n in SAMPLERS if n != "dpmpp_2m_karras" for s in schedules_for(n)
+                                 if f"{n}_{s}" not in SAMPLERS)
+
+
 def diffusers_config(config: dict[str, Any], class_name: str) -> dict[str, Any]:
     """What ``getattr(diffusers, class_name).from_config(config)`` runs with: every __init__ key of the class,
     from the config where it sets it (and does not list it in ``_use_default_values``), else the class default."""

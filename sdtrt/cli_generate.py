@@ -30,7 +30,7 @@ def _sides(text: str) -> tuple[int, int, int, int]:
 def add_generate(sub) -> None:
     from sdtrt.runtime.backends import BACKENDS
     from sdtrt.runtime.request import OUTPAINT_FILLS
-    from sdtrt.runtime.samplers import SAMPLERS
+    from sdtrt.runtime.samplers import SAMPLER_NAMES
 
     unset = argparse.SUPPRESS  # flags a PNG's parameters may set; given ones win
     p = sub.add_parser("generate", help="generate images from an engine folder",
@@ -47,7 +47,9 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=unset,
                    help="seed (NumPy PCG64), 0..2^64-1; -1 or none: random (the seed used is printed and saved)")
     p.add_argument("--size", type=_size, default=unset, metavar="WxH", help="image size (default: the model's)")
-    p.add_argument("--scheduler", choices=SAMPLERS, default=unset, help="sampler (default: the model's scheduler)")
+    p.add_argument("--scheduler", choices=SAMPLER_NAMES, default=unset, metavar="NAME",
+                   help="sampler (default: the model's scheduler), optionally with a schedule where its diffusers "
+                   "scheduler has that setting: euler_karras, unipc_exponential, ddim_trailing, euler_a_linspace, ...")
     p.add_argument("--clip-skip", type=int, default=unset, metavar="N",
                    help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before, ...")
     p.add_argument("--num-images", type=int, default=unset, help="images for the prompt, one batch (default: 1)")
