@@ -23,6 +23,10 @@ class Txt2Img(BaseModel):
     width: int = A1111_DEFAULTS["width"]
     height: int = A1111_DEFAULTS["height"]
     seed: int = -1
+    subseed: int = -1  # A1111's variation seed and seed resize: refused unless they change nothing
+    subseed_strength: float = 0.0  # (request.check_variation_seed)
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
     sampler_name: str | None = None
     scheduler: str | None = None  # A1111 1.9+: "Karras", "Automatic"
     batch_size: int = Field(1, ge=1)
@@ -49,7 +53,7 @@ def first_seed(infos: list[str]) -> int | None:
 
 def router(server) -> APIRouter:
     from sdtrt.runtime.infotext import A1111_SAMPLERS
-    from sdtrt.runtime.request import GenerationRequest
+    from sdtrt.runtime.request import GenerationRequest, check_variation_seed
 
     config = server.config
     names = {a1111: ours for ours, (a1111, schedule) in A1111_SAMPLERS.items() if schedule is None}
@@ -74,6 +78,8 @@ def router(server) -> APIRouter:
     def to_request(body: Txt2Img, strength: float | None = None, mask_blur: float = 0,
                    padding: int | None = None) -> GenerationRequest:
         server.check_limits(body.width, body.height, body.steps, body.batch_size * body.n_iter)
+        check_variation_seed(body.subseed, body.subseed_strength, body.seed_resize_from_h, body.seed_resize_from_w,
+                             body.height, body.width)
         return GenerationRequest.create(body.prompt, body.negative_prompt or None, body.steps, body.cfg_scale,
                                         body.height, body.width, body.seed, body.batch_size,
                                         sampler(body.sampler_name, body.scheduler),
