@@ -7,8 +7,9 @@ Format (A1111 ``modules/processing.py create_infotext``, parsed by ``modules/inf
     Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model hash: ...
 
 Values holding ``,``, ``:`` or a newline are JSON-quoted. A1111 writes "Clip skip" only above 1, and reads a
-missing one as 1. sdtrt adds "Batch size"/"Batch pos" for images of a batch (the seed draws the whole batch's
-latents at once), which A1111's parser keeps as extra keys.
+missing one as 1. "Seed" is the image's own seed (image i of a batch: seed + i, ``seeds.py``), so it regenerates
+that image alone; like A1111 (since 1.6) no "Batch size"/"Batch pos" is written. Older sdtrt images carry them: their
+batch shared one generator, which is no longer reproduced (``replay`` says so).
 
 LoRAs and embeddings are recorded as A1111 records them: ``Lora hashes: "name: hash, ..."`` (A1111's short hash of
 each LoRA file) and ``TI hashes: "name: hash, ..."`` (of each embedding the prompts use); a LoRA's weight is in its
@@ -205,8 +206,7 @@ class Replay:
     width: int | None
     height: int | None
     clip_skip: int  # A1111's: 1 = the last layer
-    batch_size: int
-    batch_pos: int
+    shared_batch: str | None  # an image of an older sdtrt's batch, whose images shared one generator: its place
     model_hash: str | None
     # made from an image (A1111's img2img keys; "Outpaint" and "Outpaint fill" are sdtrt's)
     strength: float | None = None
@@ -276,10 +276,11 @@ def replay(text: str) -> Replay:
     width, height = number("Size-1", int), number("Size-2", int)
     if width is not None and (width < 1 or height < 1):
         raise UsageError(f"the image's parameters hold Size: {width}x{height}: width and height must be positive")
-    batch_size, batch_pos = count("Batch size", 1) or 1, count("Batch pos", 0) or 0
-    if batch_pos >= batch_size:  # the image to keep of the regenerated batch: one it does not have writes nothing
-        raise UsageError(f"the image's parameters hold Batch pos: {batch_pos} with Batch size: {batch_size}: the "
-                         f"position must be 0..{batch_size - 1} (the PNG's parameters were edited or damaged)")
+    # A1111 before 1.6 wrote "Batch size"/"Batch pos" beside each image's own seed: nothing to do. An sdtrt image
+    # with them shared its batch's one generator (before seed + i): its seed no longer regenerates it.
+    shared_batch = None
+    if "Batch pos" in p and p.get("Version", "").startswith("sdtrt"):
+        shared_batch = f"Batch pos: {p['Batch pos']} of Batch size: {p.get('Batch size', '?')}"
     clip = number("Clip skip", int)
     outpaint = None
     if "Outpaint" in p:
@@ -289,7 +290,7 @@ def replay(text: str) -> Replay:
     return Replay(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], steps=number("Steps", int),
                   scheduler=scheduler, karras=karras, cfg=number("CFG scale", float), seed=number("Seed", int),
                   width=width, height=height, clip_skip=clip or 1,
-                  batch_size=batch_size, batch_pos=batch_pos, model_hash=p.get("Model hash"),
+                  shared_batch=shared_batch, model_hash=p.get("Model hash"),
                   # A1111's txt2img writes Denoising strength for its hires. fix pass too: not an input image
                   strength=None if any(k.startswith("Hires") for k in p) else number("Denoising strength", float),
                   mask_blur=number("Mask blur", float),

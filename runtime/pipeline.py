@@ -9,16 +9,18 @@ an inpainting U-Net (mask, masked-image latents) and 4-channel inpainting's blen
 table and three arrays). Reference: diffusers' StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and
 StableDiffusionInpaintPipeline; A1111's ``process_images``.
 
-Seeds use NumPy's Generator (PCG64), drawing ``standard_normal(shape, float32)`` arrays in the order diffusers'
-pipelines draw from their generator (README, "Seeds"):
+Seeds are A1111's (``seeds.py``): image ``i`` of a request gets the seed ``seed + i`` and a NumPy generator (PCG64)
+of its own, from which it draws ``standard_normal(shape, float32)`` arrays as a batch of one draws them, in the order
+diffusers' pipelines draw from a generator (docs/runtime.md, "Seeds"):
 
-- txt2img: the initial noise (B, C, h, w), then one array per stochastic step;
-- img2img: the VAE posterior sample of the input images (N, C, h, w), then the noise (B, C, h, w), then per step;
-- inpainting: the image's posterior (N, C, h, w) where the image latents are needed (a 4-channel U-Net, or
-  ``strength`` < 1), the noise (B, C, h, w), the masked image's posterior (N, C, h, w: drawn for every U-Net, as
-  diffusers encodes the masked image for both kinds), then per step.
+- txt2img: the initial noise (1, C, h, w), then one array per stochastic step;
+- img2img: the VAE posterior sample of its input image (1, C, h, w), then the noise, then per step;
+- inpainting: its image's posterior where the image latents are needed (a 4-channel U-Net, or ``strength`` < 1),
+  the noise, the masked image's posterior (drawn for every U-Net, as diffusers encodes the masked image for both
+  kinds), then per step.
 
-So a seed gives the same image on every backend and machine.
+So a seed gives the same image on every backend and machine, in any batch: diffusers gives the same with one
+generator per image and one input image per image of the batch (its ``generator=[...]``).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny,
 from sdtrt.runtime.infotext import a1111_names, create_infotext
 from sdtrt.runtime.lora import network_name
 from sdtrt.runtime.prompts import MAX_CHUNKS, PromptChunks, chunk_prompt, join_chunks
-from sdtrt.runtime.request import GenerationRequest
+from sdtrt.runtime.request import MAX_SEED, GenerationRequest, integer
 from sdtrt.runtime.samplers import Blend, SamplerConfig, SamplerTable, build_table, step, with_control
+from sdtrt.runtime.seeds import ImageNoise, image_seeds, random_seed
 from sdtrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger("sdtrt")
@@ -103,9 +106,10 @@ class GenerationPlan:
 @dataclass
 class GenerationResult:
     images: list  # PIL images, or one (B, H, W, 3) float array in [0, 1] for output_type="np"
-    seed: int
+    seed: int  # the request's seed (the first image's)
     parameters: list[str]  # one 'parameters' text per image (PNG metadata)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    seeds: list[int] = field(default_factory=list)  # each image's own seed: seed + i (A1111's all_seeds)
 
 
 class Pipeline:
@@ -595,9 +599,10 @@ class Pipeline:
 
     def generate(self, req: GenerationRequest, latents: np.ndarray | None = None,
                  callback: Callable[[int, int], None] | None = None, image=None, mask_image=None,
-                 plan: GenerationPlan | None = None, control_images=None) -> GenerationResult:
+                 plan: GenerationPlan | None = None, control_images=None, seeds=None) -> GenerationResult:
         """Run ``req`` (with ``image``/``mask_image`` for img2img and inpainting, ``control_images`` for ControlNets),
-        or a ``plan`` already made for it."""
+        or a ``plan`` already made for it. Image ``i`` gets the seed ``req.seed + i`` (``seeds.py``); ``seeds``, one
+        per image, gives each its own instead (the server's batch of several requests)."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         plan = plan if plan is not None else self.plan(req, image, mask_image, control_images)
@@ -611,10 +616,16 @@ class Pipeline:
             raise BackendError(f"the {graph} engine's weights are in an unknown state ({why}): generations are refused "
                                "until a LoRA change succeeds (set_loras) or the pipeline is loaded again")
         self._apply_loras(plan.loras)
-        seed = req.seed if req.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
-        rng = np.random.Generator(np.random.PCG64(seed))
+        if seeds is None:
+            seeds = image_seeds(req.seed if req.seed is not None else random_seed(), batch)
+        elif isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or len(seeds) != batch:
+            raise UsageError(f"seeds must be a list of one seed per image ({batch}), got {seeds!r:.80}")
+        else:
+            seeds = [integer(s, "seed", 0, MAX_SEED) for s in seeds]
+        noise = ImageNoise(seeds)  # one generator per image
+        seed = noise.seeds[0]
         t = time.perf_counter()
-        start = self._start(plan, rng, latents)
+        start = self._start(plan, noise, latents)
         timings["vae_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -622,7 +633,7 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        final = self._denoise(table, start, embeddings, req.guidance_scale, rng, callback, timings)  # (B, C, h, w)
+        final = self._denoise(table, start, embeddings, req.guidance_scale, noise, callback, timings)  # (B, C, h, w)
         timings["denoise"] = time.perf_counter() - t
         timings["steps"] = table.num_steps
         if not np.isfinite(final).all():  # once per generation: a NaN image must never be written as black
@@ -646,7 +657,7 @@ class Pipeline:
             raise NumericalError(f"the VAE decoder made {image.shape[-1]}x{image.shape[-2]} images for "
                                  f"{plan.width}x{plan.height}: its manifest's vae_scale_factor is wrong (re-export)")
         image = np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # (B, H, W, 3)
-        params = [self._infotext(req, plan, seed, k) for k in range(batch)]
+        params = [self._infotext(req, plan, noise.seeds[k], k) for k in range(batch)]
         from PIL import Image
 
         images = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in image]
@@ -657,25 +668,24 @@ class Pipeline:
             images = [apply_overlay(src.masks[k % n], src.originals[k % n], im, src.crop) for k, im in enumerate(images)]
             image = np.stack([np.asarray(im, np.float32) / 255 for im in images])  # (B, H0, W0, 3)
         timings["total"] = time.perf_counter() - t_start
-        return GenerationResult(image if req.output_type == "np" else images, seed, params, timings)
+        return GenerationResult(image if req.output_type == "np" else images, seed, params, timings, list(noise.seeds))
 
-    def _start(self, plan: GenerationPlan, rng: np.random.Generator, latents: np.ndarray | None) -> "Start":
-        """The loop's initial state and the task's constant inputs, drawing from ``rng`` in diffusers' order (module
-        docstring); ``latents`` replaces the noise draw."""
+    def _start(self, plan: GenerationPlan, rng: ImageNoise, latents: np.ndarray | None) -> "Start":
+        """The loop's initial state and the task's constant inputs, each image drawing from its own generator in
+        diffusers' order (module docstring); ``latents`` replaces the noise draw."""
         shape, table, src = plan.shape, plan.table, plan.sources
-        n = 0 if src is None else len(src.image)
-        posterior_shape = (n, *shape[1:])  # (N, C, h, w)
-        image_z = rng.standard_normal(posterior_shape, dtype=np.float32) if plan.needs_image_latents else None
+        # each image its own posterior sample, of its own copy of the input image (B, C, h, w)
+        image_z = rng.draw(shape[1:]) if plan.needs_image_latents else None
         if latents is None:
-            noise = rng.standard_normal(shape, dtype=np.float32)  # (B, C, h, w)
+            noise = rng.draw(shape[1:])  # (B, C, h, w)
         else:
             noise = _latents_array(latents, shape)
-        masked_z = rng.standard_normal(posterior_shape, dtype=np.float32) if plan.task == "inpaint" else None
+        masked_z = rng.draw(shape[1:]) if plan.task == "inpaint" else None
 
         def per_image(x):  # (N, ...) -> (B, ...): one image for the whole batch, or one each
             return np.ascontiguousarray(np.repeat(x, shape[0] // len(x), axis=0) if len(x) != shape[0] else x)
 
-        image_latents = per_image(self._posterior(src.image, image_z)) if image_z is not None else None
+        image_latents = self._posterior(src.image, image_z, per_image) if image_z is not None else None
         state0 = table.init_scale * noise.astype(np.float64)
         if table.init_image_scale:
             state0 += table.init_image_scale * image_latents
@@ -691,14 +701,15 @@ class Pipeline:
             return start
         mask = per_image(latent_mask(src.mask, self.manifest.model.vae_scale_factor))  # (B, 1, h, w) in {0, 1}
         if plan.inpainting_unet:
-            masked = per_image(self._posterior(src.masked_image, masked_z))  # (B, C, h, w)
+            masked = self._posterior(src.masked_image, masked_z, per_image)  # (B, C, h, w)
             start.constants = {"mask": mask, "masked_image_latents": masked}
         else:
             start.blend = {"mask": mask, "image_latents": image_latents, "init_noise": noise}
         return start
 
-    def _posterior(self, image: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """A sample of the VAE posterior of ``image`` (N, 3, H, W) in [-1, 1], scaled: mean + std * z (N, C, h, w)."""
+    def _posterior(self, image: np.ndarray, z: np.ndarray, per_image) -> np.ndarray:
+        """Samples of the VAE posterior of ``image`` (N, 3, H, W) in [-1, 1], scaled: mean + std * z (B, C, h, w), the
+        N images encoded once and repeated over the batch by ``per_image``, each image of the batch its own ``z``."""
         vae = self.engines["vae_encoder"]
         out = vae.run({"image": image.astype(vae.input_dtype("image"))})
         mean, std = out["latent_mean"].astype(np.float32), out["latent_std"].astype(np.float32)  # (N, C, h, w)
@@ -707,7 +718,7 @@ class Pipeline:
                 "the VAE encoder produced NaN/Inf from the input image: "
                 + ("an fp16 overflow in the VAE: re-export with --precision fp32"
                    if self.manifest.components["vae_encoder"].precision == "fp16" else "the VAE weights are broken"))
-        return mean + std * z
+        return per_image(mean) + per_image(std) * z
 
     def _check_request(self, req: GenerationRequest, height: int, width: int) -> None:
         ranges = self.manifest.ranges
@@ -742,7 +753,8 @@ class Pipeline:
             self.engines["unet"].input_dtype("encoder_hidden_states"))
 
     def _infotext(self, req: GenerationRequest, plan: GenerationPlan, seed: int, k: int) -> str:
-        """A1111's ``parameters`` text for image ``k`` of the batch."""
+        """A1111's ``parameters`` text for image ``k`` of the batch, whose own seed is ``seed`` (A1111 writes no batch
+        position: the seed alone regenerates the image)."""
         name, schedule = a1111_names(plan.sampler)
         prompt, negative = req.prompt[k // req.num_images_per_prompt], req.negative_prompt[k // req.num_images_per_prompt]
         untagged = len(plan.loras) - plan.tagged  # set_loras' (--lora), whose weights no prompt tag holds
@@ -760,7 +772,6 @@ class Pipeline:
             "Lora weights": ", ".join(f"{network_name(name)}: {float(w)!r}" for (_, w), name in
                                       zip(plan.loras[:untagged], plan.lora_names[:untagged])) or None,
             "TI hashes": self._ti_hashes(prompt, negative),
-            "Batch size": req.batch if req.batch > 1 else None, "Batch pos": k if req.batch > 1 else None,
             # A1111's img2img keys; "Outpaint" (left,top,right,bottom pixels) and "Outpaint fill" are sdtrt's
             "Denoising strength": f"{plan.strength:g}" if plan.strength is not None else None,
             "Mask blur": f"{req.mask_blur:g}" if plan.task == "inpaint" and req.mask_blur else None,
@@ -787,7 +798,7 @@ class Pipeline:
         return Path(self.manifest.model.source.rstrip("/")).name or self.manifest.model.family
 
     def _denoise(self, table: SamplerTable, start: "Start", embeddings: np.ndarray, guidance: float,
-                 rng: np.random.Generator, callback, timings: dict[str, float]) -> np.ndarray:
+                 rng: ImageNoise, callback, timings: dict[str, float]) -> np.ndarray:
         unet = self.engines["unet"]
         state0 = start.state  # (B, C, h, w)
         loop = getattr(unet, "device_loop", None)
@@ -795,8 +806,10 @@ class Pipeline:
             # The whole loop on the device: noise is drawn up front, in the order the host loop draws it.
             noises = None
             if table.stochastic:
-                noises = np.stack([rng.standard_normal(state0.shape, dtype=np.float32) if c != 0.0
-                                   else np.zeros(state0.shape, np.float32) for c in table.noise_coef])
+                noises = np.zeros((table.num_steps, *state0.shape), np.float32)  # (S, B, C, h, w)
+                for c, row in zip(table.noise_coef, noises):
+                    if c != 0.0:
+                        rng.fill(row)
             t0 = time.perf_counter()
             final = loop.run(table, state0, embeddings, guidance, noises, start.constants, start.blend, start.controls)
             timings["unet"], timings["sampler_update"] = time.perf_counter() - t0, 0.0  # not separable without syncs
@@ -856,7 +869,7 @@ class Pipeline:
             outputs.insert(0, outputs.pop())
             np.copyto(outputs[0], prediction, casting="unsafe")
             if noise is not None and table.noise_coef[i] != 0.0:
-                rng.standard_normal(state0.shape, dtype=np.float32, out=noise)
+                rng.fill(noise)  # each image from its own generator, into the preallocated array
             spare = states.pop()
             step(table, i, states, outputs, noise, out=spare, scratch=scratch, blend=blend)
             states.insert(0, spare)

@@ -18,7 +18,7 @@ import numpy as np
 from sdtrt.errors import UsageError
 
 MAX_GUIDANCE = 100.0  # classifier-free guidance far beyond what any model is used with (A1111's UI stops at 30)
-MAX_SEED = 2**64 - 1  # PCG64 takes any 64-bit seed
+MAX_SEED = 2**64 - 1  # PCG64 takes any 64-bit seed (a random one is below 2**32: seeds.random_seed)
 RANDOM_SEED = -1  # A1111's convention: -1 asks for a random seed
 
 
@@ -222,3 +222,21 @@ def _image_task(strength, mask_blur, padding_mask_crop, outpaint, outpaint_fill)
                 padding_mask_crop=None if padding_mask_crop is None else integer(padding_mask_crop,
                                                                                  "padding_mask_crop", 0),
                 outpaint=outpaint, outpaint_fill=outpaint_fill)
+
+
+def check_variation_seed(subseed: Any = -1, subseed_strength: Any = 0.0, seed_resize_from_h: Any = 0,
+                         seed_resize_from_w: Any = 0, height: int | None = None, width: int | None = None) -> None:
+    """A1111's variation seeds (``subseed``, ``subseed_strength``: the noise slerped towards the subseed's) and seed
+    resize (``seed_resize_from_h/w``: the noise of another size, A1111's ``rng.ImageRNG``): accepted as its clients
+    send them when they change nothing (strength 0; a resize size of 0 or -1, or the generation's own), refused by
+    name otherwise. sdtrt has neither: an image made without them would be a silently different one."""
+    integer(subseed, "subseed", RANDOM_SEED, MAX_SEED)
+    strength = real(subseed_strength, "subseed_strength", 0.0, 1.0)
+    if strength > 0:
+        raise UsageError(f"subseed_strength {strength:g}: variation seeds (A1111's subseed/subseed_strength) are not "
+                         "supported; send subseed_strength 0")
+    h = integer(seed_resize_from_h, "seed_resize_from_h")
+    w = integer(seed_resize_from_w, "seed_resize_from_w")
+    if h > 0 and w > 0 and (h, w) != (height, width):  # A1111 resizes only when both are positive
+        raise UsageError(f"seed_resize_from {w}x{h}: resizing the seed's noise (A1111's seed_resize_from_w/h) is not "
+                         "supported; send 0 (or -1)")

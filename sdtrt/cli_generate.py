@@ -45,7 +45,8 @@ def add_generate(sub) -> None:
     p.add_argument("--cfg", type=_finite, default=unset,
                    help="guidance scale, 0..100; <= 1 runs without guidance, as diffusers (default: 7.5)")
     p.add_argument("--seed", type=int, default=unset,
-                   help="seed (NumPy PCG64), 0..2^64-1; -1 or none: random (the seed used is printed and saved)")
+                   help="seed (NumPy PCG64), 0..2^64-1; image i of a batch gets SEED + i (A1111); -1 or none: random, "
+                        "below 2^32 (the seeds used are printed and saved)")
     p.add_argument("--size", type=_size, default=unset, metavar="WxH", help="image size (default: the model's)")
     p.add_argument("--scheduler", choices=SAMPLER_NAMES, default=unset, metavar="NAME",
                    help="sampler (default: the model's scheduler), optionally with a schedule where its diffusers "
@@ -96,7 +97,8 @@ def add_generate(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: TensorRT where built and usable, else ONNX Runtime (CUDA, then CPU)")
     p.add_argument("--n-iter", type=int, default=1, metavar="N",
-                   help="batch count (A1111's): N generations of --num-images each, seeds SEED, SEED + B, SEED + 2B, ...")
+                   help="batch count (A1111's): N generations of --num-images B each; image i of the whole job gets "
+                        "SEED + i")
     p.add_argument("-o", "--output", default="out.png",
                    help="image path, .png (parameters in a text chunk) or .jpg/.jpeg/.webp (in EXIF, as A1111); if it "
                         "exists, or for several images, numbered NAME-0001.png, NAME-0002.png, ... after the highest "
@@ -224,27 +226,28 @@ def _output_paths(output: str, count: int, force: bool, flag: str = "-o/--output
     return paths
 
 
-def _generation_settings(args) -> tuple[dict, int | None]:
-    """The generation's arguments from the flags, a replayed PNG and the defaults, in that order of precedence;
-    and, for an image of a replayed batch, which image of the batch to keep."""
+def _generation_settings(args) -> dict:
+    """The generation's arguments from the flags, a replayed PNG and the defaults, in that order of precedence. A
+    PNG's ``Seed:`` is its image's own (image i of a batch: seed + i), so a replay makes that one image alone."""
     given = {k: getattr(args, k) for k in ("prompt", "negative", "steps", "cfg", "seed", "size", "scheduler",
                                            "clip_skip", "num_images", *IMAGE_FLAGS) if hasattr(args, k)}
-    keep = None
     if args.from_png:
         from sdtrt.runtime.infotext import read_parameters, replay
 
         r = replay(read_parameters(args.from_png))
         png = {"prompt": r.prompt, "negative": r.negative_prompt, "steps": r.steps, "cfg": r.cfg, "seed": r.seed,
                "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
-               "clip_skip": r.clip_skip, "num_images": r.batch_size, "karras": r.karras, "model_hash": r.model_hash,
+               "clip_skip": r.clip_skip, "karras": r.karras, "model_hash": r.model_hash,
                "strength": r.strength, "mask_blur": r.mask_blur, "padding_mask_crop": r.padding_mask_crop,
                "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls}
         if r.from_image and "image" not in given:
             what = f"Denoising strength {r.strength:g}" if r.strength is not None else "outpainting"
             raise UsageError(f"{args.from_png} was made from an input image ({what}): pass that image with --image "
                              "(and --mask for inpainting)")
-        if r.batch_size > 1 and "num_images" not in given:
-            keep = r.batch_pos  # the seed drew the whole batch: regenerate it, keep the one image
+        if r.shared_batch and "seed" not in given:
+            raise UsageError(f"{args.from_png} holds {r.shared_batch}: an older sdtrt made it in a batch that shared "
+                             "one generator, which this sdtrt does not reproduce (image i of a batch now gets seed + i,"
+                             " as A1111); pass --seed to make a new image with its other settings")
         # its LoRAs and embeddings (replay.apply): those of a prompt a flag replaces are not needed
         png["replay"] = (r, "prompt" not in given, "negative" not in given)
         given = {**{k: v for k, v in png.items() if v is not None}, **given}
@@ -256,14 +259,15 @@ def _generation_settings(args) -> tuple[dict, int | None]:
     if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
         raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
                          f"{settings['clip_skip']}")
-    return settings, keep
+    return settings
 
 
 def _cmd_generate(args) -> int:
     from sdtrt.runtime import Pipeline, save_pngs
-    from sdtrt.runtime.request import MAX_SEED, GenerationRequest
+    from sdtrt.runtime.request import GenerationRequest
+    from sdtrt.runtime.seeds import image_seeds, random_seed
 
-    s, keep = _generation_settings(args)
+    s = _generation_settings(args)
     width, height = s["size"] or (None, None)
     controls = _controls(args, s.get("controls", ()))
     control_images = controls.pop("control_images", None)
@@ -277,7 +281,7 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"--{flag} must not be empty")
     if args.n_iter < 1:
         raise UsageError(f"--n-iter must be at least 1, got {args.n_iter}")
-    per = 1 if keep is not None else s["num_images"]
+    per = request.batch
     paths = _output_paths(args.output, args.n_iter * per, args.force)
     previews = None
     if args.control_preview is not None:
@@ -310,15 +314,11 @@ def _cmd_generate(args) -> int:
         if table.num_steps != request.num_inference_steps - table.start:
             print(f"{table.name}: {table.num_steps} U-Net evaluations for {request.num_inference_steps - table.start} "
                   "steps (its warm-up evaluates one step twice)", file=sys.stderr)
-        for k in range(args.n_iter):  # A1111's batch count: the k-th batch starts at seed + k * batch size
-            if k:
-                request = _replace(request, seed=(seed + k * request.num_images_per_prompt) % (MAX_SEED + 1))
+        seed = request.seed if request.seed is not None else random_seed()  # a random seed is drawn once, for all
+        for k in range(args.n_iter):  # A1111's batch count: image i of the whole job, across batches, gets seed + i
             with _progress(table.num_steps) as bar:
-                result = pipe.generate(request, callback=bar, plan=plan)
-            if k == 0:
-                seed = result.seed  # a random seed is drawn once, for the first batch
+                result = pipe.generate(request, callback=bar, plan=plan, seeds=image_seeds(seed, per, k * per))
             images = list(zip(result.images, result.parameters))
-            images = images if keep is None else images[keep:keep + 1]
             batch_paths = paths[k * per:(k + 1) * per]
             # all or none, and without --force never over a file another run wrote meanwhile
             save_pngs([im for im, _ in images], batch_paths, [p for _, p in images], overwrite=args.force)
@@ -326,7 +326,8 @@ def _cmd_generate(args) -> int:
                 print(path)
             t = result.timings
             encode = f"vae encoder {t['vae_encoder']:.2f}s, " if plan.sources is not None else ""
-            print(f"seed {result.seed}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, {encode}denoise "
+            seeds = f"seed {result.seeds[0]}" + (f" to {result.seeds[-1]}" if per > 1 else "")
+            print(f"{seeds}; {t['total']:.2f}s (text {t['text_encoder']:.2f}s, {encode}denoise "
                   f"{t['denoise']:.2f}s, vae {t['vae_decoder']:.2f}s) on {pipe.backend_name}", file=sys.stderr)
     return 0
 
@@ -344,12 +345,6 @@ def _save_control_maps(plan, paths, force: bool) -> None:
                             for j, c in enumerate(plan.controls)], overwrite=force)
     for path, control in zip(paths, plan.controls):
         print(f"control image of ControlNet {control.name}: {path}", file=sys.stderr)
-
-
-def _replace(request, **changes):
-    from dataclasses import replace
-
-    return replace(request, **changes)
 
 
 class _progress:

@@ -33,6 +33,10 @@ class Txt2Img(BaseModel):
     width: int = A1111_DEFAULTS["width"]
     height: int = A1111_DEFAULTS["height"]
     seed: int = -1
+    subseed: int = -1  # A1111's variation seed and seed resize: refused unless they change nothing
+    subseed_strength: float = 0.0  # (request.check_variation_seed)
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
     sampler_name: str | None = None
     sampler_index: str | None = None  # A1111: read when sampler_name is empty
     scheduler: str | None = None  # A1111 1.9+: "Karras", "automatic", ...; unknown: Automatic
@@ -191,6 +195,7 @@ def processed_js(body: Txt2Img, infos: list[str], notes: list, timestamp: str, i
 def router(server) -> APIRouter:
     from sdtrt.runtime.request import GenerationRequest
     from sdtrt.serve import a1111_lists
+    from sdtrt.runtime.request import check_variation_seed
 
     config = server.config
     settings = Settings(server)
@@ -199,6 +204,8 @@ def router(server) -> APIRouter:
     def to_request(body: Txt2Img, run: dict, strength: float | None = None, mask_blur: float = 0,
                    padding: int | None = None) -> tuple[GenerationRequest, list]:
         server.check_limits(body.width, body.height, body.steps, body.batch_size * body.n_iter)
+        check_variation_seed(body.subseed, body.subseed_strength, body.seed_resize_from_h, body.seed_resize_from_w,
+                             body.height, body.width)
         sampler, notes = resolve_sampler(body.sampler_name, body.sampler_index, body.scheduler)
         # CLIP skip: override_settings' CLIP_stop_at_last_layers, else SD.Next's clip_skip field, else the option
         overridden = body.override_settings.get("CLIP_stop_at_last_layers") is not None

@@ -105,14 +105,15 @@ class Server:
     # ---- in the engine thread --------------------------------------------------------------------------------------
 
     def run(self, req, n_iter: int, plan) -> tuple[list, list[str]]:
-        """``n_iter`` batches (A1111: seed + i for the i-th), on the plan made when the request was checked (it does
-        not depend on the seed)."""
+        """``n_iter`` batches on the plan made when the request was checked (it does not depend on the seed). Image
+        ``i`` of the whole job, across batches, gets ``seed + i`` (A1111's ``all_seeds``)."""
+        from sdtrt.runtime.seeds import image_seeds
+
         pipe, state = self.pipe, self.state
         images, infos, stopped = [], [], None
         job = self._begin()
         try:
             for i in range(n_iter):
-                batch = replace(req, seed=req.seed + i)
                 state["progress"] = i / n_iter
 
                 def progress(done, total, i=i):
@@ -122,13 +123,14 @@ class Server:
 
                 try:
                     self._checkpoint(job)  # asked between batches (a device loop reports only its end)
-                    result = pipe.generate(batch, callback=progress, plan=plan)
+                    result = pipe.generate(req, callback=progress, plan=plan,
+                                           seeds=image_seeds(req.seed, req.batch, i * req.batch))
                 except Interrupted as ex:  # skip: the next batch; interrupt: what is finished
                     stopped = ex.how
                     if ex.how == "skip":
                         continue
                     break
-                self.m_batch.observe(batch.batch)
+                self.m_batch.observe(req.batch)
                 images += result.images
                 infos += result.parameters
         finally:
@@ -138,35 +140,33 @@ class Server:
         return images, infos
 
     def merge(self, group: list[Job]) -> list[tuple[list, list[str]]]:
-        """txt2img jobs of one batching key as one engine call. Each keeps its own initial noise (its seed's first
-        draw, as it would alone) and its own metadata; the samplers of batchable jobs draw nothing after that, so
-        every image is the one its request would get alone."""
-        import numpy as np
-
+        """txt2img jobs of one batching key as one engine call. Every image keeps its own seed (its request's
+        seed + i) and so its own generator, for the initial noise and every later draw of the sampler, and its own
+        metadata: every image is the one its request would get alone."""
         from sdtrt.runtime.request import GenerationRequest
+        from sdtrt.runtime.seeds import image_seeds
 
         pipe = self.pipe
         first = group[0].req
-        prompts, negatives, latents = [], [], []
+        prompts, negatives, seeds = [], [], []
         for job in group:
             b = job.req.num_images_per_prompt
             prompts += [job.req.prompt[0]] * b
             negatives += [job.req.negative_prompt[0]] * b
-            rng = np.random.Generator(np.random.PCG64(job.req.seed))
-            latents.append(rng.standard_normal((b, *job.plan.shape[1:]), dtype=np.float32))  # (b, C, h, w)
+            seeds += image_seeds(job.req.seed, b)
         merged = GenerationRequest.create(prompts, negatives, first.num_inference_steps, first.guidance_scale,
                                           first.height, first.width, first.seed, 1, first.scheduler,
                                           clip_skip=first.clip_skip)
         job = self._begin()
         try:
-            result = pipe.generate(merged, latents=np.concatenate(latents), callback=lambda done, total: done < total and self._checkpoint(job))
+            result = pipe.generate(merged, seeds=seeds, callback=lambda done, total: done < total and self._checkpoint(job))
         finally:
             self.state["running"] = False
         self.m_batch.observe(merged.batch)
         out, k = [], 0
         for job in group:
             b = job.req.num_images_per_prompt
-            infos = [pipe._infotext(job.req, job.plan, job.req.seed, i) for i in range(b)]
+            infos = [pipe._infotext(job.req, job.plan, seed, i) for i, seed in enumerate(seeds[k:k + b])]
             out.append((result.images[k:k + b], infos))
             k += b
         return out
@@ -174,9 +174,9 @@ class Server:
     @staticmethod
     def batch_key(req, n_iter: int, plan):
         """What requests must share to run as one engine call and give each its own image: txt2img, one prompt, one
-        iteration, a sampler that draws no noise after the start, the same size, steps, sampler, guidance, CLIP skip
-        and prompt chunk count; None: runs alone."""
-        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.table.stochastic or plan.loras:
+        iteration, no LoRA, the same size, steps, sampler, guidance, CLIP skip and prompt chunk count (every image
+        draws its noise from its own seed's generator, so stochastic samplers batch too); None: runs alone."""
+        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.loras:
             return None
         return (plan.width, plan.height, req.num_inference_steps, plan.table.name, req.guidance_scale, req.clip_skip,
                 max(c.count for c in plan.chunks.values()))
@@ -191,10 +191,10 @@ class Server:
         t = time.perf_counter()
         if state["waiting"] >= config.max_queue:
             raise QueueFull()
-        if req.seed is None:  # chosen now: a batched request draws its own noise from it
-            import numpy as np
+        if req.seed is None:  # chosen now, as A1111 chooses it (below 2**32): a batched request draws from its seeds
+            from sdtrt.runtime.seeds import random_seed
 
-            req = replace(req, seed=int(np.random.SeedSequence().entropy % (2**63)))
+            req = replace(req, seed=random_seed())
         plan = self.pipe.plan(req, image, mask)  # every check before queueing: a bad request never waits
         loop = asyncio.get_running_loop()
         job = Job(loop, lambda: self.run(req, n_iter, plan), req.batch * n_iter,

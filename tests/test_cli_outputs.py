@@ -55,12 +55,12 @@ def test_n_iter_runs_batches_with_a1111s_seeds(cli, engine, tmp_path):
     paths = out.split()
     assert paths == [str(tmp_path / f"b-{k:04d}.png") for k in range(1, 7)]
     with Pipeline.from_dir(engine, backend="onnxruntime-cpu") as pipe:
-        for k in range(3):  # batch k is the batch of 2 for seed 10 + 2k (A1111: image i of batch k has seed+2k+i)
+        for k in range(3):  # A1111 (processing.py): all_seeds = [seed + x for x in range(batch_size * n_iter)]
             want = pipe("a cat", num_inference_steps=2, height=64, width=64, seed=10 + 2 * k, num_images_per_prompt=2)
-            for j in range(2):
+            for j in range(2):  # image j of batch k is image 2k + j of the job: seed 10 + 2k + j
                 got = Image.open(paths[2 * k + j])
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want.images[j]))
-                assert f"Seed: {10 + 2 * k}," in got.text["parameters"] and f"Batch pos: {j}" in got.text["parameters"]
+                assert f"Seed: {10 + 2 * k + j}," in got.text["parameters"] and "Batch" not in got.text["parameters"]
 
 
 def test_n_iter_with_a_random_seed_draws_it_once(cli, engine, tmp_path):
@@ -69,6 +69,7 @@ def test_n_iter_with_a_random_seed_draws_it_once(cli, engine, tmp_path):
     assert code == 0, err
     seeds = [int(Image.open(p).text["parameters"].split("Seed: ")[1].split(",")[0]) for p in out.split()]
     assert seeds[1] == seeds[0] + 1
+    assert seeds[0] < 4294967294  # A1111's get_fixed_seed: random.randrange(4294967294), exact in JavaScript's JSON
 
 
 def test_control_preview_is_the_canny_map_the_controlnet_reads(cli, control_folder, tmp_path):

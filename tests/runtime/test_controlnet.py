@@ -11,7 +11,8 @@ import pytest
 
 from sdtrt.parity import psnr
 from sdtrt.runtime import Pipeline
-from tests.runtime.test_tasks import _DRAWERS, Draws, box_mask, latent_shape, picture, with_sampler
+from tests.runtime.test_tasks import (_DRAWERS, Draws, box_mask, each, generators, latent_shape, one_by_one, picture,
+                                      with_sampler)
 
 # the ControlNet pipelines draw their noise through their own modules' randn_tensor
 _CONTROL_DRAWERS = _DRAWERS + tuple(f"diffusers.pipelines.controlnet.{m}.randn_tensor" for m in (
@@ -86,28 +87,29 @@ def run_both(ours, theirs, sampler, k, steps=8, seed=3, task="txt2img", nine_cha
     """(ours, diffusers') images at 96x64, batch 2, with ``k`` ControlNets."""
     height, width = 64, 96
     shape = latent_shape(ours, 2, height, width)
-    post = (1, *shape[1:])
     task_args, their_args, first = {}, {}, []
     if task == "img2img":
         task_args = their_args = dict(image=picture(100, 70), strength=0.6)
-        first = [post]
+        first = one_by_one(2)  # each image's posterior sample, from its own generator
     elif task == "inpaint":
         strength = 1.0 if nine_channel else 0.75
-        task_args = their_args = dict(image=picture(96, 64, seed=1), mask_image=box_mask(96, 64, (30, 12, 70, 44)),
-                                      strength=strength)
-        first = [post] if (not nine_channel or strength < 1) else []
+        task_args = dict(image=picture(96, 64, seed=1), mask_image=box_mask(96, 64, (30, 12, 70, 44)),
+                         strength=strength)
+        # diffusers encodes the images it is given one by one: one copy per image of the batch
+        their_args = dict(image=[task_args["image"]] * 2, mask_image=[task_args["mask_image"]] * 2, strength=strength)
+        first = one_by_one(2) if (not nine_channel or strength < 1) else []
     scales = control.get("controlnet_conditioning_scale", 1.0)
     got = ours(PROMPTS, negative_prompt="blurry", num_inference_steps=steps, seed=seed, scheduler=sampler,
                height=height, width=width, output_type="np", control_images=MAPS[:k], **task_args, **control).images
     table = ours.plan(_request(PROMPTS, steps, sampler, task_args, control), task_args.get("image"),
                       task_args.get("mask_image"), MAPS[:k]).table
-    rest = [post] if task == "inpaint" else []  # the masked image's posterior
-    draws = ControlDraws(seed, first + [shape] + rest + [shape] * table.num_steps)
+    rest = one_by_one(2) if task == "inpaint" else []  # the masked image's posterior
+    draws = ControlDraws(seed, shape[1:], first + each(2) + rest + each(2) * table.num_steps)
     image_key = "control_image" if task != "txt2img" else "image"
     with draws.patch():
         want = with_sampler(theirs, sampler)(
             PROMPTS, negative_prompt=["blurry"] * 2, num_inference_steps=steps, height=height, width=width,
-            output_type="np", **{image_key: MAPS[0] if k == 1 else MAPS[:k]}, **their_args,
+            output_type="np", **{image_key: MAPS[0] if k == 1 else MAPS[:k]}, **their_args, generator=generators(2),
             **{key: v for key, v in control.items() if key != "controlnet_conditioning_scale"},
             controlnet_conditioning_scale=scales).images
     return got, want, table

@@ -50,7 +50,7 @@ def test_an_a1111_infotext_replays_as_sdtrt_settings():
 
 
 def test_a_random_seed_replays_exactly():
-    # sdtrt's random seeds go up to 2^63 and PCG64 takes 2^64 - 1: a float keeps only 53 bits of them
+    # older sdtrt's random seeds went up to 2^63 and PCG64 takes 2^64 - 1: a float keeps only 53 bits of them
     for seed in (2**63 - 1, 9041893916955697666, 2**64 - 1):
         assert replay(f"a cat\nSteps: 4, Seed: {seed}, Size: 64x64").seed == seed
 
@@ -109,13 +109,6 @@ def test_a_prompt_imitating_the_negative_prompt_marker_round_trips(prompt, negat
     ("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1", "the sampler 'DPM++ SDE', which sdtrt does not have"),
     ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Align Your Steps, Seed: 1", "schedule type 'Align Your Steps'"),
     ("a cat\nSteps: many, Sampler: Euler, CFG scale: 7, Seed: 1", "Steps: 'many', not a number"),
-    # an image of a batch names its place in it: a place the batch does not have is an error, not no image at all
-    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Batch size: 3, Batch pos: 7",
-     "Batch pos: 7 with Batch size: 3: the position must be 0..2"),
-    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 0, Batch pos: 0", "Batch size: '0', not a positive"),
-    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2.5, Batch pos: 0", "Batch size: '2.5', not a positive"),
-    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch size: 2, Batch pos: -1", "Batch pos: '-1', not a non-negative"),
-    ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Batch pos: 1", "Batch pos: 1 with Batch size: 1"),
     # a caption someone else put in the chunk is not a generation to replay (it would run as a prompt with defaults)
     ("\x00\x01 garbage \xff", "holds no generation settings (no 'Steps: ...' in a last line"),
     ("a cat, by someone\nSampler: Euler, Seed: 3, Size: 64x64", "holds no generation settings"),
@@ -142,20 +135,44 @@ def test_parameters_sdtrt_cannot_replay_are_refused_by_name(text, needle):
 
 
 def test_from_png_reproduces_the_image_bit_for_bit(engine, cli, tmp_path):
+    # image 2 of a batch of 3 (A1111's seeds: seed 5 + 2), replayed alone from its PNG, with a sampler that draws
+    # noise at every step
     code, _, err = cli("generate", engine, "a (red:1.2) fox, BREAK snow", "-n", "blurry, (ugly:1.3)", "--size", "96x64",
-                       "--steps", 4, "--seed", 5, "--clip-skip", 2, "--num-images", 2, "--scheduler", "dpmpp_2m_karras",
+                       "--steps", 4, "--seed", 5, "--clip-skip", 2, "--num-images", 3, "--scheduler", "euler_a",
                        "-o", tmp_path / "a.png")
     assert code == 0, err
-    original = Image.open(tmp_path / "a-0002.png")
+    original = Image.open(tmp_path / "a-0003.png")
     params = a1111_params(original.text["parameters"])
-    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras" and params["Clip skip"] == "2"
-    assert params["Size"] == "96x64" and params["Batch size"] == "2" and params["Batch pos"] == "1"
+    assert params["Sampler"] == "Euler a" and params["Clip skip"] == "2" and params["Seed"] == "7"
+    assert params["Size"] == "96x64" and "Batch size" not in params and "Batch pos" not in params  # as A1111 1.6+
     assert re.fullmatch(r"[0-9a-f]{10}", params["Model hash"]) and params["Version"] == "sdtrt 0.1.0"
-    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-0002.png", "-o", tmp_path / "b.png")
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-0003.png", "-o", tmp_path / "b.png")
     assert code == 0, err
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "b.png")), np.array(original))
-    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-0002.png", "--seed", 6, "-o", tmp_path / "c.png")
-    assert code == 0, err and "Seed: 6" in Image.open(tmp_path / "c.png").text["parameters"]
+    assert Image.open(tmp_path / "b.png").text["parameters"] == original.text["parameters"]
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "a-0002.png", "--scheduler", "dpmpp_2m_karras",
+                       "-o", tmp_path / "k.png")
+    assert code == 0, err
+    params = a1111_params(Image.open(tmp_path / "k.png").text["parameters"])
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras" and params["Seed"] == "6"
+
+
+def test_an_image_of_an_older_sdtrt_batch_is_refused_by_name_and_an_a1111_one_replays_alone(engine, cli, tmp_path):
+    # A1111 before 1.6 (create_infotext: "Batch size": None if p.batch_size < 2 else p.batch_size, "Batch pos": ...)
+    # wrote each image's own seed (all_seeds[index]) beside its place: the seed alone regenerates it
+    a1111 = replay("a cat\nSteps: 2, Sampler: Euler, Seed: 12, Size: 64x64, Batch size: 3, Batch pos: 2")
+    assert a1111.seed == 12 and a1111.shared_batch is None
+    # an older sdtrt's batch shared one generator: its Seed does not regenerate image 2, and replaying it would make
+    # another image silently
+    text = "a cat\nSteps: 2, Sampler: Euler, Seed: 10, Size: 64x64, Batch size: 3, Batch pos: 2, Version: sdtrt 0.1.0"
+    assert replay(text).shared_batch == "Batch pos: 2 of Batch size: 3"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64)).save(tmp_path / "old.png", pnginfo=info)
+    code, _, err = cli("generate", engine, "--from-png", tmp_path / "old.png", "-o", tmp_path / "x.png")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "holds Batch pos: 2 of Batch size: 3: an older sdtrt made it in a batch that shared one generator" in err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_from_png_replays_an_a1111_image(engine, cli, tmp_path):

@@ -29,18 +29,26 @@ def diffusers_images(folder, sampler, prompts, negatives, steps, guidance, heigh
                     height=height, width=width, latents=torch.from_numpy(latents), output_type="np").images
 
 
-def compare_with_diffusers(engine_dir, diffusers_dir, sampler, height, width, prompts, steps=12, guidance=7.5, seed=7):
-    pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime-cpu")
+def per_image_draws(seed, batch, per_image, count):
+    """``count`` arrays (batch, *per_image) of the seed contract: row k from image k's own generator, PCG64(seed + k),
+    as image k alone would draw them."""
+    generators = [np.random.Generator(np.random.PCG64(seed + k)) for k in range(batch)]
+    return [np.stack([g.standard_normal(per_image, dtype=np.float32) for g in generators]) for _ in range(count)]
+
+
+def compare_with_diffusers(engine_dir, diffusers_dir, sampler, height, width, prompts, steps=12, guidance=7.5, seed=7,
+                           pipe=None):
+    """PSNR of our images against diffusers' for the same request (``pipe``: ours, already loaded)."""
+    pipe = pipe or Pipeline.from_dir(engine_dir, backend="onnxruntime-cpu")
     negatives = ["blurry"] * len(prompts)
     ours = pipe(prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance, height=height,
                 width=width, seed=seed, scheduler=sampler, output_type="np")
-    # Replay our generator: initial latents first, then one draw per stochastic step.
-    rng = np.random.Generator(np.random.PCG64(seed))
+    # Replay our generators, one per image (seed + i, as A1111): initial latents first, then one draw per
+    # stochastic step, each image from its own
     info = pipe.manifest.model
-    shape = (len(prompts), info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
-    latents = rng.standard_normal(shape, dtype=np.float32)
-    table = pipe.sampler_table(sampler, steps)
-    noises = [rng.standard_normal(shape, dtype=np.float32) for _ in range(table.num_steps)] if table.stochastic else []
+    per_image = (info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
+    latents, *noises = per_image_draws(seed, len(prompts), per_image, 1 + pipe.sampler_table(sampler, steps).num_steps)
+    noises = noises if pipe.sampler_table(sampler, steps).stochastic else []
     want = diffusers_images(diffusers_dir, sampler, prompts, negatives, steps, guidance, height, width, latents, noises)
     assert ours.images.shape == want.shape
     return psnr(ours.images, want)
@@ -133,3 +141,44 @@ def test_unusual_model_fp16_export_passes_its_gate_and_runs(unusual_model):
     image = Pipeline.from_dir(engines["fp16"])(["x", "y", "z"], num_inference_steps=4, height=64, width=128, seed=1,
                                               output_type="np").images
     assert image.shape == (3, 64, 128, 3) and np.isfinite(image).all()
+
+
+def test_image_i_of_a_batch_is_the_image_of_seed_plus_i_alone(tiny_fp32):
+    # A1111 (modules/processing.py process_images_inner): p.all_seeds = [int(seed) + x for x in range(len(all_prompts))]
+    # and one generator per image (rng.ImageRNG(shape, p.seeds)): Euler a draws noise at every step, each image its own
+    out, _ = tiny_fp32
+    pipe = Pipeline.from_dir(out, backend="onnxruntime-cpu")
+    kwargs = dict(num_inference_steps=4, height=64, width=64, scheduler="euler_a", output_type="np")
+    batch = pipe("a cat", seed=2**64 - 2, num_images_per_prompt=3, **kwargs)
+    seeds = [2**64 - 2, 2**64 - 1, 0]  # seed + i, wrapping past the largest seed PCG64 takes
+    assert batch.seed == seeds[0] and batch.seeds == seeds
+    for i, seed in enumerate(seeds):
+        alone = pipe("a cat", seed=seed, **kwargs)
+        # ONNX Runtime may sum a batch in another order than one image: the same image within float rounding
+        np.testing.assert_allclose(batch.images[i], alone.images[0], atol=2e-5)
+        assert f", Seed: {seed}, " in batch.parameters[i] and "Batch" not in batch.parameters[i]
+        assert batch.parameters[i] == alone.parameters[0]
+
+
+def test_a_random_seed_is_below_2_32_as_a1111s(tiny_fp32):
+    out, _ = tiny_fp32
+    pipe = Pipeline.from_dir(out, backend="onnxruntime-cpu")
+    result = pipe("a cat", num_inference_steps=1, height=64, width=64, num_images_per_prompt=2, scheduler="euler")
+    # A1111's get_fixed_seed: int(random.randrange(4294967294)); JavaScript's JSON.parse keeps it exact
+    assert 0 <= result.seed < 4294967294 and result.seeds == [result.seed, result.seed + 1]
+
+
+def test_each_image_of_a_mid_size_batch_is_its_seed_alone_and_matches_diffusers(small_model):
+    """Past the tiny model, with a sampler drawing noise at every step: image i of a batch of 2 is image seed + i made
+    alone, and diffusers given one generator per image (its arrays: per_image_draws) makes the same batch."""
+    out, folder = small_model
+    prompt, steps, seed = "a red fox in the snow", 6, 40
+    pipe = Pipeline.from_dir(out, backend="onnxruntime-cpu")
+    assert compare_with_diffusers(out, folder, "euler_a", 64, 96, [prompt] * 2, steps=steps, seed=seed, pipe=pipe) >= 40
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=steps, height=64, width=96, scheduler="euler_a",
+                  output_type="np")
+    batch = pipe(prompt, seed=seed, num_images_per_prompt=2, **kwargs).images
+    for i in range(2):
+        alone = pipe(prompt, seed=seed + i, **kwargs).images[0]
+        np.testing.assert_allclose(batch[i], alone, atol=1e-4)
+    assert psnr(batch[0], batch[1]) < 30  # two images, not one twice

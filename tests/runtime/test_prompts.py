@@ -295,8 +295,9 @@ def test_image_matches_diffusers_given_the_a1111_embeddings(small_model, case):
         request = GenerationRequest.create(prompts, negatives, steps, 7.5, height, width, seed, clip_skip=clip_skip)
         assert max(c.count for c in pipe.plan(request).chunks.values()) == chunks
         ours = pipe(prompts, negative_prompt=negatives, **kwargs).images
-    shape = (len(prompts), 4, height // 8, width // 8)
-    latents = np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
+    from tests.runtime.test_pipeline import per_image_draws
+
+    (latents,) = per_image_draws(seed, len(prompts), (4, height // 8, width // 8), 1)  # image i: PCG64(seed + i)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)

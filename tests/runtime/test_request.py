@@ -129,3 +129,28 @@ def test_plan_and_generate_want_a_request(tiny_fp16):
     for call in (pipe.plan, pipe.generate):
         with pytest.raises(UsageError, match="expected a GenerationRequest, got str"):
             call("a cat")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(subseed=5, subseed_strength=0.3), "subseed_strength 0.3: variation seeds (A1111's subseed/subseed_strength) "
+                                            "are not supported; send subseed_strength 0"),
+    (dict(subseed_strength=1.5), "subseed_strength must be between 0 and 1, got 1.5"),
+    (dict(seed_resize_from_h=512, seed_resize_from_w=768), "seed_resize_from 768x512: resizing the seed's noise"),
+    (dict(subseed="x"), "subseed must be an integer"),
+])
+def test_variation_seeds_are_refused_by_name(kwargs, needle):
+    from sdtrt.runtime.request import check_variation_seed
+
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        check_variation_seed(**{**dict(height=64, width=64), **kwargs})
+
+
+def test_variation_seed_fields_that_change_nothing_are_accepted():
+    from sdtrt.runtime.request import check_variation_seed
+
+    # webuiapi's defaults (subseed -1, strength 0, resize 0); A1111 resizes only when both sides are positive, and
+    # the generation's own size is no resize (rng.ImageRNG: noise_shape == shape)
+    for kwargs in (dict(), dict(subseed=-1, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0),
+                   dict(subseed=123, seed_resize_from_h=-1, seed_resize_from_w=-1), dict(seed_resize_from_h=512),
+                   dict(seed_resize_from_h=64, seed_resize_from_w=96)):
+        check_variation_seed(height=64, width=96, **kwargs)

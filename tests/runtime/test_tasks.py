@@ -41,12 +41,18 @@ def box_mask(width, height, box):
 
 
 class Draws:
-    """Our seed contract's arrays, handed to diffusers one per randn_tensor call: each call must ask for the shape
-    the contract drew next, so a different order of draws fails instead of passing by luck."""
+    """Our seed contract's arrays, handed to diffusers one per randn_tensor call. Image k of the batch draws from its
+    own generator, PCG64(seed + k) (A1111's seeds; diffusers with ``generator=[one per image]``): each call of
+    ``calls`` lists the images that draw an array of ``per_image`` then, stacked in that order. Each call must ask for
+    the shape the contract drew next, so a different order of draws fails instead of passing by luck."""
 
-    def __init__(self, seed, shapes):
-        rng = np.random.Generator(np.random.PCG64(seed))
-        self.arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    def __init__(self, seed, per_image, calls):
+        generators = {}
+        self.arrays = []
+        for images in calls:
+            for k in images:
+                generators.setdefault(k, np.random.Generator(np.random.PCG64(seed + k)))
+            self.arrays.append(np.stack([generators[k].standard_normal(per_image, dtype=np.float32) for k in images]))
         self.used = 0
 
     def __call__(self, shape, *args, **kwargs):
@@ -62,6 +68,21 @@ class Draws:
         for target in _DRAWERS:
             stack.enter_context(mock.patch(target, side_effect=self))
         return stack
+
+
+def each(batch):
+    """One call drawing an array for every image of the batch (the noise, a step's noise)."""
+    return [list(range(batch))]
+
+
+def one_by_one(batch):
+    """One call per image (diffusers encodes image i alone with generator i: its VAE posterior sample)."""
+    return [[k] for k in range(batch)]
+
+
+def generators(batch):
+    """diffusers' one generator per image (what they would draw is replaced by ``Draws``)."""
+    return [torch.Generator() for _ in range(batch)]
 
 
 def diffusers_pipe(cls_name, folder):
@@ -127,11 +148,12 @@ def test_img2img_matches_diffusers(small_pipes, sampler, strength):
                scheduler=sampler, output_type="np")
     shape = latent_shape(ours, 2, 64, 96)
     table = ours.sampler_table(sampler, steps)
-    # seed contract for img2img: the posterior of the one image, the forward noise for the batch, per-step noise
-    draws = Draws(seed, [(1, *shape[1:]), shape] + [shape] * table.num_steps)
+    # seed contract for img2img, each image from its own generator: the posterior of its copy of the image, the
+    # forward noise, per-step noise
+    draws = Draws(seed, shape[1:], one_by_one(2) + each(2) * (1 + table.num_steps))
     with draws.patch():
         want = with_sampler(img2img, sampler)(PROMPTS, negative_prompt=["blurry"] * 2, image=image, strength=strength,
-                                             num_inference_steps=steps, output_type="np").images
+                                             num_inference_steps=steps, output_type="np", generator=generators(2)).images
     assert got.images.shape == want.shape == (2, 64, 96, 3)
     value = psnr(got.images, want)
     assert value >= 40, f"{sampler} strength {strength}: PSNR {value:.1f} dB"
@@ -145,16 +167,21 @@ def inpaint_case(ours, theirs, sampler, strength, nine_channel, mask_blur=0, pad
     got = ours(prompts, image=image, mask_image=mask, strength=strength, num_inference_steps=steps, seed=seed,
                scheduler=sampler, height=height, width=width, mask_blur=mask_blur,
                padding_mask_crop=padding_mask_crop, output_type="np").images
-    shape = latent_shape(ours, len(prompts), height, width)
-    post = (1, *shape[1:])
+    b = len(prompts)
+    shape = latent_shape(ours, b, height, width)
     table = ours.sampler_table(sampler, steps)
-    # seed contract for inpainting: the image's posterior where needed, the noise, the masked image's posterior
-    first = [post] if (not nine_channel or strength < 1) else []
-    draws = Draws(seed, first + [shape, post] + [shape] * table.num_steps)
+    # seed contract for inpainting, each image from its own generator: its image's posterior where needed, the noise,
+    # its masked image's posterior, per-step noise. diffusers encodes the images it is given one by one, so it gets
+    # one copy per image of the batch.
+    first = one_by_one(b) if (not nine_channel or strength < 1) else []
+    draws = Draws(seed, shape[1:], first + each(b) + one_by_one(b) + each(b) * table.num_steps)
     their_mask = theirs.mask_processor.blur(mask, blur_factor=mask_blur) if mask_blur else mask
     crop = padding_mask_crop is not None
+    if b > 1:
+        image, their_mask = [image] * b, [their_mask] * b
     with draws.patch():
         want = with_sampler(theirs, sampler)(prompts, image=image, mask_image=their_mask, strength=strength,
+                                            generator=generators(b),
                                             num_inference_steps=steps, height=height, width=width,
                                             padding_mask_crop=padding_mask_crop,
                                             output_type="pil" if crop else "np").images
@@ -218,8 +245,7 @@ def test_outpainting_is_inpainting_on_the_documented_canvas(inpaint_pipes, fill,
     # and that canvas through diffusers' inpainting pipeline gives the same image
     shape = latent_shape(ours, 1, 64, 96)
     table = ours.sampler_table("dpmpp_2m", 6)
-    post = (1, *shape[1:])
-    draws = Draws(4, ([post] if strength < 1 else []) + [shape, post] + [shape] * table.num_steps)
+    draws = Draws(4, shape[1:], (one_by_one(1) if strength < 1 else []) + each(1) * 2 + each(1) * table.num_steps)
     with draws.patch():
         want = with_sampler(theirs, "dpmpp_2m")("a lighthouse", image=canvas, mask_image=mask, height=64, width=96,
                                                 num_inference_steps=6, strength=strength, output_type="np").images

@@ -77,7 +77,8 @@ def test_an_a1111_client_request_works_unchanged_and_gives_the_library_image(ser
     url, _ = server
     # the example of A1111's API wiki, plus the fields its clients send and sdtrt ignores
     body = {"prompt": "maltese puppy", "steps": 5, "seed": 7, "width": 128, "height": 96, "sampler_name": "Euler a",
-            "restore_faces": False, "tiling": False, "override_settings": {}, "styles": []}
+            "restore_faces": False, "tiling": False, "override_settings": {}, "styles": [], "subseed": -1,
+            "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0}
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -88,6 +89,18 @@ def test_an_a1111_client_request_works_unchanged_and_gives_the_library_image(ser
         want = pipe("maltese puppy", num_inference_steps=5, guidance_scale=7.0, width=128, height=96, seed=7,
                     scheduler="euler_a").images[0]
     np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
+
+
+def test_a_random_seed_is_a1111s_and_image_i_of_the_job_gets_seed_plus_i(server):
+    # A1111 (modules/processing.py): get_fixed_seed(-1) = int(random.randrange(4294967294)); all_seeds =
+    # [seed + x for x in range(batch_size * n_iter)], batch n taking all_seeds[n * batch_size:(n + 1) * batch_size]
+    url, _ = server
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
+                                                    "batch_size": 2, "n_iter": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+    seeds = [int(png(b)[1].split("Seed: ")[1].split(",")[0]) for b in r.json()["images"]]
+    assert seeds == [seeds[0] + i for i in range(4)] and 0 <= seeds[0] < 4294967294
+    assert json.loads(r.json()["info"])["seed"] == seeds[0]
 
 
 def test_img2img_and_openai_images(server):
@@ -106,6 +119,10 @@ def test_img2img_and_openai_images(server):
 
 
 BAD = [
+    # A1111's variation seeds: sdtrt has none, so a strength above 0 is refused by name (the fields themselves, as
+    # webuiapi sends them, are accepted: test_an_a1111_client_request_works_unchanged...)
+    ("/sdapi/v1/txt2img", {"prompt": "a", "subseed": 3, "subseed_strength": 0.4}, 422),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "seed_resize_from_h": 256, "seed_resize_from_w": 384}, 422),
     ("/sdapi/v1/txt2img", b"{not json", 422),
     ("/v1/images/generations", b'{"prompt": "a", "n": 1', 400),
     ("/sdapi/v1/txt2img", {"prompt": "a", "steps": -3}, 422),
@@ -237,9 +254,9 @@ def test_bench_serve_reports_throughput_and_latency(server, capsys):
 def test_compatible_concurrent_requests_share_an_engine_call_and_get_their_own_images(server):
     url, _ = server
 
-    def body(prompt, seed, n=1):
+    def body(prompt, seed, n=1):  # Euler a draws noise at every step: each image from its own seed's generator
         return {"prompt": prompt, "negative_prompt": "blurry", "steps": 4, "seed": seed, "width": 96, "height": 64,
-                "sampler_name": "DDIM", "batch_size": n}
+                "sampler_name": "Euler a", "batch_size": n}
 
     def batch_counts():
         text = httpx.get(f"{url}/metrics").text
@@ -264,9 +281,9 @@ def test_compatible_concurrent_requests_share_an_engine_call_and_get_their_own_i
     for i in range(2):  # each request alone gives the same images and metadata
         alone = httpx.post(f"{url}/sdapi/v1/txt2img", json=bodies[i], timeout=120).json()
         assert len(alone["images"]) == len(got[i]["images"]) == bodies[i]["batch_size"]
-        for a, b in zip(alone["images"], got[i]["images"]):
+        for j, (a, b) in enumerate(zip(alone["images"], got[i]["images"])):
             (ia, pa), (ib, pb) = png(a), png(b)
-            assert pa == pb
+            assert pa == pb and f", Seed: {bodies[i]['seed'] + j}, " in pb  # A1111: image j gets seed + j
             diff = np.abs(np.asarray(ia, np.int16) - np.asarray(ib, np.int16)).max()
             assert diff <= 1, diff  # ONNX Runtime may sum a batch of 3 in another order: at most 1/255
 
