@@ -28,6 +28,18 @@ class Txt2Img(BaseModel):
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     clip_skip: int | None = None
+    # the hires fix (runtime.hires; A1111's StableDiffusionProcessingTxt2Img fields and API defaults)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    denoising_strength: float = 0.75
 
 
 class Img2Img(Txt2Img):
@@ -80,9 +92,25 @@ def router(server) -> APIRouter:
                                         clip_skip=None if not body.clip_skip or body.clip_skip <= 1 else body.clip_skip - 1,
                                         strength=strength, mask_blur=mask_blur, padding_mask_crop=padding)
 
+    def hires(body: Txt2Img, req: GenerationRequest) -> GenerationRequest:
+        """``req`` with A1111's hires fix (``enable_hr``), its upscaled size within the server's limits."""
+        from dataclasses import replace
+
+        from sdtrt.runtime.hires import Hires, target_size
+
+        same = (None, "", "Use same sampler", "Use same scheduler")  # A1111's UI's words for "the first pass's"
+        spec = Hires.create(body.hr_scale, (body.hr_resize_x, body.hr_resize_y), body.hr_upscaler or "Latent",
+                            body.hr_second_pass_steps, body.denoising_strength, body.hr_prompt, body.hr_negative_prompt,
+                            None if body.hr_sampler_name in same else sampler(
+                                body.hr_sampler_name, body.scheduler if body.hr_scheduler in same else body.hr_scheduler))
+        to_x, to_y, _, _ = target_size(body.width, body.height, spec)
+        server.check_limits(to_x, to_y, spec.steps or body.steps, body.batch_size * body.n_iter)
+        return replace(req, hires=spec)
+
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):
-        images, infos = await server.submit("txt2img", request, to_request(body), body.n_iter)
+        req = to_request(body)
+        images, infos = await server.submit("txt2img", request, hires(body, req) if body.enable_hr else req, body.n_iter)
         return response(body, images, infos, first_seed(infos))
 
     @api.post("/sdapi/v1/img2img")

@@ -128,7 +128,8 @@ class Server:
         """What requests must share to run as one engine call and give each its own image: txt2img, one prompt, one
         iteration, a sampler that draws no noise after the start, the same size, steps, sampler, guidance, CLIP skip
         and prompt chunk count; None: runs alone."""
-        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.table.stochastic or plan.loras:
+        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.table.stochastic or plan.loras \
+                or plan.hires is not None:
             return None
         return (plan.width, plan.height, req.num_inference_steps, plan.table.name, req.guidance_scale, req.clip_skip,
                 max(c.count for c in plan.chunks.values()))
