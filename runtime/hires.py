@@ -4,10 +4,11 @@ The first pass is the request's txt2img at its size, kept as latents (``output_t
 the target size, either in latent space (the "Latent" upscalers: ``interpolate``, NumPy ports of the
 ``torch.nn.functional.interpolate`` modes A1111's ``shared.latent_upscale_modes`` names) or as pictures (decode, PIL
 resize as A1111's ``images.resize_image`` with the "Lanczos"/"Nearest"/"None" upscalers, encode: the VAE posterior's
-mean; A1111's ``images_tensor_to_samples`` samples it from torch's unseeded global generator, not reproducible). The second pass is an img2img start from those latents (no VAE encoding
-of them: ``GenerationPlan.image_latents``), with fresh noise from the same seed at the new shape, the hires prompts,
-sampler and steps. Reference: A1111's ``modules/processing.py`` ``StableDiffusionProcessingTxt2Img``
-(``calculate_target_resolution``, ``init``, ``sample``, ``sample_hr_pass``) and ``sd_samplers_common.setup_img2img_steps``.
+mean, where A1111's ``images_tensor_to_samples`` samples it from torch's unseeded global generator). The second pass is
+an img2img start from those latents (no VAE encoding of them: ``GenerationPlan.image_latents``), with fresh noise from
+the same seed at the new shape, the hires prompts, sampler and steps. Reference: A1111's ``modules/processing.py``
+``StableDiffusionProcessingTxt2Img`` (``calculate_target_resolution``, ``init``, ``sample``, ``sample_hr_pass``) and
+``sd_samplers_common.setup_img2img_steps``.
 
 Steps as A1111's second pass counts them: ``hr_second_pass_steps`` (0: the first pass's) U-Net steps, run at the end of
 a schedule of ``int(steps / min(denoising_strength, 0.999))`` steps (``setup_img2img_steps`` with steps given), which is
@@ -55,6 +56,19 @@ class Hires:
     prompt: str | None = None
     negative_prompt: str | None = None
     sampler: str | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> "Hires":
+        """A ``Hires``, or one made from a dict of its fields (checked by ``create``)."""
+        if isinstance(value, Hires):
+            return value
+        if not isinstance(value, dict):
+            raise UsageError(f"hires must be a runtime.hires.Hires or a dict of its fields, got {type(value).__name__}")
+        unknown = sorted(str(k) for k in set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UsageError(f"hires has no field {', '.join(map(repr, unknown))}; its fields: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        return cls.create(**value)
 
     @classmethod
     def create(cls, scale: Any = 2.0, resize: Any = (0, 0), upscaler: Any = "Latent", steps: Any = 0,
@@ -220,7 +234,7 @@ def plan(pipe, req, image=None, mask_image=None, control_images=None):
     from sdtrt.runtime.samplers import build_table
 
     h: Hires = req.hires
-    for given, what in ((image, "an input image"), (mask_image, "a mask"), (control_images, "control images")):
+    for given, what in ((image, "input image"), (mask_image, "mask"), (control_images, "control images")):
         if given is not None:
             raise UsageError(f"the hires fix is a txt2img option (A1111's enable_hr): it takes no {what}")
     first_req = replace(req, hires=None)

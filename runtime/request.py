@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import UsageError
+from sdtrt.runtime.hires import Hires
 
 MAX_GUIDANCE = 100.0  # classifier-free guidance far beyond what any model is used with (A1111's UI stops at 30)
 MAX_SEED = 2**64 - 1  # PCG64 takes any 64-bit seed
@@ -96,7 +97,7 @@ class GenerationRequest:
     control_guidance_end: tuple[float, ...] = (1.0,)  # fraction of the steps after which it stops
     control_preprocessors: tuple[str, ...] = ("none",)  # what makes the control map from the image: none, canny
     canny_thresholds: tuple[int, int] = (100, 200)  # cv2.Canny's low and high thresholds
-    hires: "Hires | None" = None  # the hires fix (runtime.hires): a second pass at a larger size, from the first
+    hires: Hires | None = None  # the hires fix (runtime.hires): a second pass at a larger size, from the first
 
     @property
     def batch(self) -> int:
@@ -132,12 +133,7 @@ class GenerationRequest:
             raise UsageError(f"scheduler must be a sampler name, got {scheduler!r}")
         if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):  # `in` compares arrays
             raise UsageError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
-        if hires is not None:
-            from sdtrt.runtime.hires import Hires
-
-            hires = hires if isinstance(hires, Hires) else Hires.create(**hires) if isinstance(hires, dict) else None
-            if hires is None:
-                raise UsageError("hires must be a runtime.hires.Hires or a dict of its fields")
+        hires = None if hires is None else Hires.of(hires)
         return cls(
             prompt=prompts, negative_prompt=negatives,
             num_inference_steps=integer(num_inference_steps, "steps", 1),

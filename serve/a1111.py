@@ -99,18 +99,18 @@ def router(server) -> APIRouter:
         from sdtrt.runtime.hires import Hires, target_size
 
         same = (None, "", "Use same sampler", "Use same scheduler")  # A1111's UI's words for "the first pass's"
+        schedule = body.scheduler if body.hr_scheduler in same else body.hr_scheduler
         spec = Hires.create(body.hr_scale, (body.hr_resize_x, body.hr_resize_y), body.hr_upscaler or "Latent",
                             body.hr_second_pass_steps, body.denoising_strength, body.hr_prompt, body.hr_negative_prompt,
-                            None if body.hr_sampler_name in same else sampler(
-                                body.hr_sampler_name, body.scheduler if body.hr_scheduler in same else body.hr_scheduler))
+                            None if body.hr_sampler_name in same else sampler(body.hr_sampler_name, schedule))
         to_x, to_y, _, _ = target_size(body.width, body.height, spec)
         server.check_limits(to_x, to_y, spec.steps or body.steps, body.batch_size * body.n_iter)
         return replace(req, hires=spec)
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):
-        req = to_request(body)
-        images, infos = await server.submit("txt2img", request, hires(body, req) if body.enable_hr else req, body.n_iter)
+        req = hires(body, to_request(body)) if body.enable_hr else to_request(body)
+        images, infos = await server.submit("txt2img", request, req, body.n_iter)
         return response(body, images, infos, first_seed(infos))
 
     @api.post("/sdapi/v1/img2img")

@@ -79,23 +79,27 @@ def tiny(tiny_fp32):
 
 @pytest.fixture(scope="module")
 def small(small_model):
+    """sdtrt and diffusers' txt2img and img2img pipelines (one set of weights) on the mid-size model, Euler."""
+    import diffusers
+
     out, folder = small_model
-    return Pipeline.from_dir(out, backend="onnxruntime-cpu"), folder
+    txt2img = with_sampler(diffusers_pipe("StableDiffusionPipeline", folder), "euler")
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**txt2img.components)
+    img2img.set_progress_bar_config(disable=True)
+    return Pipeline.from_dir(out, backend="onnxruntime-cpu"), txt2img, img2img
 
 
 @pytest.mark.parametrize("upscaler", ["Latent (bicubic antialiased)", "Lanczos"])
 def test_two_passes_match_diffusers_by_hand(small, upscaler):
     """sdtrt's hires fix == diffusers' txt2img to latents, the upscale, diffusers' img2img from the latents with the
     strength and steps A1111's second pass runs, the noise of the same seed at the new shape."""
-    ours, folder = small
+    ours, txt2img, img2img = small
     prompt, negative, seed, steps, hr_steps, d = "a lighthouse at dusk", "blurry", 9, 3, 2, 0.6
     got = ours(prompt, negative_prompt=negative, height=64, width=64, num_inference_steps=steps, seed=seed,
                scheduler="euler", output_type="np",
                hires={"scale": 2, "upscaler": upscaler, "steps": hr_steps, "strength": d})
     assert got.images.shape == (1, 128, 128, 3)
 
-    txt2img = with_sampler(diffusers_pipe("StableDiffusionPipeline", folder), "euler")
-    img2img = with_sampler(diffusers_pipe("StableDiffusionImg2ImgPipeline", folder), "euler")
     first_noise = np.random.Generator(np.random.PCG64(seed)).standard_normal((1, 4, 8, 8), dtype=np.float32)
     latents = txt2img(prompt, negative_prompt=negative, height=64, width=64, num_inference_steps=steps,
                       latents=torch.from_numpy(first_noise), output_type="latent").images  # (1, 4, 8, 8)
@@ -153,6 +157,8 @@ def test_hires_prompt_sampler_and_resize_reach_the_second_pass_and_the_text(tiny
     (64, {"sampler": "heun"}, "hires sampler must be one of"),
     (64, {"steps": -1}, "hires steps must be at least 0"),
     (64, {"scale": float("nan")}, "hires scale must be finite"),
+    (64, {"scal": 2}, "hires has no field 'scal'; its fields: scale, resize, upscaler"),
+    (64, 2, "hires must be a runtime.hires.Hires or a dict of its fields, got int"),
 ])
 def test_refusals_before_any_work(tiny, size, hires, needle, monkeypatch):
     pipe = tiny
