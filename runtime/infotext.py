@@ -221,6 +221,9 @@ class Replay:
     lora_hashes: tuple[tuple[str, str], ...] = ()
     lora_weights: tuple[tuple[str, float], ...] = ()
     ti_hashes: tuple[tuple[str, str], ...] = ()
+    # the hires fix (A1111's "Hires upscale"/"Hires resize", "Hires upscaler", "Hires steps", "Denoising strength",
+    # "Hires prompt", "Hires negative prompt", "Hires sampler"): the fields of runtime.hires.Hires; None: none
+    hires: dict | None = None
 
     @property
     def from_image(self) -> bool:
@@ -297,7 +300,31 @@ def replay(text: str) -> Replay:
                   padding_mask_crop=count("Masked area padding", 0) if p.get("Inpaint area") == "Only masked" else None,
                   outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), controls=_controls(p),
                   lora_hashes=_pairs(p, "Lora hashes", _hash), lora_weights=_pairs(p, "Lora weights", _weight),
-                  ti_hashes=_pairs(p, "TI hashes", _hash))
+                  ti_hashes=_pairs(p, "TI hashes", _hash), hires=_hires(p, number))
+
+
+def _hires(p: dict[str, str], number) -> dict | None:
+    """The hires fix of a text (A1111's keys, as its ``StableDiffusionProcessingTxt2Img.init`` and
+    ``calculate_target_resolution`` write them) as ``runtime.hires.Hires`` fields; None: the text has none."""
+    if not any(k.startswith("Hires") for k in p):
+        return None
+    spec: dict = {"upscaler": p.get("Hires upscaler", "Latent"), "steps": number("Hires steps", int) or 0}
+    if "Hires resize-1" in p:
+        spec["resize"] = (number("Hires resize-1", int), number("Hires resize-2", int))
+    elif "Hires upscale" in p:
+        spec["scale"] = number("Hires upscale", float)
+    if "Denoising strength" in p:
+        spec["strength"] = number("Denoising strength", float)
+    for key, field in (("Hires prompt", "prompt"), ("Hires negative prompt", "negative_prompt")):
+        if key in p:
+            spec[field] = p[key]
+    if "Hires sampler" in p:
+        ours = [k for k, (n, s) in A1111_SAMPLERS.items() if n == p["Hires sampler"]]
+        if not ours:
+            raise UsageError(f"the image's hires fix used the sampler {p['Hires sampler']!r}, which sdtrt does not "
+                             f"have ({', '.join(sorted({n for n, _ in A1111_SAMPLERS.values()}))})")
+        spec["sampler"] = ours[0]
+    return spec
 
 
 def check_schedule(scheduler: str, sampler: str, schedule: str | None) -> None:

@@ -91,6 +91,9 @@ class GenerationPlan:
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files and scales applied for this generation
     lora_names: tuple[str, ...] = ()  # their names in the infotext (a tag's name; a file's stem)
     tagged: int = 0  # how many of them (the last) come from <lora:name:weight> prompt tags
+    infotext: tuple[tuple[str, object], ...] = ()  # more keys of the images' text (the hires fix's), before Version
+    hires: object | None = None  # the hires fix's second pass (hires.plan); this plan is its first
+    image_latents: np.ndarray | None = None  # img2img from latents, not an image (the hires fix's second pass)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -100,7 +103,8 @@ class GenerationPlan:
     def needs_image_latents(self) -> bool:
         """diffusers encodes the image itself for img2img, and for inpainting when the first state or the blend
         needs it (a 4-channel U-Net, or strength < 1)."""
-        return self.task == "img2img" or (self.task == "inpaint" and (not self.inpainting_unet or self.strength < 1))
+        return self.image_latents is None and (
+            self.task == "img2img" or (self.task == "inpaint" and (not self.inpainting_unet or self.strength < 1)))
 
 
 @dataclass
@@ -288,7 +292,7 @@ class Pipeline:
                  padding_mask_crop: int | None = None, outpaint: tuple[int, int, int, int] | None = None,
                  outpaint_fill: str = "edge", control_images=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, control_preprocessors="none",
-                 canny_thresholds=(100, 200)) -> GenerationResult:
+                 canny_thresholds=(100, 200), hires=None) -> GenerationResult:
         """Generate images (diffusers' StableDiffusionPipeline argument names). Prompts use A1111's syntax: emphasis
         ``(word:1.3)``, ``BREAK``, and any length up to the export's ``--max-chunks`` x 75 tokens. ``seed`` -1 or
         None: random. ``clip_skip``: as diffusers (1 = the hidden state one layer before the last).
@@ -307,6 +311,9 @@ class Pipeline:
         ``control_guidance_end``: one value, or one per control image; ``control_preprocessors``: "none" (the image
         is the control map) or "canny" (OpenCV's edges, ``canny_thresholds`` (low, high)).
 
+        Hires fix (A1111's ``enable_hr``): ``hires``, a ``runtime.hires.Hires`` or a dict of its fields (``scale``,
+        ``resize``, ``upscaler``, ``steps``, ``strength``, ``prompt``, ``negative_prompt``, ``sampler``).
+
         Raises ``UsageError`` (bad arguments), ``ShapeError`` (outside the engines' ranges) or
         ``NumericalError`` (the result is not finite) instead of returning a wrong image."""
         req = GenerationRequest.create(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
@@ -316,7 +323,8 @@ class Pipeline:
                                        controlnet_conditioning_scale=controlnet_conditioning_scale,
                                        control_guidance_start=control_guidance_start,
                                        control_guidance_end=control_guidance_end,
-                                       control_preprocessors=control_preprocessors, canny_thresholds=canny_thresholds)
+                                       control_preprocessors=control_preprocessors, canny_thresholds=canny_thresholds,
+                                       hires=hires)
         if callback is not None and not callable(callback):
             raise UsageError(f"callback must be callable, got {type(callback).__name__}")
         return self.generate(req, latents=latents, callback=callback, image=image, mask_image=mask_image,
@@ -328,6 +336,10 @@ class Pipeline:
         would raise."""
         if not isinstance(req, GenerationRequest):
             raise UsageError(f"expected a GenerationRequest, got {type(req).__name__}")
+        if req.hires is not None:  # two passes through this plan and the loop: txt2img, resize, img2img
+            from sdtrt.runtime import hires
+
+            return hires.plan(self, req, image, mask_image, control_images)
         req, loras, names = self._prompt_loras(req)
         req = self._expand_embeddings(req)
         inputs = self.task_inputs(req, image, mask_image)
@@ -606,6 +618,10 @@ class Pipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         plan = plan if plan is not None else self.plan(req, image, mask_image, control_images)
+        if plan.hires is not None:
+            from sdtrt.runtime import hires
+
+            return hires.run(self, req, plan, latents, callback)
         table, batch = plan.table, req.batch
         reserve = getattr(self.engines, "reserve", None)
         if reserve is not None:
@@ -642,6 +658,9 @@ class Pipeline:
                 f"{req.guidance_scale:g}): the U-Net overflowed"
                 + (" in fp16 (re-export with --precision fp32, or lower the guidance scale)"
                    if self.manifest.precision == "fp16" else " (lower the guidance scale)"))
+        if req.output_type == "latent":  # diffusers' name: the denoised latents, not decoded (hires fix)
+            timings["total"] = time.perf_counter() - t_start
+            return GenerationResult(final, seed, [self._infotext(req, plan, seed, k) for k in range(batch)], timings)
 
         t = time.perf_counter()
         vae = self.engines["vae_decoder"]
@@ -685,7 +704,7 @@ class Pipeline:
         def per_image(x):  # (N, ...) -> (B, ...): one image for the whole batch, or one each
             return np.ascontiguousarray(np.repeat(x, shape[0] // len(x), axis=0) if len(x) != shape[0] else x)
 
-        image_latents = self._posterior(src.image, image_z, per_image) if image_z is not None else None
+        image_latents = self._posterior(src.image, image_z, per_image) if image_z is not None else plan.image_latents
         state0 = table.init_scale * noise.astype(np.float64)
         if table.init_image_scale:
             state0 += table.init_image_scale * image_latents
@@ -780,6 +799,7 @@ class Pipeline:
             "Outpaint": ",".join(map(str, req.outpaint)) if req.outpaint else None,
             "Outpaint fill": req.outpaint_fill if req.outpaint else None,
             **{f"ControlNet {j}": c.infotext(req.canny_thresholds) for j, c in enumerate(plan.controls)},
+            **dict(plan.infotext),
             "Version": f"sdtrt {__version__}"})
 
     def _ti_hashes(self, *texts: str) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import UsageError
+from sdtrt.runtime.hires import Hires
 
 MAX_GUIDANCE = 100.0  # classifier-free guidance far beyond what any model is used with (A1111's UI stops at 30)
 MAX_SEED = 2**64 - 1  # PCG64 takes any 64-bit seed (a random one is below 2**32: seeds.random_seed)
@@ -81,7 +82,7 @@ class GenerationRequest:
     seed: int | None = None  # None: random (the result says which)
     num_images_per_prompt: int = 1
     scheduler: str | None = None  # None: the model's own scheduler
-    output_type: str = "pil"  # "pil" or "np"
+    output_type: str = "pil"  # "pil", "np" or "latent" (the denoised latents (B, C, h, w), not decoded)
     clip_skip: int | None = None  # diffusers' meaning: text-encoder layers skipped at the end (A1111's "Clip skip" - 1)
     # img2img / inpainting / outpainting (the images themselves are passed beside the request)
     strength: float | None = None  # in (0, 1]; None: the task's default (diffusers: 0.8 img2img, 1.0 inpainting)
@@ -96,6 +97,7 @@ class GenerationRequest:
     control_guidance_end: tuple[float, ...] = (1.0,)  # fraction of the steps after which it stops
     control_preprocessors: tuple[str, ...] = ("none",)  # what makes the control map from the image: none, canny
     canny_thresholds: tuple[int, int] = (100, 200)  # cv2.Canny's low and high thresholds
+    hires: Hires | None = None  # the hires fix (runtime.hires): a second pass at a larger size, from the first
 
     @property
     def batch(self) -> int:
@@ -108,7 +110,7 @@ class GenerationRequest:
                mask_blur: Any = 0, padding_mask_crop: Any = None, outpaint: Any = None,
                outpaint_fill: Any = "edge", controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                control_guidance_end: Any = 1.0, control_preprocessors: Any = "none",
-               canny_thresholds: Any = (100, 200)) -> "GenerationRequest":
+               canny_thresholds: Any = (100, 200), hires: Any = None) -> "GenerationRequest":
         if prompt is None:
             raise UsageError("prompt must be a string or a list of strings, got None")
         prompts = _texts(prompt, "prompt")
@@ -129,8 +131,9 @@ class GenerationRequest:
             seed = None if seed == RANDOM_SEED else seed
         if scheduler is not None and not isinstance(scheduler, str):
             raise UsageError(f"scheduler must be a sampler name, got {scheduler!r}")
-        if not isinstance(output_type, str) or output_type not in ("pil", "np"):  # `in` would compare arrays
-            raise UsageError(f"output_type must be 'pil' or 'np', not {output_type!r}")
+        if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):  # `in` compares arrays
+            raise UsageError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
+        hires = None if hires is None else Hires.of(hires)
         return cls(
             prompt=prompts, negative_prompt=negatives,
             num_inference_steps=integer(num_inference_steps, "steps", 1),
@@ -143,6 +146,7 @@ class GenerationRequest:
             **_image_task(strength, mask_blur, padding_mask_crop, outpaint, outpaint_fill),
             **_control(controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                        control_preprocessors, canny_thresholds),
+            hires=hires,
         )
 
     def control_settings(self, n: int) -> list[tuple[float, float, float, str]]:

@@ -27,6 +27,29 @@ def _sides(text: str) -> tuple[int, int, int, int]:
     return values
 
 
+def _hires(text: str) -> dict:
+    """--hires: a scale (2, 1.5) or a target size WxH (A1111's hr_resize_x/y; 0 for one side keeps the aspect)."""
+    text = text.strip().lower()
+    if "x" in text:
+        try:
+            w, h = (int(v) for v in text.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a scale (2, 1.5) or WxH pixels (1024x768, 1024x0), got "
+                                             f"{text!r}") from None
+        if w < 0 or h < 0 or (w, h) == (0, 0):
+            raise argparse.ArgumentTypeError(f"WxH must be pixels, one of them may be 0 (keep the aspect), got {text!r}")
+        return {"scale": 2.0, "resize": (w, h)}
+    try:
+        scale = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a scale (2, 1.5) or WxH pixels (1024x768), got {text!r}") from None
+    return {"scale": scale, "resize": (0, 0)}
+
+
+HIRES_FLAGS = {"hires_upscaler": "upscaler", "hires_steps": "steps", "hires_strength": "strength",
+               "hires_prompt": "prompt", "hires_negative": "negative_prompt", "hires_sampler": "sampler"}
+
+
 def add_generate(sub) -> None:
     from sdtrt.runtime.backends import BACKENDS
     from sdtrt.runtime.request import OUTPAINT_FILLS
@@ -71,6 +94,21 @@ def add_generate(sub) -> None:
     p.add_argument("--outpaint-fill", choices=OUTPAINT_FILLS, default=unset,
                    help="how the new area starts: its edge pixels repeated, the image mirrored, or gray (default: "
                         "edge)")
+    from sdtrt.runtime.hires import UPSCALERS
+
+    p.add_argument("--hires", type=_hires, default=unset, metavar="SCALE|WxH",
+                   help="hires fix (A1111's): generate, upscale by SCALE or to WxH (0 for one side keeps the aspect; "
+                        "both: cover and crop), then img2img at that size")
+    p.add_argument("--hires-upscaler", choices=UPSCALERS, default=unset, metavar="NAME",
+                   help=f"how the first pass is upscaled: {', '.join(UPSCALERS)} (default: Latent)")
+    p.add_argument("--hires-steps", type=int, default=unset, metavar="N",
+                   help="steps of the second pass (default: 0, the same as --steps)")
+    p.add_argument("--hires-strength", type=_finite, default=unset, metavar="X",
+                   help="denoising strength of the second pass, in (0, 1] (default: 0.7)")
+    p.add_argument("--hires-prompt", default=unset, help="prompt of the second pass (default: the prompt)")
+    p.add_argument("--hires-negative", default=unset, help="negative prompt of the second pass (default: --negative)")
+    p.add_argument("--hires-sampler", choices=SAMPLERS, default=unset, help="sampler of the second pass "
+                                                                            "(default: --scheduler)")
     p.add_argument("--control", action="append", default=[], metavar="[canny:]PNG[:SCALE[:START:END]]",
                    help="a control image for the folder's next ControlNet (the first --control goes to the first "
                         "ControlNet, ...): a ready-made map, or canny:PHOTO to take its Canny edges; SCALE is the "
@@ -239,7 +277,7 @@ def _generation_settings(args) -> dict:
                "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
                "clip_skip": r.clip_skip, "karras": r.karras, "model_hash": r.model_hash,
                "strength": r.strength, "mask_blur": r.mask_blur, "padding_mask_crop": r.padding_mask_crop,
-               "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls}
+               "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls, "hires": r.hires}
         if r.from_image and "image" not in given:
             what = f"Denoising strength {r.strength:g}" if r.strength is not None else "outpainting"
             raise UsageError(f"{args.from_png} was made from an input image ({what}): pass that image with --image "
@@ -256,10 +294,20 @@ def _generation_settings(args) -> dict:
     settings = {"negative": "", **DEFAULTS, "seed": None, "size": None, "scheduler": None, "clip_skip": 1,
                 "num_images": 1, "image": None, "strength": None, "mask": None, "mask_blur": 0,
                 "padding_mask_crop": None, "outpaint": None, "outpaint_fill": "edge", **given}
+    settings["hires"] = _hires_settings(args, settings.get("hires"))
     if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
         raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
                          f"{settings['clip_skip']}")
     return settings
+
+
+def _hires_settings(args, replayed: dict | None) -> dict | None:
+    """The hires fix's fields (runtime.hires.Hires) from --hires and its flags over a replayed image's; None: none."""
+    spec = {**(replayed or {}), **getattr(args, "hires", {})}
+    flags = {f: getattr(args, f) for f in HIRES_FLAGS if hasattr(args, f)}
+    if flags and not spec:
+        raise UsageError(f"--{next(iter(flags)).replace('_', '-')} needs --hires SCALE or --hires WxH")
+    return {**spec, **{HIRES_FLAGS[f]: v for f, v in flags.items()}} if spec else None
 
 
 def _cmd_generate(args) -> int:
@@ -275,7 +323,7 @@ def _cmd_generate(args) -> int:
                                        s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1,
                                        strength=s["strength"], mask_blur=s["mask_blur"],
                                        padding_mask_crop=s["padding_mask_crop"], outpaint=s["outpaint"],
-                                       outpaint_fill=s["outpaint_fill"], **controls)
+                                       outpaint_fill=s["outpaint_fill"], hires=s["hires"], **controls)
     for flag in ("image", "mask"):
         if s[flag] is not None and not str(s[flag]).strip():
             raise UsageError(f"--{flag} must not be empty")
@@ -316,7 +364,7 @@ def _cmd_generate(args) -> int:
                   "steps (its warm-up evaluates one step twice)", file=sys.stderr)
         seed = request.seed if request.seed is not None else random_seed()  # a random seed is drawn once, for all
         for k in range(args.n_iter):  # A1111's batch count: image i of the whole job, across batches, gets seed + i
-            with _progress(table.num_steps) as bar:
+            with _progress(plan.hires.total_steps if plan.hires else table.num_steps) as bar:
                 result = pipe.generate(request, callback=bar, plan=plan, seeds=image_seeds(seed, per, k * per))
             images = list(zip(result.images, result.parameters))
             batch_paths = paths[k * per:(k + 1) * per]

@@ -48,6 +48,18 @@ class Txt2Img(BaseModel):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
+    # the hires fix (runtime.hires; A1111's StableDiffusionProcessingTxt2Img fields and API defaults)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    denoising_strength: float = 0.75
 
 
 class Img2Img(Txt2Img):
@@ -232,10 +244,28 @@ def router(server) -> APIRouter:
         timestamp = time.strftime("%Y%m%d%H%M%S")  # A1111's state.job_timestamp
         run = settings.merged(body.override_settings)  # the request's settings; the options are not changed
         req, notes = to_request(body, run, **task)
+        if endpoint == "txt2img" and body.enable_hr:
+            req = hires(body, req)
         images, infos = await server.submit(endpoint, request, req, body.n_iter, image, mask)
         if not body.override_settings_restore_afterwards:  # A1111 keeps the overrides for later requests
             settings.apply(body.override_settings)
         return response(body, images, infos, notes, run, timestamp)
+
+    def hires(body: Txt2Img, req: GenerationRequest) -> GenerationRequest:
+        """``req`` with A1111's hires fix (``enable_hr``), its upscaled size within the server's limits."""
+        from dataclasses import replace
+
+        from sdtrt.runtime.hires import Hires, target_size
+
+        same = (None, "", "Use same sampler", "Use same scheduler")  # A1111's UI's words for "the first pass's"
+        schedule = body.scheduler if body.hr_scheduler in same else body.hr_scheduler
+        spec = Hires.create(body.hr_scale, (body.hr_resize_x, body.hr_resize_y), body.hr_upscaler or "Latent",
+                            body.hr_second_pass_steps, body.denoising_strength, body.hr_prompt, body.hr_negative_prompt,
+                            None if body.hr_sampler_name in same else resolve_sampler(
+                                body.hr_sampler_name, None, schedule)[0])
+        to_x, to_y, _, _ = target_size(body.width, body.height, spec)
+        server.check_limits(to_x, to_y, spec.steps or body.steps, body.batch_size * body.n_iter)
+        return replace(req, hires=spec)
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):

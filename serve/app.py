@@ -176,7 +176,8 @@ class Server:
         """What requests must share to run as one engine call and give each its own image: txt2img, one prompt, one
         iteration, no LoRA, the same size, steps, sampler, guidance, CLIP skip and prompt chunk count (every image
         draws its noise from its own seed's generator, so stochastic samplers batch too); None: runs alone."""
-        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.loras:
+        if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.loras \
+                or plan.hires is not None:
             return None
         return (plan.width, plan.height, req.num_inference_steps, plan.table.name, req.guidance_scale, req.clip_skip,
                 max(c.count for c in plan.chunks.values()))

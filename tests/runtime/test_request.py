@@ -35,9 +35,9 @@ SMALL = dict(num_inference_steps=2, height=64, width=64, scheduler="euler", outp
     (dict(prompt="a", num_inference_steps=2.0), "steps must be an integer, got 2.0"),
     (dict(prompt="a", num_images_per_prompt=0), "num_images_per_prompt must be at least 1"),
     (dict(prompt="a", height=70), "height 70 is not a multiple of 8"),
-    (dict(prompt="a", output_type="latent"), "output_type must be 'pil' or 'np'"),
-    (dict(prompt="a", output_type=np.array(["np", "pil"])), "output_type must be 'pil' or 'np', not array("),
-    (dict(prompt="a", output_type=["np"]), "output_type must be 'pil' or 'np', not ['np']"),
+    (dict(prompt="a", output_type="pt"), "output_type must be 'pil', 'np' or 'latent', not 'pt'"),
+    (dict(prompt="a", output_type=np.array(["np", "pil"])), "output_type must be 'pil', 'np' or 'latent', not array("),
+    (dict(prompt="a", output_type=["np"]), "output_type must be 'pil', 'np' or 'latent', not ['np']"),
     (dict(prompt="a", guidance_scale=100.0001), "guidance scale must be between 0 and 100, got 100.0001"),
     (dict(prompt="a", guidance_scale=-1e-9), "guidance scale must be between 0 and 100, got -1e-09"),
     (dict(prompt="a", scheduler=3), "scheduler must be a sampler name"),
@@ -68,6 +68,9 @@ def test_request_round_trips_through_json():
                                           strength=0.6, outpaint=(8, 0, 8, 0))
     assert from_dict(GenerationRequest, json.loads(json.dumps(to_dict(controlled)))) == controlled
     assert controlled.control_settings(2) == [(0.5, 0.1, 0.9, "canny"), (1.25, 0.1, 1.0, "none")]
+    hires = GenerationRequest.create("a cat", hires={"resize": (128, 0), "upscaler": "Lanczos", "steps": 3,
+                                                     "prompt": "a lion", "sampler": "ddim"})
+    assert from_dict(GenerationRequest, json.loads(json.dumps(to_dict(hires)))) == hires
 
 
 def _broken(pipe, monkeypatch, name, output):
