@@ -37,6 +37,9 @@ class Img2Img(Txt2Img):
     mask_blur: float = 0
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int | bool = 0  # A1111: 1 repaints the mask's black area
+    inpainting_fill: int = 0  # A1111's Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    initial_noise_multiplier: float | None = None  # A1111's Noise multiplier: only 1 (None) here
 
 
 def first_seed(infos: list[str]) -> int | None:
@@ -93,6 +96,14 @@ def router(server) -> APIRouter:
         mask = decode_image(body.mask, "mask", config.max_input_pixels) if body.mask else None
         req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
                          body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
+        if body.initial_noise_multiplier not in (None, 1):
+            raise UsageError(f"initial_noise_multiplier {body.initial_noise_multiplier:g} is not supported: only 1")
+        if mask:  # A1111's inpainting fields, checked as the library checks them; the original pasted back (overlay)
+            from dataclasses import replace
+
+            from sdtrt.runtime.request import inpainting_options
+
+            req = replace(req, **inpainting_options(body.inpainting_mask_invert, body.inpainting_fill))
         images, infos = await server.submit("img2img", request, req, body.n_iter, image, mask)
         return response(body, images, infos, first_seed(infos))
 

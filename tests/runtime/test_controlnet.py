@@ -93,8 +93,9 @@ def run_both(ours, theirs, sampler, k, steps=8, seed=3, task="txt2img", nine_cha
         first = [post]
     elif task == "inpaint":
         strength = 1.0 if nine_channel else 0.75
-        task_args = their_args = dict(image=picture(96, 64, seed=1), mask_image=box_mask(96, 64, (30, 12, 70, 44)),
-                                      strength=strength)
+        their_args = dict(image=picture(96, 64, seed=1), mask_image=box_mask(96, 64, (30, 12, 70, 44)),
+                          strength=strength)
+        task_args = dict(their_args, overlay=False)  # diffusers' raw output: no original pasted back
         first = [post] if (not nine_channel or strength < 1) else []
     scales = control.get("controlnet_conditioning_scale", 1.0)
     got = ours(PROMPTS, negative_prompt="blurry", num_inference_steps=steps, seed=seed, scheduler=sampler,
