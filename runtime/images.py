@@ -451,11 +451,14 @@ class SourceImages:
 
 
 def prepare_sources(images: list, masks: list | None, height: int, width: int, factor: int,
-                    padding_mask_crop: int | None = None, fill: bool = False, overlay: bool = False) -> SourceImages:
+                    padding_mask_crop: int | None = None, fill: bool = False, overlay: bool = False,
+                    inverted: bool = False) -> SourceImages:
     """The images (and masks) as the pipeline feeds them: all at (height, width); checks that each mask has its
     image's size and marks some but not all of it. ``fill``: the masked area painted with the colours around it
     (``fill_masked``, A1111's inpainting_fill other than original) before it is encoded; ``overlay``: keep what
-    whole-picture inpainting pastes the original back with (A1111's overlay; ``padding_mask_crop`` always does)."""
+    whole-picture inpainting pastes the original back with (A1111's overlay; ``padding_mask_crop`` always does);
+    ``inverted``: the masks were inverted (``mask_invert``), which the messages say."""
+    after = " after mask_invert" if inverted else ""
     crops = None
     if masks is not None:
         for i, (image, mask) in enumerate(zip(images, masks)):
@@ -463,7 +466,7 @@ def prepare_sources(images: list, masks: list | None, height: int, width: int, f
             if mask.size != image.size:
                 raise UsageError(f"mask{which} is {mask.width}x{mask.height}, the image {image.width}x{image.height}: "
                                  "they must be the same size")
-            _check_coverage(prepare_mask(mask, mask.height, mask.width), which, "")
+            _check_coverage(prepare_mask(mask, mask.height, mask.width), which, after)
         if padding_mask_crop is not None:
             crops = [crop_region(m, width, height, padding_mask_crop) for m in masks]
             if len(set(crops)) > 1:
@@ -482,7 +485,7 @@ def prepare_sources(images: list, masks: list | None, height: int, width: int, f
         mask = np.concatenate([_binary(m) for m in sized])  # (N, 1, H, W)
         for i in range(len(mask)):
             which = f" {i + 1}" if len(mask) > 1 else ""
-            _check_coverage(mask[i:i + 1], which, f" at {width}x{height}")
+            _check_coverage(mask[i:i + 1], which, f"{after} at {width}x{height}")
             if not latent_mask(mask[i:i + 1], factor).any():
                 raise UsageError(f"mask{which} is too thin: at {width}x{height} it covers no latent pixel ({factor}x"
                                  f"{factor} pixels each), so nothing would be repainted; widen it or use mask_blur")

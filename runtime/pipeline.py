@@ -365,7 +365,8 @@ class Pipeline:
             factor = self.manifest.model.vae_scale_factor
             sources = prepare_sources(list(inputs.images), None if inputs.masks is None else list(inputs.masks),
                                       height, width, factor, req.padding_mask_crop,
-                                      fill=req.inpainting_fill != "original", overlay=req.overlay)
+                                      fill=req.inpainting_fill != "original", overlay=req.overlay,
+                                      inverted=req.mask_invert)
             w0, h0 = inputs.images[0].size
             if (height, width) != (h0, w0) and req.height is None and req.width is None:  # after every check passed
                 log.warning("the image is %dx%d; generating at %dx%d (a multiple of %d)", w0, h0, width, height, factor)

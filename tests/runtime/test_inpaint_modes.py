@@ -93,14 +93,15 @@ def test_fill_mode_matches_diffusers_on_the_filled_image(small_model):
     plain = ours("a castle", image=image, mask_image=mask, mask_blur=4, seed=9, scheduler="dpmpp_2m", overlay=False,
                  **kwargs).images
     blurred = theirs.mask_processor.blur(mask, blur_factor=4)
-    filled = Image.fromarray(np.round(a1111_fill(image, blurred)).astype(np.uint8))
+    filled = fill_masked(image, blurred)  # A1111's fill (test_fill_is_a1111s_masking_fill)
     shape = latent_shape(ours, 1, 64, 96)
     post = (1, *shape[1:])
     draws = Draws(9, [post, shape, post] + [shape] * ours.sampler_table("dpmpp_2m", 6).num_steps)
     with draws.patch():
         want = with_sampler(theirs, "dpmpp_2m")("a castle", image=filled, mask_image=blurred, **kwargs).images
-    assert psnr(got, want) >= 40, psnr(got, want)
-    assert psnr(got, plain) < 40  # the fill shows (strength < 1: the start holds the image)
+    value, unfilled = psnr(got, want), psnr(got, plain)
+    print(f"fill vs diffusers on the filled image: {value:.1f} dB; vs no fill: {unfilled:.1f} dB")
+    assert value >= 40 and unfilled < 60 and value > unfilled + 20, (value, unfilled)  # the fill shows (strength < 1)
 
 
 def _start_of(pipe, **kwargs):
@@ -224,6 +225,8 @@ def test_inpainting_options_need_a_mask(tiny):
             tiny("a", num_inference_steps=2, **kwargs)  # txt2img
         with pytest.raises(UsageError, match=f"{next(iter(kwargs))} needs a mask"):
             run(tiny, mask_image=None, **kwargs)  # img2img
+    with pytest.raises(UsageError, match="mask is all black after mask_invert: nothing would be repainted"):
+        run(tiny, mask_image=Image.new("L", (80, 64), 255), mask_invert=True)
 
 
 def test_cli_flags_write_and_replay_the_inpainting_options(tiny_fp32, tmp_path, cli):
