@@ -12,8 +12,8 @@ from sdtrt.cli import _finite, _size
 from sdtrt.errors import UsageError
 
 DEFAULTS = {"steps": 30, "cfg": 7.5}
-IMAGE_FLAGS = ("image", "strength", "mask", "mask_blur", "padding_mask_crop", "outpaint", "outpaint_fill", "mask_invert",
-               "inpainting_fill", "overlay")
+IMAGE_FLAGS = ("image", "strength", "mask", "mask_blur", "padding_mask_crop", "outpaint", "outpaint_fill",
+               "mask_invert", "inpainting_fill", "overlay")
 INPAINTING_FILL_FLAGS = ("fill", "original", "latent-noise", "latent-nothing")  # request.INPAINTING_FILLS, 0..3
 
 
