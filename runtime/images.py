@@ -216,7 +216,11 @@ def _prepare(image, height: int, width: int, crop: tuple[int, int, int, int] | N
 def prepare_image(image, height: int, width: int, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """(1, 3, H, W) float32 in [-1, 1], as ``VaeImageProcessor.preprocess`` (crop, Lanczos resize or, after a crop,
     resize-and-fill; RGB; normalise)."""
-    image = _prepare(image.convert("RGB"), height, width, crop, crop is not None)
+    return _normalised(_prepare(image.convert("RGB"), height, width, crop, crop is not None))
+
+
+def _normalised(image) -> np.ndarray:
+    """An RGB PIL image as (1, 3, H, W) float32 in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
     return (2.0 * array - 1.0).transpose(2, 0, 1)[None]  # (1, 3, H, W)
 
@@ -259,12 +263,68 @@ def blur_mask(mask, radius: float):
     return _mask_mode(mask).filter(ImageFilter.GaussianBlur(radius)) if radius else mask
 
 
+def sized_mask(mask, height: int, width: int, crop: tuple[int, int, int, int] | None = None):
+    """The mask (PIL, "L", soft where blurred) as the generation sees it: cropped, resized as the image."""
+    return _prepare(_mask_mode(mask), height, width, crop, crop is not None).convert("L")
+
+
 def prepare_mask(mask, height: int, width: int, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """(1, 1, H, W) float32 in {0, 1} (1: repaint), as diffusers' mask processor (crop, Lanczos resize or
     resize-and-fill after a crop, grayscale, binarised at 0.5)."""
-    mask = _prepare(_mask_mode(mask), height, width, crop, crop is not None).convert("L")
+    return _binary(sized_mask(mask, height, width, crop))
+
+
+def _binary(mask) -> np.ndarray:
     array = np.asarray(mask, dtype=np.float32) / 255.0  # (H, W)
     return (array >= 0.5).astype(np.float32)[None, None]  # (1, 1, H, W)
+
+
+def invert_mask(mask):
+    """The mask with black and white swapped (A1111's ``inpainting_mask_invert``: ``ImageOps.invert`` before the
+    blur), in the mode the mask is read in (``_mask_mode``)."""
+    from PIL import ImageOps
+
+    return ImageOps.invert(_mask_mode(mask))
+
+
+# A1111's masking.fill: the premultiplied image outside the mask, blurred at these radii (each composited this many
+# times, coarse to fine), so the masked area takes the colours around it
+FILL_BLURS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def fill_masked(image, mask):
+    """``image`` (RGB) with the area under ``mask`` ("L", soft where blurred) painted with the colours around it:
+    A1111's ``modules/masking.py fill``, what its "Masked content: fill" encodes (and latent noise/nothing, before
+    they replace the masked latents). Outside the mask the pixels are unchanged."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    kept = Image.new("RGBa", image.size)  # premultiplied, transparent under the mask
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", image.size)
+    for radius, times in FILL_BLURS:
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+def latent_fill(latents: np.ndarray, mask: np.ndarray, noise: np.ndarray, how: str) -> np.ndarray:
+    """A1111's latent "Masked content" on the image latents (B, C, h, w) under the latent mask (B, 1, h, w) in
+    {0, 1}: "latent nothing" zeroes them, "latent noise" puts the initial noise (B, C, h, w) there (A1111 draws it
+    from the image's seed, as its initial noise); anything else leaves them as they are."""
+    if how == "latent nothing":
+        return latents * (1 - mask)
+    if how == "latent noise":
+        return latents * (1 - mask) + noise * mask
+    return latents
+
+
+def overlay_mask(mask):
+    """A1111's ``mask_for_overlay`` in whole-picture mode: the (blurred) mask doubled, so the generated pixels cover
+    everything the blurred mask reaches by half or more and the original shows only where it fades out."""
+    from PIL import Image
+
+    return Image.fromarray(np.clip(np.asarray(mask.convert("L"), np.float32) * 2, 0, 255).astype(np.uint8))
 
 
 def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -305,8 +365,10 @@ def _grow(lo: int, hi: int, size: int) -> tuple[int, int]:
 
 
 def apply_overlay(mask, original, image, crop: tuple[int, int, int, int] | None):
-    """Paste the generated crop back at full resolution and keep the original where the mask is black (soft where it
-    is blurred): diffusers' ``apply_overlay``."""
+    """Keep the original where the mask is black (soft where it is blurred), over the generated image: diffusers' and
+    A1111's ``apply_overlay``. With ``crop`` the generated crop is first pasted back at full resolution
+    (``padding_mask_crop``); without, ``image`` has the original's size (whole-picture inpainting, the mask from
+    ``overlay_mask``)."""
     from PIL import Image, ImageOps
 
     width, height = original.width, original.height
@@ -377,7 +439,9 @@ class SourceImages:
     image: np.ndarray  # (N, 3, H, W) float32 in [-1, 1], N = 1 or the batch
     mask: np.ndarray | None  # (N, 1, H, W) float32 in {0, 1}, 1: repaint; None for img2img
     crop: tuple[int, int, int, int] | None  # padding_mask_crop's box in the original image
-    originals: tuple = ()  # the PIL images and masks the result is pasted back onto (padding_mask_crop)
+    # the PIL images and masks the result is pasted back onto (apply_overlay): padding_mask_crop's full-size originals
+    # and blurred masks; in whole-picture inpainting with overlay, the images at the generation's size and overlay_mask
+    originals: tuple = ()
     masks: tuple = ()
 
     @property
@@ -387,9 +451,14 @@ class SourceImages:
 
 
 def prepare_sources(images: list, masks: list | None, height: int, width: int, factor: int,
-                    padding_mask_crop: int | None = None) -> SourceImages:
+                    padding_mask_crop: int | None = None, fill: bool = False, overlay: bool = False,
+                    inverted: bool = False) -> SourceImages:
     """The images (and masks) as the pipeline feeds them: all at (height, width); checks that each mask has its
-    image's size and marks some but not all of it."""
+    image's size and marks some but not all of it. ``fill``: the masked area painted with the colours around it
+    (``fill_masked``, A1111's inpainting_fill other than original) before it is encoded; ``overlay``: keep what
+    whole-picture inpainting pastes the original back with (A1111's overlay; ``padding_mask_crop`` always does);
+    ``inverted``: the masks were inverted (``mask_invert``), which the messages say."""
+    after = " after mask_invert" if inverted else ""
     crops = None
     if masks is not None:
         for i, (image, mask) in enumerate(zip(images, masks)):
@@ -397,23 +466,32 @@ def prepare_sources(images: list, masks: list | None, height: int, width: int, f
             if mask.size != image.size:
                 raise UsageError(f"mask{which} is {mask.width}x{mask.height}, the image {image.width}x{image.height}: "
                                  "they must be the same size")
-            _check_coverage(prepare_mask(mask, mask.height, mask.width), which, "")
+            _check_coverage(prepare_mask(mask, mask.height, mask.width), which, after)
         if padding_mask_crop is not None:
             crops = [crop_region(m, width, height, padding_mask_crop) for m in masks]
             if len(set(crops)) > 1:
                 raise UsageError("padding_mask_crop with several masks needs them to give the same crop box")
     crop = crops[0] if crops else None
-    image = np.concatenate([prepare_image(im, height, width, crop) for im in images])  # (N, 3, H, W)
+    rgb = [_prepare(im.convert("RGB"), height, width, crop, crop is not None) for im in images]  # as prepare_image
+    sized = None if masks is None else [sized_mask(m, height, width, crop) for m in masks]
+    pasted = ()
+    if sized is not None and overlay and crop is None:
+        pasted = (tuple(rgb), tuple(overlay_mask(m) for m in sized))
+    if sized is not None and fill:
+        rgb = [fill_masked(im, m) for im, m in zip(rgb, sized)]
+    image = np.concatenate([_normalised(im) for im in rgb])  # (N, 3, H, W)
     mask = None
-    if masks is not None:
-        mask = np.concatenate([prepare_mask(m, height, width, crop) for m in masks])  # (N, 1, H, W)
+    if sized is not None:
+        mask = np.concatenate([_binary(m) for m in sized])  # (N, 1, H, W)
         for i in range(len(mask)):
             which = f" {i + 1}" if len(mask) > 1 else ""
-            _check_coverage(mask[i:i + 1], which, f" at {width}x{height}")
+            _check_coverage(mask[i:i + 1], which, f"{after} at {width}x{height}")
             if not latent_mask(mask[i:i + 1], factor).any():
                 raise UsageError(f"mask{which} is too thin: at {width}x{height} it covers no latent pixel ({factor}x"
                                  f"{factor} pixels each), so nothing would be repainted; widen it or use mask_blur")
-    return SourceImages(image, mask, crop, tuple(images) if crop else (), tuple(masks) if crop else ())
+    if crop:
+        pasted = (tuple(images), tuple(masks))
+    return SourceImages(image, mask, crop, *pasted)
 
 
 def _check_coverage(mask: np.ndarray, which: str, where: str) -> None:

@@ -214,6 +214,11 @@ class Replay:
     padding_mask_crop: int | None = None
     outpaint: tuple[int, int, int, int] | None = None
     outpaint_fill: str | None = None
+    # inpainting as A1111 writes it: "Mask mode: Inpaint not masked", "Masked content" (absent: original); sdtrt's
+    # "Inpaint overlay: off" (diffusers' raw output)
+    mask_invert: bool | None = None
+    inpainting_fill: str | None = None
+    overlay: bool | None = None
     # ControlNets, in order: A1111's ControlNet extension's fields ("Module", "Model", "Weight", "Guidance Start", ...)
     controls: tuple[dict, ...] = ()
     # what the image was made with besides the model, as (name, short hash) in the text's order: A1111's "Lora hashes"
@@ -298,7 +303,7 @@ def replay(text: str) -> Replay:
                   strength=None if any(k.startswith("Hires") for k in p) else number("Denoising strength", float),
                   mask_blur=number("Mask blur", float),
                   padding_mask_crop=count("Masked area padding", 0) if p.get("Inpaint area") == "Only masked" else None,
-                  outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), controls=_controls(p),
+                  outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), **_inpainting(p), controls=_controls(p),
                   lora_hashes=_pairs(p, "Lora hashes", _hash), lora_weights=_pairs(p, "Lora weights", _weight),
                   ti_hashes=_pairs(p, "TI hashes", _hash), hires=_hires(p, number))
 
@@ -337,6 +342,32 @@ def check_schedule(scheduler: str, sampler: str, schedule: str | None) -> None:
         label = schedule or SCHEDULE_LABELS[sched]
         raise UsageError(f"sampler {sampler!r} has no schedule type {label!r} in sdtrt (diffusers' scheduler for it "
                          f"has none); it takes: {', '.join(['Automatic', *takes])}")
+
+
+_MASK_MODES = {"Inpaint masked": False, "Inpaint not masked": True}  # A1111's img2img "Mask mode" choices
+
+
+def _inpainting(p: dict[str, str]) -> dict:
+    """The inpainting keys of an image's text (None where absent: the image was not inpainted, or A1111's default)."""
+    from sdtrt.runtime.request import inpainting_fill
+
+    out = {}
+    if "Mask mode" in p:
+        if p["Mask mode"] not in _MASK_MODES:
+            raise UsageError(f"the image's parameters hold Mask mode: {p['Mask mode']!r}, not one of "
+                             f"{', '.join(_MASK_MODES)}")
+        out["mask_invert"] = _MASK_MODES[p["Mask mode"]]
+    if "Masked content" in p:
+        try:
+            out["inpainting_fill"] = inpainting_fill(p["Masked content"])
+        except UsageError:
+            raise UsageError(f"the image's parameters hold Masked content: {p['Masked content']!r}, not one of fill, "
+                             "original, latent noise, latent nothing") from None
+    if "Inpaint overlay" in p:
+        if p["Inpaint overlay"] not in ("on", "off"):
+            raise UsageError(f"the image's parameters hold Inpaint overlay: {p['Inpaint overlay']!r}, not on or off")
+        out["overlay"] = p["Inpaint overlay"] == "on"
+    return out
 
 
 def _hash(text: str) -> str | None:

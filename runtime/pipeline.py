@@ -42,8 +42,8 @@ from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
 from sdtrt import __version__
 from sdtrt.runtime.backends import BackendError, check_shapes, load_engines
 from sdtrt.runtime.device_loop import residual_shapes
-from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, latent_mask, load_image,
-                                  outpaint_canvas, prepare_control_image, prepare_sources)
+from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, invert_mask, latent_fill,
+                                  latent_mask, load_image, outpaint_canvas, prepare_control_image, prepare_sources)
 from sdtrt.runtime.infotext import a1111_names, create_infotext
 from sdtrt.runtime.lora import network_name
 from sdtrt.runtime.prompts import MAX_CHUNKS, PromptChunks, chunk_prompt, join_chunks
@@ -94,6 +94,7 @@ class GenerationPlan:
     infotext: tuple[tuple[str, object], ...] = ()  # more keys of the images' text (the hires fix's), before Version
     hires: object | None = None  # the hires fix's second pass (hires.plan); this plan is its first
     image_latents: np.ndarray | None = None  # img2img from latents, not an image (the hires fix's second pass)
+    masked_content: str = "original"  # inpainting: what the masked area starts as (request.INPAINTING_FILLS)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -292,7 +293,8 @@ class Pipeline:
                  padding_mask_crop: int | None = None, outpaint: tuple[int, int, int, int] | None = None,
                  outpaint_fill: str = "edge", control_images=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, control_preprocessors="none",
-                 canny_thresholds=(100, 200), hires=None) -> GenerationResult:
+                 canny_thresholds=(100, 200), hires=None, mask_invert: bool = False,
+                 inpainting_fill: str | int = "original", overlay: bool = True) -> GenerationResult:
         """Generate images (diffusers' StableDiffusionPipeline argument names). Prompts use A1111's syntax: emphasis
         ``(word:1.3)``, ``BREAK``, and any length up to the export's ``--max-chunks`` x 75 tokens. ``seed`` -1 or
         None: random. ``clip_skip``: as diffusers (1 = the hidden state one layer before the last).
@@ -304,6 +306,10 @@ class Pipeline:
         back: A1111's "inpaint only masked"), ``outpaint=(left, top, right, bottom)`` pixels to add (the new area
         starts as ``outpaint_fill``: "edge", "reflect" or "gray"; see ``images.outpaint_canvas``). ``height`` and
         ``width`` default to the image's, rounded down to the model's multiple. ``latents``: the initial noise.
+        As A1111: ``mask_invert`` (repaint the mask's black area), ``inpainting_fill`` (A1111's "Masked content",
+        what the masked area starts as: "original" (default, as diffusers), "fill" (the colours around it), "latent
+        noise", "latent nothing"; or A1111's 0..3), ``overlay`` (default True: the original pixels pasted back
+        outside the (blurred) mask, as A1111; False: diffusers' output, the VAE's reconstruction everywhere).
 
         ControlNets (diffusers' StableDiffusionControlNet*Pipeline names): ``control_images``, a list whose i-th
         image (path, PIL image or array; None to leave one out) goes to the folder's i-th ControlNet
@@ -324,7 +330,8 @@ class Pipeline:
                                        control_guidance_start=control_guidance_start,
                                        control_guidance_end=control_guidance_end,
                                        control_preprocessors=control_preprocessors, canny_thresholds=canny_thresholds,
-                                       hires=hires)
+                                       hires=hires, mask_invert=mask_invert, inpainting_fill=inpainting_fill,
+                                       overlay=overlay)
         if callback is not None and not callable(callback):
             raise UsageError(f"callback must be callable, got {type(callback).__name__}")
         return self.generate(req, latents=latents, callback=callback, image=image, mask_image=mask_image,
@@ -373,7 +380,9 @@ class Pipeline:
         if inputs.images:
             factor = self.manifest.model.vae_scale_factor
             sources = prepare_sources(list(inputs.images), None if inputs.masks is None else list(inputs.masks),
-                                      height, width, factor, req.padding_mask_crop)
+                                      height, width, factor, req.padding_mask_crop,
+                                      fill=req.inpainting_fill != "original", overlay=req.overlay,
+                                      inverted=req.mask_invert)
             w0, h0 = inputs.images[0].size
             if (height, width) != (h0, w0) and req.height is None and req.width is None:  # after every check passed
                 log.warning("the image is %dx%d; generating at %dx%d (a multiple of %d)", w0, h0, width, height, factor)
@@ -384,7 +393,8 @@ class Pipeline:
         return GenerationPlan(table, sampler, height, width, cfg, shapes["vae_decoder"]["latents"], shapes, texts,
                               chunks, inputs.task, strength, sources, tuple(controls), req.prompt,
                               req.negative_prompt, self.loras + loras,
-                              tuple(Path(p).stem for p, _ in self.loras) + names, len(loras))
+                              tuple(Path(p).stem for p, _ in self.loras) + names, len(loras),
+                              masked_content=req.inpainting_fill)
 
     def _token_table(self, updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The text encoder's token table with the embeddings' vectors in its spare rows (after any LoRA update)."""
@@ -499,6 +509,8 @@ class Pipeline:
                 masks = masks * len(images)
             if len(masks) != len(images):
                 raise UsageError(f"{len(masks)} masks for {len(images)} images")
+            if req.mask_invert:  # A1111: inverted before the blur (and before outpainting's canvas marks its new area)
+                masks = [invert_mask(m) for m in masks]
         if req.outpaint:
             factor = max(8, self.manifest.model.vae_scale_factor)
             if any(p % factor for p in req.outpaint):
@@ -681,8 +693,8 @@ class Pipeline:
 
         images = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in image]
         src = plan.sources
-        if src is not None and src.crop is not None:
-            # padding_mask_crop: the crop's result pasted back at full resolution, the original kept outside the mask
+        if src is not None and src.originals:
+            # the original kept outside the mask (A1111's overlay); padding_mask_crop: the crop's result pasted back
             n = len(src.originals)
             images = [apply_overlay(src.masks[k % n], src.originals[k % n], im, src.crop) for k, im in enumerate(images)]
             image = np.stack([np.asarray(im, np.float32) / 255 for im in images])  # (B, H0, W0, 3)
@@ -705,6 +717,9 @@ class Pipeline:
             return np.ascontiguousarray(np.repeat(x, shape[0] // len(x), axis=0) if len(x) != shape[0] else x)
 
         image_latents = self._posterior(src.image, image_z, per_image) if image_z is not None else plan.image_latents
+        if image_latents is not None and plan.task == "inpaint":  # A1111's latent noise / latent nothing
+            lmask = per_image(latent_mask(src.mask, self.manifest.model.vae_scale_factor))  # (B, 1, h, w)
+            image_latents = latent_fill(image_latents, lmask, noise, plan.masked_content)
         state0 = table.init_scale * noise.astype(np.float64)
         if table.init_image_scale:
             state0 += table.init_image_scale * image_latents
@@ -796,6 +811,11 @@ class Pipeline:
             "Mask blur": f"{req.mask_blur:g}" if plan.task == "inpaint" and req.mask_blur else None,
             "Inpaint area": "Only masked" if req.padding_mask_crop is not None else None,
             "Masked area padding": req.padding_mask_crop,
+            "Mask mode": "Inpaint not masked" if plan.task == "inpaint" and req.mask_invert else None,
+            "Masked content": plan.masked_content if plan.task == "inpaint" and plan.masked_content != "original"
+            else None,  # A1111 writes nothing for original
+            # sdtrt's: diffusers' raw output asked for (overlay=False), where A1111 would paste the original back
+            "Inpaint overlay": "off" if plan.task == "inpaint" and not plan.sources.originals else None,
             "Outpaint": ",".join(map(str, req.outpaint)) if req.outpaint else None,
             "Outpaint fill": req.outpaint_fill if req.outpaint else None,
             **{f"ControlNet {j}": c.infotext(req.canny_thresholds) for j, c in enumerate(plan.controls)},
@@ -1006,7 +1026,8 @@ def _refuse_without_mask(req: GenerationRequest, inpainting_unet: bool, what: st
     """A request with no mask: an inpainting U-Net cannot run it, and the mask options mean nothing."""
     if inpainting_unet:
         raise UsageError(f"this folder's U-Net is an inpainting model (9 input channels): it needs {what}, or outpaint")
-    for given, option in ((req.mask_blur, "mask_blur"), (req.padding_mask_crop is not None, "padding_mask_crop")):
+    for given, option in ((req.mask_blur, "mask_blur"), (req.padding_mask_crop is not None, "padding_mask_crop"),
+                          (req.mask_invert, "mask_invert"), (req.inpainting_fill != "original", "inpainting_fill")):
         if given:
             raise UsageError(f"{option} needs {what}")
 

@@ -90,6 +90,9 @@ class GenerationRequest:
     padding_mask_crop: int | None = None  # inpaint the box around the mask grown by this many pixels, then paste back
     outpaint: tuple[int, int, int, int] | None = None  # pixels added (left, top, right, bottom)
     outpaint_fill: str = "edge"  # how the new area starts: "edge", "reflect", "gray"
+    mask_invert: bool = False  # repaint the mask's black area, keep its white (A1111's "Inpaint not masked")
+    inpainting_fill: str = "original"  # what the masked area starts as: one of INPAINTING_FILLS (A1111's)
+    overlay: bool = True  # paste the original back outside the mask (A1111); False: diffusers' raw output
     # ControlNets (the control images are passed beside the request, the i-th to the folder's i-th ControlNet): one
     # value per control image, or one for all (diffusers' controlnet_conditioning_scale, control_guidance_start/end)
     controlnet_conditioning_scale: tuple[float, ...] = (1.0,)
@@ -110,7 +113,8 @@ class GenerationRequest:
                mask_blur: Any = 0, padding_mask_crop: Any = None, outpaint: Any = None,
                outpaint_fill: Any = "edge", controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                control_guidance_end: Any = 1.0, control_preprocessors: Any = "none",
-               canny_thresholds: Any = (100, 200), hires: Any = None) -> "GenerationRequest":
+               canny_thresholds: Any = (100, 200), hires: Any = None, mask_invert: Any = False,
+               inpainting_fill: Any = "original", overlay: Any = True) -> "GenerationRequest":
         if prompt is None:
             raise UsageError("prompt must be a string or a list of strings, got None")
         prompts = _texts(prompt, "prompt")
@@ -144,6 +148,7 @@ class GenerationRequest:
             scheduler=scheduler, output_type=output_type,
             clip_skip=None if clip_skip is None else integer(clip_skip, "clip_skip", 0),
             **_image_task(strength, mask_blur, padding_mask_crop, outpaint, outpaint_fill),
+            **inpainting_options(mask_invert, inpainting_fill, overlay),
             **_control(controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                        control_preprocessors, canny_thresholds),
             hires=hires,
@@ -244,3 +249,38 @@ def check_variation_seed(subseed: Any = -1, subseed_strength: Any = 0.0, seed_re
     if h > 0 and w > 0 and (h, w) != (height, width):  # A1111 resizes only when both are positive
         raise UsageError(f"seed_resize_from {w}x{h}: resizing the seed's noise (A1111's seed_resize_from_w/h) is not "
                          "supported; send 0 (or -1)")
+
+
+# A1111's "Masked content" (inpainting_fill 0..3): what the masked area starts as. fill: the image's surrounding
+# colours (images.fill_masked, before the VAE encodes it); original: the image as it is (diffusers); latent noise:
+# the initial noise in the masked latent pixels; latent nothing: zeros there (images.latent_fill)
+INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
+
+
+def _flag(value: Any, label: str) -> bool:
+    """A bool, or A1111's 0/1."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (numbers.Integral, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    raise UsageError(f"{label} must be true or false (or 1 or 0), got {value!r}")
+
+
+def inpainting_fill(value: Any) -> str:
+    """One of INPAINTING_FILLS, from its name (any case; '-' or '_' for the space) or A1111's index 0..3."""
+    if isinstance(value, str):
+        name = " ".join(value.strip().lower().replace("-", " ").replace("_", " ").split())
+        if name in INPAINTING_FILLS:
+            return name
+    elif not isinstance(value, bool) and isinstance(value, (numbers.Integral, np.integer)) \
+            and 0 <= int(value) < len(INPAINTING_FILLS):
+        return INPAINTING_FILLS[int(value)]
+    choices = ", ".join(f"{i} {n}" for i, n in enumerate(INPAINTING_FILLS))
+    raise UsageError(f"inpainting_fill (masked content) must be one of {choices} (the number or the name), "
+                     f"got {value!r}")
+
+
+def inpainting_options(mask_invert: Any = False, fill: Any = "original", overlay: Any = True) -> dict:
+    """The inpainting fields of a request (A1111's names: inpainting_mask_invert, inpainting_fill), checked."""
+    return dict(mask_invert=_flag(mask_invert, "mask_invert"), inpainting_fill=inpainting_fill(fill),
+                overlay=_flag(overlay, "overlay"))

@@ -12,7 +12,9 @@ from sdtrt.cli import _finite, _size
 from sdtrt.errors import UsageError
 
 DEFAULTS = {"steps": 30, "cfg": 7.5}
-IMAGE_FLAGS = ("image", "strength", "mask", "mask_blur", "padding_mask_crop", "outpaint", "outpaint_fill")
+IMAGE_FLAGS = ("image", "strength", "mask", "mask_blur", "padding_mask_crop", "outpaint", "outpaint_fill",
+               "mask_invert", "inpainting_fill", "overlay")
+INPAINTING_FILL_FLAGS = ("fill", "original", "latent-noise", "latent-nothing")  # request.INPAINTING_FILLS, 0..3
 
 
 def _sides(text: str) -> tuple[int, int, int, int]:
@@ -109,6 +111,15 @@ def add_generate(sub) -> None:
     p.add_argument("--hires-negative", default=unset, help="negative prompt of the second pass (default: --negative)")
     p.add_argument("--hires-sampler", choices=SAMPLERS, default=unset, help="sampler of the second pass "
                                                                             "(default: --scheduler)")
+    p.add_argument("--mask-invert", action="store_true", default=unset,
+                   help="repaint the mask's black area and keep its white (A1111's Mask mode: Inpaint not masked)")
+    p.add_argument("--inpainting-fill", choices=INPAINTING_FILL_FLAGS, default=unset,
+                   help="what the masked area starts as (A1111's Masked content): its original pixels (default, as "
+                        "diffusers), the colours around it, latent noise, or zeros in latent space (latent nothing); "
+                        "it shows below --strength 1, where the start is not pure noise")
+    p.add_argument("--no-overlay", dest="overlay", action="store_false", default=unset,
+                   help="inpainting: keep the VAE's whole output (diffusers' raw result) instead of pasting the "
+                        "original pixels back outside the mask (A1111's overlay, the default)")
     p.add_argument("--control", action="append", default=[], metavar="[canny:]PNG[:SCALE[:START:END]]",
                    help="a control image for the folder's next ControlNet (the first --control goes to the first "
                         "ControlNet, ...): a ready-made map, or canny:PHOTO to take its Canny edges; SCALE is the "
@@ -277,7 +288,8 @@ def _generation_settings(args) -> dict:
                "size": (r.width, r.height) if r.width and r.height else None, "scheduler": r.scheduler,
                "clip_skip": r.clip_skip, "karras": r.karras, "model_hash": r.model_hash,
                "strength": r.strength, "mask_blur": r.mask_blur, "padding_mask_crop": r.padding_mask_crop,
-               "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls, "hires": r.hires}
+               "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls, "hires": r.hires,
+               "mask_invert": r.mask_invert, "inpainting_fill": r.inpainting_fill, "overlay": r.overlay}
         if r.from_image and "image" not in given:
             what = f"Denoising strength {r.strength:g}" if r.strength is not None else "outpainting"
             raise UsageError(f"{args.from_png} was made from an input image ({what}): pass that image with --image "
@@ -293,7 +305,8 @@ def _generation_settings(args) -> dict:
         raise UsageError("a prompt is needed (or --from-png IMAGE)")
     settings = {"negative": "", **DEFAULTS, "seed": None, "size": None, "scheduler": None, "clip_skip": 1,
                 "num_images": 1, "image": None, "strength": None, "mask": None, "mask_blur": 0,
-                "padding_mask_crop": None, "outpaint": None, "outpaint_fill": "edge", **given}
+                "padding_mask_crop": None, "outpaint": None, "outpaint_fill": "edge", "mask_invert": False,
+                "inpainting_fill": "original", "overlay": True, **given}
     settings["hires"] = _hires_settings(args, settings.get("hires"))
     if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
         raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
@@ -323,7 +336,8 @@ def _cmd_generate(args) -> int:
                                        s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1,
                                        strength=s["strength"], mask_blur=s["mask_blur"],
                                        padding_mask_crop=s["padding_mask_crop"], outpaint=s["outpaint"],
-                                       outpaint_fill=s["outpaint_fill"], hires=s["hires"], **controls)
+                                       outpaint_fill=s["outpaint_fill"], hires=s["hires"], mask_invert=s["mask_invert"],
+                                       inpainting_fill=s["inpainting_fill"], overlay=s["overlay"], **controls)
     for flag in ("image", "mask"):
         if s[flag] is not None and not str(s[flag]).strip():
             raise UsageError(f"--{flag} must not be empty")

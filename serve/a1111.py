@@ -70,6 +70,9 @@ class Img2Img(Txt2Img):
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
     include_init_images: bool = False
+    inpainting_mask_invert: int | bool = 0  # A1111: 1 repaints the mask's black area
+    inpainting_fill: int = 0  # A1111's Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    initial_noise_multiplier: float | None = None  # A1111's Noise multiplier: only 1 (None) here
 
 
 class Settings:
@@ -246,6 +249,15 @@ def router(server) -> APIRouter:
         req, notes = to_request(body, run, **task)
         if endpoint == "txt2img" and body.enable_hr:
             req = hires(body, req)
+        if endpoint == "img2img":
+            if body.initial_noise_multiplier not in (None, 1):
+                raise UsageError(f"initial_noise_multiplier {body.initial_noise_multiplier:g} is not supported: only 1")
+            if mask is not None:  # A1111's inpainting fields, checked as the library checks them
+                from dataclasses import replace
+
+                from sdtrt.runtime.request import inpainting_options
+
+                req = replace(req, **inpainting_options(body.inpainting_mask_invert, body.inpainting_fill))
         images, infos = await server.submit(endpoint, request, req, body.n_iter, image, mask)
         if not body.override_settings_restore_afterwards:  # A1111 keeps the overrides for later requests
             settings.apply(body.override_settings)

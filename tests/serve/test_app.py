@@ -118,6 +118,40 @@ def test_img2img_and_openai_images(server):
     assert png(r.json()["data"][0]["b64_json"])[0].size == (64, 64)
 
 
+def test_img2img_inpainting_fields_as_a1111(server, tiny_fp32):
+    """issue 23: A1111's inpainting_mask_invert and inpainting_fill reach the library (the same image as the
+    library's), the original is pasted back outside the mask (A1111's overlay), A1111's infotext keys are written,
+    and a value A1111 does not have is a 422 naming the field."""
+    from tests.runtime.test_tasks import box_mask, picture
+
+    url, _ = server
+
+    def b64(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    image, mask = picture(80, 64, seed=3), box_mask(80, 64, (20, 12, 60, 48))
+    body = {"prompt": "a cat", "init_images": [b64(image)], "mask": b64(mask), "steps": 3, "seed": 3, "width": 80,
+            "height": 64, "denoising_strength": 0.6, "sampler_name": "Euler a", "inpainting_mask_invert": 1,
+            "inpainting_fill": 2, "initial_noise_multiplier": 1}
+    r = httpx.post(f"{url}/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got, text = png(r.json()["images"][0])
+    assert "Masked content: latent noise" in text and "Mask mode: Inpaint not masked" in text, text
+    with Pipeline.from_dir(tiny_fp32[0], backend="onnxruntime-cpu") as pipe:
+        want = pipe("a cat", image=image, mask_image=mask, num_inference_steps=3, guidance_scale=7.0, seed=3,
+                    width=80, height=64, strength=0.6, scheduler="euler_a", mask_invert=True,
+                    inpainting_fill="latent noise").images[0]
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+    kept = np.asarray(mask) == 255  # inverted: the box is kept, pixel for pixel
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB"))[kept], np.asarray(image)[kept])
+    for change, needle in (({"inpainting_fill": 7}, "inpainting_fill"), ({"inpainting_mask_invert": 3}, "mask_invert"),
+                           ({"initial_noise_multiplier": 0.5}, "initial_noise_multiplier")):
+        r = httpx.post(f"{url}/sdapi/v1/img2img", json={**body, **change}, timeout=60)
+        assert r.status_code == 422 and needle in r.json()["detail"], r.text
+
+
 BAD = [
     # A1111's variation seeds: sdtrt has none, so a strength above 0 is refused by name (the fields themselves, as
     # webuiapi sends them, are accepted: test_an_a1111_client_request_works_unchanged...)
