@@ -28,6 +28,7 @@ class Txt2Img(BaseModel):
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     clip_skip: int | None = None
+    override_settings: dict = Field(default_factory=dict)
 
 
 class Img2Img(Txt2Img):
@@ -82,7 +83,8 @@ def router(server) -> APIRouter:
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):
-        images, infos = await server.submit("txt2img", request, to_request(body), body.n_iter)
+        images, infos = await server.submit("txt2img", request, to_request(body), body.n_iter,
+                                            model=body.override_settings.get("sd_model_checkpoint"))
         return response(body, images, infos, first_seed(infos))
 
     @api.post("/sdapi/v1/img2img")
@@ -93,7 +95,8 @@ def router(server) -> APIRouter:
         mask = decode_image(body.mask, "mask", config.max_input_pixels) if body.mask else None
         req = to_request(body, body.denoising_strength, body.mask_blur if mask else 0,
                          body.inpaint_full_res_padding if (mask and body.inpaint_full_res) else None)
-        images, infos = await server.submit("img2img", request, req, body.n_iter, image, mask)
+        images, infos = await server.submit("img2img", request, req, body.n_iter, image, mask,
+                                            model=body.override_settings.get("sd_model_checkpoint"))
         return response(body, images, infos, first_seed(infos))
 
     @api.get("/sdapi/v1/samplers")

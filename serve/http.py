@@ -27,7 +27,7 @@ from sdtrt.errors import UsageError
 
 log = logging.getLogger("sdtrt.serve")
 
-OPENAI_CODES = {"unauthorized": "invalid_api_key"}  # OpenAI's own code where it has one for the same problem
+OPENAI_CODES = {"unauthorized": "invalid_api_key", "unknown_url": None}  # OpenAI's own code where it has one for the same problem
 
 
 class ClientGone(Exception):
@@ -87,11 +87,13 @@ def _with_header(send, name: bytes, value: bytes):
 class Guard:
     """API key / HTTP Basic credentials (``accepted``: the Authorization header values that let a request in,
     compared in constant time; none: no check) everywhere but /health, and the body size a request declares;
-    ``replica``: sent back as ``X-Sdtrt-Replica``."""
+    ``replica``: sent back as ``X-Sdtrt-Replica``. A 401 carries ``challenge`` as its ``WWW-Authenticate`` header
+    (RFC 9110: a 401 must; a browser asks for HTTP Basic credentials on ``Basic realm=...``)."""
 
     def __init__(self, app, accepted: set[str], hint: str, max_bytes: int, replica: str | None = None,
-                 count=lambda kind: None):
+                 count=lambda kind: None, challenge: str = 'Bearer realm="sdtrt"'):
         self.app, self.hint, self.max_bytes, self.replica, self.count = app, hint, max_bytes, replica, count
+        self.challenge = challenge
         self.accepted = [a.encode() for a in accepted]
 
     async def __call__(self, scope, receive, send):
@@ -100,7 +102,7 @@ class Guard:
             problem = None
             if self.accepted and scope["path"] != "/health" and \
                     not any(hmac.compare_digest(headers.get(b"authorization", b""), a) for a in self.accepted):
-                problem = 401, "unauthorized", self.hint, None
+                problem = 401, "unauthorized", self.hint, {"WWW-Authenticate": self.challenge}
             length = headers.get(b"content-length", b"")
             if problem is None and length.isdigit() and int(length) > self.max_bytes:
                 problem = 413, "too_large", f"the body is over this server's limit of {_mb(self.max_bytes)}", CLOSE
