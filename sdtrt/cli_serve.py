@@ -50,6 +50,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-input-pixels", type=int, default=4096 * 4096,
                    help="pixels per image sent (img2img's init_images and mask; checked from the header, before "
                         "decoding)")
+    p.add_argument("--max-body-mb", type=_finite, default=32.0, metavar="MB",
+                   help="largest request body (JSON or multipart; over it: 413)")
     p.add_argument("--batch-window", type=_finite, default=50.0, metavar="MS",
                    help="how long a request waits for compatible ones to share its engine call (0: no batching)")
     p.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN]",
@@ -90,7 +92,7 @@ def _cmd_serve(args) -> int:
                          backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
                          api_auth=args.api_auth, max_queue=args.max_queue, timeout_s=args.timeout,
                          max_steps=args.max_steps, max_images=args.max_images, max_pixels=args.max_pixels,
-                         max_input_pixels=args.max_input_pixels,
+                         max_input_pixels=args.max_input_pixels, max_body_mb=args.max_body_mb,
                          batch_window_ms=args.batch_window, cors_origins=origins, body_timeout_s=args.body_timeout)
     ray_given = [flag for flag, value, default in (
         ("--replicas", args.replicas, 1), ("--autoscale", args.autoscale, None),

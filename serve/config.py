@@ -52,6 +52,8 @@ class ServeConfig:
                              ("--max-input-pixels", self.max_input_pixels)):
             if value < 1:
                 raise UsageError(f"{label} must be at least 1, got {value}")
+        if not (math.isfinite(self.max_body_mb) and self.max_body_mb > 0):
+            raise UsageError(f"--max-body-mb must be positive, got {self.max_body_mb}")
         for label, seconds in (("--timeout", self.timeout_s), ("--body-timeout", self.body_timeout_s)):
             if not (math.isfinite(seconds) and seconds > 0):
                 raise UsageError(f"{label} must be positive, got {seconds}")
