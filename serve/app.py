@@ -344,7 +344,8 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None, m
     count = lambda kind: m_errors.labels(kind).inc()  # noqa: E731
     app.add_middleware(BodyReader, timeout_s=config.body_timeout_s, max_bytes=max_bytes, count=count,
                        json_paths=frozenset(r.path for router in routers for r in router.routes
-                                            if "POST" in getattr(r, "methods", ()) and not _form_route(r)))
+                                            if "POST" in getattr(r, "methods", ()) and not _form_route(r)),
+                       form_paths=frozenset(r.path for router in routers for r in router.routes if _form_route(r)))
     challenges = (['Basic realm="sdtrt"'] if config.api_auth else []) + (['Bearer realm="sdtrt"'] if config.api_key else [])
     app.add_middleware(Guard, accepted=accepted, max_bytes=max_bytes, replica=replica, count=count,
                        hint="send Authorization: Bearer <api key>" if config.api_key

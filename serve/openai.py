@@ -117,8 +117,16 @@ def router(server) -> APIRouter:
             raise refused("image", "send one image to edit (a multipart file part named image)" if not files else
                                    f"this server edits one image at a time, got {len(files)}")
         name = model_name(model)
-        picture = open_image(io.BytesIO(await files[0].read()), "image", config.max_input_pixels)
-        stencil = None if mask is None else open_image(io.BytesIO(await mask.read()), "mask", config.max_input_pixels)
+
+        async def read(part: UploadFile, label: str):
+            try:
+                return open_image(io.BytesIO(await part.read()), label, config.max_input_pixels)
+            except UsageError as ex:
+                ex.param = label
+                raise
+
+        picture = await read(files[0], "image")
+        stencil = None if mask is None else await read(mask, "mask")
         inpaint = edit_mask(picture, stencil)
         width, height = parse_size(size)
         server.check_limits(width or picture.width, height or picture.height, STEPS, n)

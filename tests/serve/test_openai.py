@@ -120,7 +120,8 @@ def test_models_list_and_retrieve(client):
                              mask=("m.png", png(picture(hole()).resize((32, 32))), "image/png")), "mask", "same size"),
     (lambda c: c.images.edit(image=("a.png", png(picture(np.full((64, 64), 255, np.uint8))), "image/png"),
                              prompt="x"), "image", "nothing to edit"),
-    (lambda c: c.images.edit(image=("a.png", b"not a png", "image/png"), prompt="x"), None, "image"),
+    (lambda c: c.images.edit(image=("a.png", b"not a png", "image/png"), prompt="x"), "image",
+     "image is not a readable image (no image format PIL reads"),
     (lambda c: c.images.edit(image=[("a.png", png(picture(hole())), "image/png")] * 2, prompt="x"), "image", "one"),
 ])
 def test_errors_are_openais_shape_and_the_sdks_bad_request(client, call, param, words):
@@ -147,6 +148,8 @@ def test_credentials_unknown_paths_methods_and_body_size(server):
     r = httpx.get(f"{server}/v1/images/generations", headers=auth)
     assert r.status_code == 405 and "POST" in r.json()["error"]["message"] and r.headers["allow"] == "POST"
     assert httpx.get(f"{server}/sdapi/v1/nothing", auth=("ann", "pw")).json() == {"detail": "Not Found"}  # A1111's
+    r = httpx.post(f"{server}/v1/images/edits", headers=auth, json={"prompt": "x", "image": "aGk="})
+    assert r.status_code == 400 and "not multipart/form-data" in r.json()["error"]["message"]
     big = png(Image.fromarray((np.random.default_rng(0).random((700, 700, 4)) * 255).astype(np.uint8), "RGBA"))
     assert len(big) > 2**20
     r = httpx.post(f"{server}/v1/images/edits", headers=auth, data={"prompt": "x"}, files={"image": ("a.png", big)})
