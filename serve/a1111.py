@@ -48,6 +48,13 @@ def first_seed(infos: list[str]) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def model_of(infos: list[str]) -> str | None:
+    """The name of the model that made the images, from their metadata (a request may name its own model)."""
+    from sdtrt.runtime.infotext import parse_infotext
+
+    return parse_infotext(infos[0]).get("Model") if infos else None
+
+
 def router(server) -> APIRouter:
     from sdtrt.runtime.infotext import A1111_SAMPLERS
     from sdtrt.runtime.request import GenerationRequest
@@ -68,7 +75,7 @@ def router(server) -> APIRouter:
     def response(body: BaseModel, images, infos, seed: int | None) -> dict:
         encoded = [png_b64(im, info) for im, info in zip(images, infos)]
         info = {"prompt": getattr(body, "prompt", ""), "all_prompts": [getattr(body, "prompt", "")] * len(encoded),
-                "seed": seed, "infotexts": infos, "sd_model_name": server.pipe.model_name,
+                "seed": seed, "infotexts": infos, "sd_model_name": model_of(infos),
                 "sampler_name": getattr(body, "sampler_name", None)}
         return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
 

@@ -137,8 +137,10 @@ def test_options_switch_the_default_model_and_requests_run_on_it(server, library
 
 def test_override_settings_run_one_request_on_another_model(server, library):
     url, _ = server
-    image, parameters = txt2img(url, override_settings={"sd_model_checkpoint": "beta"})
-    np.testing.assert_array_equal(image, library["beta"])
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "beta"}},
+                   timeout=120)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "beta", r.text
+    np.testing.assert_array_equal(image_of(r.json()["images"][0])[0], library["beta"])
     assert checkpoint(url).startswith("alpha [")  # the default is unchanged
     np.testing.assert_array_equal(txt2img(url)[0], library["alpha"])
 
