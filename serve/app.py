@@ -242,8 +242,9 @@ class Server:
             await loop.run_in_executor(self.executor, models.refresh)
         if models.pipe() is None:
             if models.models_dir is None:
-                models.add(await loop.run_in_executor(
-                    self.executor, lambda: Pipeline.from_dir(self.config.folder, self.config.backend)), self.config.folder)
+                pipe = await loop.run_in_executor(
+                    self.executor, lambda: Pipeline.from_dir(self.config.folder, self.config.backend))
+                models.add(pipe, self.config.folder)
             elif models.default is not None:
                 await loop.run_in_executor(self.executor, models.acquire, models.default)
         self.state["worker"] = EngineWorker(self.merge, self.config.batch_window_ms / 1000,
@@ -346,7 +347,8 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None, m
                        json_paths=frozenset(r.path for router in routers for r in router.routes
                                             if "POST" in getattr(r, "methods", ()) and not _form_route(r)),
                        form_paths=frozenset(r.path for router in routers for r in router.routes if _form_route(r)))
-    challenges = (['Basic realm="sdtrt"'] if config.api_auth else []) + (['Bearer realm="sdtrt"'] if config.api_key else [])
+    challenges = ['Basic realm="sdtrt"'] if config.api_auth else []
+    challenges += ['Bearer realm="sdtrt"'] if config.api_key else []
     app.add_middleware(Guard, accepted=accepted, max_bytes=max_bytes, replica=replica, count=count,
                        hint="send Authorization: Bearer <api key>" if config.api_key
                        else "send HTTP Basic credentials (--api-auth)", challenge=", ".join(challenges))
@@ -384,7 +386,8 @@ def serve(config: ServeConfig, access_log: bool = True, log_level: str = "warnin
     if config.models_dir is not None:
         problems = models.refresh()
         if problems:
-            say(f"sdtrt serve: warning: skipped {len(problems)} folder(s) of {config.models_dir}: {'; '.join(problems)}")
+            say(f"sdtrt serve: warning: skipped {len(problems)} folder(s) of {config.models_dir}: "
+                f"{'; '.join(problems)}")
         if not models.entries:
             raise UsageError(f"--models-dir {config.models_dir} holds no engine folder that can be served (each model "
                              "is a folder made by `sdtrt export`, with its manifest.json)")

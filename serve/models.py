@@ -64,7 +64,8 @@ def scan(models_dir: str | Path) -> tuple[list[ModelEntry], list[str]]:
 
     root = Path(models_dir)
     if not root.is_dir():
-        raise UsageError(f"--models-dir {models_dir} {'is a file, not a folder' if root.exists() else 'does not exist'}")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UsageError(f"--models-dir {models_dir} {what}")
     entries, problems = [], []
     for sub in sorted(root.iterdir(), key=lambda p: p.name):
         if sub.name.startswith(".") or not sub.is_dir() or not (sub / MANIFEST_NAME).exists():

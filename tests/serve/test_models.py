@@ -111,7 +111,8 @@ def loads(url) -> dict:
 
 def test_every_engine_folder_is_listed_and_broken_ones_are_named_at_startup(server, models_dir):
     url, lines = server
-    assert len(lines) == 2 and lines[0].startswith("sdtrt serve: warning: skipped 1 folder(s)") and "broken:" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("sdtrt serve: warning: skipped 1 folder(s)")
+    assert "broken: manifest.json is not valid JSON" in lines[0]
     assert "notes" not in lines[0] and "3 models, default alpha, at most 1 loaded" in lines[1]
     titles = [m["title"] for m in httpx.get(f"{url}/sdapi/v1/sd-models").json()]
     want = [f"{name} [{manifest_hash(models_dir / name)[:10]}]" for name in ("alpha", "beta", "gamma")]
@@ -159,7 +160,8 @@ def test_the_openai_model_field_selects_the_model(server):
 def test_an_unknown_model_is_a_4xx_naming_the_known_ones_in_each_protocols_shape(server):
     url, _ = server
     for r in (httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "delta"}),
-              httpx.post(f"{url}/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "delta"}})):
+              httpx.post(f"{url}/sdapi/v1/txt2img",
+                         json={**BODY, "override_settings": {"sd_model_checkpoint": "delta"}})):
         assert r.status_code == 422, r.text
         body = r.json()
         assert body["error"] == "UnknownModel" and "'delta'" in body["detail"]
