@@ -17,7 +17,6 @@ diffusers' img2img with that many ``num_inference_steps`` and a strength that sk
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any

@@ -127,6 +127,8 @@ def _upright(image, label: str):
 def _unreadable(label: str, ex: BaseException) -> str:
     if "MAX_TEXT" in str(ex):  # PngImagePlugin's limits on text chunks
         return f"{label} holds text chunks that expand beyond what PIL reads safely ({_first_line(ex)})"
+    if str(ex).startswith("cannot identify image file <"):  # a file object's repr says nothing to the user
+        return f"{label} is not a readable image (no image format PIL reads: PNG, JPEG, WebP, ...)"
     return f"{label} is not a readable image ({_first_line(ex)})"
 
 

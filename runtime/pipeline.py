@@ -124,6 +124,7 @@ class Pipeline:
         self.engines = engines
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.name: str | None = None  # the name it is known by (sdtrt serve --models-dir: its folder's); model_name
         self.loras: tuple[tuple[str, float], ...] = ()  # set_loras: applied to every generation
         self.lora_dir: Path | None = None  # where A1111's <lora:name:weight> prompt tags find name.safetensors
         self.lora_files: dict[str, str] = {}  # tag name -> file, before lora_dir (a replay's checked files)
@@ -835,7 +836,7 @@ class Pipeline:
 
     @property
     def model_name(self) -> str:
-        return Path(self.manifest.model.source.rstrip("/")).name or self.manifest.model.family
+        return self.name or Path(self.manifest.model.source.rstrip("/")).name or self.manifest.model.family
 
     def _denoise(self, table: SamplerTable, start: "Start", embeddings: np.ndarray, guidance: float,
                  rng: ImageNoise, callback, timings: dict[str, float]) -> np.ndarray:

@@ -109,7 +109,7 @@ def add_generate(sub) -> None:
                    help="denoising strength of the second pass, in (0, 1] (default: 0.7)")
     p.add_argument("--hires-prompt", default=unset, help="prompt of the second pass (default: the prompt)")
     p.add_argument("--hires-negative", default=unset, help="negative prompt of the second pass (default: --negative)")
-    p.add_argument("--hires-sampler", choices=SAMPLERS, default=unset, help="sampler of the second pass "
+    p.add_argument("--hires-sampler", choices=SAMPLER_NAMES, default=unset, metavar="NAME", help="sampler of the second pass "
                                                                             "(default: --scheduler)")
     p.add_argument("--mask-invert", action="store_true", default=unset,
                    help="repaint the mask's black area and keep its white (A1111's Mask mode: Inpaint not masked)")

@@ -22,10 +22,16 @@ def _port(text: str) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve an engine folder over HTTP (A1111 and OpenAI APIs; needs sdtrt[serve])",
-                       description="An HTTP server over one engine folder: AUTOMATIC1111's /sdapi/v1/txt2img, img2img, "
-                                   "samplers, sd-models, progress; OpenAI's /v1/images/generations; /health, /ready, "
-                                   "/metrics. Binds 127.0.0.1 unless --api-key is set.")
-    p.add_argument("dir", help="engine folder")
+                       description="An HTTP server over one engine folder, or a folder of them (--models-dir): "
+                                   "AUTOMATIC1111's /sdapi/v1/txt2img, img2img, samplers, sd-models, options, "
+                                   "progress; OpenAI's /v1/images/generations, /v1/images/edits, /v1/models; /health, "
+                                   "/ready, /metrics. Binds 127.0.0.1 unless --api-key is set.")
+    p.add_argument("dir", nargs="?", default=None, help="engine folder (or --models-dir)")
+    p.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="serve every engine folder in DIR, each a model selected by its folder's name (A1111's "
+                        "sd_model_checkpoint, OpenAI's model); the first by name is the default")
+    p.add_argument("--max-loaded-models", type=int, default=1, metavar="N",
+                   help="with --models-dir: models loaded at once (the least recently used is unloaded)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
     p.add_argument("--port", type=_port, default=7860,
                    help="TCP port, 1..65535 (7860 is A1111's; 0: any free port, named in the startup line)")
@@ -44,6 +50,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-input-pixels", type=int, default=4096 * 4096,
                    help="pixels per image sent (img2img's init_images and mask; checked from the header, before "
                         "decoding)")
+    p.add_argument("--max-body-mb", type=_finite, default=32.0, metavar="MB",
+                   help="largest request body (JSON or multipart; over it: 413)")
     p.add_argument("--batch-window", type=_finite, default=50.0, metavar="MS",
                    help="how long a request waits for compatible ones to share its engine call (0: no batching)")
     p.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN]",
@@ -76,10 +84,15 @@ def _cmd_serve(args) -> int:
     from sdtrt.serve import RayConfig, ServeConfig, serve, serve_ray
 
     origins = tuple(o.strip() for o in args.cors_allow_origins.split(",")) if args.cors_allow_origins else ()
-    config = ServeConfig(folder=args.dir, backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
+    if args.max_loaded_models != 1 and args.models_dir is None:
+        raise UsageError("--max-loaded-models is an option of --models-dir")
+    if args.models_dir is not None and args.ray:
+        raise UsageError("--models-dir is not available with --ray yet: serve one engine folder per deployment")
+    config = ServeConfig(folder=args.dir, models_dir=args.models_dir, max_loaded=args.max_loaded_models,
+                         backend=args.backend, host=args.host, port=args.port, api_key=args.api_key,
                          api_auth=args.api_auth, max_queue=args.max_queue, timeout_s=args.timeout,
                          max_steps=args.max_steps, max_images=args.max_images, max_pixels=args.max_pixels,
-                         max_input_pixels=args.max_input_pixels,
+                         max_input_pixels=args.max_input_pixels, max_body_mb=args.max_body_mb,
                          batch_window_ms=args.batch_window, cors_origins=origins, body_timeout_s=args.body_timeout)
     ray_given = [flag for flag, value, default in (
         ("--replicas", args.replicas, 1), ("--autoscale", args.autoscale, None),

@@ -41,3 +41,9 @@ class NumericalError(SdtrtError):
 
 class MemoryLimitError(SdtrtError):
     """What was asked needs more memory than this machine has available: refused before it starts."""
+
+
+class UnknownModel(UsageError):
+    """A request names a model the server does not have (the message names the ones it has)."""
+
+    param = "model"  # the request field, in OpenAI's error shape

@@ -86,7 +86,7 @@ class Settings:
         self.model: str | None = None  # the title POSTed last (None: the server's current model)
 
     def model_entry(self) -> dict:
-        return self.server.find_model(self.model) if self.model else self.server.model_entries()[0]
+        return self.server.current_model()
 
     def options(self) -> dict:
         """``GET /sdapi/v1/options``: what clients read (the model's title as ``/sd-models`` lists it, its hash) and
@@ -258,7 +258,8 @@ def router(server) -> APIRouter:
                 from sdtrt.runtime.request import inpainting_options
 
                 req = replace(req, **inpainting_options(body.inpainting_mask_invert, body.inpainting_fill))
-        images, infos = await server.submit(endpoint, request, req, body.n_iter, image, mask)
+        images, infos = await server.submit(endpoint, request, req, body.n_iter, image, mask,
+                                            model=body.override_settings.get("sd_model_checkpoint"))
         if not body.override_settings_restore_afterwards:  # A1111 keeps the overrides for later requests
             settings.apply(body.override_settings)
         return response(body, images, infos, notes, run, timestamp)
@@ -270,11 +271,10 @@ def router(server) -> APIRouter:
         from sdtrt.runtime.hires import Hires, target_size
 
         same = (None, "", "Use same sampler", "Use same scheduler")  # A1111's UI's words for "the first pass's"
-        schedule = body.scheduler if body.hr_scheduler in same else body.hr_scheduler
         spec = Hires.create(body.hr_scale, (body.hr_resize_x, body.hr_resize_y), body.hr_upscaler or "Latent",
                             body.hr_second_pass_steps, body.denoising_strength, body.hr_prompt, body.hr_negative_prompt,
                             None if body.hr_sampler_name in same else resolve_sampler(
-                                body.hr_sampler_name, None, schedule)[0])
+                                body.hr_sampler_name, None, body.scheduler if body.hr_scheduler in same else body.hr_scheduler)[0])
         to_x, to_y, _, _ = target_size(body.width, body.height, spec)
         server.check_limits(to_x, to_y, spec.steps or body.steps, body.batch_size * body.n_iter)
         return replace(req, hires=spec)
@@ -301,6 +301,8 @@ def router(server) -> APIRouter:
     async def set_options(body: dict[str, Any]):
         # A1111's set_config: an unknown checkpoint is refused before anything is set; answers null
         settings.apply(body)
+        if body.get("sd_model_checkpoint") is not None:
+            await server.select_model(body["sd_model_checkpoint"])
         return None
 
     @api.post("/sdapi/v1/interrupt")

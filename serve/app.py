@@ -20,7 +20,8 @@ from fastapi import Request
 
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.serve.config import ServeConfig
-from sdtrt.serve.http import BodyReader, ClientGone, Guard, error_response
+from sdtrt.serve.http import BodyReader, ClientGone, Guard, error_response, is_openai, log
+from sdtrt.serve.models import ModelRegistry
 from sdtrt.serve.worker import EngineWorker, Job, QueueFull
 
 
@@ -35,7 +36,8 @@ class Interrupted(Exception):
 class Server:
     """What the routers share: the configuration, the loaded pipeline, the engine thread, the queue and the metrics."""
 
-    def __init__(self, config: ServeConfig, pipeline=None, replica: str | None = None):
+    def __init__(self, config: ServeConfig, pipeline=None, replica: str | None = None,
+                 models: ModelRegistry | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.config, self.replica = config, replica
@@ -48,29 +50,76 @@ class Server:
         self.m_images = Counter("sdtrt_images", "images generated", registry=registry)
         self.m_batch = Histogram("sdtrt_batch_size", "images per engine call", registry=registry,
                                  buckets=(1, 2, 3, 4, 6, 8, 16))
-        self.state: dict[str, Any] = {"pipe": pipeline, "waiting": 0, "progress": 0.0, "worker": None,
+        self.state: dict[str, Any] = {"waiting": 0, "progress": 0.0, "worker": None,
                                       "job": 0, "running": False, "stop": None}  # stop: (how, job) from stop()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-load")
+        self.models = models or ModelRegistry(config.backend, config.max_loaded, config.models_dir)
+        if pipeline is not None:  # one folder's, loaded by the caller
+            self.models.add(pipeline, config.folder)
+        self.m_loads = Counter("sdtrt_model_loads", "models loaded (--models-dir: on a switch)", ["model"],
+                               registry=registry)
+        for name, times in self.models.loads.items():
+            self.m_loads.labels(name).inc(times)
+        self.models.on_load = lambda name: self.m_loads.labels(name).inc()
+        Gauge("sdtrt_models_loaded", "models loaded now", registry=registry).set_function(
+            lambda: len(self.models.loaded))
 
     @property
     def pipe(self):
-        return self.state["pipe"]
+        """The default model's pipeline (or, while it is being loaded, the one used last; None before any)."""
+        return self.models.pipe()
+
+    # ---- models (A1111's sd_model_checkpoint, OpenAI's model) --------------------------------------------------------
 
     def model_entries(self) -> list[dict]:
         """A1111's ``/sdapi/v1/sd-models`` entries of the models this server can run (title ``name [hash]``)."""
-        pipe = self.pipe
-        sha = pipe.manifest.components["unet"].sha256
-        return [{"title": f"{pipe.model_name} [{sha[:10]}]", "model_name": pipe.model_name, "hash": sha[:10],
-                 "sha256": sha, "filename": pipe.model_name, "config": None}]
+        return [e.a1111() for e in self.models.list()]
 
     def find_model(self, name: str) -> dict:
-        """The entry of ``name`` (a title, a model name or a hash, as A1111's ``get_closet_checkpoint_match``
-        takes them), or a UsageError naming the known ones."""
-        entries = self.model_entries()
-        for e in entries:
-            if name in (e["title"], e["model_name"], e["hash"], e["sha256"]):
-                return e
-        raise UsageError(f"unknown model {name!r}; this server has: {', '.join(e['title'] for e in entries)}")
+        """The entry of ``name`` (a title, a model name or a hash, as A1111's ``checkpoint_aliases`` take them), or
+        an ``UnknownModel`` (a UsageError) naming the known ones."""
+        return self.models.find(name).a1111()
+
+    def current_model(self) -> dict | None:
+        """The entry of the default model (A1111's ``sd_model_checkpoint`` is its title)."""
+        entry = self.models.current()
+        return None if entry is None else entry.a1111()
+
+    def refresh_models(self) -> list[str]:
+        """Scan ``--models-dir`` again (A1111's ``refresh-checkpoints``); the folders skipped are logged."""
+        problems = self.models.refresh()
+        for line in problems:
+            log.warning("sdtrt serve: skipped %s", line)
+        return problems
+
+    async def select_model(self, name: str) -> dict:
+        """Make ``name`` the default model (A1111's ``POST /sdapi/v1/options {"sd_model_checkpoint"}``): requests
+        sent from now on without a model run on it; requests already queued keep theirs. Returns once it is loaded,
+        behind the work queued before it (the engine thread runs one thing at a time: no generation is cut). A model
+        that fails to load leaves the default as it was, and the error is raised."""
+        entry = self.models.find(name)
+        models, previous = self.models, self.models.default
+        models.default = entry.name
+        loop = asyncio.get_running_loop()
+
+        def switch():
+            models.acquire(entry.name)
+
+        job = Job(loop, switch, 0)
+        self.state["worker"].put(job)
+        try:
+            await asyncio.wait_for(asyncio.shield(job.future), self.config.timeout_s)
+        except BaseException:
+            if models.default == entry.name:
+                models.default = previous
+            raise
+        return entry.a1111()
+
+    def _model_name(self, model: str | None) -> str:
+        """The model a request runs on: the one it names, else the default at the time it is sent."""
+        if model is None or model == "":
+            return self.models.default
+        return self.models.find(model).name
 
     def check_limits(self, width: int, height: int, steps: int, images: int) -> None:
         config = self.config
@@ -104,12 +153,12 @@ class Server:
 
     # ---- in the engine thread --------------------------------------------------------------------------------------
 
-    def run(self, req, n_iter: int, plan) -> tuple[list, list[str]]:
+    def run(self, req, n_iter: int, plan, pipe=None) -> tuple[list, list[str]]:
         """``n_iter`` batches on the plan made when the request was checked (it does not depend on the seed). Image
         ``i`` of the whole job, across batches, gets ``seed + i`` (A1111's ``all_seeds``)."""
         from sdtrt.runtime.seeds import image_seeds
 
-        pipe, state = self.pipe, self.state
+        pipe, state = pipe or self.pipe, self.state
         images, infos, stopped = [], [], None
         job = self._begin()
         try:
@@ -146,7 +195,7 @@ class Server:
         from sdtrt.runtime.request import GenerationRequest
         from sdtrt.runtime.seeds import image_seeds
 
-        pipe = self.pipe
+        pipe = self.models.acquire(group[0].key[0])
         first = group[0].req
         prompts, negatives, seeds = [], [], []
         for job in group:
@@ -184,22 +233,31 @@ class Server:
 
     # ---- on the event loop -----------------------------------------------------------------------------------------
 
-    async def submit(self, endpoint: str, request: Request, req, n_iter: int, image=None, mask=None):
+    async def submit(self, endpoint: str, request: Request, req, n_iter: int, image=None, mask=None,
+                     model: str | None = None):
         """Queue ``req`` for the engine thread and wait for it; a client that disconnects, or the timeout, takes it
-        off the queue if it has not started."""
+        off the queue if it has not started. ``model``: the model to run it on (a name ``find_model`` takes; None:
+        the default model at this moment); an unknown one is an ``UnknownModel`` before anything is queued."""
         config, state = self.config, self.state
         self.m_requests.labels(endpoint).inc()
         t = time.perf_counter()
         if state["waiting"] >= config.max_queue:
             raise QueueFull()
+        name = self._model_name(model)
         if req.seed is None:  # chosen now, as A1111 chooses it (below 2**32): a batched request draws from its seeds
             from sdtrt.runtime.seeds import random_seed
 
             req = replace(req, seed=random_seed())
-        plan = self.pipe.plan(req, image, mask)  # every check before queueing: a bad request never waits
+        with self.models.planning(name) as planned_on:  # every check before queueing: a bad request never waits
+            plan = None if planned_on is None else planned_on.plan(req, image, mask)
+        key = self.batch_key(req, n_iter, plan) if image is None and plan is not None else None
+
+        def work():  # on the engine thread: the model loaded if it is not (then the request is checked there)
+            pipe = self.models.acquire(name)
+            return self.run(req, n_iter, plan if pipe is planned_on else pipe.plan(req, image, mask), pipe)
+
         loop = asyncio.get_running_loop()
-        job = Job(loop, lambda: self.run(req, n_iter, plan), req.batch * n_iter,
-                  self.batch_key(req, n_iter, plan) if image is None else None, req, plan)
+        job = Job(loop, work, req.batch * n_iter, None if key is None else (name, *key), req, plan)
         state["waiting"] += 1
         self.m_queue.set(state["waiting"])
         try:
@@ -224,35 +282,46 @@ class Server:
             self.m_queue.set(state["waiting"])
 
     async def load(self) -> None:
+        """The engine thread, and the default model if none was loaded (``create_app`` without a pipeline)."""
         from sdtrt.runtime import Pipeline
 
-        if self.state["pipe"] is None:
-            loop = asyncio.get_running_loop()
-            self.state["pipe"] = await loop.run_in_executor(
-                self.executor, lambda: Pipeline.from_dir(self.config.folder, self.config.backend))
+        models = self.models
+        loop = asyncio.get_running_loop()
+        if models.models_dir is not None and not models.entries:
+            await loop.run_in_executor(self.executor, models.refresh)
+        if models.pipe() is None:
+            if models.models_dir is None:
+                pipe = await loop.run_in_executor(
+                    self.executor, lambda: Pipeline.from_dir(self.config.folder, self.config.backend))
+                models.add(pipe, self.config.folder)
+            elif models.default is not None:
+                await loop.run_in_executor(self.executor, models.acquire, models.default)
         self.state["worker"] = EngineWorker(self.merge, self.config.batch_window_ms / 1000,
-                                            self.pipe.manifest.ranges.batch_max)
+                                            models.batch_max)
 
     async def close(self) -> None:
         if self.state["worker"] is not None:
             self.state["worker"].stop()
-        if self.state["pipe"] is not None:
-            self.state["pipe"].close()
+        self.models.close()
         self.executor.shutdown(wait=False)
 
 
-def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
-    """The FastAPI application over ``config.folder`` (``pipeline``: one already loaded, for tests). ``replica``: this
-    process's name among several (Ray Serve's replica id), sent back as ``X-Sdtrt-Replica`` and in ``/ready``."""
+def create_app(config: ServeConfig, pipeline=None, replica: str | None = None, models: ModelRegistry | None = None):
+    """The FastAPI application over ``config.folder`` or ``config.models_dir`` (``pipeline``: the folder's, already
+    loaded; ``models``: the registry of ``--models-dir``, scanned and its default loaded). ``replica``: this process's
+    name among several (Ray Serve's replica id), sent back as ``X-Sdtrt-Replica`` and in ``/ready``."""
     from fastapi import FastAPI
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from sdtrt.serve import a1111, openai
+    from sdtrt.serve import models as model_routes
 
     config.check()
-    server = Server(config, pipeline, replica)
+    server = Server(config, pipeline, replica, models)
     m_errors = server.m_errors
     app = FastAPI(title="sdtrt", description="Stable Diffusion on TensorRT / ONNX Runtime",
                   on_startup=[server.load], on_shutdown=[server.close])
@@ -262,7 +331,7 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
     async def library_error(request: Request, ex: SdtrtError):
         kind = type(ex).__name__
         m_errors.labels(kind).inc()
-        return error_response(request.url.path, 422, kind, str(ex))
+        return error_response(request.url.path, 422, kind, str(ex), param=getattr(ex, "param", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, ex: RequestValidationError):
@@ -270,6 +339,20 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
         fields = [".".join(str(p) for p in e.get("loc", ())[1:]) or "body" for e in ex.errors()[:5]]
         detail = "; ".join(f"{f}: {e.get('msg')}" for f, e in zip(fields, ex.errors()))
         return error_response(request.url.path, 422, "invalid_request", detail, param=fields[0] if fields else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, ex: StarletteHTTPException):
+        """OpenAI's shape for /v1/* (an unknown path: OpenAI's "Invalid URL"); elsewhere FastAPI's own answer."""
+        path = request.url.path
+        if not is_openai(path):
+            return await http_exception_handler(request, ex)
+        m_errors.labels(f"http_{ex.status_code}").inc()
+        kinds = {404: ("unknown_url", f"Invalid URL ({request.method} {path})"),
+                 405: ("method_not_allowed", f"{request.method} is not allowed on {path}"
+                                             + (f" (use {ex.headers['Allow']})" if ex.headers and "Allow" in ex.headers
+                                                else ""))}
+        kind, message = kinds.get(ex.status_code, ("http_error", str(ex.detail)))
+        return error_response(path, ex.status_code, kind, message, headers=ex.headers)
 
     @app.exception_handler(QueueFull)
     async def full(request: Request, ex: QueueFull):
@@ -288,7 +371,8 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
         m_errors.labels("timeout").inc()
         return error_response(request.url.path, 504, "timeout", f"not done within {config.timeout_s:g} s")
 
-    routers = [a1111.router(server), openai.router(server)]
+    routers = [model_routes.a1111_router(server), a1111.router(server), openai.router(server),
+               model_routes.options_fallback(server)]
     for r in routers:
         app.include_router(r)
 
@@ -316,10 +400,13 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
     count = lambda kind: m_errors.labels(kind).inc()  # noqa: E731
     app.add_middleware(BodyReader, timeout_s=config.body_timeout_s, max_bytes=max_bytes, count=count,
                        json_paths=frozenset(r.path for router in routers for r in router.routes
-                                            if "POST" in getattr(r, "methods", ())))
+                                            if "POST" in getattr(r, "methods", ()) and not _form_route(r)),
+                       form_paths=frozenset(r.path for router in routers for r in router.routes if _form_route(r)))
+    challenges = ['Basic realm="sdtrt"'] if config.api_auth else []
+    challenges += ['Bearer realm="sdtrt"'] if config.api_key else []
     app.add_middleware(Guard, accepted=accepted, max_bytes=max_bytes, replica=replica, count=count,
                        hint="send Authorization: Bearer <api key>" if config.api_key
-                       else "send HTTP Basic credentials (--api-auth)")
+                       else "send HTTP Basic credentials (--api-auth)", challenge=", ".join(challenges))
     if config.cors_origins:  # outermost: it answers browsers' preflight requests, which carry no credentials
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -329,36 +416,60 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None):
     return app
 
 
+def _form_route(route) -> bool:
+    """Whether a route reads a form body (multipart/form-data: OpenAI's image edits) rather than JSON."""
+    from fastapi import params
+
+    dependant = getattr(route, "dependant", None)
+    return dependant is not None and any(isinstance(p.field_info, params.Form) for p in dependant.body_params)
+
+
 def serve(config: ServeConfig, access_log: bool = True, log_level: str = "warning", say=None) -> None:
     """Run the server (uvicorn) until SIGTERM/SIGINT, then let requests in flight finish and return. Everything that
     can fail is done before uvicorn runs — the configuration checked, the socket bound, the engines loaded and their
     files checked against the manifest — so a failure is the caller's error (the CLI's one line), not a traceback;
-    the startup line is printed once the socket listens."""
+    the startup line is printed once the socket listens. ``--models-dir``: the folders that cannot be served are
+    named in one warning line and skipped; the first model (by name) is loaded and is the default."""
     import sys
 
     from sdtrt.errors import Terminated
-    from sdtrt.runtime import Pipeline
     from sdtrt.serve.http import bind, run_uvicorn, url
 
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
     config.check()
-    folder = Path(config.folder)
-    if not folder.is_dir():
-        raise UsageError(f"engine folder {config.folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    models = ModelRegistry(config.backend, config.max_loaded, config.models_dir)
+    if config.models_dir is not None:
+        problems = models.refresh()
+        if problems:
+            say(f"sdtrt serve: warning: skipped {len(problems)} folder(s) of {config.models_dir}: "
+                f"{'; '.join(problems)}")
+        if not models.entries:
+            raise UsageError(f"--models-dir {config.models_dir} holds no engine folder that can be served (each model "
+                             "is a folder made by `sdtrt export`, with its manifest.json)")
+    else:
+        folder = Path(config.folder)
+        if not folder.is_dir():
+            raise UsageError(f"engine folder {config.folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
     sock = bind(config.host, config.port)
-    pipe = None
     try:
         try:
-            pipe = Pipeline.from_dir(folder, config.backend)
+            if config.models_dir is not None:
+                pipe = models.acquire(models.default)
+            else:
+                from sdtrt.runtime import Pipeline
+
+                pipe = Pipeline.from_dir(config.folder, config.backend)
+                models.add(pipe, config.folder)
         except (KeyboardInterrupt, Terminated):  # stopped before it served: as a stop while serving, not an error
             say("sdtrt serve: stopped while loading the engines")
             return
-        app = create_app(config, pipeline=pipe)
-        listening = (f"sdtrt serve: listening on {url(sock, config.host)} (model {pipe.model_name}, backend "
+        app = create_app(config, models=models)
+        served = (f"model {pipe.model_name}" if config.models_dir is None else
+                  f"{len(models.entries)} models, default {pipe.model_name}, at most {config.max_loaded} loaded")
+        listening = (f"sdtrt serve: listening on {url(sock, config.host)} ({served}, backend "
                      f"{pipe.backend_name}, A1111 /sdapi/v1 + OpenAI /v1/images)")
         run_uvicorn(app, sock, lambda: say(listening), access_log=access_log, log_level=log_level,
                     drain_s=min(config.timeout_s, 120.0), say=say)
     finally:
         sock.close()
-        if pipe is not None:
-            pipe.close()  # also where the app's shutdown did (a second close is a no-op)
+        models.close()  # also where the app's shutdown did (a second close is a no-op)

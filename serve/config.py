@@ -12,7 +12,9 @@ from sdtrt.serve.http import check_credentials
 
 @dataclass(frozen=True)
 class ServeConfig:
-    folder: str
+    folder: str | None = None  # one engine folder; or, exclusively:
+    models_dir: str | None = None  # a folder of engine folders, each a model clients select by name
+    max_loaded: int = 1  # --models-dir: models loaded at once (the least recently used is unloaded)
     backend: str = "auto"
     host: str = "127.0.0.1"
     port: int = 7860
@@ -32,6 +34,11 @@ class ServeConfig:
     def check(self) -> None:
         from sdtrt.runtime.backends import BACKENDS
 
+        if (self.folder is None) == (self.models_dir is None):
+            raise UsageError("give one engine folder, or --models-dir DIR (a folder of engine folders), not "
+                             + ("both" if self.folder is not None else "neither"))
+        if isinstance(self.max_loaded, bool) or not isinstance(self.max_loaded, int) or self.max_loaded < 1:
+            raise UsageError(f"--max-loaded-models must be at least 1, got {self.max_loaded!r}")
         if self.backend not in BACKENDS:
             raise UsageError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -45,6 +52,8 @@ class ServeConfig:
                              ("--max-input-pixels", self.max_input_pixels)):
             if value < 1:
                 raise UsageError(f"{label} must be at least 1, got {value}")
+        if not (math.isfinite(self.max_body_mb) and self.max_body_mb > 0):
+            raise UsageError(f"--max-body-mb must be positive, got {self.max_body_mb}")
         for label, seconds in (("--timeout", self.timeout_s), ("--body-timeout", self.body_timeout_s)):
             if not (math.isfinite(seconds) and seconds > 0):
                 raise UsageError(f"{label} must be positive, got {seconds}")

@@ -5,7 +5,8 @@
 - ``Guard``: credentials and the declared body size, before anything is read;
 - ``BodyReader``: the whole body read under one deadline (a client sending 1 byte/s, or fewer bytes than its
   Content-Length, gets a 408 and the connection closes), its real size limited (chunked bodies declare none), a JSON
-  route's body checked to be UTF-8 JSON (a 4xx naming the problem), a client that goes away logged in one line;
+  route's body checked to be UTF-8 JSON and a form route's to be a form (a 4xx naming the problem), a client that
+  goes away logged in one line;
 - ``bind`` and ``run_uvicorn``: the socket bound before uvicorn runs (a taken port is the CLI's one-line error), the
   startup line once it listens, uvicorn's access log, and SIGTERM/SIGINT drain requests in flight, then return.
 
@@ -27,7 +28,7 @@ from sdtrt.errors import UsageError
 
 log = logging.getLogger("sdtrt.serve")
 
-OPENAI_CODES = {"unauthorized": "invalid_api_key"}  # OpenAI's own code where it has one for the same problem
+OPENAI_CODES = {"unauthorized": "invalid_api_key", "unknown_url": None}  # OpenAI's own code where it has one for the same problem
 
 
 class ClientGone(Exception):
@@ -87,11 +88,13 @@ def _with_header(send, name: bytes, value: bytes):
 class Guard:
     """API key / HTTP Basic credentials (``accepted``: the Authorization header values that let a request in,
     compared in constant time; none: no check) everywhere but /health, and the body size a request declares;
-    ``replica``: sent back as ``X-Sdtrt-Replica``."""
+    ``replica``: sent back as ``X-Sdtrt-Replica``. A 401 carries ``challenge`` as its ``WWW-Authenticate`` header
+    (RFC 9110: a 401 must; a browser asks for HTTP Basic credentials on ``Basic realm=...``)."""
 
     def __init__(self, app, accepted: set[str], hint: str, max_bytes: int, replica: str | None = None,
-                 count=lambda kind: None):
+                 count=lambda kind: None, challenge: str = 'Bearer realm="sdtrt"'):
         self.app, self.hint, self.max_bytes, self.replica, self.count = app, hint, max_bytes, replica, count
+        self.challenge = challenge
         self.accepted = [a.encode() for a in accepted]
 
     async def __call__(self, scope, receive, send):
@@ -100,7 +103,7 @@ class Guard:
             problem = None
             if self.accepted and scope["path"] != "/health" and \
                     not any(hmac.compare_digest(headers.get(b"authorization", b""), a) for a in self.accepted):
-                problem = 401, "unauthorized", self.hint, None
+                problem = 401, "unauthorized", self.hint, {"WWW-Authenticate": self.challenge}
             length = headers.get(b"content-length", b"")
             if problem is None and length.isdigit() and int(length) > self.max_bytes:
                 problem = 413, "too_large", f"the body is over this server's limit of {_mb(self.max_bytes)}", CLOSE
@@ -143,6 +146,14 @@ def body_problem(body: bytes, content_type: bytes | None) -> str | None:
     return None
 
 
+def form_problem(content_type: bytes | None) -> str | None:
+    """What makes a body unusable for a form route (OpenAI's image edits take multipart/form-data); None: nothing."""
+    media = (content_type or b"").split(b";")[0].strip().lower().decode("latin-1")
+    if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return None
+    return f"the body is {media or 'untyped'}, not multipart/form-data: send the image (and mask) as file parts"
+
+
 def _client(scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "a client"
@@ -155,9 +166,10 @@ class BodyReader:
     its body, or while its request waits or runs (``ClientGone``) — is one warning line. ``count(kind)``: each
     refusal, for the metrics."""
 
-    def __init__(self, app, timeout_s: float, max_bytes: int, json_paths: frozenset[str], count=lambda kind: None):
+    def __init__(self, app, timeout_s: float, max_bytes: int, json_paths: frozenset[str], count=lambda kind: None,
+                 form_paths: frozenset[str] = frozenset()):
         self.app, self.timeout_s, self.max_bytes, self.json_paths = app, timeout_s, max_bytes, json_paths
-        self.count = count
+        self.count, self.form_paths = count, form_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -190,8 +202,9 @@ class BodyReader:
                                      f"{_mb(self.max_bytes)}", headers=CLOSE)(scope, receive, send)
                 return
         body = b"".join(chunks)
-        if scope["method"] == "POST" and path in self.json_paths and body:
-            problem = body_problem(body, headers.get(b"content-type"))
+        if scope["method"] == "POST" and (path in self.json_paths and body or path in self.form_paths):
+            problem = body_problem(body, headers.get(b"content-type")) if path in self.json_paths else \
+                form_problem(headers.get(b"content-type"))
             if problem is not None:
                 self.count("invalid_body")
                 await error_response(path, 422, "invalid_body", problem)(scope, receive, send)

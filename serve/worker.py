@@ -30,7 +30,7 @@ class Job:
 class EngineWorker:
     """The one thread that runs the engines. Jobs run in arrival order; a job with a batching key waits up to the
     window for later jobs with the same key and runs with them as one engine call (``merge``), up to ``max_batch``
-    images."""
+    images (a number, or a function of the key: each model has its own)."""
 
     def __init__(self, merge, window_s: float, max_batch: int):
         import threading
@@ -56,15 +56,16 @@ class EngineWorker:
     def _group(self, first: Job) -> list[Job]:
         """``first`` and the compatible jobs that arrive within the window (called with the lock held)."""
         group, size = [first], first.images
+        limit = self.max_batch(first.key) if callable(self.max_batch) else self.max_batch
         deadline = time.monotonic() + self.window_s
-        while size < self.max_batch:
+        while size < limit:
             for job in [j for j in self.jobs if j.key == first.key and not j.cancelled]:
-                if size + job.images <= self.max_batch:
+                if size + job.images <= limit:
                     self.jobs.remove(job)
                     group.append(job)
                     size += job.images
             left = deadline - time.monotonic()
-            if left <= 0 or size >= self.max_batch:
+            if left <= 0 or size >= limit:
                 break
             self.cond.wait(left)
         return group
