@@ -325,3 +325,58 @@ def test_the_ray_builder_reads_serve_run_arguments_and_sets_ray_serve_options():
                           "exclude each other")):
         with pytest.raises(Exception, match=message):
             ray_configs(bad)
+
+
+def test_the_gateway_sends_a_request_whose_replica_died_again_once_then_answers_503_in_its_shape():
+    """The gateway's logic without a cluster (the kill test above cannot tell whether a request was in flight on
+    the killed replica): a ``RayActorError`` (the replica died) -> the same request once more; twice -> 503 +
+    Retry-After in the path's protocol shape; back-pressure likewise; draining -> 503, ``/health`` still forwarded."""
+    import asyncio
+    import json
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+    from starlette.requests import Request
+
+    from sdtrt.serve.ray_gateway import GatewayLogic
+
+    class Replicas:  # a DeploymentHandle to the replicas: .handle.remote(scope, body), awaited
+        def __init__(self, *outcomes):
+            self.outcomes, self.calls = list(outcomes), []
+            self.handle = self
+
+        async def remote(self, scope, body):
+            self.calls.append((scope["method"], scope["path"], body))
+            outcome = self.outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    def call(gateway, path, body=b'{"prompt": "a"}'):
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http"}
+        return asyncio.run(gateway(Request(scope, receive)))
+
+    ok = (200, [(b"content-type", b"application/json"), (b"content-length", b"2"), (b"x-sdtrt-replica", b"r2")], b"{}")
+    replicas = Replicas(ActorDiedError(), ok)
+    r = call(GatewayLogic(replicas, 2**20, 5.0), "/sdapi/v1/txt2img")
+    assert (r.status_code, r.body, dict(r.raw_headers)[b"x-sdtrt-replica"]) == (200, b"{}", b"r2")
+    assert replicas.calls == [("POST", "/sdapi/v1/txt2img", b'{"prompt": "a"}')] * 2  # the same request again
+    for path, died in (("/sdapi/v1/txt2img", ActorDiedError()), ("/v1/images/generations", ActorDiedError()),
+                       ("/sdapi/v1/img2img", BackPressureError(num_queued_requests=8, max_queued_requests=8))):
+        replicas = Replicas(died, died)
+        r = call(GatewayLogic(replicas, 2**20, 5.0), path)
+        body = json.loads(r.body)
+        assert r.status_code == 503 and r.headers["retry-after"].isdigit(), (path, r.body)
+        assert (body["error"]["message"] if path.startswith("/v1/") else body["detail"]), body
+        assert len(replicas.calls) == (1 if isinstance(died, BackPressureError) else 2)
+    gateway = GatewayLogic(Replicas(ok), 2**20, 5.0)
+    assert asyncio.run(gateway.drain(1.0)) == 0
+    r = call(gateway, "/sdapi/v1/txt2img")
+    assert r.status_code == 503 and json.loads(r.body)["error"] == "unavailable" and r.headers["retry-after"]
+    assert call(gateway, "/health").status_code == 200 and not gateway.replicas.outcomes
