@@ -332,6 +332,6 @@ def test_openai_sdk(server):
 
     # cancel: the SDK's timeout closes the connection; the server takes the next request
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=1.0, max_retries=0).images.generate(prompt="a slow lighthouse", size="192x192")
+        client.with_options(timeout=0.5, max_retries=0).images.generate(prompt="a slow lighthouse", size="128x128")
     again = client.images.generate(model=ids[0], prompt="a lighthouse", size="64x64", response_format="b64_json")
     assert png(again.data[0].b64_json)[0].size == (64, 64)
