@@ -1,7 +1,8 @@
 """Scale-out on Ray Serve (``sdtrt serve --ray``, ``serve run sdtrt.serve:ray_app``): the same FastAPI app
-(``sdtrt.serve.app.create_app``) is the ingress of one deployment with one replica per GPU; Ray's proxy routes
-requests to replicas and restarts dead ones, each replica batches as the plain server does. No load balancer of our
-own."""
+(``sdtrt.serve.app.create_app``) runs in each replica of one deployment, one replica per GPU, behind a small gateway
+deployment (``sdtrt.serve.ray_gateway``: a request whose replica dies is sent again once, else answered 503 in the
+protocol's shape; on SIGTERM new requests get 503 while those in flight finish). Ray's proxy and router pick the
+replica and restart dead ones; each replica batches as the plain server does. No load balancer of our own."""
 
 from __future__ import annotations
 
@@ -84,23 +85,48 @@ def ray_deployment_options(config: ServeConfig, ray_config: RayConfig) -> dict:
     return options
 
 
+def gateway_options(config: ServeConfig, ray_config: RayConfig) -> dict:
+    """Ray Serve's options for the ``Gateway`` in front of the replicas (``sdtrt.serve.ray_gateway``): one replica,
+    no CPU of its own (it only forwards bytes), room for every request the replicas run or queue (so their
+    back-pressure, answered in the protocol's shape, comes before Ray's plain-text one)."""
+    most = ray_config.max_replicas if ray_config.max_replicas is not None else ray_config.replicas
+    return {"name": "gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+            "max_ongoing_requests": 2 * config.max_queue * max(most, 1) + 8,
+            "graceful_shutdown_timeout_s": min(config.timeout_s, 120.0)}
+
+
 def ray_application(config: ServeConfig, ray_config: RayConfig = RayConfig()):
-    """The Ray Serve application: ``create_app`` as the ingress of one deployment. The app is built in each replica
-    (Ray's ingress builder), so each has its own engines, worker and metrics; ``X-Sdtrt-Replica`` names the replica
-    that answered."""
+    """The Ray Serve application: a ``Gateway`` (the ingress, ``sdtrt.serve.ray_gateway``) in front of the
+    ``Replica`` deployment, each replica running ``create_app`` on its own engines, worker and metrics;
+    ``X-Sdtrt-Replica`` names the replica that answered."""
     from ray import serve
 
-    def build():
-        from sdtrt.runtime import Pipeline
+    from sdtrt.serve.ray_gateway import GatewayLogic, Lifespan, call_asgi
 
-        # loaded here, not in the app's startup event: Ray reports an exception of the replica's constructor with
-        # its message (a failed startup event only as "ASGI lifespan startup failed")
-        pipe = Pipeline.from_dir(config.folder, config.backend)
-        from sdtrt.serve.app import create_app
+    class Replica:
+        async def __init__(self):
+            from sdtrt.runtime import Pipeline
+            from sdtrt.serve.app import create_app
 
-        return create_app(config, pipeline=pipe, replica=serve.get_replica_context().replica_id.unique_id)
+            # loaded in the constructor, not in the app's startup: Ray reports a constructor's exception with its
+            # message
+            pipe = Pipeline.from_dir(config.folder, config.backend)
+            self.app = create_app(config, pipeline=pipe, replica=serve.get_replica_context().replica_id.unique_id)
+            self.lifespan = Lifespan(self.app)
+            await self.lifespan.start()
 
-    return serve.deployment(serve.ingress(build)(), **ray_deployment_options(config, ray_config)).bind()
+        async def handle(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+            return await call_asgi(self.app, scope, body)
+
+        async def __del__(self):  # Ray Serve's graceful stop of a replica: the engine thread stops, engines close
+            await self.lifespan.stop()
+
+    class Gateway(GatewayLogic):
+        def __init__(self, replicas):
+            super().__init__(replicas, int(config.max_body_mb * 2**20), config.body_timeout_s)
+
+    replicas = serve.deployment(Replica, **ray_deployment_options(config, ray_config)).bind()
+    return serve.deployment(Gateway, **gateway_options(config, ray_config)).bind(replicas)
 
 
 def ray_app(args: dict):
@@ -328,6 +354,12 @@ def _stop_ray(address: str, name: str, drain_s: float, log) -> None:
     from sdtrt.errors import Terminated
 
     def down():
+        try:  # new requests get 503 (not Ray's 404 once the application is gone) while those in flight finish
+            left = serve.get_app_handle(name).drain.remote(drain_s).result(timeout_s=drain_s + 10)
+            if left:
+                log(f"sdtrt: {left} request(s) still running after {drain_s:g} s: they are cut off")
+        except Exception:  # noqa: BLE001  (nothing deployed, or the gateway is gone: nothing to drain)
+            pass
         try:
             serve.delete(name)  # replicas drain their requests; Serve's shutdown would cut them off
             if address == "local":
@@ -338,7 +370,7 @@ def _stop_ray(address: str, name: str, drain_s: float, log) -> None:
     worker = threading.Thread(target=down, daemon=True)
     worker.start()
     try:
-        worker.join(drain_s + 30)
+        worker.join(2 * drain_s + 40)  # the drain, then Ray's own graceful stop of the replicas
     except (KeyboardInterrupt, Terminated):
         log("sdtrt: stopping now")
     finally:

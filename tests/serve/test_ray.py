@@ -27,6 +27,7 @@ from sdtrt.runtime import Pipeline  # noqa: E402
 from tests.serve.test_app import free_port  # noqa: E402
 
 CLIENTS = 3
+SLOW_STEPS = 40  # a 128x128 request that runs for seconds on the tiny export (5-7 s on 2 busy CPU cores)
 
 
 def body(seed: int) -> dict:
@@ -63,6 +64,21 @@ def images_made(url: str, ids) -> dict[str, float]:
     raise AssertionError(f"/metrics came only from {sorted(got)}")
 
 
+SERVERS: dict[str, subprocess.Popen] = {}  # url -> the `sdtrt serve --ray` process (the SIGTERM test stops it)
+
+
+def stop(url: str) -> int:
+    """SIGTERM, as a service manager stops it: the app drains, the cluster stops. Its exit status."""
+    proc = SERVERS[url]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
 @pytest.fixture(scope="module")
 def ray_server(tiny_fp32):
     port = free_port()
@@ -70,17 +86,22 @@ def ray_server(tiny_fp32):
                              "--port", str(port), "--backend", "onnxruntime-cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    SERVERS[url] = proc
     try:
         replicas(url, 2)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)  # as a service manager stops it: the app drains, the cluster stops
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, proc.stderr.read()
+        returncode = stop(url)
+    assert returncode == 0, proc.stderr.read()
+
+
+def unavailable(r: httpx.Response, openai: bool = False) -> bool:
+    """A 503 as this server answers one: its protocol's JSON error shape, and Retry-After (never Ray's plain-text
+    500 or 404)."""
+    if r.status_code != 503 or not r.headers.get("retry-after", "").isdigit():
+        return False
+    error = r.json()["error"]
+    return isinstance(error["message"], str) if openai else (isinstance(error, str) and bool(r.json()["detail"]))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +159,7 @@ def test_a_replica_killed_mid_load_is_restarted_and_no_answer_is_wrong(ray_serve
             try:
                 r = httpx.post(f"{ray_server}/sdapi/v1/txt2img", json=body(seed), timeout=60)
                 outcomes[seed] = (r.status_code, r.headers.get("x-sdtrt-replica"),
-                                  r.json() if r.status_code == 200 else r.text)
+                                  r.json() if r.status_code == 200 else r)
             except httpx.HTTPError as ex:
                 outcomes[seed] = ("disconnected", None, repr(ex))
 
@@ -167,9 +188,11 @@ def test_a_replica_killed_mid_load_is_restarted_and_no_answer_is_wrong(ray_serve
             t.join()
     ok = [s for s, got in outcomes.items() if got[0] == 200]
     failed = {s: got for s, got in outcomes.items() if got[0] != 200}
-    # a request the dead replica held may fail (Ray re-sent them in every run so far), but loudly: a 5xx or a
-    # dropped connection, never a 200 with another request's image; and only around the kill
-    assert all(status == "disconnected" or status >= 500 for status, _, _ in failed.values()), failed
+    # a request the dead replica held is sent again once, to another replica, by the gateway; if it fails it is a
+    # 503 with Retry-After in A1111's error shape (never Ray's plain-text 500, a dropped connection, or a 200 with
+    # another request's image); and only around the kill
+    assert all(status != "disconnected" and unavailable(r) for status, _, r in failed.values()), \
+        {s: (got[0], got[2] if got[0] == "disconnected" else (got[2].headers, got[2].text)) for s, got in failed.items()}
     assert len(failed) <= 2 * CLIENTS, failed
     assert not any(got[1] == victim for s, got in outcomes.items() if s > killed + CLIENTS)  # it did die
     for seed in ok:
@@ -180,6 +203,46 @@ def test_a_replica_killed_mid_load_is_restarted_and_no_answer_is_wrong(ray_serve
     made = images_made(ray_server, [survivor, fresh])
     answered = {r: sum(1 for got in outcomes.values() if got[:2] == (200, r)) for r in (survivor, fresh)}
     assert (made[survivor] - made_before, made[fresh]) == (answered[survivor], answered[fresh])
+
+
+def test_after_sigterm_new_requests_get_503_json_while_the_one_in_flight_finishes(ray_server, library):
+    """Runs last of the tests on ``ray_server``: it stops it. Ray alone answers new requests 404 (plain text) as soon
+    as the application is being removed; here they get 503 + Retry-After in their protocol's shape until the
+    request in flight is done, and that request gets its own image."""
+    slow = {**body(4242), "steps": SLOW_STEPS, "width": 128, "height": 128}
+    answer: dict[str, object] = {}
+
+    def post():
+        answer["r"] = httpx.post(f"{ray_server}/sdapi/v1/txt2img", json=slow, timeout=120)
+        answer["done"] = time.monotonic()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    time.sleep(1.0)  # it is in a replica's engine thread (it takes several seconds)
+    assert thread.is_alive(), "the in-flight request finished too soon to test anything"
+    SERVERS[ray_server].send_signal(signal.SIGTERM)
+    seen = []
+    while thread.is_alive():
+        sent = time.monotonic()
+        try:
+            r = (httpx.post(f"{ray_server}/v1/images/generations", json={"prompt": "x", "size": "64x64"}, timeout=30)
+                 if len(seen) % 2 else httpx.post(f"{ray_server}/sdapi/v1/txt2img", json=body(1), timeout=30))
+        except httpx.HTTPError:  # the proxy has stopped listening: after the drain
+            break
+        seen.append((sent, r))
+        time.sleep(0.2)
+    thread.join()
+    assert answer["r"].status_code == 200, answer["r"].text
+    (encoded,) = answer["r"].json()["images"]
+    assert "Seed: 4242," in Image.open(io.BytesIO(base64.b64decode(encoded))).text["parameters"]
+    # until the request in flight is done every new one is refused in its protocol's shape (those sent before the
+    # gateway heard of the stop are answered as usual)
+    during = [(r.request.url.path, r) for sent, r in seen if sent < answer["done"]]
+    assert any(r.status_code == 503 for _, r in during), [(p, r.status_code) for p, r in during]
+    bad = [(p, r.status_code, r.text[:80]) for p, r in during
+           if r.status_code != 200 and not unavailable(r, openai=p.startswith("/v1/"))]
+    assert not bad, bad
+    assert stop(ray_server) == 0, SERVERS[ray_server].stderr.read()
 
 
 def test_a_replica_that_cannot_load_its_engines_is_one_line_naming_the_error(tiny_fp32, tmp_path):
@@ -262,3 +325,58 @@ def test_the_ray_builder_reads_serve_run_arguments_and_sets_ray_serve_options():
                           "exclude each other")):
         with pytest.raises(Exception, match=message):
             ray_configs(bad)
+
+
+def test_the_gateway_sends_a_request_whose_replica_died_again_once_then_answers_503_in_its_shape():
+    """The gateway's logic without a cluster (the kill test above cannot tell whether a request was in flight on
+    the killed replica): a ``RayActorError`` (the replica died) -> the same request once more; twice -> 503 +
+    Retry-After in the path's protocol shape; back-pressure likewise; draining -> 503, ``/health`` still forwarded."""
+    import asyncio
+    import json
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+    from starlette.requests import Request
+
+    from sdtrt.serve.ray_gateway import GatewayLogic
+
+    class Replicas:  # a DeploymentHandle to the replicas: .handle.remote(scope, body), awaited
+        def __init__(self, *outcomes):
+            self.outcomes, self.calls = list(outcomes), []
+            self.handle = self
+
+        async def remote(self, scope, body):
+            self.calls.append((scope["method"], scope["path"], body))
+            outcome = self.outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    def call(gateway, path, body=b'{"prompt": "a"}'):
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http"}
+        return asyncio.run(gateway(Request(scope, receive)))
+
+    ok = (200, [(b"content-type", b"application/json"), (b"content-length", b"2"), (b"x-sdtrt-replica", b"r2")], b"{}")
+    replicas = Replicas(ActorDiedError(), ok)
+    r = call(GatewayLogic(replicas, 2**20, 5.0), "/sdapi/v1/txt2img")
+    assert (r.status_code, r.body, dict(r.raw_headers)[b"x-sdtrt-replica"]) == (200, b"{}", b"r2")
+    assert replicas.calls == [("POST", "/sdapi/v1/txt2img", b'{"prompt": "a"}')] * 2  # the same request again
+    for path, died in (("/sdapi/v1/txt2img", ActorDiedError()), ("/v1/images/generations", ActorDiedError()),
+                       ("/sdapi/v1/img2img", BackPressureError(num_queued_requests=8, max_queued_requests=8))):
+        replicas = Replicas(died, died)
+        r = call(GatewayLogic(replicas, 2**20, 5.0), path)
+        body = json.loads(r.body)
+        assert r.status_code == 503 and r.headers["retry-after"].isdigit(), (path, r.body)
+        assert (body["error"]["message"] if path.startswith("/v1/") else body["detail"]), body
+        assert len(replicas.calls) == (1 if isinstance(died, BackPressureError) else 2)
+    gateway = GatewayLogic(Replicas(ok), 2**20, 5.0)
+    assert asyncio.run(gateway.drain(1.0)) == 0
+    r = call(gateway, "/sdapi/v1/txt2img")
+    assert r.status_code == 503 and json.loads(r.body)["error"] == "unavailable" and r.headers["retry-after"]
+    assert call(gateway, "/health").status_code == 200 and not gateway.replicas.outcomes
