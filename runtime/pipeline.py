@@ -917,8 +917,8 @@ class Pipeline:
             t2 = clock()
             unet_s += t1 - tc
             update_s += t2 - t1
-            if callback is not None:
-                callback(i + 1, table.num_steps)
+            if callback is not None and callback(i + 1, table.num_steps) is False:
+                break  # the caller stops the loop: the image is made from the state so far (A1111's interrupt)
         timings["unet"], timings["sampler_update"] = unet_s, update_s
         if controls:
             timings["controlnet"] = control_s

@@ -137,13 +137,19 @@ class Server:
         if self.state["running"]:
             self.state["stop"] = (how, self.state["job"])
 
-    def _checkpoint(self, job: int) -> None:
-        """Called between steps (the pipeline's callback): raises Interrupted when this job was asked to stop."""
+    def _checkpoint(self, job: int, during: bool = False) -> bool | None:
+        """Called between batches, and between steps (``during``: the pipeline's callback): raises Interrupted when
+        this job was asked to stop; an interrupt or skip during a batch returns False instead, which ends the sampler's loop
+        and makes the batch's images from the state so far, as A1111 does (modules/sd_samplers_common.py
+        ``Sampler.launch_sampling``: ``except InterruptedException: return self.last_latent``)."""
         stop = self.state["stop"]
         if stop is not None and stop[1] == job:
-            if stop[0] == "skip":
+            if stop[0] == "skip":  # this batch ends (its images made so far, as A1111's); the next one runs
                 self.state["stop"] = None
+            if during:
+                return False
             raise Interrupted(stop[0])
+        return None
 
     def _begin(self) -> int:
         state = self.state
@@ -168,7 +174,8 @@ class Server:
                 def progress(done, total, i=i):
                     state["progress"] = (i + done / total) / n_iter
                     if done < total:  # a batch whose steps are all done is kept
-                        self._checkpoint(job)
+                        return self._checkpoint(job, during=True)
+                    return None
 
                 try:
                     self._checkpoint(job)  # asked between batches (a device loop reports only its end)
@@ -208,7 +215,7 @@ class Server:
                                           clip_skip=first.clip_skip)
         job = self._begin()
         try:
-            result = pipe.generate(merged, seeds=seeds, callback=lambda done, total: done < total and self._checkpoint(job))
+            result = pipe.generate(merged, seeds=seeds, callback=lambda done, total: self._checkpoint(job, during=True) if done < total else None)
         finally:
             self.state["running"] = False
         self.m_batch.observe(merged.batch)

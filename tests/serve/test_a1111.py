@@ -196,8 +196,8 @@ def test_info_carries_every_key_of_processed_js_read_from_the_images(server, tin
 def test_interrupt_and_skip_stop_the_running_generation_at_its_next_step(server):
     # modules/shared_state.py State.interrupt / skip, checked between steps (sd_samplers_common
     # InterruptedException); processing.py process_images_inner: after an interrupt no further batch runs, after a
-    # skip the next one does. sdtrt answers the images finished before the interrupt (A1111 also decodes the
-    # stopped one) and a 409 when there are none.
+    # skip the next one does; the stopped batch's images are made from the latents so far (sd_samplers_common.py
+    # Sampler.launch_sampling: `except InterruptedException: return self.last_latent`), answered 200.
     def run(how, when):
         box = {}
         t = threading.Thread(target=lambda: box.update(r=txt2img(server, steps=100, n_iter=2, sampler_name="Euler")))
@@ -208,9 +208,17 @@ def test_interrupt_and_skip_stop_the_running_generation_at_its_next_step(server)
         t.join(120)
         return box["r"]
 
-    data = ok(run("interrupt", 0.6))  # during the second batch: the first comes back, the second stops
-    assert len(data["images"]) == 1 and json.loads(data["info"])["all_seeds"] == [11]
-    data = ok(run("skip", 0.1))  # during the first batch: the second still runs and comes back
-    assert len(data["images"]) == 1 and json.loads(data["info"])["all_seeds"][0] != 11
-    r = run("interrupt", 0.1)  # before any image: nothing to answer
-    assert r.status_code == 409 and r.json()["error"] == "Interrupted"
+    def images(data):
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))), np.float32) for b in data["images"]]
+
+    full = ok(txt2img(server, steps=100, n_iter=1, sampler_name="Euler"))
+    data = ok(run("interrupt", 0.6))  # during the second batch: the first comes back whole, the second stopped
+    assert json.loads(data["info"])["all_seeds"] == [11, 12]
+    first, stopped = images(data)
+    assert np.array_equal(first, images(full)[0])  # the finished batch is the image it would be alone
+    data = ok(run("skip", 0.1))  # during the first batch: it ends there, the second still runs whole
+    assert json.loads(data["info"])["all_seeds"] == [11, 12]
+    cut, second = images(data)
+    assert np.abs(cut - images(full)[0]).mean() > 5  # made from latents 10-60 % of the way: not the finished image
+    data = ok(run("interrupt", 0.1))  # during the first batch: its image so far, and no second batch
+    assert json.loads(data["info"])["all_seeds"] == [11] and len(data["images"]) == 1
