@@ -81,6 +81,7 @@ def _images(out, folder, setup):
     return got, want, without, ours
 
 
+@pytest.mark.slow  # ~70 s; the default run fuses a PEFT LoRA (with a kohya one) in the next test
 def test_a_peft_lora_fused_at_export_matches_diffusers_fuse_lora(tmp_path_factory, small_model, lora_files):
     _, folder = small_model
     style, _ = lora_files
