@@ -74,7 +74,7 @@ class Hires:
                strength: Any = DEFAULT_STRENGTH, prompt: Any = None, negative_prompt: Any = None,
                sampler: Any = None) -> "Hires":
         from sdtrt.runtime.request import integer, real
-        from sdtrt.runtime.samplers import SAMPLERS
+        from sdtrt.runtime.samplers import SAMPLER_NAMES, SAMPLERS
 
         scale = real(scale, "hires scale", 0.0, MAX_SCALE)
         if isinstance(resize, str) or not isinstance(resize, (tuple, list)) or len(resize) != 2:
@@ -91,8 +91,9 @@ class Hires:
         for value, label in ((prompt, "hires prompt"), (negative_prompt, "hires negative prompt")):
             if value is not None and not isinstance(value, str):
                 raise UsageError(f"{label} must be a string, got {type(value).__name__}")
-        if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
-            raise UsageError(f"hires sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLER_NAMES):
+            raise UsageError(f"hires sampler must be one of {', '.join(SAMPLERS)} (or one with a schedule suffix, "
+                             f"e.g. euler_karras), got {sampler!r}")
         return cls(scale, resize, upscaler, integer(steps, "hires steps", 0), strength, prompt or None,
                    negative_prompt or None, sampler)
 
@@ -229,7 +230,7 @@ def plan(pipe, req, image=None, mask_image=None, control_images=None):
     """The plan of a hires request (``req.hires``): the first pass's plan with the second pass in its ``hires``.
     Everything is checked here, before any work: the upscaled size against the folder's range, its multiple, the
     engines' shapes and memory of both passes."""
-    from sdtrt.runtime.infotext import A1111_SAMPLERS
+    from sdtrt.runtime.infotext import a1111_names
     from sdtrt.runtime.samplers import build_table
 
     h: Hires = req.hires
@@ -271,12 +272,13 @@ def plan(pipe, req, image=None, mask_image=None, control_images=None):
         check_shapes("vae_encoder", pipe.engines["vae_encoder"], {"image": (req.batch, 3, to_y, to_x)})
     table = build_table(second.sampler, total, strength, from_image=True)
     second = replace(second, task="img2img", strength=h.strength, table=table)
-    name = A1111_SAMPLERS[first.table.name][0]
-    hires_name = A1111_SAMPLERS[table.name][0]
+    names, hires_names = a1111_names(first.sampler), a1111_names(second.sampler)
+    other = h.sampler is not None and hires_names != names  # A1111 writes the second pass's sampler when it differs
     extra = {"Hires upscale": f"{h.scale:g}" if h.resize == (0, 0) else None,
              "Hires resize": f"{h.resize[0]}x{h.resize[1]}" if h.resize != (0, 0) else None,
              "Hires steps": h.steps or None, "Hires upscaler": h.upscaler,
-             "Hires sampler": hires_name if h.sampler is not None and hires_name != name else None,
+             "Hires sampler": hires_names[0] if other else None,
+             "Hires schedule type": (hires_names[1] or "Automatic") if other else None,
              "Hires prompt": h.prompt if h.prompt is not None and set(req.prompt) != {h.prompt} else None,
              "Hires negative prompt": h.negative_prompt if h.negative_prompt is not None
              and set(req.negative_prompt) != {h.negative_prompt} else None}
@@ -286,20 +288,34 @@ def plan(pipe, req, image=None, mask_image=None, control_images=None):
     return replace(first, strength=h.strength, infotext=info, hires=hires)
 
 
-def run(pipe, req, plan, latents=None, callback=None):
-    """Both passes of a hires plan (``plan``), one after the other through ``Pipeline.generate``."""
+def run(pipe, req, plan, latents=None, callback=None, seeds=None):
+    """Both passes of a hires plan (``plan``), one after the other through ``Pipeline.generate``; ``seeds``: one per
+    image, as ``generate`` takes them (both passes use them). A callback that stops the first pass (returns False:
+    A1111's interrupt) skips the second, as A1111's ``sample_hr_pass`` does (``if shared.state.interrupted: return
+    samples``): the first pass's image is the answer."""
     from sdtrt.errors import NumericalError
 
     hp: HiresPlan = plan.hires
     t0 = time.perf_counter()
+    stopped = []
 
     def progress(offset):
         if callback is None:
             return None
-        return lambda done, total: callback(offset + done, hp.total_steps)
+
+        def report(done, total):
+            go = callback(offset + done, hp.total_steps)
+            if go is False:
+                stopped.append(done)
+            return go
+
+        return report
 
     first = pipe.generate(replace(req, hires=None, output_type="latent"), latents=latents,
-                          callback=progress(0), plan=replace(plan, hires=None))
+                          callback=progress(0), plan=replace(plan, hires=None), seeds=seeds)
+    if stopped:  # interrupted: the first pass's latents decoded, at its own size
+        return pipe.decode(replace(req, hires=None), replace(plan, hires=None), first.images, first.seeds,
+                           dict(first.timings), t0)
     t = time.perf_counter()
     samples = first.images  # (B, C, h, w)
     factor = pipe.manifest.model.vae_scale_factor
@@ -316,13 +332,13 @@ def run(pipe, req, plan, latents=None, callback=None):
     upscale_s = time.perf_counter() - t
     # A1111: a fresh ImageRNG of the same seeds at the new shape; the upscaled latents are the img2img image
     second = pipe.generate(replace(hp.request, seed=first.seed, output_type=req.output_type),
-                           callback=progress(hp.first_steps),
+                           callback=progress(hp.first_steps), seeds=first.seeds,
                            plan=replace(hp.plan, image_latents=np.ascontiguousarray(up, np.float32)))
     timings = {k: first.timings.get(k, 0.0) + second.timings.get(k, 0.0)
                for k in first.timings.keys() | second.timings.keys()}
     timings["hires_upscale"] = upscale_s
     timings["total"] = time.perf_counter() - t0
-    return type(first)(second.images, first.seed, first.parameters, timings)
+    return type(first)(second.images, first.seed, first.parameters, timings, first.seeds)
 
 
 def _image_upscale(pipe, samples: np.ndarray, to_x: int, to_y: int, upscaler: str) -> np.ndarray:

@@ -259,17 +259,7 @@ def replay(text: str) -> Replay:
 
     scheduler, karras = None, False
     if "Sampler" in p:
-        ours, named = a1111_sampler(p["Sampler"])
-        if ours is None:
-            known = sorted({n for n, _ in A1111_SAMPLERS.values()})
-            raise UsageError(f"the image was made with the sampler {p['Sampler']!r}, which sdtrt does not have "
-                             f"({', '.join(known)}); pass --scheduler to choose one")
-        schedule, known = a1111_schedule(p.get("Schedule type"))
-        if not known:
-            raise UsageError(f"the image was made with schedule type {p['Schedule type']!r}, which sdtrt does not "
-                             "know; pass --scheduler to choose one")
-        scheduler = sdtrt_scheduler(ours, schedule or named)
-        check_schedule(scheduler, p["Sampler"], p.get("Schedule type"))
+        scheduler = _scheduler_of(p["Sampler"], p.get("Schedule type"), "the image was made with")
 
     def count(key, lo):  # a whole number, not number()'s int(float(...)): "2.5" images is not 2
         if key not in p:
@@ -324,12 +314,26 @@ def _hires(p: dict[str, str], number) -> dict | None:
         if key in p:
             spec[field] = p[key]
     if "Hires sampler" in p:
-        ours = [k for k, (n, s) in A1111_SAMPLERS.items() if n == p["Hires sampler"]]
-        if not ours:
-            raise UsageError(f"the image's hires fix used the sampler {p['Hires sampler']!r}, which sdtrt does not "
-                             f"have ({', '.join(sorted({n for n, _ in A1111_SAMPLERS.values()}))})")
-        spec["sampler"] = ours[0]
+        spec["sampler"] = _scheduler_of(p["Hires sampler"], p.get("Hires schedule type"),
+                                        "the image's hires fix used")
     return spec
+
+
+def _scheduler_of(sampler: str, schedule_type: str | None, made: str) -> str:
+    """sdtrt's sampler name of an infotext's A1111 sampler and schedule type ("Sampler"/"Schedule type", or the
+    hires fix's "Hires sampler"/"Hires schedule type"), or a UsageError naming what sdtrt lacks."""
+    ours, named = a1111_sampler(sampler)
+    if ours is None:
+        known = sorted({n for n, _ in A1111_SAMPLERS.values()})
+        raise UsageError(f"{made} the sampler {sampler!r}, which sdtrt does not have ({', '.join(known)}); pass "
+                         "--scheduler to choose one")
+    schedule, known = a1111_schedule(schedule_type)
+    if not known:
+        raise UsageError(f"{made} schedule type {schedule_type!r}, which sdtrt does not know; pass --scheduler to "
+                         "choose one")
+    scheduler = sdtrt_scheduler(ours, schedule or named)
+    check_schedule(scheduler, sampler, schedule_type)
+    return scheduler
 
 
 def check_schedule(scheduler: str, sampler: str, schedule: str | None) -> None:

@@ -634,7 +634,7 @@ class Pipeline:
         if plan.hires is not None:
             from sdtrt.runtime import hires
 
-            return hires.run(self, req, plan, latents, callback)
+            return hires.run(self, req, plan, latents, callback, seeds)
         table, batch = plan.table, req.batch
         reserve = getattr(self.engines, "reserve", None)
         if reserve is not None:
@@ -673,8 +673,15 @@ class Pipeline:
                    if self.manifest.precision == "fp16" else " (lower the guidance scale)"))
         if req.output_type == "latent":  # diffusers' name: the denoised latents, not decoded (hires fix)
             timings["total"] = time.perf_counter() - t_start
-            return GenerationResult(final, seed, [self._infotext(req, plan, seed, k) for k in range(batch)], timings)
+            return GenerationResult(final, seed, [self._infotext(req, plan, noise.seeds[k], k) for k in range(batch)],
+                                    timings, list(noise.seeds))
+        return self.decode(req, plan, final, noise.seeds, timings, t_start)
 
+    def decode(self, req: GenerationRequest, plan: GenerationPlan, final: np.ndarray, seeds, timings: dict[str, float],
+               t_start: float) -> GenerationResult:
+        """The result of ``req`` from its denoised latents ``final`` (B, C, h, w): decoded by the VAE, checked, each
+        image's metadata, the original pasted back outside an inpainting mask (A1111's overlay)."""
+        batch = len(seeds)
         t = time.perf_counter()
         vae = self.engines["vae_decoder"]
         image = vae.run({"latents": final.astype(vae.input_dtype("latents"))})["image"]  # (B, 3, H, W) in [-1, 1]
@@ -689,7 +696,7 @@ class Pipeline:
             raise NumericalError(f"the VAE decoder made {image.shape[-1]}x{image.shape[-2]} images for "
                                  f"{plan.width}x{plan.height}: its manifest's vae_scale_factor is wrong (re-export)")
         image = np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # (B, H, W, 3)
-        params = [self._infotext(req, plan, noise.seeds[k], k) for k in range(batch)]
+        params = [self._infotext(req, plan, seeds[k], k) for k in range(batch)]
         from PIL import Image
 
         images = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in image]
@@ -700,7 +707,7 @@ class Pipeline:
             images = [apply_overlay(src.masks[k % n], src.originals[k % n], im, src.crop) for k, im in enumerate(images)]
             image = np.stack([np.asarray(im, np.float32) / 255 for im in images])  # (B, H0, W0, 3)
         timings["total"] = time.perf_counter() - t_start
-        return GenerationResult(image if req.output_type == "np" else images, seed, params, timings, list(noise.seeds))
+        return GenerationResult(image if req.output_type == "np" else images, seeds[0], params, timings, list(seeds))
 
     def _start(self, plan: GenerationPlan, rng: ImageNoise, latents: np.ndarray | None) -> "Start":
         """The loop's initial state and the task's constant inputs, each image drawing from its own generator in

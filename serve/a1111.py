@@ -48,6 +48,12 @@ class Txt2Img(BaseModel):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
+    # fields that would change the image in ways sdtrt does not do: refused unless at their defaults (unsupported())
+    tiling: bool | None = None
+    refiner_checkpoint: str | None = None
+    hr_checkpoint_name: str | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     # the hires fix (runtime.hires; A1111's StableDiffusionProcessingTxt2Img fields and API defaults)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -73,6 +79,33 @@ class Img2Img(Txt2Img):
     inpainting_mask_invert: int | bool = 0  # A1111: 1 repaints the mask's black area
     inpainting_fill: int = 0  # A1111's Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
     initial_noise_multiplier: float | None = None  # A1111's Noise multiplier: only 1 (None) here
+    resize_mode: int = 0  # A1111's 0 "Just resize" (the input stretched to width x height), as sdtrt does
+
+
+def unsupported(body: Txt2Img) -> None:
+    """Refuse, naming it, a field that asks for what sdtrt does not do, rather than answer an image made without it
+    (A1111 fields that pydantic would otherwise drop as unknown): tiling, a refiner or hires checkpoint, a script or
+    an always-on script with arguments (ControlNet, ADetailer, ...), img2img's other resize modes, several init
+    images (A1111 cycles them over the batch)."""
+    problems = []
+    if body.tiling:
+        problems.append("tiling (seamless tiling)")
+    if body.refiner_checkpoint not in (None, "", "None"):
+        problems.append("refiner_checkpoint (a refiner model)")
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        problems.append("hr_checkpoint_name (another model for the hires pass)")
+    if body.script_name not in (None, "", "None"):
+        problems.append(f"script_name {body.script_name!r} (A1111's scripts)")
+    used = [name for name, spec in body.alwayson_scripts.items() if not isinstance(spec, dict) or spec.get("args")]
+    if used:
+        problems.append(f"alwayson_scripts {', '.join(map(repr, used))} (A1111 extensions)")
+    if isinstance(body, Img2Img):
+        if body.resize_mode != 0:
+            problems.append(f"resize_mode {body.resize_mode} (only 0, 'Just resize')")
+        if len(body.init_images) > 1:
+            problems.append(f"{len(body.init_images)} init_images (one per request)")
+    if problems:
+        raise UsageError(f"not available in sdtrt: {'; '.join(problems)}")
 
 
 class Settings:
@@ -83,7 +116,6 @@ class Settings:
     def __init__(self, server):
         self.server = server
         self.values: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_vae": "Automatic"}
-        self.model: str | None = None  # the title POSTed last (None: the server's current model)
 
     def model_entry(self) -> dict:
         return self.server.current_model()
@@ -127,10 +159,9 @@ class Settings:
 
     def apply(self, settings: dict) -> None:
         """Keep ``settings`` (checked) for later requests (POST /options; override_settings_restore_afterwards false).
-        The model: helper code in ``Server.find_model`` decides what a title names."""
+        The model is not kept here: the caller switches it (``Server.select_model``)."""
         checked = self.checked(settings)
-        if "sd_model_checkpoint" in checked:
-            self.model = checked.pop("sd_model_checkpoint")
+        checked.pop("sd_model_checkpoint", None)  # the model is the server's (Server.select_model), not a value here
         self.values.update(checked)
 
     def merged(self, override: dict) -> dict:
@@ -262,6 +293,8 @@ def router(server) -> APIRouter:
                                             model=body.override_settings.get("sd_model_checkpoint"))
         if not body.override_settings_restore_afterwards:  # A1111 keeps the overrides for later requests
             settings.apply(body.override_settings)
+            if body.override_settings.get("sd_model_checkpoint") is not None:  # the model too: the new default
+                await server.select_model(body.override_settings["sd_model_checkpoint"])
         return response(body, images, infos, notes, run, timestamp)
 
     def hires(body: Txt2Img, req: GenerationRequest) -> GenerationRequest:
@@ -271,20 +304,27 @@ def router(server) -> APIRouter:
         from sdtrt.runtime.hires import Hires, target_size
 
         same = (None, "", "Use same sampler", "Use same scheduler")  # A1111's UI's words for "the first pass's"
+        sampler = None  # the first pass's
+        if body.hr_sampler_name not in same or body.hr_scheduler not in same:
+            sampler = resolve_sampler(*((body.sampler_name, body.sampler_index) if body.hr_sampler_name in same
+                                        else (body.hr_sampler_name, None)),
+                                      body.scheduler if body.hr_scheduler in same else body.hr_scheduler)[0]
+            sampler = sampler or req.scheduler  # neither named: the model's own sampler, on the hires schedule
         spec = Hires.create(body.hr_scale, (body.hr_resize_x, body.hr_resize_y), body.hr_upscaler or "Latent",
                             body.hr_second_pass_steps, body.denoising_strength, body.hr_prompt, body.hr_negative_prompt,
-                            None if body.hr_sampler_name in same else resolve_sampler(
-                                body.hr_sampler_name, None, body.scheduler if body.hr_scheduler in same else body.hr_scheduler)[0])
+                            sampler)
         to_x, to_y, _, _ = target_size(body.width, body.height, spec)
         server.check_limits(to_x, to_y, spec.steps or body.steps, body.batch_size * body.n_iter)
         return replace(req, hires=spec)
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):
+        unsupported(body)
         return await generate("txt2img", body, request)
 
     @api.post("/sdapi/v1/img2img")
     async def img2img(body: Img2Img, request: Request):
+        unsupported(body)  # before any image is decoded
         if not body.init_images:
             raise UsageError("init_images needs one base64 image")
         image = decode_image(body.init_images[0], "init_images[0]", config.max_input_pixels)

@@ -66,13 +66,6 @@ def router(server) -> APIRouter:
     async def models():
         return server.model_entries()
 
-    @api.post("/sdapi/v1/refresh-checkpoints")
-    async def refresh_checkpoints():
-        refresh = getattr(server, "refresh_models", None)  # a registry of several models rescans its folder
-        if refresh is not None:
-            refresh()
-        return None
-
     @api.get("/sdapi/v1/upscalers")
     async def upscalers():
         # A1111's UpscalerItem; None, Lanczos, Nearest come first in A1111's own list

@@ -178,7 +178,10 @@ class Server:
                     return None
 
                 try:
-                    self._checkpoint(job)  # asked between batches (a device loop reports only its end)
+                    stop = state["stop"]
+                    if stop is not None and stop == ("skip", job):  # a skip after a batch's last step: spent
+                        state["stop"] = None  # (A1111's process_images_inner clears state.skipped per batch)
+                    self._checkpoint(job)  # an interrupt between batches (a device loop reports only its end)
                     result = pipe.generate(req, callback=progress, plan=plan,
                                            seeds=image_seeds(req.seed, req.batch, i * req.batch))
                 except Interrupted as ex:  # skip: the next batch; interrupt: what is finished
@@ -235,7 +238,7 @@ class Server:
         if n_iter != 1 or len(req.prompt) != 1 or plan.task != "txt2img" or plan.loras \
                 or plan.hires is not None:
             return None
-        return (plan.width, plan.height, req.num_inference_steps, plan.table.name, req.guidance_scale, req.clip_skip,
+        return (plan.width, plan.height, req.num_inference_steps, plan.sampler, req.guidance_scale, req.clip_skip,
                 max(c.count for c in plan.chunks.values()))
 
     # ---- on the event loop -----------------------------------------------------------------------------------------
@@ -378,8 +381,7 @@ def create_app(config: ServeConfig, pipeline=None, replica: str | None = None, m
         m_errors.labels("timeout").inc()
         return error_response(request.url.path, 504, "timeout", f"not done within {config.timeout_s:g} s")
 
-    routers = [model_routes.a1111_router(server), a1111.router(server), openai.router(server),
-               model_routes.options_fallback(server)]
+    routers = [model_routes.a1111_router(server), a1111.router(server), openai.router(server)]
     for r in routers:
         app.include_router(r)
 

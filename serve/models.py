@@ -112,8 +112,8 @@ class ModelRegistry:
         entries, problems = scan(self.models_dir)
         with self.lock:
             self.entries = {e.name: e for e in entries}
-            if self.default is None and entries:
-                self.default = entries[0].name
+            if self.default not in self.entries:  # none yet, or its folder is gone: the first by name
+                self.default = entries[0].name if entries else None
         return problems
 
     def list(self) -> list[ModelEntry]:
@@ -211,24 +211,3 @@ def a1111_router(server):
 
     return api
 
-
-def options_fallback(server):
-    """``GET/POST /sdapi/v1/options`` for ``sd_model_checkpoint`` alone, registered after the A1111 router: its own
-    options endpoints (every A1111 setting), where present, answer first."""
-    from fastapi import APIRouter, Body
-
-    api = APIRouter()
-
-    @api.get("/sdapi/v1/options")
-    async def options():
-        entry = server.current_model()
-        return {"sd_model_checkpoint": entry and entry["title"], "sd_checkpoint_hash": entry and entry["sha256"]}
-
-    @api.post("/sdapi/v1/options")
-    async def set_options(body: dict = Body(...)):
-        name = body.get("sd_model_checkpoint")
-        if name is not None:
-            await server.select_model(name)
-        return None
-
-    return api

@@ -94,7 +94,7 @@ def run_both(ours, theirs, sampler, k, steps=8, seed=3, task="txt2img", nine_cha
     elif task == "inpaint":
         strength = 1.0 if nine_channel else 0.75
         task_args = dict(image=picture(96, 64, seed=1), mask_image=box_mask(96, 64, (30, 12, 70, 44)),
-                         strength=strength)
+                         strength=strength, overlay=False)  # diffusers' raw output: no original pasted back
         # diffusers encodes the images it is given one by one: one copy per image of the batch
         their_args = dict(image=[task_args["image"]] * 2, mask_image=[task_args["mask_image"]] * 2, strength=strength)
         first = one_by_one(2) if (not nine_channel or strength < 1) else []

@@ -225,3 +225,34 @@ def test_server_txt2img_with_enable_hr_returns_the_upscaled_image(tiny, tiny_fp3
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_hires_batch_gives_each_image_its_own_seed_and_text(tiny):
+    """Image i of a hires batch is the image of seed + i alone, both passes drawing from its own generator, and its
+    text says its seed (A1111: one PNG regenerates that image alone); the second pass's schedule type is written and
+    read back (A1111's "Hires sampler" and "Hires schedule type")."""
+    from sdtrt.runtime.infotext import replay
+
+    common = dict(height=64, width=64, num_inference_steps=2, scheduler="euler", output_type="np",
+                  hires={"scale": 2, "strength": 0.5, "sampler": "euler_karras"})
+    both = tiny("a fox", seed=20, num_images_per_prompt=2, **common)
+    assert both.seeds == [20, 21] and both.images.shape == (2, 128, 128, 3)
+    alone = tiny("a fox", seed=21, **common)
+    assert np.array_equal(both.images[1], alone.images[0])
+    info = parse_infotext(both.parameters[1])
+    assert (info["Seed"], info["Hires sampler"], info["Hires schedule type"]) == ("21", "Euler", "Karras")
+    assert replay(both.parameters[1]).hires["sampler"] == "euler_karras"
+
+
+def test_a_stopped_first_pass_skips_the_second(tiny):
+    """A1111's sample_hr_pass: `if shared.state.interrupted: return samples` — an interrupt in the first pass answers
+    the first pass's image, at its own size, not a one-step second pass."""
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        return False if done == 1 else None
+
+    out = tiny("a fox", height=64, width=64, num_inference_steps=3, seed=1, output_type="np",
+               hires={"scale": 2, "strength": 0.5}, callback=stop)
+    assert out.images.shape == (1, 64, 64, 3) and calls == [1]

@@ -95,8 +95,9 @@ def test_fill_mode_matches_diffusers_on_the_filled_image(small_model):
     blurred = theirs.mask_processor.blur(mask, blur_factor=4)
     filled = fill_masked(image, blurred)  # A1111's fill (test_fill_is_a1111s_masking_fill)
     shape = latent_shape(ours, 1, 64, 96)
-    post = (1, *shape[1:])
-    draws = Draws(9, [post, shape, post] + [shape] * ours.sampler_table("dpmpp_2m", 6).num_steps)
+    # one image: its posterior sample, its noise, its masked-image sample, then one draw per step (tests/runtime/
+    # test_tasks.py Draws: image k from PCG64(seed + k))
+    draws = Draws(9, shape[1:], [[0]] * (3 + ours.sampler_table("dpmpp_2m", 6).num_steps))
     with draws.patch():
         want = with_sampler(theirs, "dpmpp_2m")("a castle", image=filled, mask_image=blurred, **kwargs).images
     value, unfilled = psnr(got, want), psnr(got, plain)

@@ -1,6 +1,8 @@
 """img2img, inpainting and outpainting against diffusers' StableDiffusionImg2ImgPipeline and
 StableDiffusionInpaintPipeline: same weights, same input images, and the random arrays our seed contract draws
-injected into diffusers in its own order of draws (fp32 engines, ONNX Runtime CPU, the mid-size built-ins)."""
+injected into diffusers in its own order of draws (fp32 engines, ONNX Runtime CPU, the mid-size built-ins).
+Whole-picture inpainting is compared with ``overlay=False``: diffusers returns the VAE's output everywhere, where
+A1111 (and sdtrt by default) pastes the original back outside the mask (test_inpaint_modes.py)."""
 
 from unittest import mock
 
@@ -166,7 +168,7 @@ def inpaint_case(ours, theirs, sampler, strength, nine_channel, mask_blur=0, pad
     mask = box_mask(*image_size, box)
     got = ours(prompts, image=image, mask_image=mask, strength=strength, num_inference_steps=steps, seed=seed,
                scheduler=sampler, height=height, width=width, mask_blur=mask_blur,
-               padding_mask_crop=padding_mask_crop, output_type="np").images
+               padding_mask_crop=padding_mask_crop, output_type="np", overlay=False).images
     b = len(prompts)
     shape = latent_shape(ours, b, height, width)
     table = ours.sampler_table(sampler, steps)
@@ -236,7 +238,8 @@ def test_mask_blur_changes_the_mask_diffusers_sees(small_pipes):
 def test_outpainting_is_inpainting_on_the_documented_canvas(inpaint_pipes, fill, strength):
     ours, theirs = inpaint_pipes
     image = picture(64, 48, seed=2)
-    kwargs = dict(num_inference_steps=6, seed=4, output_type="np", scheduler="dpmpp_2m", strength=strength)
+    kwargs = dict(num_inference_steps=6, seed=4, output_type="np", scheduler="dpmpp_2m", strength=strength,
+                  overlay=False)
     got = ours("a lighthouse", image=image, outpaint=(16, 8, 16, 8), outpaint_fill=fill, **kwargs).images
     canvas, mask = outpaint_canvas(image, 16, 8, 16, 8, fill=fill)
     assert canvas.size == mask.size == (96, 64)

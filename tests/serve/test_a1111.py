@@ -222,3 +222,41 @@ def test_interrupt_and_skip_stop_the_running_generation_at_its_next_step(server)
     assert np.abs(cut - images(full)[0]).mean() > 5  # made from latents 10-60 % of the way: not the finished image
     data = ok(run("interrupt", 0.1))  # during the first batch: its image so far, and no second batch
     assert json.loads(data["info"])["all_seeds"] == [11] and len(data["images"]) == 1
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("tiling", True, "tiling"), ("refiner_checkpoint", "sd_xl_refiner", "refiner_checkpoint"),
+    ("hr_checkpoint_name", "other [abc]", "hr_checkpoint_name"), ("script_name", "x/y/z plot", "script_name"),
+    ("alwayson_scripts", {"ControlNet": {"args": [{"enabled": True}]}}, "alwayson_scripts 'ControlNet'"),
+    ("resize_mode", 1, "resize_mode 1"), ("init_images", ["a", "b"], "2 init_images")])
+def test_fields_that_would_change_the_image_unseen_are_refused_by_name(server, field, value, needle):
+    # A1111 does these (processing.py: tiling, refiner, hr_checkpoint_name; scripts; img2img resize_mode 1-3 and
+    # init_images cycled over the batch): sdtrt does not, so it says so rather than answer an image without them
+    endpoint = "img2img" if field in ("resize_mode", "init_images") else "txt2img"
+    body = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, field: value}
+    if endpoint == "img2img" and field != "init_images":
+        body["init_images"] = [base64.b64encode(_png(64)).decode()]
+    r = httpx.post(f"{server}/sdapi/v1/{endpoint}", json=body, timeout=60)
+    assert r.status_code == 422 and needle in r.json()["detail"] and "not available in sdtrt" in r.json()["detail"], r.text
+    defaults = {"tiling": False, "refiner_checkpoint": "", "hr_checkpoint_name": None, "script_name": None,
+                "alwayson_scripts": {"ControlNet": {"args": []}}, "resize_mode": 0}  # what clients send by default
+    if field in defaults:
+        body[field] = defaults[field]
+        assert httpx.post(f"{server}/sdapi/v1/{endpoint}", json=body, timeout=60).status_code == 200
+
+
+def _png(size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), "gray").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_requests_on_other_schedules_are_not_merged_into_one_engine_call(pipe):
+    # the batching key holds the whole sampler configuration: Euler and Euler + Karras share a table name, not a
+    # schedule (a merged call would run the second on the first's schedule while its text said Karras)
+    from sdtrt.runtime.request import GenerationRequest
+    from sdtrt.serve.app import Server
+
+    keys = [Server.batch_key(req, 1, pipe.plan(req)) for req in (
+        GenerationRequest.create("a", None, 4, 7.0, 64, 64, 1, 1, name) for name in ("euler", "euler_karras", "euler"))]
+    assert keys[0] != keys[1] and keys[0] == keys[2]

@@ -144,6 +144,13 @@ def test_override_settings_run_one_request_on_another_model(server, library):
     np.testing.assert_array_equal(image_of(r.json()["images"][0])[0], library["beta"])
     assert checkpoint(url).startswith("alpha [")  # the default is unchanged
     np.testing.assert_array_equal(txt2img(url)[0], library["alpha"])
+    # override_settings_restore_afterwards false: A1111 keeps the override, the model included (processing.py
+    # process_images: the settings are restored only when it is true)
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "beta"},
+                                                    "override_settings_restore_afterwards": False}, timeout=120)
+    assert r.status_code == 200 and checkpoint(url).startswith("beta [")
+    np.testing.assert_array_equal(txt2img(url)[0], library["beta"])
+    assert httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "alpha"}, timeout=120).status_code == 200
 
 
 def test_the_openai_model_field_selects_the_model(server):
