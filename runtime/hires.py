@@ -352,5 +352,6 @@ def _image_upscale(pipe, samples: np.ndarray, to_x: int, to_y: int, upscaler: st
     pictures = [Image.fromarray((255.0 * x.transpose(1, 2, 0)).astype(np.uint8)) for x in lowres]
     resized = np.stack([np.asarray(resize_image(im, to_x, to_y, upscaler), np.float32) / 255 for im in pictures])
     image = resized.transpose(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W) in [-1, 1]
-    return pipe._posterior(image, np.zeros((len(image), samples.shape[1], to_y // pipe.manifest.model.vae_scale_factor,
-                                            to_x // pipe.manifest.model.vae_scale_factor), np.float32))
+    factor = pipe.manifest.model.vae_scale_factor
+    z = np.zeros((len(image), samples.shape[1], to_y // factor, to_x // factor), np.float32)  # the mean: z = 0
+    return pipe._posterior(image, z, lambda x: x)  # one input image per image of the batch already

@@ -48,7 +48,11 @@ def test_readme_runs(quick_start):
     assert not (quick_start / "engines" / "tiny" / "astronaut.png").exists()  # the image is not in the engine folder
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES[1:] if blocks(p, runnable_only=True)], ids=lambda p: p.name)
+SLOW_PAGES = {"runtime.md", "export.md"}  # ~50 s each: in `-m slow` (their commands still parse below, every run)
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p
+                                  for p in PAGES[1:] if blocks(p, runnable_only=True)], ids=lambda p: p.name)
 def test_docs_page_runs(page, quick_start, tmp_path):
     shutil.copytree(quick_start / "engines" / "tiny", tmp_path / "engines" / "tiny")
     shutil.copy(quick_start / "cat.png", tmp_path / "cat.png")

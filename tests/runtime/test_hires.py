@@ -115,7 +115,7 @@ def test_two_passes_match_diffusers_by_hand(small, upscaler):
     else:
         up = torch.nn.functional.interpolate(latents, size=(16, 16), mode="bicubic", antialias=True)
     total, strength = second_pass_steps(hr_steps, d)
-    draws = Draws(seed, [(1, 4, 16, 16)])  # A1111: a fresh ImageRNG of the same seeds at the new shape
+    draws = Draws(seed, (4, 16, 16), [[0]])  # A1111: a fresh ImageRNG of the same seeds at the new shape
     with draws.patch():
         want = img2img(prompt, negative_prompt=negative, image=up, strength=strength, num_inference_steps=total,
                        output_type="np").images

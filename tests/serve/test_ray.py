@@ -209,7 +209,8 @@ def test_after_sigterm_new_requests_get_503_json_while_the_one_in_flight_finishe
     """Runs last of the tests on ``ray_server``: it stops it. Ray alone answers new requests 404 (plain text) as soon
     as the application is being removed; here they get 503 + Retry-After in their protocol's shape until the
     request in flight is done, and that request gets its own image."""
-    slow = {**body(4242), "steps": SLOW_STEPS, "width": 128, "height": 128}
+    # long enough to be still running 1 s after it is sent on an idle machine too (128x128 x 40 steps was not)
+    slow = {**body(4242), "steps": 150, "width": 256, "height": 256}
     answer: dict[str, object] = {}
 
     def post():
