@@ -356,6 +356,9 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
     from sdtrt.export.validate import format_table
 
     manifest = Manifest.load(folder)
+    if manifest.model.added_conditions is not None or len(manifest.model.encoders) > 1:
+        raise UsageError(f"{folder} holds an SDXL-family model ({manifest.model.family}): ControlNets for SDXL are not "
+                         "supported yet (they come with the next release)")
     name, source = parse_spec(spec)
     key = CONTROLNET_PREFIX + name
     if key in manifest.components and not force:

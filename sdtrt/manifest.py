@@ -370,7 +370,7 @@ class Manifest:
         for e in m.encoders:
             outputs = {o.name: o for o in self.components[e.component].outputs}
             missing = [f"hidden_state_skip{k}" for k in range(1, m.clip_skips + 1)
-                       if f"hidden_state_skip{k}" not in outputs] + ([e.pooled] if e.pooled not in outputs | {""} else [])
+                       if f"hidden_state_skip{k}" not in outputs] + ([e.pooled] if e.pooled and e.pooled not in outputs else [])
             if missing:
                 return f"clip_skips = {m.clip_skips}, but {e.component} has no {missing[0]} output"
             hidden = outputs.get("last_hidden_state")
