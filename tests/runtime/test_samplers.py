@@ -41,7 +41,8 @@ def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0, sett
     noise_iter = iter(noises)
     draw = lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64))  # noqa: E731
     with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
-            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
+            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw), \
+            mock.patch("diffusers.schedulers.scheduling_tcd.randn_tensor", side_effect=draw):
         for i, t in enumerate(sched.timesteps):
             inputs.append(sched.scale_model_input(x, t).numpy().copy())
             kwargs = {"eta": eta, "variance_noise": torch.from_numpy(noises[i].astype(np.float64))} if name == "ddim" and eta else {}
@@ -140,7 +141,7 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise(eta):
 def test_only_ancestral_samplers_draw_noise():
     for name in SAMPLERS:
         table = build_table(SamplerConfig.from_scheduler_config(SD15, name), 10)
-        assert table.stochastic == (name in ("euler_a", "lcm")), name
+        assert table.stochastic == (name in ("euler_a", "lcm", "tcd")), name
 
 
 def test_sampler_config_round_trips_through_json():
@@ -154,7 +155,8 @@ def test_sampler_config_round_trips_through_json():
         (SD15, "heun", 10, "unknown sampler 'heun'"),
         (SD15, "ddim", 0, "positive integer"),
         (SD15, "ddim", 1001, "cannot exceed"),
-        (dict(SD15, prediction_type="sample"), "ddim", 10, "prediction_type must be one of 'epsilon', 'v_prediction', got 'sample'"),
+        (dict(SD15, prediction_type="x0"), "ddim", 10, "prediction_type must be one of 'epsilon', 'v_prediction', 'sample', got 'x0'"),
+        (dict(SD15, prediction_type="sample"), "pndm", 10, r"pndm \(PNDMScheduler\) with prediction_type='sample' is not supported"),
         (dict(SD15, timestep_spacing="karras"), "ddim", 10, "timestep_spacing"),
         (dict(SD15, thresholding=True), "ddim", 10, "thresholding"),
         (dict(SD15, skip_prk_steps=False), "pndm", 10, "Runge-Kutta"),
@@ -319,7 +321,8 @@ def diffusers_from_image(name, config, steps, strength, x0, z0, outputs, noises,
     draw = lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64))  # noqa: E731
     inputs = []
     with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
-            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
+            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw), \
+            mock.patch("diffusers.schedulers.scheduling_tcd.randn_tensor", side_effect=draw):
         for i, t in enumerate(timesteps):
             inputs.append(sched.scale_model_input(x, t).numpy().copy())
             x = sched.step(torch.from_numpy(outputs[i].astype(np.float64)), t, x).prev_sample
