@@ -104,8 +104,9 @@ class SamplerError(UsageError):
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # "sample": the model predicts x0 (SDXL-Lightning 1-step)
-# The samplers whose diffusers class takes each of them (PNDMScheduler raises on "sample")
-NO_SAMPLE_PREDICTION = ("pndm",)
+# The samplers whose diffusers class refuses "sample" in step() (PNDMScheduler: ValueError;
+# EulerAncestralDiscreteScheduler: NotImplementedError); every other one takes it
+NO_SAMPLE_PREDICTION = ("pndm", "euler_a")
 # The samplers whose diffusers class takes set_timesteps(timesteps=[...]) (diffusers 0.42; UniPC takes sigmas only)
 CUSTOM_TIMESTEPS = ("euler", "dpmpp_2m", "lcm", "tcd")
 # eta when none is asked for: DDIM's deterministic 0 (the pipelines' default), TCD's gamma 0.3 (TCDScheduler.step's
@@ -243,7 +244,8 @@ class SamplerConfig:
         )
         if kwargs["prediction_type"] == "sample" and name in NO_SAMPLE_PREDICTION:
             raise SamplerError(f"{name} ({class_name}) with prediction_type='sample' is not supported: diffusers' "
-                               f"{class_name} takes only 'epsilon' or 'v_prediction'")
+                               f"{class_name} takes only 'epsilon' or 'v_prediction' (samplers that take x0 "
+                               f"prediction: {', '.join(n for n in SAMPLERS if n not in NO_SAMPLE_PREDICTION)})")
         betas = eff["trained_betas"]
         if betas is not None:
             if not (isinstance(betas, (list, tuple)) and len(betas) == T):

@@ -380,7 +380,7 @@ def _tcd(cfg: SamplerConfig, n: int, start: int = 0, custom: np.ndarray | None =
     A, B, C = _alloc(n, 1, 1)
     for i, t in enumerate(ts.astype(int)):
         prev = int(ts[i + 1]) if i + 1 < n else 0
-        s = int(math.floor((1 - gamma) * prev))
+        s = int(np.floor(np.float32(1 - gamma) * np.float32(prev)))  # torch's float32 product, then floor
         a_t, a_p, a_s = acp[t], acp[prev], acp[s]
         px, pm = _x0_coefs(cfg.prediction_type, a_t, "ddpm")
         ex, em = _eps_coefs(px, pm, a_t)
