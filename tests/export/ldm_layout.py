@@ -1,7 +1,8 @@
-"""A diffusers model's weights in the original (CompVis / A1111) single-file layout, for tests: the inverse of
-diffusers' single-file conversion, written from the layout (LDM's ``openaimodel.UNetModel`` block numbering,
-``autoencoder`` encoder/decoder, OpenAI CLIP or OpenCLIP text towers). Checked by converting back with diffusers'
-own converter (``test_single_file.py``)."""
+"""A diffusers model's weights in the original (CompVis / A1111 / Stability) single-file layout, for tests: the
+inverse of diffusers' single-file conversion, written from the layout (LDM's ``openaimodel.UNetModel`` block
+numbering with SDXL's ``label_emb``, ``autoencoder`` encoder/decoder, OpenAI CLIP or OpenCLIP text towers, SD's
+``cond_stage_model`` or SDXL's ``conditioner.embedders``). Checked by converting back with diffusers' own converter
+(``test_single_file.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+_LABEL_EMB = {"linear_1": 0, "linear_2": 2}  # LDM's label_emb = Sequential(Sequential(linear, SiLU, linear))
 
 
 def _sub(rest: str, table: dict[str, str]) -> str:
@@ -23,7 +27,9 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in unet.state_dict().items():
         parts = key.split(".")
-        if parts[0] in ("conv_in", "conv_norm_out", "conv_out", "time_embedding"):
+        if parts[0] == "add_embedding":  # SDXL's added (text_time) conditioning MLP
+            new = f"label_emb.0.{_LABEL_EMB[parts[1]]}.{parts[2]}"
+        elif parts[0] in ("conv_in", "conv_norm_out", "conv_out", "time_embedding"):
             name = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}.get(parts[0])
             if parts[0] == "time_embedding":
                 name = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]]
@@ -96,12 +102,12 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD 1.x: OpenAI CLIP's transformers layout under cond_stage_model.transformer.text_model."""
+def clip_to_ldm(text_encoder, prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+    """OpenAI CLIP's transformers layout under ``prefix`` + text_model (SD 1.x; SDXL's conditioner.embedders.0)."""
     out = {}
     for key, value in text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
+        out[prefix + key] = value
     return out
 
 
@@ -109,13 +115,17 @@ _OPENCLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc"
              "self_attn.out_proj": "attn.out_proj"}
 
 
-def openclip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP's layout under cond_stage_model.model (q, k, v stacked into in_proj)."""
+def openclip_to_ldm(text_encoder, prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """OpenCLIP's layout under ``prefix`` (SD 2.x; SDXL's conditioner.embedders.1, the refiner's .0): q, k, v stacked
+    into in_proj; a projected encoder's ``text_projection`` is OpenCLIP's (width, embed) matrix, x @ P: the transpose
+    of the linear layer's weight."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    p = "cond_stage_model.model."
+    p = prefix
     out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
            p + "positional_embedding": sd["embeddings.position_embedding.weight"],
            p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"]}
+    if "text_projection.weight" in sd:
+        out[p + "text_projection"] = sd["text_projection.weight"].T
     for i in range(text_encoder.config.num_hidden_layers):
         pre = f"encoder.layers.{i}."
         block = f"{p}transformer.resblocks.{i}."
@@ -127,7 +137,16 @@ def openclip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
 
 
 def to_ldm(model, openclip: bool = False) -> dict[str, torch.Tensor]:
-    """A ``loaders.LoadedModel`` as one original-layout state dict (contiguous tensors, ready for safetensors)."""
-    text = openclip_to_ldm(model.text_encoder) if openclip else clip_to_ldm(model.text_encoder)
+    """A ``loaders.LoadedModel`` as one original-layout state dict (contiguous tensors, ready for safetensors).
+    ``openclip``: SD 2.x's text encoder layout. SDXL (a U-Net with added conditioning) is read from the model: base
+    = CLIP ViT-L at conditioner.embedders.0.transformer + OpenCLIP at .1.model; refiner = OpenCLIP at .0.model."""
+    if model.added_conditioning:
+        if model.text_encoder_2 is not None:
+            text = {**clip_to_ldm(model.text_encoder, "conditioner.embedders.0.transformer."),
+                    **openclip_to_ldm(model.text_encoder_2, "conditioner.embedders.1.model.")}
+        else:
+            text = openclip_to_ldm(model.text_encoder, "conditioner.embedders.0.model.")
+    else:
+        text = openclip_to_ldm(model.text_encoder) if openclip else clip_to_ldm(model.text_encoder)
     merged = {**unet_to_ldm(model.unet), **vae_to_ldm(model.vae), **text}
     return {k: v.detach().contiguous().clone() for k, v in merged.items()}
