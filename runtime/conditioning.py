@@ -105,9 +105,8 @@ def accepted_options(info: ModelInfo) -> set[str]:
     """The request's micro-conditioning fields this family takes."""
     items = info.added_conditions.time_ids if info.added_conditions is not None else ()
     taken = {n for n in PAIRS if n in items} | {f"negative_{n}" for n in PAIRS if n in items}
-    if "aesthetic_score" in items:  # the refiner's negative ids take the positive crop (diffusers)
-        taken.discard("negative_crops_coords_top_left")
-        taken |= {"aesthetic_score", "negative_aesthetic_score"}
+    if "aesthetic_score" in items:
+        taken |= {"aesthetic_score", "negative_aesthetic_score", "negative_crops_coords_top_left"}
     return taken
 
 
@@ -137,16 +136,18 @@ def check_options(info: ModelInfo, req: GenerationRequest) -> None:
 
 def time_ids(info: ModelInfo, req: GenerationRequest, height: int, width: int, task: str) -> np.ndarray:
     """The (negative, positive) time ids (2, n) float32, diffusers' ``_get_add_time_ids``: the original and target
-    sizes default to the generation's (height, width), the crop to (0, 0). Negative: txt2img's (base pipeline) are
-    the positive ones unless both negative sizes are given; img2img/inpainting's take each negative value or the
-    positive one (the crop (0, 0)); with aesthetic scores (the refiner), the negative original size, the positive
-    crop and the negative score."""
+    sizes default to the generation's (height, width), the crop to (0, 0). Negative, as diffusers' pipelines build
+    them: with aesthetic scores (the refiner) the negative original size, the negative crop and the negative score;
+    txt2img's (the base pipeline) are the positive ones unless both negative sizes are given (then with the negative
+    crop); img2img/inpainting's take the negative sizes (default: the positive ones) around the positive crop (a
+    negative crop, which diffusers' img2img ignores there, is used when given)."""
     items = info.added_conditions.time_ids
     size = (height, width)
     pos = {"original_size": req.original_size or size, "crops_coords_top_left": req.crops_coords_top_left or (0, 0),
            "target_size": req.target_size or size, "aesthetic_score": (req.aesthetic_score,)}
     if "aesthetic_score" in items:
         neg = dict(pos, original_size=req.negative_original_size or pos["original_size"],
+                   crops_coords_top_left=req.negative_crops_coords_top_left or (0, 0),
                    aesthetic_score=(req.negative_aesthetic_score,))
     elif task == "txt2img":
         both = req.negative_original_size is not None and req.negative_target_size is not None
@@ -154,7 +155,7 @@ def time_ids(info: ModelInfo, req: GenerationRequest, height: int, width: int, t
                    crops_coords_top_left=req.negative_crops_coords_top_left or (0, 0)) if both else pos
     else:
         neg = dict(original_size=req.negative_original_size or pos["original_size"],
-                   crops_coords_top_left=req.negative_crops_coords_top_left or (0, 0),
+                   crops_coords_top_left=req.negative_crops_coords_top_left or pos["crops_coords_top_left"],
                    target_size=req.negative_target_size or pos["target_size"])
     return np.array([[v for item in items for v in values[item]] for values in (neg, pos)], np.float32)  # (2, n)
 

@@ -36,6 +36,7 @@ A1111_SAMPLERS = {
     "ddim": ("DDIM", None), "pndm": ("PLMS", None), "lms": ("LMS", None), "euler": ("Euler", None),
     "euler_a": ("Euler a", None), "dpmpp_2m": ("DPM++ 2M", None), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
     "lcm": ("LCM", None), "unipc": ("UniPC", None),
+    "tcd": ("TCD", None),  # not an A1111 sampler (ComfyUI and Forge call it TCD)
 }
 # A1111's other names of its samplers (modules/sd_samplers_kdiffusion.py samplers_k_diffusion, sd_samplers_timesteps)
 A1111_ALIASES = {"dpmpp_2m": ["k_dpmpp_2m"], "euler_a": ["k_euler_a", "k_euler_ancestral"], "euler": ["k_euler"],
@@ -229,6 +230,11 @@ class Replay:
     # the hires fix (A1111's "Hires upscale"/"Hires resize", "Hires upscaler", "Hires steps", "Denoising strength",
     # "Hires prompt", "Hires negative prompt", "Hires sampler"): the fields of runtime.hires.Hires; None: none
     hires: dict | None = None
+    # sdtrt's keys of SDXL's micro-conditioning, a few-step preset, custom timesteps (GenerationRequest fields) and
+    # A1111's "Refiner" (the refiner's name [hash]) and "Refiner switch at"
+    conditioning: dict | None = None
+    refiner: str | None = None
+    refiner_switch_at: float | None = None
 
     @property
     def from_image(self) -> bool:
@@ -295,7 +301,53 @@ def replay(text: str) -> Replay:
                   padding_mask_crop=count("Masked area padding", 0) if p.get("Inpaint area") == "Only masked" else None,
                   outpaint=outpaint, outpaint_fill=p.get("Outpaint fill"), **_inpainting(p), controls=_controls(p),
                   lora_hashes=_pairs(p, "Lora hashes", _hash), lora_weights=_pairs(p, "Lora weights", _weight),
-                  ti_hashes=_pairs(p, "TI hashes", _hash), hires=_hires(p, number))
+                  ti_hashes=_pairs(p, "TI hashes", _hash), hires=_hires(p, number),
+                  conditioning=_conditioning(p, number), refiner=p.get("Refiner"),
+                  refiner_switch_at=number("Refiner switch at", float))
+
+
+# sdtrt's infotext keys of GenerationRequest fields A1111 does not write: key -> (field, kind) ("pair": a (height,
+# width) size written WxH as A1111's Size, or a (top, left) crop written TOPxLEFT; "ints": space-separated timesteps)
+CONDITIONING_KEYS = {"Original size": ("original_size", "pair"), "Crop top left": ("crops_coords_top_left", "pair"),
+                     "Target size": ("target_size", "pair"),
+                     "Negative original size": ("negative_original_size", "pair"),
+                     "Negative crop top left": ("negative_crops_coords_top_left", "pair"),
+                     "Negative target size": ("negative_target_size", "pair"),
+                     "Aesthetic score": ("aesthetic_score", float),
+                     "Negative aesthetic score": ("negative_aesthetic_score", float),
+                     "Scheduler config": ("scheduler_config", str), "Timesteps": ("timesteps", "ints")}
+
+
+def conditioning_infotext(req) -> dict:
+    """The infotext keys of ``req``'s micro-conditioning, preset and timesteps that differ from the defaults."""
+    out = {}
+    for key, (field, kind) in CONDITIONING_KEYS.items():
+        value = getattr(req, field)
+        if value is None or (field, value) in (("aesthetic_score", 6.0), ("negative_aesthetic_score", 2.5)):
+            continue
+        size = kind == "pair" and "crop" not in key.lower()
+        out[key] = (f"{value[1]}x{value[0]}" if size else f"{value[0]}x{value[1]}" if kind == "pair" else " ".join(map(str, value)) if kind == "ints"
+                    else f"{value:g}" if kind is float else value)
+    return out
+
+
+def _conditioning(p: dict[str, str], number) -> dict | None:
+    """``CONDITIONING_KEYS`` of a text as GenerationRequest fields; None: none. (parse_infotext splits an AxB of
+    digits into KEY-1 and KEY-2.)"""
+    out = {}
+    for key, (field, kind) in CONDITIONING_KEYS.items():
+        if kind == "pair" and f"{key}-1" in p:
+            a, b = number(f"{key}-1", int), number(f"{key}-2", int)
+            out[field] = (a, b) if "crop" in key.lower() else (b, a)  # sizes: WxH in the text, (height, width)
+        elif kind == "pair" and key in p:
+            raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not AxB in pixels")
+        elif key in p and kind == "ints":
+            if not re.fullmatch(r"\s*\d+(\s+\d+)*\s*", p[key]):
+                raise UsageError(f"the image's parameters hold {key}: {p[key]!r}, not timesteps")
+            out[field] = tuple(int(v) for v in p[key].split())
+        elif key in p:
+            out[field] = number(key, float) if kind is float else p[key]
+    return out or None
 
 
 def _hires(p: dict[str, str], number) -> dict | None:

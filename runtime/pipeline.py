@@ -48,6 +48,7 @@ from sdtrt.runtime.infotext import a1111_names, create_infotext
 from sdtrt.runtime.lora import network_name
 from sdtrt.runtime import conditioning
 from sdtrt.runtime.conditioning import TextPlan
+from sdtrt.runtime.infotext import conditioning_infotext
 from sdtrt.runtime.prompts import PromptChunks
 from sdtrt.runtime.request import MAX_SEED, GenerationRequest, integer
 from sdtrt.runtime.samplers import Blend, SamplerConfig, SamplerTable, build_table, step, with_control
@@ -865,6 +866,7 @@ class Pipeline:
             "Outpaint": ",".join(map(str, req.outpaint)) if req.outpaint else None,
             "Outpaint fill": req.outpaint_fill if req.outpaint else None,
             **{f"ControlNet {j}": c.infotext(req.canny_thresholds) for j, c in enumerate(plan.controls)},
+            **conditioning_infotext(req),
             **dict(plan.infotext),
             "Version": f"sdtrt {__version__}"})
 

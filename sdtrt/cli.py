@@ -130,12 +130,13 @@ def _add_export(sub) -> None:
                    help="longest prompt, in 75-token chunks (A1111's long-prompt rule; the U-Net's text axis is 77 x this)")
     p.add_argument("--config", default=None, metavar="NAME",
                    help="single-file checkpoints: the built-in configuration that describes it (default: read from its "
-                        "keys: sd15, sd21, sd15-inpaint, sd21-inpaint)")
+                        "keys: sd15, sd21, sdxl, sdxl-refiner and their -inpaint variants)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type (single-file SD 2.x defaults to v_prediction)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="single-file checkpoints: a CLIP tokenizer folder (the tokenizer/ of a diffusers model of "
-                        "the same family) when the configuration's does not match the checkpoint's vocabulary")
+                        "the same family; SDXL: the model folder, its tokenizer/ and tokenizer_2/) when the "
+                        "configuration's does not match the checkpoint's vocabulary")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse this LoRA (diffusers/PEFT or kohya/A1111 .safetensors) into the U-Net and text encoder "
                         "at SCALE (default 1), as diffusers' fuse_lora; repeat for several")

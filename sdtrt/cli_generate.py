@@ -70,7 +70,8 @@ def _timesteps(text: str) -> tuple[int, ...]:
 # SDXL's micro-conditioning and custom timesteps: flag -> GenerationRequest field (sizes given as WxH, stored (h, w))
 CONDITIONING_FLAGS = {"original_size": "original_size", "target_size": "target_size",
                       "crop_top_left": "crops_coords_top_left", "aesthetic_score": "aesthetic_score",
-                      "negative_aesthetic_score": "negative_aesthetic_score", "timesteps": "timesteps"}
+                      "negative_aesthetic_score": "negative_aesthetic_score", "timesteps": "timesteps",
+                      "scheduler_config": "scheduler_config"}
 
 HIRES_FLAGS = {"hires_upscaler": "upscaler", "hires_steps": "steps", "hires_strength": "strength",
                "hires_prompt": "prompt", "hires_negative": "negative_prompt", "hires_sampler": "sampler"}
@@ -198,6 +199,11 @@ def add_generate(sub) -> None:
                       help="the refiner's aesthetic score (default 6)")
     sdxl.add_argument("--negative-aesthetic-score", type=_finite, default=None, metavar="X",
                       help="the refiner's negative aesthetic score (default 2.5)")
+    from sdtrt.runtime.sampler_presets import FEW_STEP_PRESETS
+
+    sdxl.add_argument("--scheduler-config", choices=FEW_STEP_PRESETS, default=None, metavar="NAME",
+                      help="a few-step model's scheduler settings, as its model card gives them (sampler, spacing, "
+                           "default steps and CFG): " + ", ".join(FEW_STEP_PRESETS))
     sdxl.add_argument("--timesteps", type=_timesteps, default=None, metavar="T1,T2,...",
                       help="custom timesteps, descending (few-step models: DMD2 999,749,499,249); --steps is their "
                            "count")
@@ -334,7 +340,8 @@ def _generation_settings(args) -> dict:
                "clip_skip": r.clip_skip, "karras": r.karras, "model_hash": r.model_hash,
                "strength": r.strength, "mask_blur": r.mask_blur, "padding_mask_crop": r.padding_mask_crop,
                "outpaint": r.outpaint, "outpaint_fill": r.outpaint_fill, "controls": r.controls, "hires": r.hires,
-               "mask_invert": r.mask_invert, "inpainting_fill": r.inpainting_fill, "overlay": r.overlay}
+               "mask_invert": r.mask_invert, "inpainting_fill": r.inpainting_fill, "overlay": r.overlay,
+               "conditioning": r.conditioning, "refiner": r.refiner, "refiner_switch_at": r.refiner_switch_at}
         if r.from_image and "image" not in given:
             what = f"Denoising strength {r.strength:g}" if r.strength is not None else "outpainting"
             raise UsageError(f"{args.from_png} was made from an input image ({what}): pass that image with --image "
@@ -378,15 +385,30 @@ def _cmd_generate(args) -> int:
     width, height = s["size"] or (None, None)
     controls = _controls(args, s.get("controls", ()))
     control_images = controls.pop("control_images", None)
-    conditioning = {field: getattr(args, flag) for flag, field in CONDITIONING_FLAGS.items()
-                    if getattr(args, flag, None) is not None}
+    flags = {field: getattr(args, flag) for flag, field in CONDITIONING_FLAGS.items()
+             if getattr(args, flag, None) is not None}
     for field in ("original_size", "target_size"):  # WxH on the command line, (height, width) in the API
-        if field in conditioning:
-            conditioning[field] = conditioning[field][::-1]
-    if conditioning.get("timesteps") and "steps" not in s.get("given", ()):
+        if field in flags:
+            flags[field] = flags[field][::-1]
+    conditioning = {**(s.get("conditioning") or {}), **flags}  # a replayed image's, then the flags
+    given = s.get("given", set())
+    if conditioning.get("scheduler_config"):  # the model card's steps and CFG unless given
+        from sdtrt.runtime.sampler_presets import few_step_preset
+
+        preset = few_step_preset(conditioning["scheduler_config"])
+        s["steps"] = s["steps"] if "steps" in given else preset.steps
+        s["cfg"] = s["cfg"] if "cfg" in given else preset.guidance
+        if hasattr(args, "scheduler"):
+            raise UsageError("--scheduler and --scheduler-config: give one (the preset names its sampler)")
+        s["scheduler"] = None  # a replayed image's Sampler is the preset's
+    if conditioning.get("timesteps") and "steps" not in given:
         s["steps"] = len(conditioning["timesteps"])
     if args.refiner_start is not None and not args.refiner:
         raise UsageError("--refiner-start needs --refiner DIR")
+    if s.get("refiner") and not args.refiner:
+        raise UsageError(f"the image was made with the refiner {s['refiner']}: pass its engine folder with --refiner "
+                         "DIR")
+    refiner_start = args.refiner_start if args.refiner_start is not None else s.get("refiner_switch_at")
     request = GenerationRequest.create(s["prompt"], s["negative"], s["steps"], s["cfg"], height, width, s["seed"],
                                        s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1,
                                        strength=s["strength"], mask_blur=s["mask_blur"],
@@ -430,7 +452,7 @@ def _cmd_generate(args) -> int:
             if s["mask"] is not None or control_images:
                 raise UsageError("--refiner is for text-to-image and img2img (no --mask, no --control)")
             refiner = stack.enter_context(Pipeline.from_dir(args.refiner, backend=args.backend))
-            switch = args.refiner_start if args.refiner_start is not None else ensemble.DEFAULT_SWITCH
+            switch = refiner_start if refiner_start is not None else ensemble.DEFAULT_SWITCH
             rp = ensemble.plan(pipe, refiner, request, switch, s["image"])  # both models checked, before any compute
             plan = rp.base_plan
         else:

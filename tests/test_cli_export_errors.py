@@ -48,9 +48,13 @@ def test_unknown_model_family(capsys, tmp_path):
     assert_one_line_error(code, err, "unknown model 'sd99'", "tiny")
 
 
-def test_unsupported_family_says_why(capsys, tmp_path):
-    code, err = run_cli(capsys, "export", "sdxl", "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "not supported yet")
+@pytest.mark.parametrize("model,extra,needle", [
+    ("sdxl", ["--lora", "style.safetensors"], "--lora with an SDXL model is not supported yet"),
+    ("tiny-xl", ["--controlnet", "random"], "--controlnet with an SDXL model is not supported yet")])
+def test_what_sdxl_does_not_do_yet_is_refused_before_loading(capsys, tmp_path, model, extra, needle):
+    code, err = run_cli(capsys, "export", model, "--out", str(tmp_path / "o"), *extra)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt"])

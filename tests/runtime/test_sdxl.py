@@ -86,13 +86,13 @@ def test_sdxl_img2img_matches_diffusers(tiny_xl_model, sampler):
     ours = Pipeline.from_dir(out)
     prompts, image, steps, seed = ["a red fox in the snow", "a castle"], picture(128, 96), 10, 4
     got = ours(prompts, negative_prompt="blurry", image=image, strength=0.6, num_inference_steps=steps, seed=seed,
-               scheduler=sampler, output_type="np", crops_coords_top_left=(8, 0))
+               scheduler=sampler, output_type="np", crops_coords_top_left=(8, 0), guidance_scale=6.0)
     table = ours.sampler_table(sampler, steps)
     draws = Draws(seed, (4, 12, 16), one_by_one(2) + each(2) * (1 + table.num_steps))
     with _patched(draws):
         want = with_sampler(_xl(folder, "StableDiffusionXLImg2ImgPipeline"), sampler)(
             prompts, negative_prompt=["blurry"] * 2, image=image, strength=0.6, num_inference_steps=steps,
-            output_type="np", generator=generators(2), crops_coords_top_left=(8, 0)).images
+            output_type="np", generator=generators(2), crops_coords_top_left=(8, 0), guidance_scale=6.0).images
     assert got.images.shape == want.shape == (2, 96, 128, 3)
     assert psnr(got.images, want) >= 60, psnr(got.images, want)
 
@@ -106,12 +106,12 @@ def test_sdxl_inpainting_matches_diffusers(tiny_xl_model, tiny_xl_inpaint_model,
     prompts, steps, seed, strength = ["a red fox in the snow", "a castle"], 8, 11, 0.7
     image, mask = picture(128, 96, seed=1), box_mask(128, 96, (30, 12, 90, 60))
     got = ours(prompts, image=image, mask_image=mask, strength=strength, num_inference_steps=steps, seed=seed,
-               scheduler="euler", output_type="np", overlay=False).images
+               scheduler="euler", output_type="np", overlay=False, guidance_scale=6.0).images
     table = ours.sampler_table("euler", steps)
     draws = Draws(seed, (4, 12, 16), one_by_one(2) + each(2) + one_by_one(2) + each(2) * table.num_steps)
     with _patched(draws):
         want = with_sampler(_xl(folder, "StableDiffusionXLInpaintPipeline"), "euler")(
             prompts, image=[image] * 2, mask_image=[mask] * 2, strength=strength, generator=generators(2),
-            num_inference_steps=steps, height=96, width=128, output_type="np").images
+            num_inference_steps=steps, height=96, width=128, output_type="np", guidance_scale=6.0).images
     assert got.shape == want.shape == (2, 96, 128, 3)
     assert psnr(got, want) >= 60, psnr(got, want)
