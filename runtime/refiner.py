@@ -59,9 +59,15 @@ def refiner_request(info: ModelInfo, req: GenerationRequest) -> GenerationReques
     return replace(for_model(info, req), denoising_start=req.denoising_end, denoising_end=None, strength=None)
 
 
-def refiner_keys(name: str, manifest: Manifest, switch_at: float) -> tuple[tuple[str, str], ...]:
-    """A1111's infotext keys of a refined image."""
-    return (("Refiner", f"{name} [{manifest.components['unet'].sha256[:10]}]"), ("Refiner switch at", f"{switch_at:g}"))
+def refiner_keys(name: str, manifest: Manifest, switch_at: float,
+                 req: GenerationRequest | None = None) -> tuple[tuple[str, str], ...]:
+    """A1111's infotext keys of a refined image, and sdtrt's of the refiner's own conditioning (its aesthetic
+    scores, which the base's request does not carry)."""
+    from sdtrt.runtime.infotext import conditioning_infotext
+
+    own = tuple(conditioning_infotext(refiner_request(manifest.model, req)).items()) if req is not None else ()
+    return (("Refiner", f"{name} [{manifest.components['unet'].sha256[:10]}]"),
+            ("Refiner switch at", f"{switch_at:g}"), *own)
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,8 @@ def plan(base, refiner, req: GenerationRequest, switch_at: float = DEFAULT_SWITC
     second_req = refiner_request(refiner.manifest.model, both)
     first = base.plan(first_req, image=image)
     second = refiner.plan(second_req, image=_placeholder(first))  # its shapes and memory, before any work
-    first = replace(first, infotext=first.infotext + refiner_keys(refiner_name or refiner.model_name,
-                                                                  refiner.manifest, both.denoising_end))
+    keys = refiner_keys(refiner_name or refiner.model_name, refiner.manifest, both.denoising_end, both)
+    first = replace(first, infotext=first.infotext + tuple(k for k in keys if k[0] not in dict(first.infotext)))
     return RefinerPlan(first_req, first, second_req, second.table.num_steps)
 
 

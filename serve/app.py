@@ -212,7 +212,7 @@ class Server:
         def batch(seeds, progress):
             base = self.models.acquire(name)
             first_req = ensemble.base_request(base.manifest.model, req)
-            keys = ensemble.refiner_keys(entry.name, Manifest.load(entry.folder), req.denoising_end)
+            keys = ensemble.refiner_keys(entry.name, Manifest.load(entry.folder), req.denoising_end, req)
             plan = base.plan(first_req, image)
             plan = replace(plan, infotext=plan.infotext + keys)
             base_manifest = base.manifest

@@ -80,7 +80,14 @@ def test_generate_with_refiner_on_the_command_line(tiny_xl_model, tiny_xl_refine
                          "--size", "128x96", "--seed", 4, "--aesthetic-score", 7, "-o", tmp_path / "r.png")
     assert code == 0, err
     png = Image.open(tmp_path / "r.png")
-    assert "Refiner: engine [" in png.text["parameters"] and "Refiner switch at: 0.7" in png.text["parameters"]
+    text = png.text["parameters"]
+    assert "Refiner: diffusers [" in text and "Refiner switch at: 0.7" in text and "Aesthetic score: 7" in text
+    code, _, err = cli("generate", base_out, "--from-png", tmp_path / "r.png", "-o", tmp_path / "again.png")
+    assert code == 2 and "made with the refiner diffusers [" in err, err
+    code, _, err = cli("generate", base_out, "--from-png", tmp_path / "r.png", "--refiner", ref_out,
+                       "-o", tmp_path / "again.png")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(png))
     req = GenerationRequest.create("a cat", None, 6, 7.5, 96, 128, seed=4, output_type="np", aesthetic_score=7)
     lib = ensemble.generate(Pipeline.from_dir(base_out), Pipeline.from_dir(ref_out), req, 0.7)
     assert psnr(np.asarray(png.convert("RGB"), np.float32)[None] / 255, lib.images) > 40
