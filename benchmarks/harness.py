@@ -47,6 +47,10 @@ class BenchConfig:
     task: str = "txt2img"  # "txt2img", "img2img" or "inpaint" (a synthetic picture; inpaint: its centre masked)
     strength: float | None = None  # img2img/inpaint (None: the pipelines' defaults)
     controlnets: int = 0  # the folder's first N ControlNets, each on a synthetic control map
+    scheduler_config: str | None = None  # a few-step preset (runtime.sampler_presets) for both systems
+    # one system at a time (all its runs, then the next's), not interleaved: two SDXL-size fp32 models do not fit
+    # together in 24 GB. Costs the interleaving's fairness against drift (thermal, other load)
+    one_at_a_time: bool = False
 
     def check(self) -> None:
         if self.baseline not in ("torch", "torch-compile", "none"):
@@ -104,6 +108,9 @@ class _SeedDraws:
                "diffusers.pipelines.controlnet.pipeline_controlnet.randn_tensor",
                "diffusers.pipelines.controlnet.pipeline_controlnet_img2img.randn_tensor",
                "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint.randn_tensor",
+               "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl.randn_tensor",
+               "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img.randn_tensor",
+               "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint.randn_tensor",
                "diffusers.models.autoencoders.vae.randn_tensor")
 
     def __init__(self, seed: int):
@@ -148,6 +155,7 @@ class _Ours:
         r = self.pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
                       height=height, width=width, seed=seed, num_images_per_prompt=c.batch, scheduler=c.scheduler,
                       output_type="np", strength=c.strength, **task_inputs(c.task, width, height),
+                      **({"scheduler_config": c.scheduler_config} if c.scheduler_config else {}),
                       control_images=control_maps(c.controlnets, width, height) if c.controlnets else None)
         t = r.timings
         encoder = {"vae_encoder": t["vae_encoder"]} if c.task != "txt2img" else {}
@@ -182,7 +190,9 @@ class _Baseline:
         self.vae_scale = manifest.model.vae_scale_factor
         self._timers: dict[str, float] = {}
         self._calls: dict[str, int] = {}
-        self._wrap(self.pipe.text_encoder, "forward", "text_encoder")
+        for encoder in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None)):
+            if encoder is not None:  # SDXL: both encoders' time is the text encoding's
+                self._wrap(encoder, "forward", "text_encoder")
         self._wrap(self.pipe.unet, "forward", "unet")
         self._wrap(self.pipe.vae, "decode", "vae_decoder")
         self._wrap(self.pipe.vae, "encode", "vae_encoder")
@@ -223,6 +233,13 @@ class _Baseline:
             args.update(height=height, width=width)
         if c.strength is not None:
             args["strength"] = c.strength
+        if c.scheduler_config:
+            from sdtrt.runtime.sampler_presets import few_step_preset
+
+            preset = few_step_preset(c.scheduler_config)
+            if preset.timesteps is not None:
+                args["timesteps"] = list(preset.timesteps)
+                del args["num_inference_steps"]
         if c.controlnets:  # the ControlNet pipelines call the input image `image` only for txt2img
             maps = control_maps(c.controlnets, width, height)
             args["image" if c.task == "txt2img" else "control_image"] = maps[0] if len(maps) == 1 else maps
@@ -284,11 +301,30 @@ def _diffusers_pipeline(manifest, cfg: BenchConfig):
 
     model = _baseline_model(manifest)
     scheduler_config = dict(model.scheduler_config)
-    if cfg.scheduler:
-        cls, extra = DIFFUSERS_EQUIVALENT[cfg.scheduler]
+    sampler = cfg.scheduler
+    if cfg.scheduler_config:  # the model card's scheduler settings on the model's config, as diffusers' from_config
+        from sdtrt.runtime.sampler_presets import few_step_preset
+
+        preset = few_step_preset(cfg.scheduler_config)
+        scheduler_config, sampler = preset.scheduler_config(scheduler_config), preset.sampler
+    if sampler:
+        cls, extra = DIFFUSERS_EQUIVALENT[sampler]
         scheduler_config.update(extra, _class_name=cls)
+    scheduler = make_scheduler(scheduler_config)
+    if model.added_conditioning:  # SDXL: the pipelines of the family, from the same modules
+        if cfg.controlnets:
+            raise UsageError("--controlnet with an SDXL model: SDXL ControlNets come with the next release")
+        refiner = model.text_encoder_2 is None
+        encoders = (dict(text_encoder=None, tokenizer=None, text_encoder_2=model.text_encoder,
+                         tokenizer_2=model.tokenizer) if refiner else
+                    dict(text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                         text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2))
+        name = {"txt2img": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+                "img2img": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}[cfg.task]
+        return getattr(diffusers, name)(vae=model.vae, unet=model.unet, scheduler=scheduler, **encoders,
+                                        **model.pipeline_config)
     components = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-                      scheduler=make_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,
+                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
                       requires_safety_checker=False)
     if cfg.controlnets:
         models = [baseline_controlnet(manifest, model, c) for c in list(manifest.controlnets.values())[:cfg.controlnets]]
@@ -448,18 +484,15 @@ def host_overhead(engine_dir: str, steps: int = 50, size: int = 512, sampler: st
 
     from sdtrt.manifest import Manifest
     from sdtrt.runtime import Pipeline
-    from sdtrt.runtime.tokenizer import ClipTokenizer
-
     folder = Path(engine_dir)
     manifest = Manifest.load(folder)
     info, r = manifest.model, manifest.ranges
     size = min(max(size, r.size_min), r.size_max) // 8 * 8
-    h = size // info.vae_scale_factor
-    shapes = {"text_encoder": (2, info.max_text_length, info.text_hidden_size),
-              "unet": (1, info.latent_channels, h, h), "vae_decoder": (1, 3, size, size)}
-    engines = {name: NullEngine(manifest.components[name], shape) for name, shape in shapes.items()}
-    pipe = Pipeline(folder, manifest, engines, ClipTokenizer(folder / manifest.tokenizer_dir, info.max_text_length,
-                                                             info.vocab_size),
+    names = [e.component for e in info.encoders] + ["unet", "vae_decoder"]
+    engines = {name: NullEngine(manifest.components[name], info.vae_scale_factor) for name in names}
+    from sdtrt.runtime.conditioning import load_tokenizers
+
+    pipe = Pipeline(folder, manifest, engines, load_tokenizers(folder, manifest),
                     _json.loads((folder / manifest.scheduler_config).read_text()))
     runs = [pipe("x", num_inference_steps=steps, height=size, width=size, seed=0, scheduler=sampler,
                  output_type="np").timings for _ in range(5)]
@@ -470,19 +503,29 @@ def host_overhead(engine_dir: str, steps: int = 50, size: int = 512, sampler: st
 
 
 class NullEngine:
-    """An engine that returns a preallocated output at once: what is left is the runtime's own work."""
+    """An engine that returns zeros at once: what is left is the runtime's own work. Its outputs take the shapes
+    their specs give for the inputs' sizes (the named dims read from the feeds), allocated once per shape."""
 
-    def __init__(self, component, shape):
-        self.component = component
+    def __init__(self, component, vae_scale: int = 8):
+        self.component, self.vae_scale = component, vae_scale
         self._dtypes = {s.name: np.dtype(s.dtype) for s in component.inputs}
-        out = component.outputs[0]
-        self._out = {out.name: np.zeros(shape, out.dtype)}
+        self._out: dict[tuple, dict[str, np.ndarray]] = {}
 
     def input_dtype(self, name):
         return self._dtypes[name]
 
     def run(self, feeds):
-        return self._out
+        from sdtrt.manifest import resolve_shape
+
+        key = tuple(sorted((k, v.shape) for k, v in feeds.items()))
+        if key not in self._out:
+            values = {d: n for s in self.component.inputs if s.name in feeds
+                      for d, n in zip(s.shape, feeds[s.name].shape) if isinstance(d, str)}
+            for side in ("height", "width"):  # the VAE decoder's pixels from its latents
+                if f"latent_{side}" in values:
+                    values.setdefault(side, values[f"latent_{side}"] * self.vae_scale)
+            self._out[key] = {o.name: np.zeros(resolve_shape(o.shape, values), o.dtype) for o in self.component.outputs}
+        return self._out[key]
 
 
 def environment() -> dict[str, Any]:
@@ -538,13 +581,14 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     images: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     cold: dict[str, float] = {}
     finished = False
-    try:
-        for k in systems:
-            clients[k] = _Client(k, cfg)
+    memory: dict[str, dict] = {}
+    info: dict[str, dict] = {}
+
+    def runs(active: list[str]) -> None:
         for w, h in cfg.sizes:
             per = samples.setdefault((w, h), {k: [] for k in systems})
             for i in range(cfg.warmup + cfg.runs):
-                for k in systems:  # interleaved: A, B, A, B ...
+                for k in active:  # interleaved: A, B, A, B ...
                     img, t = clients[k].generate(w, h, cfg.seed)
                     cold.setdefault(k, t.get("cold_start_s", float("nan")))
                     if i >= cfg.warmup:
@@ -552,7 +596,14 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                     images.setdefault((w, h), {})[k] = img
                     tag = "warm-up" if i < cfg.warmup else f"run {i - cfg.warmup + 1}/{cfg.runs}"
                     log(f"  {w}x{h} {k:<8} {tag}: {t['total']:.2f}s")
-        memory = {k: c.finish() for k, c in clients.items()}
+
+    try:
+        for group in ([[k] for k in systems] if cfg.one_at_a_time else [systems]):
+            for k in group:
+                clients[k] = _Client(k, cfg)
+                info[k] = clients[k].info
+            runs(group)
+            memory |= {k: clients[k].finish() for k in group}
         finished = True
     finally:  # after an error or Ctrl-C the workers are ended at once, not waited for
         for c in clients.values():
@@ -561,7 +612,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     for (w, h), per in samples.items():
         entry = {"size": f"{w}x{h}", "batch": cfg.batch, "systems": {}}
         for k in systems:
-            entry["systems"][k] = dict(_summary(per[k], cfg.batch), backend=clients[k].info["backend"])
+            entry["systems"][k] = dict(_summary(per[k], cfg.batch), backend=info[k]["backend"])
         if "baseline" in systems:
             entry["psnr_db_vs_baseline"] = psnr(images[(w, h)]["sdtrt"], images[(w, h)]["baseline"])
         results.append(entry)
@@ -572,7 +623,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "model": to_dict(manifest.model),
         "environment": environment(),
         "results": results,
-        "load_s": {k: c.info["load_s"] for k, c in clients.items()},
+        "load_s": {k: i["load_s"] for k, i in info.items()},
         "cold_start_s": cold,
         "memory": memory,
         "host_overhead": host_overhead(cfg.engine_dir, steps=50, size=max(s[0] for s in cfg.sizes)),

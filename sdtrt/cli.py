@@ -364,6 +364,15 @@ def _add_bench(sub) -> None:
                         "ControlNet pipelines")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per system (0: the library's default; at most 4x the cores)")
+    from sdtrt.runtime.sampler_presets import FEW_STEP_PRESETS
+
+    p.add_argument("--scheduler-config", choices=FEW_STEP_PRESETS, default=None, metavar="NAME",
+                   help="a few-step preset for both systems (" + ", ".join(FEW_STEP_PRESETS) + "); --steps and "
+                        "--cfg still say how many steps and which guidance")
+    p.add_argument("--cfg", type=_finite, default=7.5, help="guidance scale (both systems)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="run each system alone (all its runs, then the other's) instead of interleaved: two "
+                        "SDXL-size models in fp32 do not fit in 24 GB together")
     p.add_argument("--out", help="write the full result as JSON here")
     p.add_argument("--plot", help="write a per-component bar chart (PNG) here (needs matplotlib)")
     p.set_defaults(func=_cmd_bench)
@@ -397,7 +406,9 @@ def _cmd_bench(args) -> int:
     sizes = tuple(args.size) if args.size else ((manifest.model.default_size,) * 2,)
     cfg = BenchConfig(engine_dir=args.dir, backend=args.backend, baseline=args.baseline, sizes=sizes, steps=args.steps,
                       batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads,
-                      task=args.task, strength=args.strength, controlnets=args.controlnet)
+                      task=args.task, strength=args.strength, controlnets=args.controlnet,
+                      scheduler_config=args.scheduler_config, guidance_scale=args.cfg,
+                      one_at_a_time=args.one_at_a_time)
     result = run_bench(cfg)
     result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
     print(markdown(result))

@@ -74,3 +74,19 @@ def test_a_baseline_that_is_not_the_exported_model_is_refused(engine, capsys):
     assert code == 2 and err[-1].startswith("sdtrt bench: error: the baseline model differs from the one exported to "
                                             f"{engine}: "), err
     assert "re-export" in err[-1]
+
+
+@pytest.mark.parametrize("flags", [["--steps", "3", "--cfg", "5"],
+                                   ["--scheduler-config", "lightning", "--steps", "2", "--cfg", "0"]])
+def test_bench_on_an_sdxl_model_one_system_at_a_time(tiny_xl_model, tmp_path, capsys, flags):
+    """SDXL against diffusers' StableDiffusionXLPipeline (both encoders timed), a few-step preset on both systems,
+    each system alone (--one-at-a-time)."""
+    out = tmp_path / "r.json"
+    assert main(["bench", str(tiny_xl_model[0]), "--size", "96x64", "--runs", "1", "--warmup", "0",
+                 "--one-at-a-time", "--out", str(out), *flags]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    entry = result["results"][0]
+    assert entry["psnr_db_vs_baseline"] >= 60
+    assert entry["systems"]["sdtrt"]["steps"] == entry["systems"]["baseline"]["steps"] == int(flags[flags.index("--steps") + 1])
+    assert result["config"]["one_at_a_time"] and all(result["memory"][k]["peak_host_rss_mb"] > 0
+                                                      for k in ("sdtrt", "baseline"))
