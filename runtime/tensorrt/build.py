@@ -196,6 +196,12 @@ def _build_engines(folder: Path, cfg: BuildConfig, trt, cudart, log) -> Manifest
     from sdtrt.runtime.tensorrt import api
 
     manifest = Manifest.load(folder)
+    m = manifest.model
+    if len(m.encoders) > 1 or m.added_conditions is not None:  # before TensorRT is even imported
+        from sdtrt.errors import UsageError
+
+        raise UsageError(f"{folder} holds an SDXL-family model ({m.family}): TensorRT engines for SDXL come with the "
+                         "next release; run it on ONNX Runtime (--backend onnxruntime) meanwhile")
     cfg.check(manifest)
     cfg = cfg.resolved(manifest)
     remove_stale(folder)  # engine and cache temporaries of a build that was killed

@@ -115,3 +115,67 @@ def test_sdxl_inpainting_matches_diffusers(tiny_xl_model, tiny_xl_inpaint_model,
             num_inference_steps=steps, height=96, width=128, output_type="np", guidance_scale=6.0).images
     assert got.shape == want.shape == (2, 96, 128, 3)
     assert psnr(got, want) >= 60, psnr(got, want)
+
+
+def test_sdxl_clip_skip_matches_diffusers(tiny_xl_model):
+    """CLIP skip as diffusers defines it for SDXL: hidden_states[-(clip_skip + 2)], not normalised. (diffusers skips
+    only in the prompt, its negative prompt always takes hidden_states[-2]; sdtrt skips in both, as A1111 and
+    diffusers' SD 1.x pipeline do: compared without a negative prompt, whose embeddings are zeros.)"""
+    out, folder = tiny_xl_model
+    pipe = Pipeline.from_dir(out)
+    ours = pipe("a photo of a cat", num_inference_steps=6, guidance_scale=5.0, height=64,
+                width=96, seed=2, output_type="np", clip_skip=1)
+    want = _xl(folder)(prompt="a photo of a cat", num_inference_steps=6, guidance_scale=5.0,
+                       height=64, width=96, latents=torch.from_numpy(_latents(pipe, 2, 1, 64, 96)), output_type="np",
+                       clip_skip=1).images
+    assert psnr(ours.images, want) >= 60, psnr(ours.images, want)
+
+
+def test_sdxl_long_prompts_chunk_each_encoder_and_pool_the_first_chunk(tiny_xl_model):
+    """A1111's long prompts on both encoders: 2 chunks of 77 each, joined on the feature axis; the pooled embedding
+    is the first chunk's text_embeds; emphasis weights each encoder's hidden states (and restores each one's mean)."""
+    from sdtrt.runtime.prompts import join_chunks
+    from sdtrt.runtime.request import GenerationRequest
+
+    out, _ = tiny_xl_model
+    pipe = Pipeline.from_dir(out)
+    text = ", ".join(["a (red:1.4) fox in the snow"] * 14)
+    req = GenerationRequest.create(text, None, 2, 5.0, 64, 64)
+    plan = pipe.plan(req)
+    k = plan.text.count
+    assert k >= 2 and len(plan.text.chunks) == 2
+    feeds = pipe._encode(req, plan)
+    assert feeds["encoder_hidden_states"].shape == (2, 77 * k, pipe.manifest.model.text_hidden_size)
+    assert not feeds["encoder_hidden_states"][0].any() and not feeds["text_embeds"][0].any()  # force zeros
+    parts = []
+    for e, chunks in zip(pipe.manifest.model.encoders, plan.text.chunks):
+        c = chunks[text]
+        o = pipe.engines[e.component].run({"input_ids": c.ids})
+        parts.append(join_chunks(o[f"hidden_state_skip{e.skip_offset}"], [c], None)[0])
+        if e.pooled:
+            np.testing.assert_array_equal(feeds["text_embeds"][1], o[e.pooled][0])
+    np.testing.assert_allclose(feeds["encoder_hidden_states"][1], np.concatenate(parts, -1), rtol=1e-6, atol=1e-6)
+    assert len(set(np.round(c.weights.ravel(), 3))) > 1  # the emphasis is there
+
+
+def test_sdxl_device_loop_gives_the_host_loops_image(tiny_xl_model):
+    """The added conditions reach the device loop as constant inputs (IO binding, the sampler-update graph)."""
+    out, _ = tiny_xl_model
+    args = dict(num_inference_steps=4, height=64, width=96, seed=1, output_type="np", scheduler="euler_a",
+                num_images_per_prompt=2, original_size=(256, 256))
+    with Pipeline.from_dir(out, backend="onnxruntime-cpu", device_loop=True) as device, \
+            Pipeline.from_dir(out, backend="onnxruntime-cpu") as host:
+        assert psnr(device("a cat", **args).images, host("a cat", **args).images) >= 60
+
+
+def test_what_sdxl_does_not_do_yet_is_refused_by_name(tiny_xl_model, tmp_path, cli):
+    out, _ = tiny_xl_model
+    pipe = Pipeline.from_dir(out)
+    for call in (lambda: pipe.set_loras([(str(tmp_path / "x.safetensors"), 1.0)]),
+                 lambda: pipe.load_textual_inversion(tmp_path / "x.safetensors"),
+                 lambda: pipe("a <lora:x:1> cat", num_inference_steps=2)):
+        with pytest.raises(UsageError, match="SDXL-family model .* not supported yet"):
+            call()
+    for argv in (["build", out], ["export-controlnet", out, "random"]):
+        code, _, err = cli(*argv)
+        assert code == 2 and "SDXL" in err and "next release" in err, err
