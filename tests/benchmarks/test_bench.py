@@ -76,7 +76,7 @@ def test_a_baseline_that_is_not_the_exported_model_is_refused(engine, capsys):
     assert "re-export" in err[-1]
 
 
-@pytest.mark.parametrize("flags", [["--steps", "3", "--cfg", "5"],
+@pytest.mark.parametrize("flags", [pytest.param(["--steps", "3", "--cfg", "5"], marks=pytest.mark.slow),
                                    ["--scheduler-config", "lightning", "--steps", "2", "--cfg", "0"]])
 def test_bench_on_an_sdxl_model_one_system_at_a_time(tiny_xl_model, tmp_path, capsys, flags):
     """SDXL against diffusers' StableDiffusionXLPipeline (both encoders timed), a few-step preset on both systems,

@@ -17,7 +17,7 @@ from sdtrt.runtime.request import GenerationRequest
 from tests.runtime.test_sdxl import HEIGHT, WIDTH, _latents, _xl
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", pytest.param("euler", marks=pytest.mark.slow)])
 def test_base_and_refiner_match_diffusers_ensemble_of_experts(tiny_xl_model, tiny_xl_refiner_model, sampler):
     """The base to denoising_end, its latents handed over undecoded, the refiner from denoising_start: diffusers'
     StableDiffusionXLPipeline(output_type="latent") then StableDiffusionXLImg2ImgPipeline(image=latents)."""

@@ -78,7 +78,7 @@ def _patched(draws):
     return stack
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a"])
+@pytest.mark.parametrize("sampler", ["euler", pytest.param("euler_a", marks=pytest.mark.slow)])
 def test_sdxl_img2img_matches_diffusers(tiny_xl_model, sampler):
     from tests.runtime.test_tasks import Draws, each, generators, one_by_one, picture, with_sampler
 
