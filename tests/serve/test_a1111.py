@@ -225,12 +225,12 @@ def test_interrupt_and_skip_stop_the_running_generation_at_its_next_step(server)
 
 
 @pytest.mark.parametrize("field, value, needle", [
-    ("tiling", True, "tiling"), ("refiner_checkpoint", "sd_xl_refiner", "refiner_checkpoint"),
+    ("tiling", True, "tiling"),
     ("hr_checkpoint_name", "other [abc]", "hr_checkpoint_name"), ("script_name", "x/y/z plot", "script_name"),
     ("alwayson_scripts", {"ControlNet": {"args": [{"enabled": True}]}}, "alwayson_scripts 'ControlNet'"),
     ("resize_mode", 1, "resize_mode 1"), ("init_images", ["a", "b"], "2 init_images")])
 def test_fields_that_would_change_the_image_unseen_are_refused_by_name(server, field, value, needle):
-    # A1111 does these (processing.py: tiling, refiner, hr_checkpoint_name; scripts; img2img resize_mode 1-3 and
+    # A1111 does these (processing.py: tiling, hr_checkpoint_name; scripts; img2img resize_mode 1-3 and
     # init_images cycled over the batch): sdtrt does not, so it says so rather than answer an image without them
     endpoint = "img2img" if field in ("resize_mode", "init_images") else "txt2img"
     body = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, field: value}
@@ -238,7 +238,7 @@ def test_fields_that_would_change_the_image_unseen_are_refused_by_name(server, f
         body["init_images"] = [base64.b64encode(_png(64)).decode()]
     r = httpx.post(f"{server}/sdapi/v1/{endpoint}", json=body, timeout=60)
     assert r.status_code == 422 and needle in r.json()["detail"] and "not available in sdtrt" in r.json()["detail"], r.text
-    defaults = {"tiling": False, "refiner_checkpoint": "", "hr_checkpoint_name": None, "script_name": None,
+    defaults = {"tiling": False, "hr_checkpoint_name": None, "script_name": None,
                 "alwayson_scripts": {"ControlNet": {"args": []}}, "resize_mode": 0}  # what clients send by default
     if field in defaults:
         body[field] = defaults[field]
@@ -260,3 +260,14 @@ def test_requests_on_other_schedules_are_not_merged_into_one_engine_call(pipe):
     keys = [Server.batch_key(req, 1, pipe.plan(req)) for req in (
         GenerationRequest.create("a", None, 4, 7.0, 64, 64, 1, 1, name) for name in ("euler", "euler_karras", "euler"))]
     assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+@pytest.mark.parametrize("refiner", ["", "None", None])
+def test_a_refiner_checkpoint_that_is_no_model_is_a_4xx_and_none_runs_alone(server, refiner):
+    """refiner_checkpoint runs base + refiner (tests/runtime/test_refiner.py); an unknown one is named, the values
+    clients send for "no refiner" run the model alone."""
+    body = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "refiner_checkpoint": "sd_xl_refiner"}
+    r = httpx.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert 400 <= r.status_code < 500 and "sd_xl_refiner" in r.text, r.text
+    r = httpx.post(f"{server}/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": refiner}, timeout=60)
+    assert r.status_code == 200 and "Refiner" not in json.loads(r.json()["info"])["infotexts"][0]
