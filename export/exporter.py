@@ -23,7 +23,7 @@ from sdtrt.export.architectures import BUILTIN_ARCHITECTURES
 from sdtrt.export.controlnet import BUILTIN_CONTROLNET, parse_spec
 from sdtrt.manifest import CONTROLNET_PREFIX, MANIFEST_NAME, owned_entries
 from sdtrt.manifest_check import MAX_BATCH, MAX_SIZE
-from sdtrt.manifest import Component, Manifest, ModelInfo, Ranges, sha256_file
+from sdtrt.manifest import AddedConditions, Component, Manifest, ModelInfo, Ranges, TextEncoderInfo, sha256_file
 from sdtrt.runtime.prompts import MAX_CHUNKS
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -256,11 +256,26 @@ def _preflight(config: ExportConfig, source) -> None:
 
     if (config.config or config.tokenizer) and not (isinstance(source, Path) and source.is_file()):
         raise UsageError("--config and --tokenizer are for single-file checkpoints (.safetensors)")
+    if (config.loras or config.controlnets) and _is_sdxl(source):
+        what = "--lora" if config.loras else "--controlnet"
+        raise UsageError(f"{what} with an SDXL model is not supported yet (SDXL LoRAs and ControlNets come with the "
+                         "next release); export the model without it")
     for text in config.loras:
         check_lora_file(LoraSpec.parse(text), config.allow_pickle)
     for _, cn in map(parse_spec, config.controlnets):
         if cn != BUILTIN_CONTROLNET:
             check_controlnet_folder(Path(cn).expanduser(), config.allow_pickle)
+
+
+def _is_sdxl(source) -> bool:
+    """A built-in with SDXL's added conditioning, or a diffusers folder of an SDXL pipeline (without loading it)."""
+    if not isinstance(source, Path):
+        return "text_time" == source.unet.get("addition_embed_type")
+    try:
+        index = json.loads((source / "model_index.json").read_text(encoding="utf-8")) if source.is_dir() else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "XL" in str(index.get("_class_name", ""))
 
 
 def _check_scheduler(scheduler_config: dict, source: str, log) -> None:
@@ -343,6 +358,9 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
     from sdtrt.export.validate import format_table
 
     manifest = Manifest.load(folder)
+    if manifest.model.added_conditions is not None or len(manifest.model.encoders) > 1:
+        raise UsageError(f"{folder} holds an SDXL-family model ({manifest.model.family}): ControlNets for SDXL are not "
+                         "supported yet (they come with the next release)")
     name, source = parse_spec(spec)
     key = CONTROLNET_PREFIX + name
     if key in manifest.components and not force:
@@ -400,7 +418,8 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
 
 
 def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: dict | None = None) -> Manifest:
-    from sdtrt.export.graphs import CLIP_SKIPS, EMBEDDING_SLOTS, controlnet_spec, graph_specs, vae_scale_factor
+    from sdtrt.export.graphs import (CLIP_SKIPS, EMBEDDING_SLOTS, added_time_ids, controlnet_spec, encoder_layout,
+                                     graph_specs, vae_scale_factor)
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table
 
@@ -412,12 +431,14 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
                                                           int(model.text_encoder.config.hidden_size),
                                                           int(model.tokenizer.model_max_length), vae_scale)
         sources[CONTROLNET_PREFIX + name] = source
-    names = (*COMPONENTS, *sources)
+    encoders = [c for c, _, _ in model.encoders]
+    names = (*encoders, *COMPONENTS[1:], *sources)
     for v in (config.size_min, config.size_max):
         if v % vae_scale:
             raise UsageError(f"image size {v} must be a multiple of this model's VAE factor {vae_scale}")
     ranges = config.ranges
-    model.tokenizer.save_pretrained(folder / "tokenizer")
+    for component, _, tokenizer in model.encoders:
+        tokenizer.save_pretrained(folder / component.replace("text_encoder", "tokenizer"))
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2) + "\n")
     work = folder / "_work"
@@ -438,23 +459,35 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     for step, name in enumerate(names, start=1):
         components[name] = _export_graph(name, specs[name], folder, work, config.precision, config.opset, ranges,
                                          vae_scale, seq, chunks, memory[name], sources.get(name, ""), table,
-                                         f"[{step}/{total}] {name}:", log, references.pop(name),
-                                         parameter_ids(*(specs[n].module for n in names[step:])))
+                                         f"[{step}/{total}] {name}:", log,
+                                         lora_maps=not model.added_conditioning,  # SDXL LoRAs: the next release
+                                         references=references.pop(name),
+                                         keep=parameter_ids(*(specs[n].module for n in names[step:])))
     work.rmdir()
     components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
     log(format_table(table))
 
     te = model.text_encoder.config
+    layout = encoder_layout(model)
+    pooled_width = int(model.encoders[-1][1].config.projection_dim) if model.added_conditioning else 0
+    time_ids = added_time_ids(model.unet.config, pooled_width)
     manifest = Manifest(
         model=ModelInfo(
             family=model.family, source=model.source, prediction_type=model.prediction_type,
             latent_channels=int(model.vae.config.latent_channels), vae_scale_factor=vae_scale,
-            vae_scaling_factor=float(model.vae.config.scaling_factor), text_hidden_size=int(te.hidden_size),
+            vae_scaling_factor=float(model.vae.config.scaling_factor),
+            text_hidden_size=sum(e["hidden_size"] for e in layout),
             max_text_length=int(model.tokenizer.model_max_length), vocab_size=int(te.vocab_size),
             default_size=default_size(model.unet.config.sample_size, vae_scale, ranges, log),
             max_chunks=config.max_chunks,
-            clip_skips=CLIP_SKIPS, loras=_lora_records(config.loras), embedding_slots=EMBEDDING_SLOTS,
+            clip_skips=CLIP_SKIPS, loras=_lora_records(config.loras),
+            embedding_slots=0 if model.added_conditioning else EMBEDDING_SLOTS,
             weights_seed=config.seed if model.source in BUILTIN_ARCHITECTURES else None,
+            # the family as data: SD 1.x/2.x's one encoder is the default (no entries)
+            text_encoders=tuple(TextEncoderInfo(**e) for e in layout) if model.added_conditioning else (),
+            added_conditions=AddedConditions(time_ids=time_ids) if time_ids else None,
+            force_zeros_for_empty_prompt=bool(model.added_conditioning and model.pipeline_config.get(
+                "force_zeros_for_empty_prompt", True)),
         ),
         precision=config.precision, ranges=ranges, components=components, tools=tool_versions(),
     )
@@ -464,8 +497,8 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
 
 
 def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, opset: int, ranges: Ranges, vae_scale: int,
-                  seq: int, chunks: int, memory, source: str, table: list, prefix: str, log, references=None,
-                  keep: frozenset = frozenset()) -> Component:
+                  seq: int, chunks: int, memory, source: str, table: list, prefix: str, log,
+                  lora_maps: bool = True, references=None, keep: frozenset = frozenset()) -> Component:
     """Trace one graph to ``folder/NAME.onnx`` (fp16 with its FP32 islands, or fp32), run its parity gate, and
     describe it: its manifest entry.
 
@@ -495,7 +528,8 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
         sample = {n: v.astype(np.float16) if n in fp16_inputs else v for n, v in sample.items()}
     traced = work / f"{name}.onnx"
     onnx_tools.trace_to_onnx(spec, sample, traced, opset)
-    lora = LORA_PREFIXES.get(name)  # LoRAs update these graphs' weights at generation time: weights kept external
+    # LoRAs update these graphs' weights at generation time: weights kept external
+    lora = LORA_PREFIXES.get(name) if lora_maps else None
     digests = None
     if lora is not None:
         from sdtrt.export.weight_map import weight_digests
@@ -610,13 +644,14 @@ def _notes(name: str) -> str:
                 "this ControlNet's residual (zeros in for the first ControlNet of a step, the previous one's out for the "
                 "next); encoder_hidden_states as the U-Net's")
     return {
-        "unet": "encoder_hidden_states holds [negative; positive] (2B rows) for classifier-free guidance, "
+        "unet": "encoder_hidden_states (and SDXL's text_embeds, time_ids) holds [negative; positive] (2B rows) for classifier-free guidance, "
                 "or only the positive prompt (B rows) to run without guidance (guidance_scale is then unused); "
                 "down_residual_i / mid_residual: ControlNet residuals added to the skip connections (zeros without)",
         "vae_decoder": "image is in [-1, 1], unclamped: map with clip(x / 2 + 0.5, 0, 1)",
         "vae_encoder": "image in [-1, 1]; a posterior sample is latent_mean + latent_std * N(0, 1) (scaling factor "
                        "folded in)",
         "text_encoder": "input_ids: one 77-token prompt chunk per row (runtime/prompts.py)",
+        "text_encoder_2": "input_ids: one 77-token prompt chunk per row; text_embeds: the pooled, projected EOS token",
         "sampler_update": "lin = sum coefs[j] state_j + sum coefs[4+j] model_output_j + coefs[9] noise; next_state = "
                           "mask * lin + (1 - mask) * (coefs[10] image_latents + coefs[11] init_noise); coefs = "
                           "runtime.samplers.coefficient_row(table, i); state_j is the state j steps back",

@@ -26,9 +26,13 @@ EMBEDDING_SLOTS = 64
 class TextEncoderGraph(torch.nn.Module):
     """input_ids (R, 77) int32, one prompt chunk per row -> hidden states (R, 77, D), what the U-Net attends to:
     the last layer's, and with CLIP skip s = 1..CLIP_SKIPS the one s layers before it with the final layer norm
-    applied (diffusers' ``clip_skip``; A1111's "Clip skip: s + 1", ``sd_hijack_clip.encode_with_transformers``)."""
+    applied (diffusers' ``clip_skip``; A1111's "Clip skip: s + 1", ``sd_hijack_clip.encode_with_transformers``).
 
-    def __init__(self, text_encoder, slots: int = 0):
+    ``raw_skips`` (SDXL): the skipped hidden states without the final layer norm, as diffusers'
+    StableDiffusionXLPipeline.encode_prompt takes ``hidden_states[-(clip_skip + 2)]``; ``pooled`` (a
+    CLIPTextModelWithProjection): also ``text_embeds`` (R, P), the projected EOS token, SDXL's pooled embedding."""
+
+    def __init__(self, text_encoder, slots: int = 0, raw_skips: bool = False, pooled: bool = False):
         super().__init__()
         if slots:  # a copy (the loaded model is shared) whose token table has ``slots`` zero rows more
             import copy
@@ -41,21 +45,28 @@ class TextEncoderGraph(torch.nn.Module):
                 padded.weight.copy_(torch.cat([table, torch.zeros(slots, table.shape[1], dtype=table.dtype)]))
             model.embeddings.token_embedding = padded
         self.text_encoder = text_encoder
+        self.raw_skips = raw_skips
+        self.pooled = pooled
 
     def forward(self, input_ids):
         # int32 in the graph (TensorRT has no int64 bindings to speak of); CLIP's embedding takes int64.
         out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
-        # transformers 5 dropped CLIPTextModel's text_model wrapper; 4.x has it
-        norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        skipped = [norm(out.hidden_states[-(s + 1)]) for s in range(1, CLIP_SKIPS + 1)]
-        return (out.last_hidden_state, *skipped)
+        if self.raw_skips:
+            skipped = [out.hidden_states[-(s + 1)] for s in range(1, CLIP_SKIPS + 1)]
+        else:
+            # transformers 5 dropped CLIPTextModel's text_model wrapper; 4.x has it
+            norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+            skipped = [norm(out.hidden_states[-(s + 1)]) for s in range(1, CLIP_SKIPS + 1)]
+        return (out.last_hidden_state, *skipped, *((out.text_embeds,) if self.pooled else ()))
 
 
 class UNetGraph(torch.nn.Module):
     """One denoising model call with classifier-free guidance folded in (Ho & Salimans 2022).
 
     latents (B, C, h, w), timestep (1,), encoder_hidden_states (k*B, 77, D), guidance_scale (1,)
-    [, mask (B, 1, h, w), masked_image_latents (B, C, h, w): an inpainting U-Net], down_residual_0..n-1
+    [, mask (B, 1, h, w), masked_image_latents (B, C, h, w): an inpainting U-Net]
+    [, text_embeds (k*B, P), time_ids (k*B, n): SDXL's added conditioning, diffusers' ``added_cond_kwargs``, rows
+    [negative; positive] as the embeddings'], down_residual_0..n-1
     (k*B, c_i, h / f_i, w / f_i), mid_residual (k*B, c, h / f, w / f): ControlNet residuals, added to the skip
     connections as diffusers' ``down_block_additional_residuals`` (zeros without a ControlNet: x + 0 = x exactly)
     -> guided prediction (B, C, h, w).
@@ -68,10 +79,11 @@ class UNetGraph(torch.nn.Module):
     the plain prediction when k = 1 because then out[0] is cond.
     """
 
-    def __init__(self, unet, inpainting: bool = False):
+    def __init__(self, unet, inpainting: bool = False, added: bool = False):
         super().__init__()
         self.unet = unet
         self.inpainting = inpainting
+        self.added = added
 
     def forward(self, latents, timestep, encoder_hidden_states, guidance_scale, *extra):
         batch = latents.shape[0]
@@ -80,9 +92,13 @@ class UNetGraph(torch.nn.Module):
         if self.inpainting:  # diffusers' 9-channel layout: [latents, mask, masked image]
             mask, masked_image_latents, *extra = extra
             x = torch.cat([x, rows(mask, k), rows(masked_image_latents, k)], dim=1)  # (kB, 2C + 1, h, w)
+        added = None
+        if self.added:
+            text_embeds, time_ids, *extra = extra
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}  # (kB, P), (kB, n)
         *down, mid = extra
         t = timestep.expand(x.shape[0])  # (kB,)
-        out = self.unet(x, t, encoder_hidden_states, down_block_additional_residuals=tuple(down),
+        out = self.unet(x, t, encoder_hidden_states, added_cond_kwargs=added, down_block_additional_residuals=tuple(down),
                         mid_block_additional_residual=mid, return_dict=False)[0]  # (kB, C, h, w)
         out = out.reshape(k, batch, *out.shape[1:])  # (k, B, C, h, w)
         cond, uncond = out[-1], out[0]
@@ -203,11 +219,39 @@ def tensor_spec(name: str, dtype: str, dims: tuple, ranges: Ranges, vae_scale: i
     return TensorSpec(name=name, dtype=dtype, shape=tuple(dims), min_shape=lo, max_shape=hi)
 
 
+def added_time_ids(unet_config, pooled_width: int) -> tuple[str, ...] | None:
+    """SDXL's micro-conditioning items of a U-Net config (``addition_embed_type="text_time"``): six time ids (sizes,
+    crop, target) for the base, five (sizes, crop, aesthetic score) for the refiner; None without added
+    conditioning. diffusers checks the same count in ``_get_add_time_ids``."""
+    if getattr(unet_config, "addition_embed_type", None) != "text_time":
+        return None
+    n, rest = divmod(int(unet_config.projection_class_embeddings_input_dim) - pooled_width,
+                     int(unet_config.addition_time_embed_dim))
+    items = {6: ("original_size", "crops_coords_top_left", "target_size"),
+             5: ("original_size", "crops_coords_top_left", "aesthetic_score")}.get(n)
+    if rest or items is None:
+        raise ModelSourceError(f"the U-Net's added conditioning takes {unet_config.projection_class_embeddings_input_dim}"
+                               f" values: not a {pooled_width}-wide pooled embedding with 5 or 6 time ids")
+    return items
+
+
+def encoder_layout(model: LoadedModel) -> list[dict[str, Any]]:
+    """Each text encoder as the manifest describes it (``manifest.TextEncoderInfo``'s fields): SD's one encoder
+    gives its last hidden state; an SDXL U-Net's encoders give their penultimate one, un-normalised, and the last
+    (projected) encoder the pooled ``text_embeds``."""
+    sdxl = model.added_conditioning
+    out = []
+    for i, (component, encoder, _) in enumerate(model.encoders):
+        out.append(dict(component=component, tokenizer=component.replace("text_encoder", "tokenizer"),
+                        hidden_size=int(encoder.config.hidden_size), skip_offset=1 if sdxl else 0,
+                        pooled="text_embeds" if sdxl and i == len(model.encoders) - 1 else ""))
+    return out
+
+
 def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
-    te_cfg = model.text_encoder.config
     seq = int(model.tokenizer.model_max_length)
-    hidden = int(te_cfg.hidden_size)
-    vocab = int(te_cfg.vocab_size)
+    layout = encoder_layout(model)
+    hidden = sum(e["hidden_size"] for e in layout)  # the U-Net's encoder_hidden_states width
     latent_channels = int(model.vae.config.latent_channels)
     channels = latent_channels
     unet_channels = int(model.unet.config.in_channels)
@@ -217,10 +261,34 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         raise ModelSourceError(f"a U-Net with {unet_channels} input channels for {latent_channels} latent channels is "
                                f"not supported ({latent_channels}, or {2 * latent_channels + 1} for inpainting)")
     vae_scale = vae_scale_factor(model)
+    pooled_width = 0
+    if model.added_conditioning:
+        pooled_width = int(model.encoders[-1][1].config.projection_dim)
+    time_items = added_time_ids(model.unet.config, pooled_width)
+    n_time = sum(1 if t == "aesthetic_score" else 2 for t in time_items or ())
+    if int(model.unet.config.cross_attention_dim) != hidden:
+        raise ModelSourceError(f"the U-Net attends to {model.unet.config.cross_attention_dim}-wide text, the text "
+                               f"encoders give {hidden}")
 
-    def text_inputs(batch, height, width, rng, opts):
-        ids = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)  # (R, 77)
-        return {"input_ids": ids}
+    def text_graph(component: str, encoder, info: dict) -> GraphSpec:
+        vocab, width = int(encoder.config.vocab_size), info["hidden_size"]
+
+        def text_inputs(batch, height, width_, rng, opts):
+            return {"input_ids": rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)}  # (R, 77)
+
+        pooled = (InputSpec("text_embeds", "float32", ("text_rows", pooled_width)),) if info["pooled"] else ()
+        return GraphSpec(
+            name=component,
+            # SDXL: no spare token rows yet (textual inversion for SDXL needs vectors for both encoders)
+            module=TextEncoderGraph(encoder, 0 if model.added_conditioning else EMBEDDING_SLOTS,
+                                    raw_skips=info["skip_offset"] > 0, pooled=bool(info["pooled"])).eval(),
+            # text_rows: every 77-token chunk of every prompt and negative prompt, encoded in one call
+            inputs=(InputSpec("input_ids", "int32", ("text_rows", seq)),),
+            outputs=(InputSpec("last_hidden_state", "float32", ("text_rows", seq, width)),
+                     *(InputSpec(f"hidden_state_skip{s}", "float32", ("text_rows", seq, width))
+                       for s in range(1, CLIP_SKIPS + 1)), *pooled),
+            make_inputs=text_inputs,
+        )
 
     def unet_inputs(batch, height, width, rng, opts):
         h, w = height // vae_scale, width // vae_scale
@@ -235,6 +303,9 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         if inpainting:
             feeds["mask"] = (rng.random((batch, 1, h, w)) < 0.5).astype(np.float32)  # (B, 1, h, w) in {0, 1}
             feeds["masked_image_latents"] = rng.standard_normal((batch, channels, h, w)).astype(np.float32)
+        if time_items:  # pooled embeddings (kB, P) and time ids (kB, n) as SDXL's: sizes ~1024, crops, scores
+            feeds["text_embeds"] = rng.standard_normal((k * batch, pooled_width)).astype(np.float32)
+            feeds["time_ids"] = rng.uniform(0, 1100, (k * batch, n_time)).round().astype(np.float32)
         # ControlNet residuals: small random values, as a ControlNet gives (zeros would not test the adds)
         feeds |= residual_feeds(residual_specs(model.unet.config), k * batch, h, w, rng, opts.get("residuals", 0.1))
         return feeds
@@ -248,20 +319,12 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         return {"latents": (scale * rng.standard_normal((batch, latent_channels, h, w))).astype(np.float32)}
 
     vae_fp32 = bool(getattr(model.vae.config, "force_upcast", False))
+    texts = {c: text_graph(c, enc, info) for (c, enc, _), info in zip(model.encoders, layout)}
     return {
-        "text_encoder": GraphSpec(
-            name="text_encoder",
-            module=TextEncoderGraph(model.text_encoder, EMBEDDING_SLOTS).eval(),
-            # text_rows: every 77-token chunk of every prompt and negative prompt, encoded in one call
-            inputs=(InputSpec("input_ids", "int32", ("text_rows", seq)),),
-            outputs=(InputSpec("last_hidden_state", "float32", ("text_rows", seq, hidden)),
-                     *(InputSpec(f"hidden_state_skip{s}", "float32", ("text_rows", seq, hidden))
-                       for s in range(1, CLIP_SKIPS + 1))),
-            make_inputs=text_inputs,
-        ),
+        **texts,
         "unet": GraphSpec(
             name="unet",
-            module=UNetGraph(model.unet, inpainting).eval(),
+            module=UNetGraph(model.unet, inpainting, added=time_items is not None).eval(),
             inputs=(
                 InputSpec("latents", "float32", ("batch", channels, "latent_height", "latent_width")),
                 InputSpec("timestep", "float32", (1,), keep_fp32=True),
@@ -270,13 +333,15 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
                 *((InputSpec("mask", "float32", ("batch", 1, "latent_height", "latent_width")),
                    InputSpec("masked_image_latents", "float32", ("batch", channels, "latent_height", "latent_width")))
                   if inpainting else ()),
+                *((InputSpec("text_embeds", "float32", ("text_batch", pooled_width)),
+                   InputSpec("time_ids", "float32", ("text_batch", n_time), keep_fp32=True)) if time_items else ()),
                 *residual_specs(model.unet.config),
             ),
             outputs=(InputSpec("noise_pred", "float32", ("batch", out_channels, "latent_height", "latent_width")),),
             make_inputs=unet_inputs,
             # sin/cos of t * freq: in fp16, t = 999 is only resolved to 0.5, so the embedding is wrong.
-            fp32_node_prefixes=("/unet/time_proj/",),
-            fp32_reason="timestep sinusoidal embedding (fp16 resolves t near 1000 only to 0.5)",
+            fp32_node_prefixes=("/unet/time_proj/", "/unet/add_time_proj/"),
+            fp32_reason="timestep (and SDXL time-id) sinusoidal embeddings (fp16 resolves t near 1000 only to 0.5)",
         ),
         "vae_encoder": GraphSpec(
             name="vae_encoder",

@@ -16,7 +16,7 @@ import types
 import typing
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,24 @@ class LoadedModel:
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
     scheduler_config: dict[str, Any]
+    # SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer. The refiner has only that one,
+    # held as ``text_encoder`` (sdtrt's folder names encoders in order; the manifest says what each is).
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    pipeline_config: dict[str, Any] = field(default_factory=dict)  # force_zeros_for_empty_prompt, requires_aesthetics_score
+
+    @property
+    def added_conditioning(self) -> bool:
+        """The U-Net takes SDXL's pooled text embedding and time ids (diffusers' ``addition_embed_type="text_time"``)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def encoders(self) -> list[tuple[str, Any, Any]]:
+        """(folder name, text encoder, tokenizer) of each text encoder, in the order their hidden states are joined."""
+        out = [("text_encoder", self.text_encoder, self.tokenizer)]
+        if self.text_encoder_2 is not None:
+            out.append(("text_encoder_2", self.text_encoder_2, self.tokenizer_2))
+        return out
 
     @property
     def prediction_type(self) -> str:
@@ -160,9 +178,25 @@ class LoadedModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     def save_pretrained(self, folder: Path) -> None:
-        """Write a diffusers-format folder (safetensors), loadable by StableDiffusionPipeline."""
+        """Write a diffusers-format folder (safetensors), loadable by StableDiffusionPipeline (SDXL:
+        StableDiffusionXLPipeline, the refiner StableDiffusionXLImg2ImgPipeline, an inpainting U-Net the inpaint one)."""
         from diffusers import StableDiffusionPipeline
 
+        if self.added_conditioning:
+            import diffusers
+
+            inpaint = int(self.unet.config.in_channels) != int(self.unet.config.out_channels)
+            refiner = self.text_encoder_2 is None
+            cls = getattr(diffusers, "StableDiffusionXLInpaintPipeline" if inpaint else
+                          "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
+            encoders = (dict(text_encoder=None, tokenizer=None, text_encoder_2=self.text_encoder,
+                             tokenizer_2=self.tokenizer) if refiner else
+                        dict(text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2))
+            pipe = cls(vae=self.vae, unet=self.unet, scheduler=make_scheduler(self.scheduler_config), **encoders,
+                       **self.pipeline_config)
+            pipe.save_pretrained(folder, safe_serialization=True)
+            return
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=make_scheduler(self.scheduler_config), safety_checker=None,
@@ -182,25 +216,33 @@ def build_builtin(arch: Architecture, seed: int = 0) -> LoadedModel:
     _offline()
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdtrt.export.tokenizer import build_clip_tokenizer
 
-    tokenizer = build_clip_tokenizer(arch.tokenizer_merges, pad_token=arch.tokenizer_pad_token)
-    text_kwargs = dict(arch.text_encoder)
-    text_kwargs.setdefault("vocab_size", len(tokenizer))
-    text_kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    def encoder(kwargs: dict, pad_token: str, projected: bool, component_seed: int):
+        tokenizer = build_clip_tokenizer(arch.tokenizer_merges, pad_token=pad_token)
+        text_kwargs = dict(kwargs)
+        text_kwargs.setdefault("vocab_size", len(tokenizer))
+        text_kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(component_seed)
+        model = (CLIPTextModelWithProjection if projected else CLIPTextModel)(CLIPTextConfig(**text_kwargs))
+        # Trained CLIP layer norms have non-trivial scales and biases; left at (1, 0), every token of the final hidden
+        # state has mean exactly 0, and A1111's emphasis (which rescales by the chunk's mean) would divide noise by
+        # noise.
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                with torch.no_grad():
+                    module.weight.add_(0.1 * torch.randn_like(module.weight))
+                    module.bias.copy_(0.1 * torch.randn_like(module.bias))
+        return model.eval(), tokenizer
+
     # One seed per component, so changing one component's shape leaves the others' weights alone.
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
-    # Trained CLIP layer norms have non-trivial scales and biases; left at (1, 0), every token of the final hidden
-    # state has mean exactly 0, and A1111's emphasis (which rescales by the chunk's mean) would divide noise by noise.
-    for module in text_encoder.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            with torch.no_grad():
-                module.weight.add_(0.1 * torch.randn_like(module.weight))
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    text_encoder, tokenizer = encoder(arch.text_encoder, arch.tokenizer_pad_token, arch.projected_text_encoder, seed)
+    text_encoder_2 = tokenizer_2 = None
+    if arch.text_encoder_2:  # SDXL's OpenCLIP bigG pads with "!" (its tokenizer_2)
+        text_encoder_2, tokenizer_2 = encoder(arch.text_encoder_2, "!", True, seed + 3)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**arch.unet)
     torch.manual_seed(seed + 2)
@@ -209,8 +251,9 @@ def build_builtin(arch: Architecture, seed: int = 0) -> LoadedModel:
     scheduler_config = dict(make_scheduler(scheduler_config).config)
     scheduler_config["_class_name"] = arch.scheduler_class
     return LoadedModel(
-        family=arch.family, source=arch.name, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        family=arch.family, source=arch.name, text_encoder=text_encoder, tokenizer=tokenizer,
         unet=unet.eval(), vae=vae.eval(), scheduler_config=_jsonable(scheduler_config),
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, pipeline_config=dict(arch.pipeline),
     )
 
 
@@ -232,13 +275,13 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
         raise ModelSourceError(f"{index_file} is not valid JSON ({ex})") from None
     if not isinstance(index, dict):
         raise ModelSourceError(f"{index_file} does not hold a JSON object")
-    pipeline_class = index.get("_class_name", "")
-    if "XL" in pipeline_class:
-        raise ModelSourceError(f"{path} is a {pipeline_class}: {BUILTIN_ARCHITECTURES['sdxl'].unsupported_reason}")
-    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
+    encoders = _index_encoders(index, path)
+    missing = [c for c in ("unet", "vae", "scheduler") if c not in index or not (path / c).is_dir()]
+    if not encoders:
+        missing.insert(0, "text_encoder")
     if missing:
         raise ModelSourceError(f"{path} is not a Stable Diffusion diffusers folder: missing {', '.join(missing)}")
-    for component in ("text_encoder", "unet", "vae"):
+    for component in (*encoders, "unet", "vae"):
         folder = path / component
         if _has_weights(folder, (".safetensors",)):
             continue
@@ -253,13 +296,26 @@ def _check_diffusers_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
     return index
 
 
+def _index_encoders(index: dict, path: Path) -> list[str]:
+    """The text encoders a model_index.json lists with their tokenizers (SDXL: text_encoder and text_encoder_2; its
+    refiner: text_encoder_2 alone, text_encoder [null, null])."""
+    out = []
+    for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        entry = index.get(name)
+        if isinstance(entry, list) and entry and entry[0] is not None and (path / name).is_dir():
+            if not (path / tok).is_dir():
+                raise ModelSourceError(f"{path} has {name} but no {tok} folder")
+            out.append(name)
+    return out
+
+
 def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel:
-    _check_diffusers_folder(path, allow_pickle)
+    index = _check_diffusers_folder(path, allow_pickle)
     _offline()
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     _quiet(diffusers, transformers)
 
@@ -291,21 +347,31 @@ def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel
             raise _mismatch_error(component, path, mismatches)
         return model
 
-    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
-    # transformers puts a size mismatch in a logged report, not in its error: with ignore_mismatched_sizes it
-    # returns it instead, and load() refuses it
-    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, CLIPTextConfig, use_safetensors=use_safetensors,
-                        output_loading_info=True, ignore_mismatched_sizes=True)
-    positions = int(text_encoder.config.max_position_embeddings)
-    if len(tokenizer) < 3 or tokenizer.eos_token_id is None or not 3 <= tokenizer.model_max_length <= positions:
-        # transformers builds an empty tokenizer from a folder without vocabulary files, with no length limit
-        raise ModelSourceError(f"{path / 'tokenizer'} holds no usable CLIP tokenizer: {len(tokenizer)} tokens, "
-                               f"model_max_length {tokenizer.model_max_length} (the text encoder has {positions} "
-                               "positions); vocab.json, merges.txt and tokenizer_config.json are needed")
+    loaded = []
+    for name in _index_encoders(index, path):
+        tok_name = name.replace("text_encoder", "tokenizer")
+        tokenizer = load(tok_name, CLIPTokenizer.from_pretrained)
+        # transformers puts a size mismatch in a logged report, not in its error: with ignore_mismatched_sizes it
+        # returns it instead, and load() refuses it
+        cls = CLIPTextModelWithProjection if index[name][1] == "CLIPTextModelWithProjection" else CLIPTextModel
+        text_encoder = load(name, cls.from_pretrained, CLIPTextConfig, use_safetensors=use_safetensors,
+                            output_loading_info=True, ignore_mismatched_sizes=True)
+        positions = int(text_encoder.config.max_position_embeddings)
+        if len(tokenizer) < 3 or tokenizer.eos_token_id is None or not 3 <= tokenizer.model_max_length <= positions:
+            # transformers builds an empty tokenizer from a folder without vocabulary files, with no length limit
+            raise ModelSourceError(f"{path / tok_name} holds no usable CLIP tokenizer: {len(tokenizer)} tokens, "
+                                   f"model_max_length {tokenizer.model_max_length} (the text encoder has {positions} "
+                                   "positions); vocab.json, merges.txt and tokenizer_config.json are needed")
+        loaded.append((text_encoder.float().eval(), tokenizer))
     unet = load("unet", UNet2DConditionModel.from_pretrained, UNet2DConditionModel, use_safetensors=use_safetensors)
     vae = load("vae", AutoencoderKL.from_pretrained, AutoencoderKL, use_safetensors=use_safetensors)
-    if getattr(unet.config, "addition_embed_type", None):
-        raise ModelSourceError(f"{path}: U-Nets with added conditioning ({unet.config.addition_embed_type}) are not supported yet")
+    added = getattr(unet.config, "addition_embed_type", None)
+    if added not in (None, "text_time"):
+        raise ModelSourceError(f"{path}: U-Nets with added conditioning {added!r} are not supported (SDXL's "
+                               "text_time is)")
+    if added == "text_time" and not isinstance(loaded[-1][0], CLIPTextModelWithProjection):
+        raise ModelSourceError(f"{path}: an SDXL U-Net needs a CLIPTextModelWithProjection text encoder for its "
+                               "pooled text embedding")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     try:
         scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
@@ -315,9 +381,15 @@ def load_diffusers_folder(path: Path, allow_pickle: bool = False) -> LoadedModel
         raise ModelSourceError(f"{scheduler_file} does not hold a JSON object")
     cross_dim = unet.config.cross_attention_dim
     family = {768: "sd1", 1024: "sd2"}.get(cross_dim, "custom")
+    if added:
+        family = "sdxl" if len(loaded) == 2 else "sdxl-refiner"
+    pipeline_config = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
+                       if isinstance(index.get(k), bool)}
+    (text_encoder, tokenizer), (text_encoder_2, tokenizer_2) = loaded[0], (loaded[1:] or [(None, None)])[0]
     return LoadedModel(
-        family=family, source=str(path), text_encoder=text_encoder.float().eval(), tokenizer=tokenizer,
+        family=family, source=str(path), text_encoder=text_encoder, tokenizer=tokenizer,
         unet=unet.float().eval(), vae=vae.float().eval(), scheduler_config=scheduler_config,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, pipeline_config=pipeline_config,
     )
 
 

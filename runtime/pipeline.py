@@ -46,7 +46,9 @@ from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny,
                                   latent_mask, load_image, outpaint_canvas, prepare_control_image, prepare_sources)
 from sdtrt.runtime.infotext import a1111_names, create_infotext
 from sdtrt.runtime.lora import network_name
-from sdtrt.runtime.prompts import MAX_CHUNKS, PromptChunks, chunk_prompt, join_chunks
+from sdtrt.runtime import conditioning
+from sdtrt.runtime.conditioning import TextPlan
+from sdtrt.runtime.prompts import PromptChunks
 from sdtrt.runtime.request import MAX_SEED, GenerationRequest, integer
 from sdtrt.runtime.samplers import Blend, SamplerConfig, SamplerTable, build_table, step, with_control
 from sdtrt.runtime.seeds import ImageNoise, image_seeds, random_seed
@@ -81,7 +83,7 @@ class GenerationPlan:
     shape: tuple[int, ...]  # latents (B, C, h, w)
     shapes: dict[str, dict[str, tuple[int, ...]]]  # engine -> input -> shape
     texts: tuple[str, ...]  # what the text encoder encodes, in row order (negatives first, "" for padding)
-    chunks: dict[str, PromptChunks]  # each text as 77-token chunks with emphasis weights
+    chunks: dict[str, PromptChunks]  # each text as 77-token chunks with emphasis weights (the first encoder's)
     task: str = "txt2img"
     strength: float | None = None  # img2img/inpainting: where the schedule starts
     sources: SourceImages | None = None  # the images (and masks) at the generation's size
@@ -95,6 +97,8 @@ class GenerationPlan:
     hires: object | None = None  # the hires fix's second pass (hires.plan); this plan is its first
     image_latents: np.ndarray | None = None  # img2img from latents, not an image (the hires fix's second pass)
     masked_content: str = "original"  # inpainting: what the masked area starts as (request.INPAINTING_FILLS)
+    text: TextPlan | None = None  # every encoder's chunks (conditioning.py)
+    time_ids: np.ndarray | None = None  # (2, n): negative and positive added time ids (a family with them)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -118,11 +122,13 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, folder: Path, manifest: Manifest, engines: dict, tokenizer: ClipTokenizer, scheduler_config: dict):
+    def __init__(self, folder: Path, manifest: Manifest, engines: dict, tokenizer, scheduler_config: dict):
         self.folder = Path(folder)
         self.manifest = manifest
         self.engines = engines
-        self.tokenizer = tokenizer
+        # one tokenizer per text encoder (conditioning.load_tokenizers); ``tokenizer``: the first's
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        self.tokenizer = self.tokenizers[0]
         self.scheduler_config = scheduler_config
         self.name: str | None = None  # the name it is known by (sdtrt serve --models-dir: its folder's); model_name
         self.loras: tuple[tuple[str, float], ...] = ()  # set_loras: applied to every generation
@@ -154,9 +160,9 @@ class Pipeline:
             raise UsageError(f"backend must be a name, got {backend!r}")
         folder = Path(folder)
         manifest = Manifest.load(folder)
-        tokenizer, scheduler_config = _assets(folder, manifest)  # before the engines: fail fast, cheaply
+        tokenizers, scheduler_config = _assets(folder, manifest)  # before the engines: fail fast, cheaply
         engines = load_engines(folder, manifest, backend, threads, device_loop)
-        pipe = cls(folder, manifest, engines, tokenizer, scheduler_config)
+        pipe = cls(folder, manifest, engines, tokenizers, scheduler_config)
         try:
             pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
             for item in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings or ():
@@ -179,6 +185,8 @@ class Pipeline:
         refit TensorRT refused (which may have changed some weights) is undone by restoring the graph's own weights,
         and the LoRAs set before are applied again from those by the next generation."""
         loras = normalize_loras(loras)
+        if loras:
+            self._family_supports("LoRAs")
         self._apply_loras(loras)  # first: a LoRA that fails leaves the pipeline as it was
         self.loras = loras
 
@@ -188,6 +196,7 @@ class Pipeline:
         the token to write in prompts (an n-vector token expands to n tokens, as diffusers does)."""
         from sdtrt.runtime.lora import read_embedding
 
+        self._family_supports("textual-inversion embeddings")
         m = self.manifest.model
         token, vectors = read_embedding(Path(path), token, m.text_hidden_size)
         engine = self.engines["text_encoder"]
@@ -211,6 +220,15 @@ class Pipeline:
         if apply:
             self._apply_loras(self.loras)
         return token
+
+    def _family_supports(self, what: str) -> None:
+        """Refuse by name what this runtime does not yet do for a model with several text encoders or added
+        conditions (SDXL): LoRAs and embeddings would need a mapping per encoder."""
+        m = self.manifest.model
+        if len(m.encoders) > 1 or m.added_conditions is not None:
+            raise UsageError(f"{what} with an SDXL-family model ({m.family}: {len(m.encoders)} text encoder"
+                             f"{'s' * (len(m.encoders) > 1)}, added conditions) are not supported yet; they come with "
+                             "the next release")
 
     def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
         from sdtrt.runtime.lora import GRAPHS, updated_weights
@@ -279,6 +297,21 @@ class Pipeline:
         engine = next(iter(self.engines.values()))
         return getattr(engine, "provider", type(engine).__name__)
 
+    def _sampler(self, req: GenerationRequest) -> tuple[SamplerConfig, int, tuple[int, ...] | None]:
+        """The sampler, step count and custom timesteps of ``req``: its ``scheduler`` on the model's config, or a
+        few-step preset (``scheduler_config``: the model card's sampler and config on top of the model's)."""
+        if req.scheduler_config is None:
+            return self.sampler_config(req.scheduler), req.num_inference_steps, req.timesteps
+        from sdtrt.runtime.sampler_presets import few_step_preset
+
+        if req.scheduler is not None:
+            raise UsageError(f"scheduler {req.scheduler!r} and scheduler_config {req.scheduler_config!r}: give one "
+                             "(the preset names its sampler)")
+        preset = few_step_preset(req.scheduler_config)
+        timesteps = req.timesteps if req.timesteps is not None else preset.timesteps
+        steps = len(timesteps) if timesteps is not None else req.num_inference_steps
+        return preset.sampler_config(self.scheduler_config), steps, timesteps
+
     def sampler_config(self, scheduler: str | None) -> SamplerConfig:
         return SamplerConfig.from_scheduler_config(self.scheduler_config, scheduler)
 
@@ -295,7 +328,7 @@ class Pipeline:
                  outpaint_fill: str = "edge", control_images=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, control_preprocessors="none",
                  canny_thresholds=(100, 200), hires=None, mask_invert: bool = False,
-                 inpainting_fill: str | int = "original", overlay: bool = True) -> GenerationResult:
+                 inpainting_fill: str | int = "original", overlay: bool = True, **conditioning) -> GenerationResult:
         """Generate images (diffusers' StableDiffusionPipeline argument names). Prompts use A1111's syntax: emphasis
         ``(word:1.3)``, ``BREAK``, and any length up to the export's ``--max-chunks`` x 75 tokens. ``seed`` -1 or
         None: random. ``clip_skip``: as diffusers (1 = the hidden state one layer before the last).
@@ -318,6 +351,12 @@ class Pipeline:
         ``control_guidance_end``: one value, or one per control image; ``control_preprocessors``: "none" (the image
         is the control map) or "canny" (OpenCV's edges, ``canny_thresholds`` (low, high)).
 
+        SDXL (a family with added conditions, diffusers' StableDiffusionXL*Pipeline names): ``original_size``,
+        ``crops_coords_top_left``, ``target_size`` and their ``negative_*`` ((height, width) / (top, left)),
+        ``aesthetic_score`` / ``negative_aesthetic_score`` (the refiner); the ensemble of experts: ``denoising_end``
+        (stop there; with ``output_type="latent"`` hand the latents over) and ``denoising_start`` (start there, from
+        ``image=`` latents (B, C, h, w)); ``timesteps``: custom timesteps (few-step models).
+
         Hires fix (A1111's ``enable_hr``): ``hires``, a ``runtime.hires.Hires`` or a dict of its fields (``scale``,
         ``resize``, ``upscaler``, ``steps``, ``strength``, ``prompt``, ``negative_prompt``, ``sampler``).
 
@@ -332,7 +371,7 @@ class Pipeline:
                                        control_guidance_end=control_guidance_end,
                                        control_preprocessors=control_preprocessors, canny_thresholds=canny_thresholds,
                                        hires=hires, mask_invert=mask_invert, inpainting_fill=inpainting_fill,
-                                       overlay=overlay)
+                                       overlay=overlay, **conditioning)
         if callback is not None and not callable(callback):
             raise UsageError(f"callback must be callable, got {type(callback).__name__}")
         return self.generate(req, latents=latents, callback=callback, image=image, mask_image=mask_image,
@@ -350,22 +389,37 @@ class Pipeline:
             return hires.plan(self, req, image, mask_image, control_images)
         req, loras, names = self._prompt_loras(req)
         req = self._expand_embeddings(req)
-        inputs = self.task_inputs(req, image, mask_image)
+        latent_image = self._latent_image(req, image, mask_image)  # the ensemble of experts' hand-over
+        inputs = self.task_inputs(req, image, mask_image) if latent_image is None else TaskInputs("img2img")
         controls = self._control_inputs(req, control_images)
-        height, width = self._size(req, inputs)
+        if latent_image is not None:
+            f = self.manifest.model.vae_scale_factor
+            height, width = latent_image.shape[2] * f, latent_image.shape[3] * f
+            if (req.height or height, req.width or width) != (height, width):
+                raise UsageError(f"height/width {req.height}x{req.width} do not match the latents given as image "
+                                 f"({height}x{width} pixels)")
+        else:
+            height, width = self._size(req, inputs)
         self._check_request(req, height, width)
-        sampler = self.sampler_config(req.scheduler)
+        if req.denoising_start is not None and inputs.task == "txt2img":
+            raise UsageError("denoising_start needs the latents (or image) to start from: image= (--image)")
+        if latent_image is not None and len(latent_image) not in (1, req.batch):
+            raise UsageError(f"{len(latent_image)} latents given as image for a batch of {req.batch}: give one, or one "
+                             "per image")
+        sampler, steps, timesteps = self._sampler(req)
         strength = None
         if inputs.task != "txt2img":
             strength = req.strength if req.strength is not None else DEFAULT_STRENGTH[inputs.task]
         # img2img always starts from the noised image (diffusers' add_noise, even at strength 1); inpainting at
         # strength 1 starts from pure noise (diffusers' is_strength_max)
-        table = build_table(sampler, req.num_inference_steps, strength,
-                            from_image=inputs.task == "img2img" or (strength is not None and strength < 1))
+        schedule = {k: v for k, v in (("timesteps", timesteps), ("denoising_start", req.denoising_start),
+                                      ("denoising_end", req.denoising_end)) if v is not None}
+        table = build_table(sampler, steps, strength,
+                            from_image=inputs.task == "img2img" or (strength is not None and strength < 1), **schedule)
         cfg = req.guidance_scale > 1.0  # as diffusers: no negative branch at guidance <= 1
-        texts, chunks = self._chunk(req, cfg)
-        k = max(c.count for c in chunks.values())
-        rows = sum(chunks[t].count for t in texts)
+        conditioning.check_options(self.manifest.model, req)
+        text = conditioning.chunk_texts(self.manifest.model, self.tokenizers, req, cfg)
+        texts, chunks, k, rows = text.texts, text.chunks[0], text.count, text.rows
         n_images = len(inputs.images)
         if n_images not in (0, 1, req.batch):
             raise UsageError(f"{n_images} images for a batch of {req.batch}: give one image, or one per image of the "
@@ -395,7 +449,9 @@ class Pipeline:
                               chunks, inputs.task, strength, sources, tuple(controls), req.prompt,
                               req.negative_prompt, self.loras + loras,
                               tuple(Path(p).stem for p, _ in self.loras) + names, len(loras),
-                              masked_content=req.inpainting_fill)
+                              masked_content=req.inpainting_fill, text=text, image_latents=latent_image,
+                              time_ids=conditioning.time_ids(self.manifest.model, req, height, width, inputs.task)
+                              if self.manifest.model.added_conditions is not None else None)
 
     def _token_table(self, updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The text encoder's token table with the embeddings' vectors in its spare rows (after any LoRA update)."""
@@ -446,6 +502,7 @@ class Pipeline:
         texts, found = collect_tags(req.prompt + req.negative_prompt)
         if not found:
             return req, (), ()
+        self._family_supports(f"LoRAs (<lora:{next(iter(found))}:…>)")
         if self.lora_dir is None and not set(found) <= set(self.lora_files):
             name = next(n for n in found if n not in self.lora_files)
             raise UsageError(f"the prompt names <lora:{name}:…>: give the folder of LoRA files (lora_dir=, or "
@@ -527,6 +584,18 @@ class Pipeline:
             masks = [blur_mask(m, req.mask_blur) for m in masks]
         return TaskInputs("inpaint", tuple(images), tuple(masks))
 
+    def _latent_image(self, req: GenerationRequest, image, mask_image) -> np.ndarray | None:
+        """``image`` given as latents (B, C, h, w) (diffusers: an image with the latents' channel count is taken as
+        latents, not encoded; the SDXL refiner's hand-over from ``output_type="latent"``), or None."""
+        c = self.manifest.model.latent_channels
+        if not (isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == c):
+            return None
+        if mask_image is not None:
+            raise UsageError("latents given as image take no mask_image (inpainting starts from an image)")
+        if req.outpaint:
+            raise UsageError("outpaint needs an image, not latents")
+        return _latents_array(image, image.shape)
+
     def _size(self, req: GenerationRequest, inputs: TaskInputs) -> tuple[int, int]:
         """(height, width): as asked, else the image's rounded down to the model's multiple (as diffusers), else the
         model's default."""
@@ -543,32 +612,6 @@ class Pipeline:
             return req.height or h, req.width or w
         return req.height or info.default_size, req.width or info.default_size
 
-    def _chunk(self, req: GenerationRequest, cfg: bool) -> tuple[tuple[str, ...], dict[str, PromptChunks]]:
-        """Each distinct text as A1111 chunks; the texts in encoder order, with "" where padding needs it."""
-        info, tok = self.manifest.model, self.tokenizer
-        if req.clip_skip and req.clip_skip > info.clip_skips:
-            raise UsageError(f"Clip skip {req.clip_skip + 1} (clip_skip={req.clip_skip} in the API) is beyond this "
-                             f"folder's text encoder: it returns up to Clip skip {info.clip_skips + 1} "
-                             f"(clip_skip={info.clip_skips})")
-        labelled = ([(n, f"negative prompt {i + 1}") for i, n in enumerate(req.negative_prompt)] if cfg else []) + \
-                   [(p, f"prompt {i + 1}") for i, p in enumerate(req.prompt)]
-        chunks: dict[str, PromptChunks] = {}
-        for text, label in labelled:
-            if text not in chunks:
-                chunks[text] = chunk_prompt(text, tok.fragments, tok.bos_id, tok.eos_id, tok.pad_id, tok.comma_id)
-            if chunks[text].count > info.max_chunks:
-                label = label.rsplit(" ", 1)[0] if len(req.prompt) == 1 else label
-                fix = (f"re-export with --max-chunks {chunks[text].count}" if chunks[text].count <= MAX_CHUNKS else
-                       f"shorten it: an export takes at most {MAX_CHUNKS} chunks")
-                raise UsageError(f"{label} needs {chunks[text].count} chunks of 75 tokens ({chunks[text].token_count} "
-                                 f"tokens); this folder was exported for at most {info.max_chunks} ({fix})")
-        texts = list(chunks)
-        k = max(c.count for c in chunks.values())
-        if any(c.count < k for c in chunks.values()) and "" not in chunks:  # padding: the empty prompt's encoding
-            chunks[""] = chunk_prompt("", tok.fragments, tok.bos_id, tok.eos_id, tok.pad_id, tok.comma_id)
-            texts.append("")
-        return tuple(texts), chunks
-
     def _engine_shapes(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int | None = None,
                        chunks: int = 1, images: int = 0, controlnets: list[str] = ()) -> dict:
         """Every engine's input shapes for a generation (``rows``: text-encoder rows, ``chunks``: prompt chunks,
@@ -577,13 +620,18 @@ class Pipeline:
         batch = prompts * per_prompt
         shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
         rows = rows if rows is not None else (2 if cfg else 1) * prompts * chunks
-        unet = {"latents": shape, "encoder_hidden_states": ((2 if cfg else 1) * batch, info.max_text_length * chunks,
-                                                            info.text_hidden_size)}
+        kb = (2 if cfg else 1) * batch
+        unet = {"latents": shape, "encoder_hidden_states": (kb, info.max_text_length * chunks, info.text_hidden_size)}
         if any(s.name == "mask" for s in self.manifest.components["unet"].inputs):
             unet |= {"mask": (batch, 1, *shape[2:]), "masked_image_latents": shape}
+        added = info.added_conditions
+        if added is not None:
+            unet_inputs = self.manifest.components["unet"]
+            unet |= {added.pooled_input: (kb, unet_inputs.input(added.pooled_input).shape[-1]),
+                     added.time_ids_input: (kb, added.time_ids_width)}
         residuals = residual_shapes(self.manifest.components["unet"], unet["encoder_hidden_states"][0], *shape[2:])
-        shapes = {"text_encoder": {"input_ids": (rows, info.max_text_length)}, "unet": unet | residuals,
-                  "vae_decoder": {"latents": shape}}
+        shapes = {**{e.component: {"input_ids": (rows, info.max_text_length)} for e in info.encoders},
+                  "unet": unet | residuals, "vae_decoder": {"latents": shape}}
         for key in controlnets:
             shapes[key] = {"latents": shape, "encoder_hidden_states": unet["encoder_hidden_states"],
                            "control_image": (batch, 3, height, width)} | {f"{n}_in": s for n, s in residuals.items()}
@@ -658,7 +706,9 @@ class Pipeline:
         timings["vae_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        embeddings = self._encode(req, plan)  # (kB, 77c, D)
+        cond = self._encode(req, plan)
+        embeddings = cond.pop("encoder_hidden_states")  # (kB, 77c, D)
+        start.constants.update(cond)  # a family's added conditions (SDXL: text_embeds (kB, P), time_ids (kB, n))
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -775,24 +825,12 @@ class Pipeline:
             raise UsageError(f"batch {req.batch} (prompts x images per prompt) is outside the exported range "
                              f"{ranges.batch_min}..{ranges.batch_max}")
 
-    def _encode(self, req: GenerationRequest, plan: GenerationPlan) -> np.ndarray:
-        """Text-encoder rows of every chunk of every distinct text, one call; emphasis, chunks joined and padded;
-        then [negatives; prompts], each repeated per image: (kB, 77c, D)."""
-        ids = np.concatenate([plan.chunks[t].ids for t in plan.texts])  # (R, 77)
-        out = f"hidden_state_skip{req.clip_skip}" if req.clip_skip else "last_hidden_state"
-        hidden = self.engines["text_encoder"].run({"input_ids": ids})[out]  # (R, 77, D)
-        empty = None
-        if "" in plan.texts:  # the empty prompt pads shorter prompts (A1111's pad_cond)
-            row = sum(plan.chunks[t].count for t in plan.texts[:plan.texts.index("")])
-            empty = hidden[row].astype(np.float32)  # (77, D)
-        encoded = dict(zip(plan.texts, join_chunks(hidden, [plan.chunks[t] for t in plan.texts], empty)))  # (77k, D)
-        bad = [t for t, e in encoded.items() if not np.isfinite(e).all()]
-        if bad:  # emphasis weights whose product overflows, or that cancel the chunk's mean (weights summing to 0)
-            raise UsageError(f"the emphasis weights of {bad[0]!r:.80} make its encoding non-finite; use other weights")
-        order = (list(plan.negatives) if plan.cfg else []) + list(plan.prompts)
-        stacked = np.stack([encoded[t] for t in order])  # (kP, 77c, D)
-        return np.repeat(stacked, req.num_images_per_prompt, axis=0).astype(
-            self.engines["unet"].input_dtype("encoder_hidden_states"))
+    def _encode(self, req: GenerationRequest, plan: GenerationPlan) -> dict[str, np.ndarray]:
+        """The U-Net's conditioning inputs (``conditioning.encode``): encoder_hidden_states (kB, 77c, D) and a
+        family's added conditions."""
+        text = plan.text or conditioning.TextPlan(plan.texts, (plan.chunks,))
+        return conditioning.encode(self.engines, self.manifest.model, req, text, plan.cfg, plan.prompts,
+                                   plan.negatives, plan.time_ids, self.engines["unet"].input_dtype)
 
     def _infotext(self, req: GenerationRequest, plan: GenerationPlan, seed: int, k: int) -> str:
         """A1111's ``parameters`` text for image ``k`` of the batch, whose own seed is ``seed`` (A1111 writes no batch
@@ -1056,11 +1094,11 @@ def _latents_array(latents, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _assets(folder: Path, manifest: Manifest) -> tuple[ClipTokenizer, dict]:
-    """The tokenizer and scheduler config of an engine folder."""
+def _assets(folder: Path, manifest: Manifest) -> tuple[list[ClipTokenizer], dict]:
+    """The tokenizers (one per text encoder) and scheduler config of an engine folder."""
     from sdtrt.errors import ManifestError
 
-    tokenizer = ClipTokenizer(folder / manifest.tokenizer_dir, manifest.model.max_text_length, manifest.model.vocab_size)
+    tokenizer = conditioning.load_tokenizers(folder, manifest)
     sched_file = folder / manifest.scheduler_config
     try:
         config = json.loads(sched_file.read_text(encoding="utf-8"))

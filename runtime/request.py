@@ -101,6 +101,21 @@ class GenerationRequest:
     control_preprocessors: tuple[str, ...] = ("none",)  # what makes the control map from the image: none, canny
     canny_thresholds: tuple[int, int] = (100, 200)  # cv2.Canny's low and high thresholds
     hires: Hires | None = None  # the hires fix (runtime.hires): a second pass at a larger size, from the first
+    # SDXL's micro-conditioning (diffusers' names; Podell et al. 2023 section 2.2), (height, width) / (top, left):
+    # None: diffusers' defaults (the generation's size, (0, 0)); refused for a model without such conditioning
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0  # the SDXL refiner's (diffusers' requires_aesthetics_score)
+    negative_aesthetic_score: float = 2.5
+    # the ensemble of experts (diffusers' SDXL pipelines): stop at / start from this fraction of the schedule
+    denoising_end: float | None = None
+    denoising_start: float | None = None
+    timesteps: tuple[int, ...] | None = None  # diffusers' custom timesteps (few-step models), descending
+    scheduler_config: str | None = None  # a few-step preset (runtime.sampler_presets: turbo, lightning, lcm, ...)
 
     @property
     def batch(self) -> int:
@@ -114,7 +129,11 @@ class GenerationRequest:
                outpaint_fill: Any = "edge", controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
                control_guidance_end: Any = 1.0, control_preprocessors: Any = "none",
                canny_thresholds: Any = (100, 200), hires: Any = None, mask_invert: Any = False,
-               inpainting_fill: Any = "original", overlay: Any = True) -> "GenerationRequest":
+               inpainting_fill: Any = "original", overlay: Any = True, **conditioning: Any) -> "GenerationRequest":
+        """``conditioning``: SDXL's micro-conditioning and the ensemble of experts (``original_size``,
+        ``crops_coords_top_left``, ``target_size``, their ``negative_*``, ``aesthetic_score``,
+        ``negative_aesthetic_score``, ``denoising_start``, ``denoising_end``), custom ``timesteps`` and a few-step
+        ``scheduler_config`` preset name."""
         if prompt is None:
             raise UsageError("prompt must be a string or a list of strings, got None")
         prompts = _texts(prompt, "prompt")
@@ -151,7 +170,7 @@ class GenerationRequest:
             **inpainting_options(mask_invert, inpainting_fill, overlay),
             **_control(controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                        control_preprocessors, canny_thresholds),
-            hires=hires,
+            hires=hires, **conditioning_options(**conditioning),
         )
 
     def control_settings(self, n: int) -> list[tuple[float, float, float, str]]:
@@ -284,3 +303,45 @@ def inpainting_options(mask_invert: Any = False, fill: Any = "original", overlay
     """The inpainting fields of a request (A1111's names: inpainting_mask_invert, inpainting_fill), checked."""
     return dict(mask_invert=_flag(mask_invert, "mask_invert"), inpainting_fill=inpainting_fill(fill),
                 overlay=_flag(overlay, "overlay"))
+
+
+_PAIRS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+          "negative_crops_coords_top_left", "negative_target_size")
+
+
+def conditioning_options(**given: Any) -> dict:
+    """The checked SDXL micro-conditioning, ensemble-of-experts and custom-timestep options (``GenerationRequest``'s
+    fields of those names); an unknown name is an error, not ignored."""
+    known = set(_PAIRS) | {"aesthetic_score", "negative_aesthetic_score", "denoising_start", "denoising_end",
+                           "timesteps", "scheduler_config"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise UsageError(f"unknown generation option {unknown[0]!r}")
+    out: dict[str, Any] = {}
+    for name in _PAIRS:
+        value = given.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise UsageError(f"{name} must be two integers ({'top, left' if 'crops' in name else 'height, width'}), "
+                             f"got {value!r}")
+        out[name] = tuple(integer(v, name, 0, 1 << 20) for v in value)
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if given.get(name) is not None:
+            out[name] = real(given[name], name, -1000.0, 1000.0)
+    for name in ("denoising_start", "denoising_end"):
+        if given.get(name) is not None:
+            v = real(given[name], name, 0.0, 1.0)
+            if not 0.0 < v < 1.0:
+                raise UsageError(f"{name} must be strictly between 0 and 1 (a fraction of the schedule), got {v:g}")
+            out[name] = v
+    if given.get("scheduler_config") is not None:
+        from sdtrt.runtime.sampler_presets import few_step_preset
+
+        out["scheduler_config"] = few_step_preset(given["scheduler_config"]).name
+    if given.get("timesteps") is not None:
+        ts = given["timesteps"]
+        if isinstance(ts, (str, bytes)) or not hasattr(ts, "__len__") or not len(ts):
+            raise UsageError(f"timesteps must be a non-empty list of integers, got {ts!r}")
+        out["timesteps"] = tuple(integer(t, "timesteps", 0) for t in ts)
+    return out

@@ -48,6 +48,30 @@ def _hires(text: str) -> dict:
     return {"scale": scale, "resize": (0, 0)}
 
 
+def _pair(text: str) -> tuple[int, int]:
+    """--crop-top-left TOP,LEFT pixels."""
+    try:
+        a, b = (int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOP,LEFT pixels, e.g. 0,0, got {text!r}") from None
+    if a < 0 or b < 0:
+        raise argparse.ArgumentTypeError(f"pixels must not be negative, got {text!r}")
+    return a, b
+
+
+def _timesteps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected descending integer timesteps, e.g. 999,749,499,249, got "
+                                         f"{text!r}") from None
+
+
+# SDXL's micro-conditioning and custom timesteps: flag -> GenerationRequest field (sizes given as WxH, stored (h, w))
+CONDITIONING_FLAGS = {"original_size": "original_size", "target_size": "target_size",
+                      "crop_top_left": "crops_coords_top_left", "aesthetic_score": "aesthetic_score",
+                      "negative_aesthetic_score": "negative_aesthetic_score", "timesteps": "timesteps"}
+
 HIRES_FLAGS = {"hires_upscaler": "upscaler", "hires_steps": "steps", "hires_strength": "strength",
                "hires_prompt": "prompt", "hires_negative": "negative_prompt", "hires_sampler": "sampler"}
 
@@ -156,6 +180,27 @@ def add_generate(sub) -> None:
                    help="overwrite: write -o itself, or NAME-0001.png on for several images")
     p.add_argument("--control-preview", default=None, metavar="PNG",
                    help="also save the control image each ControlNet reads (the canny edge map, sized), numbered as -o")
+    sdxl = p.add_argument_group("SDXL", "a model family with micro-conditioning (diffusers' StableDiffusionXL "
+                                        "argument names) and a refiner")
+    sdxl.add_argument("--refiner", default=None, metavar="DIR",
+                      help="engine folder of an SDXL refiner: the base denoises up to --refiner-start, the refiner "
+                           "the rest from its latents (the ensemble of experts; A1111's refiner_checkpoint)")
+    sdxl.add_argument("--refiner-start", type=_finite, default=None, metavar="X",
+                      help="fraction of the schedule where the refiner takes over (diffusers' denoising_end / "
+                           "denoising_start; A1111's refiner_switch_at; default 0.8)")
+    sdxl.add_argument("--original-size", type=_size, default=None, metavar="WxH",
+                      help="micro-conditioning: the training image's size the model is told (default: --size)")
+    sdxl.add_argument("--target-size", type=_size, default=None, metavar="WxH",
+                      help="micro-conditioning: the target size (default: --size)")
+    sdxl.add_argument("--crop-top-left", type=_pair, default=None, metavar="TOP,LEFT",
+                      help="micro-conditioning: the crop's top-left corner (default 0,0)")
+    sdxl.add_argument("--aesthetic-score", type=_finite, default=None, metavar="X",
+                      help="the refiner's aesthetic score (default 6)")
+    sdxl.add_argument("--negative-aesthetic-score", type=_finite, default=None, metavar="X",
+                      help="the refiner's negative aesthetic score (default 2.5)")
+    sdxl.add_argument("--timesteps", type=_timesteps, default=None, metavar="T1,T2,...",
+                      help="custom timesteps, descending (few-step models: DMD2 999,749,499,249); --steps is their "
+                           "count")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -308,6 +353,7 @@ def _generation_settings(args) -> dict:
                 "padding_mask_crop": None, "outpaint": None, "outpaint_fill": "edge", "mask_invert": False,
                 "inpainting_fill": "original", "overlay": True, **given}
     settings["hires"] = _hires_settings(args, settings.get("hires"))
+    settings["given"] = set(given)
     if isinstance(settings["clip_skip"], int) and settings["clip_skip"] < 1:
         raise UsageError(f"--clip-skip must be at least 1 (A1111's numbering: 1 = the last layer), got "
                          f"{settings['clip_skip']}")
@@ -332,12 +378,22 @@ def _cmd_generate(args) -> int:
     width, height = s["size"] or (None, None)
     controls = _controls(args, s.get("controls", ()))
     control_images = controls.pop("control_images", None)
+    conditioning = {field: getattr(args, flag) for flag, field in CONDITIONING_FLAGS.items()
+                    if getattr(args, flag, None) is not None}
+    for field in ("original_size", "target_size"):  # WxH on the command line, (height, width) in the API
+        if field in conditioning:
+            conditioning[field] = conditioning[field][::-1]
+    if conditioning.get("timesteps") and "steps" not in s.get("given", ()):
+        s["steps"] = len(conditioning["timesteps"])
+    if args.refiner_start is not None and not args.refiner:
+        raise UsageError("--refiner-start needs --refiner DIR")
     request = GenerationRequest.create(s["prompt"], s["negative"], s["steps"], s["cfg"], height, width, s["seed"],
                                        s["num_images"], s["scheduler"], clip_skip=s["clip_skip"] - 1,
                                        strength=s["strength"], mask_blur=s["mask_blur"],
                                        padding_mask_crop=s["padding_mask_crop"], outpaint=s["outpaint"],
                                        outpaint_fill=s["outpaint_fill"], hires=s["hires"], mask_invert=s["mask_invert"],
-                                       inpainting_fill=s["inpainting_fill"], overlay=s["overlay"], **controls)
+                                       inpainting_fill=s["inpainting_fill"], overlay=s["overlay"], **controls,
+                                       **conditioning)
     for flag in ("image", "mask"):
         if s[flag] is not None and not str(s[flag]).strip():
             raise UsageError(f"--{flag} must not be empty")
@@ -356,14 +412,29 @@ def _cmd_generate(args) -> int:
                              "names")
     embeddings = args.embedding + ([args.embeddings_dir] if args.embeddings_dir else [])
     replaying = s.get("replay")
-    with Pipeline.from_dir(args.dir, backend=args.backend, loras=None if replaying else args.lora,
-                           lora_dir=args.lora_dir, embeddings=embeddings) as pipe:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        pipe = stack.enter_context(Pipeline.from_dir(args.dir, backend=args.backend,
+                                                     loras=None if replaying else args.lora,
+                                                     lora_dir=args.lora_dir, embeddings=embeddings))
         if replaying:  # the image's LoRAs found among --lora and --lora-dir, and checked, as its embeddings
             from sdtrt.runtime import replay
 
             r, prompt_kept, negative_kept = replaying
             replay.apply(pipe, r, args.lora, args.lora_dir, prompt_kept, negative_kept)
-        plan = pipe.plan(request, s["image"], s["mask"], control_images)  # every check, before any compute
+        refiner = rp = None
+        if args.refiner:
+            from sdtrt.runtime import refiner as ensemble
+
+            if s["mask"] is not None or control_images:
+                raise UsageError("--refiner is for text-to-image and img2img (no --mask, no --control)")
+            refiner = stack.enter_context(Pipeline.from_dir(args.refiner, backend=args.backend))
+            switch = args.refiner_start if args.refiner_start is not None else ensemble.DEFAULT_SWITCH
+            rp = ensemble.plan(pipe, refiner, request, switch, s["image"])  # both models checked, before any compute
+            plan = rp.base_plan
+        else:
+            plan = pipe.plan(request, s["image"], s["mask"], control_images)  # every check, before any compute
         if s.get("karras") and not plan.sampler.use_karras_sigmas:
             raise UsageError(f"the image used {plan.table.name} with the Karras schedule, which this model's scheduler "
                              "config does not set; pass --scheduler to choose another sampler")
@@ -378,8 +449,12 @@ def _cmd_generate(args) -> int:
                   "steps (its warm-up evaluates one step twice)", file=sys.stderr)
         seed = request.seed if request.seed is not None else random_seed()  # a random seed is drawn once, for all
         for k in range(args.n_iter):  # A1111's batch count: image i of the whole job, across batches, gets seed + i
-            with _progress(plan.hires.total_steps if plan.hires else table.num_steps) as bar:
-                result = pipe.generate(request, callback=bar, plan=plan, seeds=image_seeds(seed, per, k * per))
+            steps = rp.total_steps if rp else plan.hires.total_steps if plan.hires else table.num_steps
+            with _progress(steps) as bar:
+                if rp is not None:
+                    result = ensemble.run(pipe, refiner, rp, callback=bar, seeds=image_seeds(seed, per, k * per))
+                else:
+                    result = pipe.generate(request, callback=bar, plan=plan, seeds=image_seeds(seed, per, k * per))
             images = list(zip(result.images, result.parameters))
             batch_paths = paths[k * per:(k + 1) * per]
             # all or none, and without --force never over a file another run wrote meanwhile

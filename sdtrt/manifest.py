@@ -144,6 +144,40 @@ class Component:
 
 
 @dataclass(frozen=True)
+class TextEncoderInfo:
+    """One text encoder of a model family: what the runtime feeds it and takes from it. The U-Net attends to the
+    encoders' hidden states joined along the feature axis, in the manifest's order (SDXL: CLIP ViT-L's 768 then
+    OpenCLIP bigG's 1280 = 2048; Podell et al. 2023, arXiv:2307.01952, section 2.1)."""
+
+    component: str = "text_encoder"  # its graph in the folder
+    tokenizer: str = "tokenizer"  # its tokenizer folder (the padding token differs: CLIP's EOS, OpenCLIP's "!")
+    hidden_size: int = 0  # its hidden state's width
+    # the hidden state used without CLIP skip, as an output: hidden_state_skip{skip_offset}, 0 the last layer's (SD);
+    # SDXL's 1: always the penultimate layer, un-normalised; CLIP skip c takes hidden_state_skip{c + skip_offset}
+    skip_offset: int = 0
+    pooled: str = ""  # its output that is the pooled text embedding (SDXL: "text_embeds"); "" none
+
+
+@dataclass(frozen=True)
+class AddedConditions:
+    """The U-Net's added conditioning besides the text (diffusers' ``addition_embed_type="text_time"``, SDXL): the
+    pooled text embedding and the micro-conditioning ``time_ids``, each item two numbers (height, width / top, left)
+    except ``aesthetic_score`` (one; the refiner, diffusers' ``requires_aesthetics_score``). diffusers'
+    ``_get_add_time_ids``; the negative branch gets its own (``negative_original_size``, ...)."""
+
+    pooled_input: str = "text_embeds"  # U-Net input (kB, pooled width)
+    time_ids_input: str = "time_ids"  # U-Net input (kB, n)
+    time_ids: tuple[str, ...] = ("original_size", "crops_coords_top_left", "target_size")
+
+    @property
+    def time_ids_width(self) -> int:
+        return sum(1 if item == "aesthetic_score" else 2 for item in self.time_ids)
+
+
+TIME_ID_ITEMS = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     family: str  # "tiny", "sd15", "sd2", ... or "sd1"/"sd2" for a diffusers folder
     source: str  # what was given to `sdtrt export`
@@ -160,6 +194,15 @@ class ModelInfo:
     clip_skips: int = 0  # the text encoder also returns hidden_state_skip1 .. skipN
     loras: tuple[str, ...] = ()  # LoRAs fused at export: "name:scale:sha256 (first 12 hex digits)"
     embedding_slots: int = 0  # spare token-embedding rows for textual-inversion vectors (ids vocab_size ...)
+    # the model family as data (``encoders``): empty means SD 1.x/2.x's one encoder, "text_encoder" with "tokenizer"
+    text_encoders: tuple[TextEncoderInfo, ...] = ()
+    added_conditions: AddedConditions | None = None  # SDXL's pooled embedding and time ids; None: none
+    # diffusers' force_zeros_for_empty_prompt (SDXL base): an empty negative prompt is all zeros, not the encoding of ""
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def encoders(self) -> tuple[TextEncoderInfo, ...]:
+        return self.text_encoders or (TextEncoderInfo(hidden_size=self.text_hidden_size),)
 
 
 @dataclass(frozen=True)
@@ -283,9 +326,23 @@ class Manifest:
         for ok, what in checks:
             if not ok:
                 return what
-        for name in REQUIRED_COMPONENTS:
+        for name in REQUIRED_COMPONENTS + tuple(e.component for e in m.encoders):
             if name not in self.components:
                 return f"no {name} component"
+        if sum(e.hidden_size for e in m.encoders) != m.text_hidden_size:
+            return (f"text_hidden_size = {m.text_hidden_size}, but the text encoders' widths add up to "
+                    f"{sum(e.hidden_size for e in m.encoders)}")
+        if len({e.component for e in m.encoders}) != len(m.encoders) or \
+                len({e.tokenizer for e in m.encoders}) != len(m.encoders):
+            return "two text encoders share a graph or a tokenizer folder"
+        for e in m.encoders:
+            if not 0 <= e.skip_offset <= m.clip_skips or e.hidden_size < 1:
+                return f"text encoder {e.component}: skip_offset {e.skip_offset}, hidden_size {e.hidden_size}"
+        added = m.added_conditions
+        if added is not None and (not set(added.time_ids) <= set(TIME_ID_ITEMS) or not added.time_ids or
+                                  sum(1 for e in m.encoders if e.pooled) != 1):
+            return (f"added conditions {added.time_ids} (items of {', '.join(TIME_ID_ITEMS)}) need exactly one "
+                    "text encoder with a pooled output")
         for name, c in self.components.items():
             for file in (c.file, *c.external_data):
                 if not file or "/" in file or "\\" in file or file in (".", ".."):
@@ -310,12 +367,24 @@ class Manifest:
                         f"rows to {img.max_shape[2]} pixels")
             if lat.max_shape[1] != m.latent_channels:
                 return f"latent_channels = {m.latent_channels}, but the VAE decoder takes {lat.max_shape[1]}"
-        text = self.components["text_encoder"]
-        outputs = {o.name for o in text.outputs}
-        missing = [f"hidden_state_skip{k}" for k in range(1, m.clip_skips + 1) if f"hidden_state_skip{k}" not in outputs]
-        if missing:
-            return f"clip_skips = {m.clip_skips}, but the text encoder has no {missing[0]} output"
+        for e in m.encoders:
+            outputs = {o.name: o for o in self.components[e.component].outputs}
+            missing = [f"hidden_state_skip{k}" for k in range(1, m.clip_skips + 1)
+                       if f"hidden_state_skip{k}" not in outputs] + ([e.pooled] if e.pooled and e.pooled not in outputs else [])
+            if missing:
+                return f"clip_skips = {m.clip_skips}, but {e.component} has no {missing[0]} output"
+            hidden = outputs.get("last_hidden_state")
+            if hidden is not None and hidden.shape[-1] != e.hidden_size:
+                return f"{e.component} gives hidden states {hidden.shape[-1]} wide, the manifest says {e.hidden_size}"
         unet = self.components["unet"]
+        if m.added_conditions is not None:
+            a, pooled = m.added_conditions, next(e for e in m.encoders if e.pooled)
+            te, ti = _spec(unet.inputs, a.pooled_input), _spec(unet.inputs, a.time_ids_input)
+            width = _spec(self.components[pooled.component].outputs, pooled.pooled)
+            if te is None or ti is None or width is None or te.shape[-1] != width.shape[-1] or \
+                    ti.shape[-1] != a.time_ids_width:
+                return (f"the U-Net's added-condition inputs do not match the manifest's ({a.pooled_input} from "
+                        f"{pooled.component}.{pooled.pooled}, {a.time_ids_input} of {a.time_ids_width})")
         levels = self.residual_levels()
         if not levels:
             return "the U-Net has no ControlNet residual inputs (down_residual_i, mid_residual)"
@@ -368,7 +437,7 @@ class Manifest:
 
 
 # what every export writes, whatever a manifest says: the folders sdtrt owns by name
-OWNED_FOLDERS = ("tokenizer", "scheduler")
+OWNED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
 OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
 
 

@@ -84,7 +84,8 @@ def _model_problem(m) -> str | None:
     for ok, what in checks:
         if not ok:
             return what
-    for label, path in (("tokenizer_dir", m.tokenizer_dir), ("scheduler_config", m.scheduler_config)):
+    for label, path in (("tokenizer_dir", m.tokenizer_dir), ("scheduler_config", m.scheduler_config),
+                        *((f"{e.component} tokenizer", e.tokenizer) for e in m.model.text_encoders)):
         problem = _relative_problem(label, path)
         if problem:
             return problem
@@ -139,10 +140,10 @@ def _components_problem(m) -> str | None:
                 return f"{name} memory model has a negative coefficient"
         if any(v.tolerance < 0 for v in c.validation):
             return f"{name} validation has a negative tolerance"
-    text = m.components["text_encoder"]
-    table = text.weights.get("embeddings.token_embedding")
     model = m.model
-    if table is not None and table.shape != (model.vocab_size + model.embedding_slots, model.text_hidden_size):
+    text = m.components[model.encoders[0].component] if model.encoders[0].component in m.components else None
+    table = text.weights.get("embeddings.token_embedding") if text is not None else None
+    if table is not None and table.shape != (model.vocab_size + model.embedding_slots, model.encoders[0].hidden_size):
         return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} rows of text_hidden_size "
                 f"{model.text_hidden_size}, but the text encoder's token table is {table.shape[0]} x {table.shape[1]}")
     if table is None and model.embedding_slots:
@@ -193,7 +194,8 @@ def folder_problem(m, folder: Path) -> str | None:
     except (OSError, RuntimeError) as ex:
         return f"{folder} cannot be resolved ({ex})"
     names = [("manifest.json", MANIFEST_NAME), ("tokenizer_dir", m.tokenizer_dir),
-             ("scheduler_config", m.scheduler_config)]
+             ("scheduler_config", m.scheduler_config),
+             *((f"{e.component} tokenizer", e.tokenizer) for e in m.model.text_encoders)]
     for name, c in m.components.items():
         names += [(f"{name} file", f) for f in (c.file, *c.external_data)]
     if m.tensorrt is not None:
@@ -207,7 +209,8 @@ def folder_problem(m, folder: Path) -> str | None:
     if problem:
         return problem
     inner = []  # what the runtime opens in the tokenizer's and scheduler's folders by its own names
-    for subdir in sorted({m.tokenizer_dir, str(PurePosixPath(m.scheduler_config).parent)} - {"."}):
+    tokenizers = {m.tokenizer_dir, *(e.tokenizer for e in m.model.text_encoders)}
+    for subdir in sorted(tokenizers | {str(PurePosixPath(m.scheduler_config).parent)} - {"."}):
         try:
             inner += [(f"{subdir}/", f"{subdir}/{e.name}") for e in (folder / subdir).iterdir()]
         except OSError:

@@ -50,7 +50,8 @@ class Txt2Img(BaseModel):
     save_images: bool = False
     # fields that would change the image in ways sdtrt does not do: refused unless at their defaults (unsupported())
     tiling: bool | None = None
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: str | None = None  # a model of --models-dir (title, name or hash): base + refiner
+    refiner_switch_at: float = Field(0.8, gt=0, lt=1)  # where the refiner takes over (runtime.refiner)
     hr_checkpoint_name: str | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
@@ -84,14 +85,12 @@ class Img2Img(Txt2Img):
 
 def unsupported(body: Txt2Img) -> None:
     """Refuse, naming it, a field that asks for what sdtrt does not do, rather than answer an image made without it
-    (A1111 fields that pydantic would otherwise drop as unknown): tiling, a refiner or hires checkpoint, a script or
+    (A1111 fields that pydantic would otherwise drop as unknown): tiling, a hires checkpoint, a script or
     an always-on script with arguments (ControlNet, ADetailer, ...), img2img's other resize modes, several init
     images (A1111 cycles them over the batch)."""
     problems = []
     if body.tiling:
         problems.append("tiling (seamless tiling)")
-    if body.refiner_checkpoint not in (None, "", "None"):
-        problems.append("refiner_checkpoint (a refiner model)")
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         problems.append("hr_checkpoint_name (another model for the hires pass)")
     if body.script_name not in (None, "", "None"):
@@ -289,8 +288,10 @@ def router(server) -> APIRouter:
                 from sdtrt.runtime.request import inpainting_options
 
                 req = replace(req, **inpainting_options(body.inpainting_mask_invert, body.inpainting_fill))
+        refiner = body.refiner_checkpoint if body.refiner_checkpoint not in (None, "", "None") else None
         images, infos = await server.submit(endpoint, request, req, body.n_iter, image, mask,
-                                            model=body.override_settings.get("sd_model_checkpoint"))
+                                            model=body.override_settings.get("sd_model_checkpoint"),
+                                            refiner=refiner, switch_at=body.refiner_switch_at)
         if not body.override_settings_restore_afterwards:  # A1111 keeps the overrides for later requests
             settings.apply(body.override_settings)
             if body.override_settings.get("sd_model_checkpoint") is not None:  # the model too: the new default

@@ -159,12 +159,16 @@ class Server:
 
     # ---- in the engine thread --------------------------------------------------------------------------------------
 
-    def run(self, req, n_iter: int, plan, pipe=None) -> tuple[list, list[str]]:
+    def run(self, req, n_iter: int, plan, pipe=None, batch=None) -> tuple[list, list[str]]:
         """``n_iter`` batches on the plan made when the request was checked (it does not depend on the seed). Image
-        ``i`` of the whole job, across batches, gets ``seed + i`` (A1111's ``all_seeds``)."""
+        ``i`` of the whole job, across batches, gets ``seed + i`` (A1111's ``all_seeds``). ``batch(seeds,
+        progress)``: how one batch is made (default: ``pipe.generate`` on the plan)."""
         from sdtrt.runtime.seeds import image_seeds
 
         pipe, state = pipe or self.pipe, self.state
+        if batch is None:
+            def batch(seeds, progress):
+                return pipe.generate(req, callback=progress, plan=plan, seeds=seeds)
         images, infos, stopped = [], [], None
         job = self._begin()
         try:
@@ -182,8 +186,7 @@ class Server:
                     if stop is not None and stop == ("skip", job):  # a skip after a batch's last step: spent
                         state["stop"] = None  # (A1111's process_images_inner clears state.skipped per batch)
                     self._checkpoint(job)  # an interrupt between batches (a device loop reports only its end)
-                    result = pipe.generate(req, callback=progress, plan=plan,
-                                           seeds=image_seeds(req.seed, req.batch, i * req.batch))
+                    result = batch(image_seeds(req.seed, req.batch, i * req.batch), progress)
                 except Interrupted as ex:  # skip: the next batch; interrupt: what is finished
                     stopped = ex.how
                     if ex.how == "skip":
@@ -197,6 +200,41 @@ class Server:
         if not images and stopped:
             raise Interrupted(stopped)
         return images, infos
+
+    def refined(self, name: str, refiner: str, req, image):
+        """One batch maker for ``run``: the base model ``name`` to the switch, then the ``refiner`` from its latents
+        (``runtime.refiner``), each loaded when its part runs (with ``--max-loaded-models 1`` they take turns)."""
+        from sdtrt.manifest import Manifest
+        from sdtrt.runtime import refiner as ensemble
+
+        entry = self.models.find(refiner)
+
+        def batch(seeds, progress):
+            base = self.models.acquire(name)
+            first_req = ensemble.base_request(base.manifest.model, req)
+            keys = ensemble.refiner_keys(entry.name, Manifest.load(entry.folder), req.denoising_end)
+            plan = base.plan(first_req, image)
+            plan = replace(plan, infotext=plan.infotext + keys)
+            base_manifest = base.manifest
+            stopped = []
+
+            def half(done, total):  # the two parts as one bar; an interrupt in the base skips the refiner (A1111)
+                go = progress(done, 2 * total)
+                if go is False:
+                    stopped.append(done)
+                return go
+
+            first = base.generate(first_req, plan=plan, seeds=seeds, callback=half)
+            if stopped:
+                return base.decode(replace(first_req, output_type=req.output_type), plan, first.images, first.seeds,
+                                   dict(first.timings), time.perf_counter())
+            pipe = self.models.acquire(entry.name)
+            ensemble.check_pair(base_manifest, pipe.manifest)
+            second = pipe.generate(ensemble.refiner_request(pipe.manifest.model, req), image=first.images,
+                                   seeds=first.seeds, callback=lambda done, total: progress(total + done, 2 * total))
+            return type(second)(second.images, first.seed, first.parameters, second.timings, first.seeds)
+
+        return batch
 
     def merge(self, group: list[Job]) -> list[tuple[list, list[str]]]:
         """txt2img jobs of one batching key as one engine call. Every image keeps its own seed (its request's
@@ -244,7 +282,7 @@ class Server:
     # ---- on the event loop -----------------------------------------------------------------------------------------
 
     async def submit(self, endpoint: str, request: Request, req, n_iter: int, image=None, mask=None,
-                     model: str | None = None):
+                     model: str | None = None, refiner: str | None = None, switch_at: float = 0.8):
         """Queue ``req`` for the engine thread and wait for it; a client that disconnects, or the timeout, takes it
         off the queue if it has not started. ``model``: the model to run it on (a name ``find_model`` takes; None:
         the default model at this moment); an unknown one is an ``UnknownModel`` before anything is queued."""
@@ -258,11 +296,21 @@ class Server:
             from sdtrt.runtime.seeds import random_seed
 
             req = replace(req, seed=random_seed())
+        if refiner is not None:  # base + refiner (runtime.refiner): the refiner known, the request split
+            from sdtrt.runtime import refiner as ensemble
+
+            refiner = self.models.find(refiner).name
+            if mask is not None:
+                raise UsageError("a refiner with inpainting is not supported (text-to-image and img2img are)")
+            req = ensemble.split(req, switch_at)
         with self.models.planning(name) as planned_on:  # every check before queueing: a bad request never waits
-            plan = None if planned_on is None else planned_on.plan(req, image, mask)
-        key = self.batch_key(req, n_iter, plan) if image is None and plan is not None else None
+            plan = None if planned_on is None else planned_on.plan(
+                req if refiner is None else ensemble.base_request(planned_on.manifest.model, req), image, mask)
+        key = self.batch_key(req, n_iter, plan) if image is None and plan is not None and refiner is None else None
 
         def work():  # on the engine thread: the model loaded if it is not (then the request is checked there)
+            if refiner is not None:
+                return self.run(req, n_iter, None, batch=self.refined(name, refiner, req, image))
             pipe = self.models.acquire(name)
             return self.run(req, n_iter, plan if pipe is planned_on else pipe.plan(req, image, mask), pipe)
 

@@ -120,3 +120,22 @@ def lora_files(tmp_path_factory, small_model):
                                               weight_name="style.safetensors", **metadata)
     save_file(_kohya(*_peft_lora(folder, 2)[:2], alpha=2.0), str(base / "kohya_char.safetensors"))
     return base / "style.safetensors", base / "kohya_char.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_model(tmp_path_factory):
+    """The SDXL-shaped built-in (two text encoders, pooled and size conditioning) as a diffusers
+    StableDiffusionXLPipeline folder and its fp32 export from that folder."""
+    return _diffusers_and_export(tmp_path_factory, "tiny-xl")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_refiner_model(tmp_path_factory):
+    """The SDXL-refiner-shaped built-in (one projected encoder, aesthetic scores), diffusers folder and fp32 export."""
+    return _diffusers_and_export(tmp_path_factory, "tiny-xl-refiner")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_inpaint_model(tmp_path_factory):
+    """The SDXL-shaped built-in with a 9-channel inpainting U-Net, diffusers folder and fp32 export."""
+    return _diffusers_and_export(tmp_path_factory, "tiny-xl-inpaint")

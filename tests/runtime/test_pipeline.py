@@ -1,6 +1,7 @@
 """Images from the runtime against diffusers' StableDiffusionPipeline with the same weights, scheduler and
 initial latents (fp32 engines, ONNX Runtime CPU)."""
 
+import contextlib
 from unittest import mock
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from sdtrt.parity import psnr
 from sdtrt.runtime import Pipeline
-from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT, SAMPLERS
+from sdtrt.runtime.samplers import DEFAULT_ETA, DIFFUSERS_EQUIVALENT, SAMPLERS
+from tests.runtime.sampler_parity import NOISE_DRAWING
 
 
 
@@ -23,10 +25,13 @@ def diffusers_images(folder, sampler, prompts, negatives, steps, guidance, heigh
     noise_iter = iter(noises)
     # Ancestral noise: the same arrays our runtime drew, in the same order.
     draw = lambda *a, **k: torch.from_numpy(next(noise_iter))  # noqa: E731
-    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
-            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
+    with contextlib.ExitStack() as stack:
+        for module in NOISE_DRAWING:
+            stack.enter_context(mock.patch(f"diffusers.schedulers.{module}.randn_tensor", side_effect=draw))
+        # diffusers' pipelines pass eta=0.0 to the scheduler; sdtrt's TCD default is TCDScheduler.step's own 0.3
         return pipe(prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance,
-                    height=height, width=width, latents=torch.from_numpy(latents), output_type="np").images
+                    height=height, width=width, latents=torch.from_numpy(latents), output_type="np",
+                    eta=DEFAULT_ETA.get(sampler, 0.0)).images
 
 
 def per_image_draws(seed, batch, per_image, count):

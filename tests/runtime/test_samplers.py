@@ -1,6 +1,7 @@
 """Sampler tables against diffusers' scheduler classes: whole trajectories driven by the same random
 model outputs and noise must agree within relative error 1e-5."""
 
+import contextlib
 import json
 import re
 from unittest import mock
@@ -12,6 +13,7 @@ import torch
 from sdtrt.config import from_dict, to_dict
 from sdtrt.runtime.samplers import (CLASS_DEFAULTS, DIFFUSERS_EQUIVALENT, SAMPLERS, SCHEDULES, SamplerConfig,
                                     SamplerError, build_table, schedules_for, step)
+from tests.runtime.sampler_parity import NOISE_DRAWING, rel, run_scheduler, run_table
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
@@ -28,41 +30,22 @@ CONFIGS = {
 
 
 def diffusers_trajectory(name, config, steps, z0, outputs, noises, eta=0.0, settings=None):
-    """Run diffusers' scheduler (``settings``: config keys set on top, e.g. a schedule's); return the U-Net inputs it
-    asks for at each step and the final sample."""
+    """Run diffusers' scheduler (``settings``: config keys set on top, e.g. a schedule's); return the timesteps, the
+    U-Net inputs it asks for at each step and the final sample."""
     import diffusers
 
     cls_name, extra = DIFFUSERS_EQUIVALENT[name]
     sched = getattr(diffusers, cls_name).from_config({**config, **extra, **(settings or {})})
     sched.set_timesteps(steps)
     # float64 tensors: the reference then carries less rounding of its own (Euler and DPM cast to float32 inside)
-    x = torch.from_numpy(z0.astype(np.float64)) * sched.init_noise_sigma
-    inputs = []
-    noise_iter = iter(noises)
-    draw = lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64))  # noqa: E731
-    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
-            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
-        for i, t in enumerate(sched.timesteps):
-            inputs.append(sched.scale_model_input(x, t).numpy().copy())
-            kwargs = {"eta": eta, "variance_noise": torch.from_numpy(noises[i].astype(np.float64))} if name == "ddim" and eta else {}
-            x = sched.step(torch.from_numpy(outputs[i].astype(np.float64)), t, x, **kwargs).prev_sample
-    return np.array(sched.timesteps, dtype=np.float64), inputs, x.numpy()
+    kwargs = None
+    if name == "ddim" and eta:
+        kwargs = lambda i: {"eta": eta, "variance_noise": torch.from_numpy(noises[i].astype(np.float64))}  # noqa: E731
+    return run_scheduler(sched, outputs, noises, z0=z0, step_kwargs=kwargs)
 
 
 def our_trajectory(table, z0, outputs, noises):
-    states, history = [table.init_scale * z0.astype(np.float64)], []
-    inputs = []
-    for i in range(table.num_steps):
-        inputs.append(states[0])
-        history.insert(0, outputs[i].astype(np.float64))
-        nxt = step(table, i, states, history, noises[i].astype(np.float64))
-        states.insert(0, nxt)
-        del states[table.state_coef.shape[1]:], history[table.model_coef.shape[1]:]
-    return inputs, states[0]
-
-
-def rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    return run_table(table, outputs, noises, z0=z0)
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
@@ -140,7 +123,7 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise(eta):
 def test_only_ancestral_samplers_draw_noise():
     for name in SAMPLERS:
         table = build_table(SamplerConfig.from_scheduler_config(SD15, name), 10)
-        assert table.stochastic == (name in ("euler_a", "lcm")), name
+        assert table.stochastic == (name in ("euler_a", "lcm", "tcd")), name
 
 
 def test_sampler_config_round_trips_through_json():
@@ -154,7 +137,8 @@ def test_sampler_config_round_trips_through_json():
         (SD15, "heun", 10, "unknown sampler 'heun'"),
         (SD15, "ddim", 0, "positive integer"),
         (SD15, "ddim", 1001, "cannot exceed"),
-        (dict(SD15, prediction_type="sample"), "ddim", 10, "prediction_type must be one of 'epsilon', 'v_prediction', got 'sample'"),
+        (dict(SD15, prediction_type="x0"), "ddim", 10, "prediction_type must be one of 'epsilon', 'v_prediction', 'sample', got 'x0'"),
+        (dict(SD15, prediction_type="sample"), "pndm", 10, r"pndm \(PNDMScheduler\) with prediction_type='sample' is not supported"),
         (dict(SD15, timestep_spacing="karras"), "ddim", 10, "timestep_spacing"),
         (dict(SD15, thresholding=True), "ddim", 10, "thresholding"),
         (dict(SD15, skip_prk_steps=False), "pndm", 10, "Runge-Kutta"),
@@ -318,8 +302,9 @@ def diffusers_from_image(name, config, steps, strength, x0, z0, outputs, noises,
     noise_iter = iter(noises)
     draw = lambda *a, **k: torch.from_numpy(next(noise_iter).astype(np.float64))  # noqa: E731
     inputs = []
-    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", side_effect=draw), \
-            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", side_effect=draw):
+    with contextlib.ExitStack() as stack:
+        for module in NOISE_DRAWING:
+            stack.enter_context(mock.patch(f"diffusers.schedulers.{module}.randn_tensor", side_effect=draw))
         for i, t in enumerate(timesteps):
             inputs.append(sched.scale_model_input(x, t).numpy().copy())
             x = sched.step(torch.from_numpy(outputs[i].astype(np.float64)), t, x).prev_sample

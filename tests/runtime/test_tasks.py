@@ -14,7 +14,7 @@ from PIL import Image
 from sdtrt.parity import psnr
 from sdtrt.runtime import Pipeline
 from sdtrt.runtime.images import blur_mask, outpaint_canvas
-from sdtrt.runtime.samplers import DIFFUSERS_EQUIVALENT, SAMPLERS
+from sdtrt.runtime.samplers import DEFAULT_ETA, DIFFUSERS_EQUIVALENT, SAMPLERS
 
 # every module of the two pipelines that draws from the generator: the pipeline (forward noise), the VAE
 # posterior, the stochastic schedulers
@@ -23,6 +23,7 @@ _DRAWERS = ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2
             "diffusers.models.autoencoders.vae.randn_tensor",
             "diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor",
             "diffusers.schedulers.scheduling_lcm.randn_tensor",
+            "diffusers.schedulers.scheduling_tcd.randn_tensor",
             "diffusers.schedulers.scheduling_ddim.randn_tensor")
 
 
@@ -155,7 +156,8 @@ def test_img2img_matches_diffusers(small_pipes, sampler, strength):
     draws = Draws(seed, shape[1:], one_by_one(2) + each(2) * (1 + table.num_steps))
     with draws.patch():
         want = with_sampler(img2img, sampler)(PROMPTS, negative_prompt=["blurry"] * 2, image=image, strength=strength,
-                                             num_inference_steps=steps, output_type="np", generator=generators(2)).images
+                                             num_inference_steps=steps, output_type="np", generator=generators(2),
+                                             eta=DEFAULT_ETA.get(sampler, 0.0)).images
     assert got.images.shape == want.shape == (2, 64, 96, 3)
     value = psnr(got.images, want)
     assert value >= 40, f"{sampler} strength {strength}: PSNR {value:.1f} dB"
@@ -183,7 +185,7 @@ def inpaint_case(ours, theirs, sampler, strength, nine_channel, mask_blur=0, pad
         image, their_mask = [image] * b, [their_mask] * b
     with draws.patch():
         want = with_sampler(theirs, sampler)(prompts, image=image, mask_image=their_mask, strength=strength,
-                                            generator=generators(b),
+                                            generator=generators(b), eta=DEFAULT_ETA.get(sampler, 0.0),
                                             num_inference_steps=steps, height=height, width=width,
                                             padding_mask_crop=padding_mask_crop,
                                             output_type="pil" if crop else "np").images
