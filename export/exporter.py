@@ -454,6 +454,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
     from sdtrt.export.low_memory import gate_references_before_export, parameter_ids, release_weights_of
 
+    log("computing the parity gate's PyTorch FP32 references ...")
     references = gate_references_before_export(specs, names, ranges, vae_scale, config.precision, seq, chunks)
     release_weights_of(model, specs)
     for step, name in enumerate(names, start=1):
@@ -509,7 +510,7 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
 
     from sdtrt.export import onnx_tools
     from sdtrt.export.low_memory import release_weights
-    from sdtrt.export.validate import format_table, gate_references, validate_graph
+    from sdtrt.export.validate import format_table, gate_references, ort_session, validate_graph
 
     t = time.perf_counter()
     inputs, outputs = spec.tensor_specs(ranges, vae_scale, precision, seq, chunks)
@@ -555,7 +556,7 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
         if actual[t_spec.name] != t_spec.dtype:
             raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
     log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
-    results = validate_graph(spec, final, cases, precision, references=references)
+    results = validate_graph(spec, final, cases, precision, ort_session(final, optimize=False), references)
     table += [(name, "fp32" if spec.fp32_all or precision == "fp32" else "fp16", r) for r in results]
     failed = [r for r in results if not r.passed]
     if failed:

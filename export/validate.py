@@ -29,11 +29,16 @@ class ValidationCase:
         return f"batch={self.batch} {self.width}x{self.height}{extra}"
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, optimize: bool = True):
+    """A CPU session; ``optimize=False`` runs the graph as written: ONNX Runtime then does not fold the casts it adds
+    around the fp16 nodes its CPU kernels lack into FP32 copies of the weights (the export's gate: an fp16 SD 1.5
+    U-Net peaks at 3.1 GB instead of 6.2 GB, and starts in 1 s instead of 39 s)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
