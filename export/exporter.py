@@ -452,18 +452,19 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     for name in names:  # before any slow work: every gate case must fit in memory
         _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
-    from sdtrt.export.low_memory import gate_references_before_export, parameter_ids, release_weights_of
+    from sdtrt.export.low_memory import gate_references_due, parameter_ids, release_weights_of
 
-    log("computing the parity gate's PyTorch FP32 references ...")
-    references = gate_references_before_export(specs, names, ranges, vae_scale, config.precision, seq, chunks)
     release_weights_of(model, specs)
+    references: dict = {}
     for step, name in enumerate(names, start=1):
+        later = list(names[step:])
+        log(f"[{step}/{total}] {name}: PyTorch FP32 outputs for the parity gate ...")
+        ref = gate_references_due(name, later, specs, references, ranges, vae_scale, config.precision, seq, chunks)
         components[name] = _export_graph(name, specs[name], folder, work, config.precision, config.opset, ranges,
                                          vae_scale, seq, chunks, memory[name], sources.get(name, ""), table,
                                          f"[{step}/{total}] {name}:", log,
                                          lora_maps=not model.added_conditioning,  # SDXL LoRAs: the next release
-                                         references=references.pop(name),
-                                         keep=parameter_ids(*(specs[n].module for n in names[step:])))
+                                         references=ref, keep=parameter_ids(*(specs[n].module for n in later)))
     work.rmdir()
     components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
     log(format_table(table))

@@ -1,6 +1,6 @@
 """How the export holds each graph's weights once (issue 24): an SDXL U-Net is 10.3 GB in FP32.
 
-The gate's PyTorch FP32 references are computed first; an fp16 graph's module is then converted to fp16 in place and
+The gate's PyTorch FP32 references are computed first (``gate_references_due``); an fp16 graph's module is then converted to fp16 in place and
 traced in fp16; after the trace its weights are freed (``release_weights``) before the ONNX files are read and ONNX
 Runtime loads the graph for the gate. ``onnx_tools.save_model`` moves weights to the data file one tensor at a time.
 """
@@ -11,19 +11,21 @@ from sdtrt.export.exporter import default_cases
 from sdtrt.manifest import Ranges
 
 
-def gate_references_before_export(specs, names, ranges: Ranges, vae_scale: int, precision: str, seq: int,
-                                  chunks: int) -> dict:
-    """Every graph's gate references (``validate.gate_references``), computed on the FP32 modules before any graph
-    is traced: graphs can share a module (the VAE's encoder and decoder), which the first one's export converts
+def gate_references_due(name: str, later: list[str], specs, done: dict, ranges: Ranges, vae_scale: int,
+                        precision: str, seq: int, chunks: int):
+    """The gate references (``validate.gate_references``) of graph ``name``, computed on its FP32 module just before
+    its export, when the weights of the graphs exported before it are already freed; and, into ``done``, those of
+    the ``later`` graphs that share weights with it (the VAE's decoder with its encoder), which its export converts
     to fp16 or frees."""
     from sdtrt.export.validate import gate_references
 
-    out = {}
-    for name in names:
-        inputs = specs[name].tensor_specs(ranges, vae_scale, precision, seq, chunks)[0]
-        out[name] = gate_references(specs[name], default_cases(name, ranges, chunks),
-                                    {s.name for s in inputs if s.dtype == "float16"})
-    return out
+    mine = parameter_ids(specs[name].module)
+    for n in (name, *later):
+        if n not in done and (n == name or mine & parameter_ids(specs[n].module)):
+            inputs = specs[n].tensor_specs(ranges, vae_scale, precision, seq, chunks)[0]
+            done[n] = gate_references(specs[n], default_cases(n, ranges, chunks),
+                                      {s.name for s in inputs if s.dtype == "float16"})
+    return done.pop(name)
 
 
 def release_weights_of(model, specs) -> None:
