@@ -130,3 +130,23 @@ def test_weights_in_external_files_are_moved_one_by_one_into_one_aligned_data_fi
     [got] = validate.ort_session(dst / "g.onnx").run(None, {"x": x})
     want = (x.astype(np.float32) @ w1.astype(np.float32)).astype(np.float16).astype(np.float32) @ w2.astype(np.float32)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_an_island_left_in_fp16_stops_the_export():
+    """check_fp32_islands: a Softmax (or island node) with an fp16 input or output is an error, not a quieter graph."""
+    from sdtrt.errors import ValidationError
+
+    def graph(dtype):
+        return helper.make_model(helper.make_graph(
+            [helper.make_node("Softmax", ["x"], ["y"], name="sm"), helper.make_node("Neg", ["y"], ["z"], name="neg")],
+            "g", [helper.make_tensor_value_info("x", dtype, [2, 3])],
+            [helper.make_tensor_value_info("z", dtype, [2, 3])],
+            value_info=[helper.make_tensor_value_info("y", dtype, [2, 3])]))
+
+    onnx_tools.check_fp32_islands(graph(TensorProto.FLOAT), "g", {"neg"})
+    with pytest.raises(ValidationError, match="Softmax node sm"):
+        onnx_tools.check_fp32_islands(graph(TensorProto.FLOAT16), "g", set())
+    with pytest.raises(ValidationError, match="Neg node neg"):
+        model = graph(TensorProto.FLOAT)
+        model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+        onnx_tools.check_fp32_islands(model, "g", {"neg"})
