@@ -209,15 +209,20 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
         t0 = time.perf_counter()
         try:
             log(f"loading {config.model} ...")
-            model = load_model(config.model, allow_pickle=config.allow_pickle, seed=config.seed, config=config.config,
-                               prediction_type=config.prediction_type, tokenizer=config.tokenizer)
+            # not load_model's cached copy: the export converts the modules to fp16 and frees them as it goes
+            model = load_model.__wrapped__(config.model, allow_pickle=config.allow_pickle, seed=config.seed,
+                                           config=config.config, prediction_type=config.prediction_type,
+                                           tokenizer=config.tokenizer)
             log(f"  loaded in {time.perf_counter() - t0:.1f}s")
             _check_scheduler(model.scheduler_config, config.model, log)
             if config.loras:
-                from sdtrt.export.lora import LoraSpec, fuse_loras
+                from sdtrt.export.lora import LoraSpec, fuse_loras, strongest_change
 
                 base = model
                 model = fuse_loras(model, [LoraSpec.parse(t) for t in config.loras], config.allow_pickle, log)
+                # what a failed gate reports of the LoRAs' strength, measured now: the unfused weights go here
+                changes = {part: strongest_change(base, model, (part,)) for part in ("unet", "text_encoder")}
+                del base
             controlnets = {name: load_controlnet(source, model, config, log, index)
                            for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
             try:
@@ -225,11 +230,8 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
             except ValidationError as ex:
                 if not config.loras:
                     raise
-                from sdtrt.export.lora import strongest_change
-
                 failed = str(ex).split(" ", 1)[0]  # the gate's message starts with the graph's name
-                ratio, layer = strongest_change(base, model, (failed,) if failed in ("unet", "text_encoder") else
-                                                ("unet", "text_encoder"))
+                ratio, layer = changes[failed] if failed in changes else max(changes.values())
                 raise ValidationError(
                     f"{ex}; the graphs carry the fused LoRAs ({', '.join(config.loras)}), which change {layer}'s "
                     f"weights by {ratio:.3g}x their own size: a LoRA that strong (or at that scale) takes the model "
@@ -450,11 +452,19 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     for name in names:  # before any slow work: every gate case must fit in memory
         _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
+    from sdtrt.export.low_memory import gate_references_due, parameter_ids, release_weights_of
+
+    release_weights_of(model, specs)
+    references: dict = {}
     for step, name in enumerate(names, start=1):
+        later = list(names[step:])
+        log(f"[{step}/{total}] {name}: PyTorch FP32 outputs for the parity gate ...")
+        ref = gate_references_due(name, later, specs, references, ranges, vae_scale, config.precision, seq, chunks)
         components[name] = _export_graph(name, specs[name], folder, work, config.precision, config.opset, ranges,
                                          vae_scale, seq, chunks, memory[name], sources.get(name, ""), table,
                                          f"[{step}/{total}] {name}:", log,
-                                         lora_maps=not model.added_conditioning)  # SDXL LoRAs: the next release
+                                         lora_maps=not model.added_conditioning,  # SDXL LoRAs: the next release
+                                         references=ref, keep=parameter_ids(*(specs[n].module for n in later)))
     work.rmdir()
     components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
     log(format_table(table))
@@ -490,41 +500,64 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
 
 def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, opset: int, ranges: Ranges, vae_scale: int,
                   seq: int, chunks: int, memory, source: str, table: list, prefix: str, log,
-                  lora_maps: bool = True) -> Component:
+                  lora_maps: bool = True, references=None, keep: frozenset = frozenset()) -> Component:
     """Trace one graph to ``folder/NAME.onnx`` (fp16 with its FP32 islands, or fp32), run its parity gate, and
-    describe it: its manifest entry."""
+    describe it: its manifest entry.
+
+    The weights are held once (``low_memory``): the gate's FP32 ``references`` first (computed here unless given),
+    then an fp16 graph's module goes fp16 in place and is traced so; its weights (but ``keep``'s, which a later graph
+    uses) are freed before the ONNX files are read and ONNX Runtime loads the graph."""
     import numpy as np
 
     from sdtrt.export import onnx_tools
-    from sdtrt.export.validate import format_table, validate_graph
+    from sdtrt.export.low_memory import release_weights
+    from sdtrt.export.validate import format_table, gate_references, ort_session, validate_graph
 
     t = time.perf_counter()
     inputs, outputs = spec.tensor_specs(ranges, vae_scale, precision, seq, chunks)
     cases = default_cases(name, ranges, chunks)
-    log(f"{prefix} tracing to ONNX (opset {opset}) ...")
+    fp16_inputs = {s.name for s in inputs if s.dtype == "float16"}
+    if references is None:
+        references = gate_references(spec, cases, fp16_inputs)
+    half = precision == "fp16" and not spec.fp32_all
+    if half:
+        spec.module.half()  # in place: the FP32 weights go as each tensor is converted
+    log(f"{prefix} tracing to ONNX (opset {opset}{', fp16' if half else ''}) ...")
     # Trace at a latent size that does not divide the U-Net's downsampling factor (see trace_to_onnx), with batch 2
     # so no batch axis is specialised to 1, and two chunks: no text-length axis can be specialised to 77.
     sample = spec.make_inputs(2, 17 * vae_scale, 19 * vae_scale, np.random.default_rng(0), {"chunks": 2})
+    if half:  # the graph's fp16 inputs; timestep (kept FP32) feeds the time embedding in FP32, as in the graph
+        sample = {n: v.astype(np.float16) if n in fp16_inputs else v for n, v in sample.items()}
     traced = work / f"{name}.onnx"
     onnx_tools.trace_to_onnx(spec, sample, traced, opset)
+    # LoRAs update these graphs' weights at generation time: weights kept external
+    lora = LORA_PREFIXES.get(name) if lora_maps else None
+    digests = None
+    if lora is not None:
+        from sdtrt.export.weight_map import weight_digests
+
+        digests = weight_digests(spec.module, lora, "float16" if half else "float32")
+    release_weights(spec.module, keep)
     inferred = work / f"{name}.shapes.onnx"
     onnx_tools.infer_shapes(traced, inferred)
     final = folder / f"{name}.onnx"
     islands: list[str] = []
-    # LoRAs update these graphs' weights at generation time: weights kept external
-    lora = LORA_PREFIXES.get(name) if lora_maps else None
     if precision == "fp16":
         log(f"{prefix} converting to fp16 ...")
         external, islands = onnx_tools.convert_to_fp16(inferred, final, spec, external=lora is not None)
     else:
         import onnx
 
-        external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=True), final,
-                                         external=lora is not None)
+        external = onnx_tools.save_model(onnx.load(str(inferred), load_external_data=False), final,
+                                         external=lora is not None, base_dir=work)
     for f in work.iterdir():  # free disk before the next component
         f.unlink()
+    actual = onnx_tools.io_types(final)
+    for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
+        if actual[t_spec.name] != t_spec.dtype:
+            raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
     log(f"{prefix} validating against PyTorch in ONNX Runtime ...")
-    results = validate_graph(spec, final, cases, precision)
+    results = validate_graph(spec, final, cases, precision, ort_session(final, optimize=False), references)
     table += [(name, "fp32" if spec.fp32_all or precision == "fp32" else "fp16", r) for r in results]
     failed = [r for r in results if not r.passed]
     if failed:
@@ -534,15 +567,11 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
             f"{name} ({precision}) does not match PyTorch at {worst.shape}: "
             f"max relative error {worst.max_rel_error:.3g} > {worst.tolerance:g}"
         )
-    actual = onnx_tools.io_types(final)
-    for t_spec in inputs + outputs:  # the manifest must describe the file, not our intent
-        if actual[t_spec.name] != t_spec.dtype:
-            raise ValidationError(f"{name}: {t_spec.name} is {actual[t_spec.name]} in the graph, expected {t_spec.dtype}")
     weights = {}
-    if lora is not None:
-        from sdtrt.export.weight_map import weight_map
+    if digests is not None:
+        from sdtrt.export.weight_map import locate_weights
 
-        weights = {k.removeprefix("text_model."): v for k, v in weight_map(spec.module, lora, final).items()}
+        weights = {k.removeprefix("text_model."): v for k, v in locate_weights(digests, final).items()}
     log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
     return Component(
         file=final.name, sha256=sha256_file(final), memory=memory,
@@ -552,6 +581,7 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
         external_sha256={e: sha256_file(folder / e) for e in external}, fp32_islands=tuple(islands),
         validation=results, notes=_notes(name), source=source, weights=weights,
     )
+
 
 def _lora_records(specs) -> tuple[str, ...]:
     """What the manifest says of each fused LoRA: "name:scale:sha256 (first 12)" (A1111's "Lora hashes" use it)."""

@@ -46,29 +46,67 @@ def infer_shapes(src: Path, dst: Path) -> None:
     onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
 
 
-def save_model(model, path: Path, external: bool = False) -> list[str]:
+def save_model(model, path: Path, external: bool = False, base_dir: Path | None = None) -> list[str]:
     """Save ``model``; above ~1.8 GB, or with ``external``, weights go to one ``<name>.data`` file (where the
-    runtime finds them by offset for LoRAs). Returns external files."""
+    runtime finds them by offset for LoRAs). Returns external files.
+
+    Tensors the model keeps in external files under ``base_dir`` (torch writes them for graphs over 2 GiB) are
+    copied one at a time, and tensors held in memory are moved out one at a time: no second copy of the weights
+    is ever made."""
     import onnx
 
-    size = model.ByteSize() if _fits_protobuf(model) else EXTERNAL_DATA_THRESHOLD + 1
-    if size <= EXTERNAL_DATA_THRESHOLD and not external:
+    if _data_bytes(model) <= EXTERNAL_DATA_THRESHOLD and not external:
+        if base_dir is not None:
+            onnx.load_external_data_for_model(model, str(base_dir))
         onnx.save_model(model, str(path))
         return []
     data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    normal_mode(path.parent / data_name)  # ONNX's C++ writer makes it 0600, unlike every other file of the folder
+    with open(path.parent / data_name, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in tensor.external_data}
+                data = _read_external(base_dir, info)
+            elif len(tensor.raw_data) >= 1024:
+                data = tensor.raw_data
+            else:
+                continue
+            offset = -out.tell() % ALIGNMENT + out.tell()  # page-aligned: ONNX Runtime can map them
+            out.seek(offset)
+            out.write(data)
+            del data
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", offset), ("length", out.tell() - offset)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    normal_mode(path.parent / data_name)
+    onnx.save_model(model, str(path))
     return [data_name]
 
 
-def _fits_protobuf(model) -> bool:
+# offsets of the tensors in a .data file: a multiple of the page size (ONNX Runtime maps aligned tensors)
+ALIGNMENT = 4096
+
+
+def _read_external(base_dir: Path | None, info: dict[str, str]) -> bytes:
+    if base_dir is None:
+        raise ValueError("the model has external data but no folder was given to read it from")
+    with open(Path(base_dir) / info["location"], "rb") as fh:
+        fh.seek(int(info.get("offset", 0)))
+        return fh.read(int(info["length"])) if "length" in info else fh.read()
+
+
+def _data_bytes(model) -> int:
+    """Bytes of the initializers' data, in memory or in external files (capped once over the threshold)."""
     total = 0
     for init in model.graph.initializer:
+        if init.data_location == 1:  # TensorProto.EXTERNAL
+            return EXTERNAL_DATA_THRESHOLD + 1  # torch wrote the weights out: the graph is over 2 GiB
         total += len(init.raw_data) if init.raw_data else init.ByteSize()
         if total > EXTERNAL_DATA_THRESHOLD:
-            return False
-    return True
+            break
+    return total
 
 
 def _nodes_between(graph, sources: set[str], targets: set[int]) -> set[int]:
@@ -112,15 +150,24 @@ def fp32_island_nodes(model, spec: GraphSpec) -> list[str]:
 
 
 def convert_to_fp16(src: Path, dst: Path, spec: GraphSpec, external: bool = False) -> tuple[list[str], list[str]]:
-    """FP32 ONNX (with shape info) -> FP16-typed ONNX with FP32 islands.
+    """ONNX traced from the fp16 module (FP32 for ``fp32_all`` graphs), with shape info -> the fp16 graph with its
+    FP32 islands, as onnxruntime's float16 converter makes it from an FP32 graph.
 
-    Float graph I/O becomes float16 except the inputs the spec keeps in FP32. Returns the
-    external data files written and a short description of the FP32 islands.
+    Float graph I/O becomes float16 except the inputs the spec keeps in FP32 (cast to fp16 at the door, except on
+    their way into an FP32 island); Softmax and ``fp32_island_nodes`` compute in FP32 between Cast nodes. The
+    weights are read from ``src``'s folder one tensor at a time as they are written to ``dst``'s data file: they
+    are never all in memory. Returns the external data files written and a short description of the FP32 islands.
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src), load_external_data=True)
+    model = onnx.load(str(src), load_external_data=False)
+    for init in model.graph.initializer:  # the converter rewrites FP32 tensors (constants, fp32_all weights) only
+        if init.data_type == onnx.TensorProto.FLOAT and init.data_location == onnx.TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(init, str(src.parent))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    _typed_as_fp32(model)
     blocked = fp32_island_nodes(model, spec)
     keep_io = [s.name for s in spec.inputs if s.keep_fp32]
     with warnings.catch_warnings():
@@ -130,13 +177,43 @@ def convert_to_fp16(src: Path, dst: Path, spec: GraphSpec, external: bool = Fals
             disable_shape_infer=True,
         )
     bypass_fp16_round_trips(model16)
-    files = save_model(model16, dst, external)
+    check_fp32_islands(model16, spec.name, set(blocked))
+    files = save_model(model16, dst, external, base_dir=src.parent)
     islands = [f"{op} ops (attention softmax)" for op in FP32_OPS]
     if spec.fp32_all:
         islands = [f"whole graph: {spec.fp32_reason}"]
     elif blocked:
         islands.append(f"{len(blocked)} nodes: {spec.fp32_reason}")
     return files, islands
+
+
+def _typed_as_fp32(model) -> None:
+    """Label the fp16 values of a graph traced in fp16 as float, so onnxruntime's converter treats them as the
+    values it converts itself: it casts only those around the nodes it keeps in FP32 (and back after them)."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+
+
+def check_fp32_islands(model, name: str, island: set[str]) -> None:
+    """Every float input and output of the Softmax and island nodes is FP32 in the fp16 graph, or the export
+    stops: an island computing in fp16 would pass unnoticed where the gate's inputs do not reach the error."""
+    from onnx import TensorProto
+
+    from sdtrt.errors import ValidationError
+
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type in FP32_OPS or node.name in island:
+            wrong = [v for v in (*node.input, *node.output) if types.get(v) == TensorProto.FLOAT16]
+            if wrong:
+                raise ValidationError(f"{name}: {node.op_type} node {node.name} of the FP32 islands has fp16 "
+                                      f"values ({', '.join(wrong[:3])}) in the fp16 graph")
 
 
 def bypass_fp16_round_trips(model) -> int:

@@ -12,6 +12,7 @@ torch-free runtime reads the base weights with ``np.memmap`` and adds a LoRA's l
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,39 +36,41 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def weight_map(module, prefix: str, path: Path) -> dict[str, WeightEntry]:
-    """module path -> entry for every weight of ``module`` (parameters named ``prefix.<path>.weight``) that the
-    graph at ``path`` (saved with external data) holds, as is or transposed."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    located = {}
-    for init in model.graph.initializer:
-        if init.data_location != onnx.TensorProto.EXTERNAL or init.data_type not in _ONNX_DTYPES:
-            continue
-        info = {e.key: e.value for e in init.external_data}
-        located[init.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]),
-                              _ONNX_DTYPES[init.data_type], tuple(int(d) for d in init.dims))
-    dtypes = {v[3] for v in located.values()}
-    by_digest: dict[str, list[str]] = {}
-    opened: dict[str, np.memmap] = {}
-    for name, (location, offset, length, dtype, dims) in located.items():
-        if len(dims) < 2:
-            continue
-        raw = opened.setdefault(location, np.memmap(path.parent / location, np.uint8, "r"))
-        by_digest.setdefault(hashlib.sha1(raw[offset:offset + length].tobytes()).hexdigest(), []).append(name)
-    entries: dict[str, WeightEntry] = {}
+def weight_digests(module, prefix: str, dtype: str) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """(module path, [(digest, transposed), ...]) for every weight of two or more dimensions of ``module``
+    (parameters named ``prefix.<path>.weight``): the digests of the weight as a graph of ``dtype`` stores it, as is
+    and (a matrix) transposed. Taken before the export frees the module's weights (``locate_weights`` finds them
+    in the written graph)."""
+    out = []
     for pname, param in module.named_parameters():
         if not pname.startswith(prefix + ".") or not pname.endswith(".weight") or param.dim() < 2:
             continue
         value = param.detach().float().numpy()
-        for dtype in dtypes:
-            forms = [(value, False)] + ([(value.T, True)] if value.ndim == 2 else [])
-            hit = next(((by_digest[d][0], t) for v, t in forms if (d := _digest(_as(v, dtype))) in by_digest), None)
-            if hit is not None:
-                name, transposed = hit
-                location, offset, length, dt, dims = located[name]
-                entries[pname[len(prefix) + 1:-len(".weight")]] = WeightEntry(
-                    initializer=name, transposed=transposed, file=location, offset=offset, dtype=dt, shape=dims)
-                break
+        forms = [(value, False)] + ([(value.T, True)] if value.ndim == 2 else [])
+        out.append((pname[len(prefix) + 1:-len(".weight")], [(_digest(_as(v, dtype)), t) for v, t in forms]))
+    return out
+
+
+def locate_weights(digests: list[tuple[str, list[tuple[str, bool]]]], path: Path) -> dict[str, WeightEntry]:
+    """module path -> entry for every weight of ``digests`` that the graph at ``path`` (saved with external data)
+    holds, as is or transposed (the first initializer of the same bytes)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    located: dict[str, WeightEntry] = {}  # digest -> the first initializer holding those bytes
+    opened: dict[str, np.memmap] = {}
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL or init.data_type not in _ONNX_DTYPES or len(init.dims) < 2:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        location, offset, length = info["location"], int(info.get("offset", 0)), int(info["length"])
+        raw = opened.setdefault(location, np.memmap(path.parent / location, np.uint8, "r"))
+        located.setdefault(hashlib.sha1(raw[offset:offset + length].tobytes()).hexdigest(), WeightEntry(
+            initializer=init.name, transposed=False, file=location, offset=offset, dtype=_ONNX_DTYPES[init.data_type],
+            shape=tuple(int(d) for d in init.dims)))
+    entries: dict[str, WeightEntry] = {}
+    for name, forms in digests:
+        hit = next(((located[d], t) for d, t in forms if d in located), None)
+        if hit is not None:
+            entries[name] = replace(hit[0], transposed=hit[1])
     return entries
