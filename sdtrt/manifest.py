@@ -437,7 +437,8 @@ class Manifest:
 
 
 # what every export writes, whatever a manifest says: the folders sdtrt owns by name
-OWNED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+OWNED_FOLDERS = ("tokenizer", "scheduler")
+ENCODER_TOKENIZERS = ("tokenizer_2",)  # owned too when the manifest's text encoders name them (SDXL)
 OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
 
 
@@ -466,6 +467,10 @@ def owned_entries(folder: Path) -> set[str] | None:
         if isinstance(engine, dict):
             names.append(engine.get("file"))
     owned = {MANIFEST_NAME, CACHE, *OWNED_FOLDERS}
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    for encoder in model.get("text_encoders") or ():
+        if isinstance(encoder, dict) and encoder.get("tokenizer") in ENCODER_TOKENIZERS:
+            owned.add(encoder["tokenizer"])
     for name in names:
         if (isinstance(name, str) and name.endswith(OWNED_SUFFIXES) and Path(name).name == name
                 and "\\" not in name and not (folder / name).is_dir()):
