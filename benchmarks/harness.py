@@ -428,10 +428,17 @@ class _Client:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(kind, json.dumps(to_dict(cfg)), child), daemon=True)
         self.proc.start()
+        child.close()  # the worker holds its end: if it dies, recv() sees EOF instead of waiting forever
         self.info = self._expect("ready")
 
     def _expect(self, tag: str):
-        got, payload = self.conn.recv()
+        try:
+            got, payload = self.conn.recv()
+        except EOFError:
+            self.proc.join(timeout=5)
+            code = self.proc.exitcode
+            why = " (killed: out of memory?)" if code == -9 else ""
+            raise BenchError(f"the {self.kind} worker died with exit code {code}{why}") from None
         if got == "error":
             self.close()
             raise BenchError(payload)
