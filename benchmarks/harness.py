@@ -108,6 +108,9 @@ class _SeedDraws:
                "diffusers.pipelines.controlnet.pipeline_controlnet.randn_tensor",
                "diffusers.pipelines.controlnet.pipeline_controlnet_img2img.randn_tensor",
                "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint.randn_tensor",
+               "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl.randn_tensor",
+               "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img.randn_tensor",
+               "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint_sd_xl.randn_tensor",
                "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl.randn_tensor",
                "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img.randn_tensor",
                "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint.randn_tensor",
@@ -265,7 +268,7 @@ def check_baseline_weights(engine_dir: str) -> None:
     (32 dB instead of 130), not a finding. Each graph of the folder runs on the export's first parity-gate case in
     ONNX Runtime against the rebuilt module, as the export's gate did."""
     from sdtrt.export.exporter import default_cases
-    from sdtrt.export.graphs import controlnet_spec, graph_specs
+    from sdtrt.export.graphs import AddedInputs, controlnet_spec, graph_specs
     from sdtrt.export.validate import validate_graph
     from sdtrt.manifest import CONTROLNET_PREFIX, Manifest
 
@@ -277,7 +280,7 @@ def check_baseline_weights(engine_dir: str) -> None:
     for name, component in manifest.controlnets.items():
         specs[CONTROLNET_PREFIX + name] = controlnet_spec(baseline_controlnet(manifest, model, component),
                                                           m.latent_channels, m.text_hidden_size, m.max_text_length,
-                                                          m.vae_scale_factor)
+                                                          m.vae_scale_factor, AddedInputs.of_manifest(manifest))
     for name, component in manifest.components.items():
         if name not in specs:  # the sampler-update graph: no weights
             continue
@@ -316,9 +319,10 @@ def _diffusers_pipeline(manifest, cfg: BenchConfig):
         cls, extra = DIFFUSERS_EQUIVALENT[sampler]
         scheduler_config.update(extra, _class_name=cls)
     scheduler = make_scheduler(scheduler_config)
+    # diffusers' ControlNet pipelines take one ControlNetModel, or a list (a MultiControlNetModel)
+    models = [baseline_controlnet(manifest, model, c) for c in list(manifest.controlnets.values())[:cfg.controlnets]]
+    controlnet = dict(controlnet=models[0] if len(models) == 1 else models) if models else {}
     if model.added_conditioning:  # SDXL: the pipelines of the family, from the same modules
-        if cfg.controlnets:
-            raise UsageError("--controlnet with an SDXL model: SDXL ControlNets come with the next release")
         refiner = model.text_encoder_2 is None
         encoders = (dict(text_encoder=None, tokenizer=None, text_encoder_2=model.text_encoder,
                          tokenizer_2=model.tokenizer) if refiner else
@@ -326,17 +330,18 @@ def _diffusers_pipeline(manifest, cfg: BenchConfig):
                          text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2))
         name = {"txt2img": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
                 "img2img": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}[cfg.task]
+        if models:  # StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline
+            name = name.replace("StableDiffusionXL", "StableDiffusionXLControlNet")
         return getattr(diffusers, name)(vae=model.vae, unet=model.unet, scheduler=scheduler, **encoders,
-                                        **model.pipeline_config)
+                                        **model.pipeline_config, **controlnet)
     components = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
                       requires_safety_checker=False)
     if cfg.controlnets:
-        models = [baseline_controlnet(manifest, model, c) for c in list(manifest.controlnets.values())[:cfg.controlnets]]
         pipeline = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
                     "img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
                     "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[cfg.task]
-        return pipeline(**components, controlnet=models[0] if len(models) == 1 else models)
+        return pipeline(**components, **controlnet)
     pipeline = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
                 "inpaint": diffusers.StableDiffusionInpaintPipeline}[cfg.task]
     return pipeline(**components)

@@ -57,13 +57,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return name, source
 
 
-def builtin_controlnet(unet, latent_channels: int, vae_scale: int, seed: int):
+def builtin_controlnet(unet, latent_channels: int, vae_scale: int, seed: int, **config_changes):
     """A ControlNet with diffusers' ``from_unet`` shape for ``unet``, seeded random weights.
 
     Its input takes the latents only (``latent_channels``, also for a 9-channel inpainting U-Net, as
     ``StableDiffusionControlNetInpaintPipeline`` feeds it); the conditioning embedding downsamples the control image by
-    the VAE factor. The zero convolutions (and the embedding's last conv), zero at initialisation in diffusers, get
-    random weights too: with zeros every residual would be 0 and no parity test could fail."""
+    the VAE factor; ``config_changes`` change its config (tests: fewer transformer layers, as diffusers' "small"
+    and "mid" SDXL ControlNets have). The zero convolutions (and the embedding's last conv), zero at initialisation
+    in diffusers, get random weights too: with zeros every residual would be 0 and no parity test could fail."""
     import torch
     from diffusers import ControlNetModel
 
@@ -72,7 +73,7 @@ def builtin_controlnet(unet, latent_channels: int, vae_scale: int, seed: int):
     torch.manual_seed(seed % 2**64)
     shaped = ControlNetModel.from_unet(unet, load_weights_from_unet=False, conditioning_embedding_out_channels=embedding)
     config = dict(shaped.config)
-    config["in_channels"] = latent_channels
+    config.update(in_channels=latent_channels, **config_changes)
     torch.manual_seed(seed % 2**64)
     controlnet = ControlNetModel.from_config(config)
     with torch.no_grad():
@@ -121,25 +122,74 @@ def load_controlnet_folder(path: Path, allow_pickle: bool = False):
         first = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
         raise ModelSourceError(f"cannot load the ControlNet {path}: {type(ex).__name__}"
                                f"{': ' + first[:300] if first else ''}") from None
-    if getattr(model.config, "addition_embed_type", None):
-        raise ModelSourceError(f"ControlNet {path}: added conditioning ({model.config.addition_embed_type}, SDXL) is "
-                               "not supported yet")
     return model.float().eval()
 
 
+def check_family(config, name: str, sdxl: bool) -> None:
+    """Refuse a ControlNet of another model family, from its config alone (a dict, or a diffusers config): an SDXL
+    ControlNet reads SDXL's added conditioning (``addition_embed_type="text_time"``: the pooled text embedding and the
+    size time ids), an SD 1.x/2.x one none; ``sdxl``: the base model takes them."""
+    kind = _get(config, "addition_embed_type")
+    if kind not in (None, "text_time"):
+        raise ModelSourceError(f"ControlNet {name} takes {kind!r} added conditioning: only SDXL's 'text_time' (or none, "
+                               "SD 1.x/2.x) is supported")
+    if kind and not sdxl:
+        raise ModelSourceError(f"ControlNet {name} is an SDXL ControlNet (it reads SDXL's pooled text embedding and size "
+                               "conditioning); this model is SD 1.x/2.x: use a ControlNet made for it")
+    if sdxl and not kind:
+        raise ModelSourceError(f"ControlNet {name} is an SD 1.x/2.x ControlNet (no SDXL added conditioning); this model "
+                               "is SDXL-family: use an SDXL ControlNet (e.g. diffusers/controlnet-canny-sdxl-1.0)")
+
+
+def check_added_widths(config, name: str, added) -> None:
+    """An SDXL ControlNet's added-conditioning widths against the base's (``added``: its ``graphs.AddedInputs``): its
+    projection reads the pooled embedding and each time id's sinusoidal embedding (``addition_time_embed_dim`` wide,
+    its own), ``projection_class_embeddings_input_dim`` in all."""
+    width, step = int(_get(config, "projection_class_embeddings_input_dim") or 0), \
+        int(_get(config, "addition_time_embed_dim") or 0)
+    if step > 0 and width == added.pooled_width + added.time_ids_width * step:
+        return
+    want = f"{added.pooled_width + added.time_ids_width * step}" if step > 0 else "?"
+    raise ModelSourceError(
+        f"ControlNet {name}'s added conditioning takes {width} values ({step or '?'} per time id); this model gives a "
+        f"{added.pooled_width}-wide pooled embedding and {added.time_ids_width} time ids, {added.pooled_width} + "
+        f"{added.time_ids_width} x {step or '?'} = {want}: it was made for another base model (SDXL base takes 6 time "
+        "ids, the refiner 5)")
+
+
+def _get(config, key: str):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def read_config(path: Path) -> dict:
+    """A ControlNet folder's config.json, before the model is loaded ({} if unreadable: loading then says why)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def check_compatible(controlnet, name: str, levels: list[tuple[int, int]], latent_channels: int, text_hidden: int,
-                     vae_scale: int) -> None:
-    """Refuse a ControlNet made for another base model: it must read the latents and the text embeddings the U-Net
-    reads, and give residuals of the U-Net's channels at the U-Net's levels (``levels``: (channels, factor) of
-    every residual input of the U-Net, the mid block's last)."""
+                     vae_scale: int, added=None) -> None:
+    """Refuse a ControlNet made for another base model: it must read the latents, the text embeddings and the added
+    conditioning (``added``: the base's ``graphs.AddedInputs``, SDXL; None for SD 1.x/2.x) the U-Net reads, and give
+    residuals of the U-Net's channels at the U-Net's levels (``levels``: (channels, factor) of every residual input of
+    the U-Net, the mid block's last). Its transformer depth is its own (diffusers' "small"/"mid" SDXL ControlNets have
+    fewer layers than the U-Net): only what it reads and gives must fit."""
     cfg = controlnet.config
+    check_family(cfg, name, added is not None)
+    if added is not None:
+        check_added_widths(cfg, name, added)
     if int(cfg.in_channels) != latent_channels:
         raise ModelSourceError(f"ControlNet {name} takes {cfg.in_channels}-channel latents; this model's are "
                                f"{latent_channels}-channel: it was made for another base model")
     if int(cfg.cross_attention_dim) != text_hidden:
         raise ModelSourceError(f"ControlNet {name} reads {cfg.cross_attention_dim}-wide text embeddings; this model's "
                                f"text encoder gives {text_hidden}: it was made for another base model (SD 1.x is 768, "
-                               "SD 2.x 1024)")
+                               "SD 2.x 1024, SDXL 2048)")
     own = [*residual_levels(cfg), mid_level(cfg)]
     if own != [tuple(v) for v in levels]:
         channels = sorted({c for c, _ in levels})

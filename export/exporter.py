@@ -251,20 +251,24 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
 def _preflight(config: ExportConfig, source) -> None:
     """Everything about the inputs that can be refused without loading the model (which takes seconds to minutes):
     option combinations, the LoRA files, the ControlNet folders (issue 22)."""
-    from sdtrt.export.controlnet import check_controlnet_folder
+    from sdtrt.export.controlnet import check_controlnet_folder, check_family, read_config
     from sdtrt.export.lora import LoraSpec, check_lora_file
 
     if (config.config or config.tokenizer) and not (isinstance(source, Path) and source.is_file()):
         raise UsageError("--config and --tokenizer are for single-file checkpoints (.safetensors)")
-    if (config.loras or config.controlnets) and _is_sdxl(source):
-        what = "--lora" if config.loras else "--controlnet"
-        raise UsageError(f"{what} with an SDXL model is not supported yet (SDXL LoRAs and ControlNets come with the "
-                         "next release); export the model without it")
+    if config.loras and _is_sdxl(source):
+        raise UsageError("--lora with an SDXL model is not supported yet (SDXL LoRAs come with the next release); "
+                         "export the model without it")
     for text in config.loras:
         check_lora_file(LoraSpec.parse(text), config.allow_pickle)
     for _, cn in map(parse_spec, config.controlnets):
         if cn != BUILTIN_CONTROLNET:
-            check_controlnet_folder(Path(cn).expanduser(), config.allow_pickle)
+            path = Path(cn).expanduser()
+            check_controlnet_folder(path, config.allow_pickle)
+            if not isinstance(source, Path) or (source / "model_index.json").is_file():
+                # the family from the configs alone, before the model loads (SDXL's takes minutes); a single-file
+                # checkpoint's family is known once loaded (check_compatible)
+                check_family(read_config(path), str(path), _is_sdxl(source))
 
 
 def _is_sdxl(source) -> bool:
@@ -321,9 +325,9 @@ def load_controlnet(source: str, model, config: ExportConfig, log, index: int = 
     """The ``index``-th ``--controlnet`` (a folder, or the built-in: its weights are seeded with seed + 3 + index, so
     two built-ins differ), checked against the base ``model``."""
     from sdtrt.export.controlnet import builtin_controlnet, check_compatible, load_controlnet_folder
-    from sdtrt.export.graphs import vae_scale_factor
+    from sdtrt.export.graphs import added_inputs, vae_scale_factor
 
-    latent, hidden = int(model.vae.config.latent_channels), int(model.text_encoder.config.hidden_size)
+    latent, hidden = int(model.vae.config.latent_channels), int(model.unet.config.cross_attention_dim)
     if source == BUILTIN_CONTROLNET:
         seed = config.seed + 3 + index
         log(f"building a random-weight ControlNet shaped like {config.model}'s U-Net (seed {seed}) ...")
@@ -331,7 +335,8 @@ def load_controlnet(source: str, model, config: ExportConfig, log, index: int = 
     path = Path(source).expanduser()
     log(f"loading ControlNet {path} ...")
     controlnet = load_controlnet_folder(path, config.allow_pickle)
-    check_compatible(controlnet, str(path), unet_levels(model.unet.config), latent, hidden, vae_scale_factor(model))
+    check_compatible(controlnet, str(path), unet_levels(model.unet.config), latent, hidden, vae_scale_factor(model),
+                     added_inputs(model))
     return controlnet, str(path)
 
 
@@ -353,14 +358,11 @@ def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, fo
 
 def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, opset: int, log) -> Manifest:
     from sdtrt.export.controlnet import builtin_controlnet, check_compatible, load_controlnet_folder
-    from sdtrt.export.graphs import controlnet_spec
+    from sdtrt.export.graphs import AddedInputs, controlnet_spec
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table
 
     manifest = Manifest.load(folder)
-    if manifest.model.added_conditions is not None or len(manifest.model.encoders) > 1:
-        raise UsageError(f"{folder} holds an SDXL-family model ({manifest.model.family}): ControlNets for SDXL are not "
-                         "supported yet (they come with the next release)")
     name, source = parse_spec(spec)
     key = CONTROLNET_PREFIX + name
     if key in manifest.components and not force:
@@ -385,8 +387,10 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
         source = str(Path(source).expanduser())
         log(f"loading ControlNet {source} ...")
         controlnet = load_controlnet_folder(Path(source), allow_pickle)
-    check_compatible(controlnet, name, levels, m.latent_channels, m.text_hidden_size, m.vae_scale_factor)
-    graph = controlnet_spec(controlnet, m.latent_channels, m.text_hidden_size, m.max_text_length, m.vae_scale_factor)
+    added = AddedInputs.of_manifest(manifest)
+    check_compatible(controlnet, name, levels, m.latent_channels, m.text_hidden_size, m.vae_scale_factor, added)
+    graph = controlnet_spec(controlnet, m.latent_channels, m.text_hidden_size, m.max_text_length, m.vae_scale_factor,
+                            added)
     tmp = temp_path(folder / key)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -418,8 +422,8 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
 
 
 def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: dict | None = None) -> Manifest:
-    from sdtrt.export.graphs import (CLIP_SKIPS, EMBEDDING_SLOTS, added_time_ids, controlnet_spec, encoder_layout,
-                                     graph_specs, vae_scale_factor)
+    from sdtrt.export.graphs import (CLIP_SKIPS, EMBEDDING_SLOTS, added_inputs, added_time_ids, controlnet_spec,
+                                     encoder_layout, graph_specs, vae_scale_factor)
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table
 
@@ -428,8 +432,9 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     sources = {}
     for name, (controlnet, source) in (controlnets or {}).items():
         specs[CONTROLNET_PREFIX + name] = controlnet_spec(controlnet, int(model.vae.config.latent_channels),
-                                                          int(model.text_encoder.config.hidden_size),
-                                                          int(model.tokenizer.model_max_length), vae_scale)
+                                                          int(model.unet.config.cross_attention_dim),
+                                                          int(model.tokenizer.model_max_length), vae_scale,
+                                                          added_inputs(model))
         sources[CONTROLNET_PREFIX + name] = source
     encoders = [c for c, _, _ in model.encoders]
     names = (*encoders, *COMPONENTS[1:], *sources)
@@ -644,7 +649,7 @@ def _notes(name: str) -> str:
     if name.startswith(CONTROLNET_PREFIX):
         return ("control_image (B, 3, H, W) in [0, 1]; each residual output is its _in input + conditioning_scale x "
                 "this ControlNet's residual (zeros in for the first ControlNet of a step, the previous one's out for the "
-                "next); encoder_hidden_states as the U-Net's")
+                "next); encoder_hidden_states (and SDXL's text_embeds, time_ids) as the U-Net's")
     return {
         "unet": "encoder_hidden_states (and SDXL's text_embeds, time_ids) holds [negative; positive] (2B rows) for classifier-free guidance, "
                 "or only the positive prompt (B rows) to run without guidance (guidance_scale is then unused); "

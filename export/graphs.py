@@ -92,10 +92,7 @@ class UNetGraph(torch.nn.Module):
         if self.inpainting:  # diffusers' 9-channel layout: [latents, mask, masked image]
             mask, masked_image_latents, *extra = extra
             x = torch.cat([x, rows(mask, k), rows(masked_image_latents, k)], dim=1)  # (kB, 2C + 1, h, w)
-        added = None
-        if self.added:
-            text_embeds, time_ids, *extra = extra
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}  # (kB, P), (kB, n)
+        added, extra = added_kwargs(self.added, extra)
         *down, mid = extra
         t = timestep.expand(x.shape[0])  # (kB,)
         out = self.unet(x, t, encoder_hidden_states, added_cond_kwargs=added, down_block_additional_residuals=tuple(down),
@@ -110,27 +107,77 @@ def rows(v, k: int):
     return v.unsqueeze(0).expand(k, *([-1] * v.dim())).reshape(-1, *v.shape[1:])
 
 
+def added_kwargs(added: bool, extra):
+    """Split a graph's trailing inputs: SDXL's added conditioning first when the model takes it (diffusers'
+    ``added_cond_kwargs``: text_embeds (kB, P), time_ids (kB, n), rows [negative; positive] as the embeddings'), then
+    the rest. -> (added_cond_kwargs or None, the rest)."""
+    if not added:
+        return None, list(extra)
+    text_embeds, time_ids, *rest = extra
+    return {"text_embeds": text_embeds, "time_ids": time_ids}, rest
+
+
+@dataclass(frozen=True)
+class AddedInputs:
+    """SDXL's added conditioning as graph inputs, the same for the U-Net and its ControlNets (names, [negative;
+    positive] rows, FP32 time ids): the pooled text embedding (kB, pooled_width) and the time ids (kB,
+    time_ids_width). diffusers' StableDiffusionXLControlNetPipeline hands both models the same ``added_cond_kwargs``."""
+
+    pooled_width: int
+    time_ids_width: int
+
+    def specs(self) -> tuple["InputSpec", ...]:
+        return (InputSpec("text_embeds", "float32", ("text_batch", self.pooled_width)),
+                # sizes near 1024 in fp16 are exact, but their sinusoidal embedding is not: kept FP32 with it
+                InputSpec("time_ids", "float32", ("text_batch", self.time_ids_width), keep_fp32=True))
+
+    def feeds(self, rows_: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Pooled embeddings (kB, P) and time ids (kB, n) as SDXL's: sizes ~1024, crops, scores."""
+        return {"text_embeds": rng.standard_normal((rows_, self.pooled_width)).astype(np.float32),
+                "time_ids": rng.uniform(0, 1100, (rows_, self.time_ids_width)).round().astype(np.float32)}
+
+    @staticmethod
+    def of_manifest(manifest) -> "AddedInputs | None":
+        """The added inputs of an exported folder's U-Net (None for a model without added conditions)."""
+        added = manifest.model.added_conditions
+        if added is None:
+            return None
+        return AddedInputs(int(manifest.components["unet"].input(added.pooled_input).shape[-1]),
+                           added.time_ids_width)
+
+
+def time_embedding_fp32(module: str, added: "AddedInputs | None") -> tuple[tuple[str, ...], str]:
+    """The node prefixes an fp16 graph of a U-Net-like ``module`` keeps in FP32, and why: the timestep's (and SDXL's
+    time ids') sinusoidal embeddings; in fp16, t = 999 is only resolved to 0.5, so the embedding is wrong."""
+    prefixes = (f"/{module}/time_proj/",) + ((f"/{module}/add_time_proj/",) if added is not None else ())
+    return prefixes, ("timestep (and SDXL time-id) sinusoidal embeddings" if added is not None else
+                      "timestep sinusoidal embedding") + " (fp16 resolves t near 1000 only to 0.5)"
+
+
 class ControlNetGraph(torch.nn.Module):
     """One ControlNet call, guidance folded in as the U-Net's (diffusers' StableDiffusionControlNetPipeline feeds it
     the doubled latents, the [negative; positive] embeddings and the control image twice).
 
     latents (B, C, h, w), timestep (1,), encoder_hidden_states (kB, 77c, D), control_image (B, 3, H, W) in [0, 1],
-    conditioning_scale (1,), down_residual_i_in / mid_residual_in (kB, c_i, h / f_i, w / f_i)
+    conditioning_scale (1,) [, text_embeds (kB, P), time_ids (kB, n): SDXL's added conditioning, the U-Net's own
+    inputs (diffusers' StableDiffusionXLControlNetPipeline)], down_residual_i_in / mid_residual_in (kB, c_i, h / f_i, w / f_i)
     -> down_residual_i / mid_residual = the input + conditioning_scale * this ControlNet's residual.
 
     The inputs are what the ControlNets before it in the same step added up (zeros for the first), so several
     ControlNets sum as diffusers' MultiControlNetModel does, with no extra graph between them."""
 
-    def __init__(self, controlnet):
+    def __init__(self, controlnet, added: bool = False):
         super().__init__()
         self.controlnet = controlnet
+        self.added = added
 
-    def forward(self, latents, timestep, encoder_hidden_states, control_image, conditioning_scale, *accumulated):
+    def forward(self, latents, timestep, encoder_hidden_states, control_image, conditioning_scale, *extra):
         k = encoder_hidden_states.shape[0] // latents.shape[0]
         x = rows(latents, k)  # (kB, C, h, w)
         t = timestep.expand(x.shape[0])  # (kB,)
+        added, accumulated = added_kwargs(self.added, extra)
         down, mid = self.controlnet(x, t, encoder_hidden_states, controlnet_cond=rows(control_image, k),
-                                    conditioning_scale=conditioning_scale, return_dict=False)
+                                    conditioning_scale=conditioning_scale, added_cond_kwargs=added, return_dict=False)
         return tuple(a + r for a, r in zip(accumulated, (*down, mid)))
 
 
@@ -235,6 +282,15 @@ def added_time_ids(unet_config, pooled_width: int) -> tuple[str, ...] | None:
     return items
 
 
+def added_inputs(model: LoadedModel) -> AddedInputs | None:
+    """The U-Net's added-conditioning inputs of a loaded model (None without: SD 1.x/2.x)."""
+    if not model.added_conditioning:
+        return None
+    pooled_width = int(model.encoders[-1][1].config.projection_dim)
+    items = added_time_ids(model.unet.config, pooled_width)
+    return AddedInputs(pooled_width, sum(1 if t == "aesthetic_score" else 2 for t in items))
+
+
 def encoder_layout(model: LoadedModel) -> list[dict[str, Any]]:
     """Each text encoder as the manifest describes it (``manifest.TextEncoderInfo``'s fields): SD's one encoder
     gives its last hidden state; an SDXL U-Net's encoders give their penultimate one, un-normalised, and the last
@@ -261,11 +317,8 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         raise ModelSourceError(f"a U-Net with {unet_channels} input channels for {latent_channels} latent channels is "
                                f"not supported ({latent_channels}, or {2 * latent_channels + 1} for inpainting)")
     vae_scale = vae_scale_factor(model)
-    pooled_width = 0
-    if model.added_conditioning:
-        pooled_width = int(model.encoders[-1][1].config.projection_dim)
-    time_items = added_time_ids(model.unet.config, pooled_width)
-    n_time = sum(1 if t == "aesthetic_score" else 2 for t in time_items or ())
+    added = added_inputs(model)
+    pooled_width = added.pooled_width if added is not None else 0
     if int(model.unet.config.cross_attention_dim) != hidden:
         raise ModelSourceError(f"the U-Net attends to {model.unet.config.cross_attention_dim}-wide text, the text "
                                f"encoders give {hidden}")
@@ -303,9 +356,8 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         if inpainting:
             feeds["mask"] = (rng.random((batch, 1, h, w)) < 0.5).astype(np.float32)  # (B, 1, h, w) in {0, 1}
             feeds["masked_image_latents"] = rng.standard_normal((batch, channels, h, w)).astype(np.float32)
-        if time_items:  # pooled embeddings (kB, P) and time ids (kB, n) as SDXL's: sizes ~1024, crops, scores
-            feeds["text_embeds"] = rng.standard_normal((k * batch, pooled_width)).astype(np.float32)
-            feeds["time_ids"] = rng.uniform(0, 1100, (k * batch, n_time)).round().astype(np.float32)
+        if added is not None:
+            feeds |= added.feeds(k * batch, rng)
         # ControlNet residuals: small random values, as a ControlNet gives (zeros would not test the adds)
         feeds |= residual_feeds(residual_specs(model.unet.config), k * batch, h, w, rng, opts.get("residuals", 0.1))
         return feeds
@@ -324,7 +376,7 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         **texts,
         "unet": GraphSpec(
             name="unet",
-            module=UNetGraph(model.unet, inpainting, added=time_items is not None).eval(),
+            module=UNetGraph(model.unet, inpainting, added=added is not None).eval(),
             inputs=(
                 InputSpec("latents", "float32", ("batch", channels, "latent_height", "latent_width")),
                 InputSpec("timestep", "float32", (1,), keep_fp32=True),
@@ -333,15 +385,13 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
                 *((InputSpec("mask", "float32", ("batch", 1, "latent_height", "latent_width")),
                    InputSpec("masked_image_latents", "float32", ("batch", channels, "latent_height", "latent_width")))
                   if inpainting else ()),
-                *((InputSpec("text_embeds", "float32", ("text_batch", pooled_width)),
-                   InputSpec("time_ids", "float32", ("text_batch", n_time), keep_fp32=True)) if time_items else ()),
+                *(added.specs() if added is not None else ()),
                 *residual_specs(model.unet.config),
             ),
             outputs=(InputSpec("noise_pred", "float32", ("batch", out_channels, "latent_height", "latent_width")),),
             make_inputs=unet_inputs,
-            # sin/cos of t * freq: in fp16, t = 999 is only resolved to 0.5, so the embedding is wrong.
-            fp32_node_prefixes=("/unet/time_proj/", "/unet/add_time_proj/"),
-            fp32_reason="timestep (and SDXL time-id) sinusoidal embeddings (fp16 resolves t near 1000 only to 0.5)",
+            fp32_node_prefixes=time_embedding_fp32("unet", added)[0],
+            fp32_reason=time_embedding_fp32("unet", added)[1],
         ),
         "vae_encoder": GraphSpec(
             name="vae_encoder",
@@ -384,8 +434,10 @@ def residual_feeds(specs, rows_: int, h: int, w: int, rng: np.random.Generator, 
                                                         for d in s.dims))).astype(np.float32) for s in specs}
 
 
-def controlnet_spec(controlnet, latent_channels: int, text_hidden: int, text_length: int, vae_scale: int) -> GraphSpec:
-    """The graph of one ControlNet (``ControlNetGraph``) for a base model of these dimensions."""
+def controlnet_spec(controlnet, latent_channels: int, text_hidden: int, text_length: int, vae_scale: int,
+                    added: AddedInputs | None = None) -> GraphSpec:
+    """The graph of one ControlNet (``ControlNetGraph``) for a base model of these dimensions; ``added``: the base
+    U-Net's added-conditioning inputs (SDXL), which the ControlNet takes too."""
     outputs = residual_specs(controlnet.config)
     accumulated = residual_specs(controlnet.config, "_in")
 
@@ -400,23 +452,27 @@ def controlnet_spec(controlnet, latent_channels: int, text_hidden: int, text_len
             "control_image": rng.random((batch, 3, height, width)).astype(np.float32),  # (B, 3, H, W) in [0, 1]
             "conditioning_scale": np.array([opts.get("conditioning_scale", 0.8)], dtype=np.float32),  # (1,)
         }
+        if added is not None:
+            feeds |= added.feeds(k * batch, rng)
         return feeds | residual_feeds(accumulated, k * batch, h, w, rng, 0.1)
 
+    fp32_prefixes, fp32_reason = time_embedding_fp32("controlnet", added)
     return GraphSpec(
         name="controlnet",
-        module=ControlNetGraph(controlnet).eval(),
+        module=ControlNetGraph(controlnet, added=added is not None).eval(),
         inputs=(
             InputSpec("latents", "float32", ("batch", latent_channels, "latent_height", "latent_width")),
             InputSpec("timestep", "float32", (1,), keep_fp32=True),
             InputSpec("encoder_hidden_states", "float32", ("text_batch", "text_length", text_hidden)),
             InputSpec("control_image", "float32", ("batch", 3, "height", "width")),
             InputSpec("conditioning_scale", "float32", (1,), keep_fp32=True),
+            *(added.specs() if added is not None else ()),
             *accumulated,
         ),
         outputs=outputs,
         make_inputs=make_inputs,
-        fp32_node_prefixes=("/controlnet/time_proj/",),
-        fp32_reason="timestep sinusoidal embedding (fp16 resolves t near 1000 only to 0.5)",
+        fp32_node_prefixes=fp32_prefixes,
+        fp32_reason=fp32_reason,
     )
 
 

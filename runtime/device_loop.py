@@ -13,7 +13,8 @@ synchronisation between steps (llama2.c-style preallocated run state):
 - the final state comes back once, through the memory's host buffer.
 
 Tasks differ only in data (the initial state, the table, constant inputs): inpainting U-Nets read a mask and
-masked-image latents bound once for the whole loop; 4-channel inpainting's blend reads a mask, the image
+masked-image latents bound once for the whole loop (SDXL's added conditions likewise, for the U-Net and its
+ControlNets); 4-channel inpainting's blend reads a mask, the image
 latents and the initial noise in the update graph (all ones and zeros when there is nothing to blend).
 ControlNets run before the U-Net in each step, chained: each reads the residuals the ones before it summed (a
 zeroed set for the first) and writes the sum with its own into the other of two sets, which the U-Net then reads;
@@ -165,9 +166,12 @@ class DeviceLoop:
         self.control_scales = self._alloc(ALIGN * steps * len(controls)) if controls else None  # (S, N) at 256 B
         self.result = self.memory.host(shape, np.float32)
         self.unet.set_shapes({"latents": shape, "encoder_hidden_states": text_shape, **constants, **residual})
+        # the U-Net's constants a ControlNet takes too (SDXL's text_embeds, time_ids) are read from the same buffers
+        self.control_constants = {key: shared_constants(self.controlnets[key], constants) for key in controls}
         for key, image_shape in controls.items():
             self.controlnets[key].set_shapes({"latents": shape, "encoder_hidden_states": text_shape,
                                               "control_image": image_shape,
+                                              **{name: constants[name] for name in self.control_constants[key]},
                                               **{f"{name}_in": s for name, s in residual.items()}})
         self.update.set_shapes(update_shapes(shape))
         if self.on_setup is not None:
@@ -192,6 +196,8 @@ class DeviceLoop:
             cn.bind("latents", self.unet_in)
             cn.bind("encoder_hidden_states", self.embeddings)
             cn.bind("control_image", self.control_images[key])
+            for name in self.control_constants[key]:
+                cn.bind(name, self.constants[name])
         for i in range(steps):
             summed = self.residuals[0]  # zeroed
             for n, j in enumerate(active[i]):
@@ -290,6 +296,17 @@ def residual_shapes(unet, rows: int, height: int, width: int) -> dict[str, tuple
     values = {"text_batch": rows, "latent_height": height, "latent_width": width}
     return {s.name: resolve_shape(s.shape, values) for s in unet.inputs
             if s.name.startswith("down_residual_") or s.name == "mid_residual"}
+
+
+def taken_by(engine) -> set[str]:
+    """The input names of an engine (or a launcher): what it reads of what the loop has."""
+    return {s.name for s in engine.component.inputs}
+
+
+def shared_constants(controlnet, constants) -> list[str]:
+    """The U-Net's constant inputs (``constants``: their names) that ``controlnet`` takes too; the loop binds the
+    U-Net's buffers to it (the manifest check makes sure both take them in the same dtype)."""
+    return [name for name in constants if name in taken_by(controlnet)]
 
 
 def update_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

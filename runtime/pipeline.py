@@ -41,7 +41,7 @@ from sdtrt.manifest import CONTROLNET_PREFIX, Manifest
 from sdtrt.memory import ARENA_FACTOR, available_bytes, gb, peak_bytes
 from sdtrt import __version__
 from sdtrt.runtime.backends import BackendError, check_shapes, load_engines
-from sdtrt.runtime.device_loop import residual_shapes
+from sdtrt.runtime.device_loop import residual_shapes, taken_by
 from sdtrt.runtime.images import (SourceImages, apply_overlay, blur_mask, canny, default_size, invert_mask, latent_fill,
                                   latent_mask, load_image, outpaint_canvas, prepare_control_image, prepare_sources)
 from sdtrt.runtime.infotext import a1111_names, create_infotext
@@ -633,9 +633,10 @@ class Pipeline:
         residuals = residual_shapes(self.manifest.components["unet"], unet["encoder_hidden_states"][0], *shape[2:])
         shapes = {**{e.component: {"input_ids": (rows, info.max_text_length)} for e in info.encoders},
                   "unet": unet | residuals, "vae_decoder": {"latents": shape}}
-        for key in controlnets:
-            shapes[key] = {"latents": shape, "encoder_hidden_states": unet["encoder_hidden_states"],
-                           "control_image": (batch, 3, height, width)} | {f"{n}_in": s for n, s in residuals.items()}
+        for key in controlnets:  # the U-Net's inputs it takes too (latents, embeddings, SDXL's added conditions)
+            shared = {s.name: unet[s.name] for s in self.manifest.components[key].inputs if s.name in unet}
+            shapes[key] = shared | {"control_image": (batch, 3, height, width)} | {f"{n}_in": s
+                                                                                  for n, s in residuals.items()}
         if images:
             shapes["vae_encoder"] = {"image": (images, 3, height, width)}
         return shapes
@@ -932,7 +933,10 @@ class Pipeline:
             cn = self.engines[key]
             controls.append((cn, {"latents": feeds["latents"], "timestep": np.zeros(1, cn.input_dtype("timestep")),
                                   "encoder_hidden_states": embeddings, "control_image": image,
-                                  "conditioning_scale": np.zeros(1, cn.input_dtype("conditioning_scale"))}, j))
+                                  "conditioning_scale": np.zeros(1, cn.input_dtype("conditioning_scale")),
+                                  # the U-Net's constants it takes too (SDXL's text_embeds, time_ids)
+                                  **{name: value.astype(cn.input_dtype(name)) for name, value in start.constants.items()
+                                     if name in taken_by(cn)}}, j))
         residual_inputs = [(name, f"{name}_in") for name in zeros]  # a ControlNet's inputs of the sums so far
         unet_s = update_s = control_s = 0.0
         clock = time.perf_counter

@@ -392,7 +392,8 @@ class Manifest:
             if residual_levels(c.outputs) != levels:
                 return f"ControlNet {name}'s residuals do not match the U-Net's residual inputs"
             # the device loop feeds the U-Net's buffers to the ControlNets and theirs to the U-Net
-            shared = [(c.inputs, unet.inputs, n, n) for n in ("latents", "timestep", "encoder_hidden_states")]
+            added = (m.added_conditions.pooled_input, m.added_conditions.time_ids_input) if m.added_conditions else ()
+            shared = [(c.inputs, unet.inputs, n, n) for n in ("latents", "timestep", "encoder_hidden_states", *added)]
             shared += [(c.outputs, unet.inputs, s.name, s.name) for s in c.outputs]
             shared += [(c.inputs, unet.inputs, s.name + "_in", s.name) for s in c.outputs]
             for specs, unet_specs, mine, theirs in shared:

@@ -130,6 +130,12 @@ def tiny_xl_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_xl_control(tmp_path_factory):
+    """tiny-xl (fp32) exported with two built-in ControlNets (`--controlnet edges=random --controlnet depth=random`)."""
+    return _export(tmp_path_factory, "fp32", "tiny-xl", ("edges=random", "depth=random"))[0]
+
+
+@pytest.fixture(scope="session")
 def tiny_xl_refiner_model(tmp_path_factory):
     """The SDXL-refiner-shaped built-in (one projected encoder, aesthetic scores), diffusers folder and fp32 export."""
     return _diffusers_and_export(tmp_path_factory, "tiny-xl-refiner")

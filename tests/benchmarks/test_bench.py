@@ -90,3 +90,16 @@ def test_bench_on_an_sdxl_model_one_system_at_a_time(tiny_xl_model, tmp_path, ca
     assert entry["systems"]["sdtrt"]["steps"] == entry["systems"]["baseline"]["steps"] == int(flags[flags.index("--steps") + 1])
     assert result["config"]["one_at_a_time"] and all(result["memory"][k]["peak_host_rss_mb"] > 0
                                                       for k in ("sdtrt", "baseline"))
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img"])
+def test_bench_with_sdxl_controlnets(tiny_xl_control, tmp_path, capsys, task):
+    """Two ControlNets on an SDXL folder against diffusers' StableDiffusionXLControlNetPipeline (or its Img2Img
+    variant), the built-ins rebuilt from their seeds; the ControlNets timed on both sides."""
+    out = tmp_path / "r.json"
+    assert main(["bench", str(tiny_xl_control), "--size", "96x64", "--steps", "3", "--runs", "1", "--warmup", "0",
+                 "--controlnet", "2", "--task", task, "--out", str(out)]) == 0, capsys.readouterr().err
+    entry = json.loads(out.read_text())["results"][0]
+    assert entry["psnr_db_vs_baseline"] >= 60
+    for name in ("sdtrt", "baseline"):
+        assert _number(entry["systems"][name]["components_s"]["controlnet_per_step"])
