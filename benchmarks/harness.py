@@ -246,6 +246,8 @@ class _Baseline:
         if c.controlnets:  # the ControlNet pipelines call the input image `image` only for txt2img
             maps = control_maps(c.controlnets, width, height)
             args["image" if c.task == "txt2img" else "control_image"] = maps[0] if len(maps) == 1 else maps
+            # ours: 1 for every task; diffusers' img2img pipelines default to 0.8, SD's inpainting one to 0.5
+            args["controlnet_conditioning_scale"] = 1.0
         with torch.inference_mode(), _SeedDraws(seed):
             images = self.pipe(PROMPT, **args).images
         self._sync()
