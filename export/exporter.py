@@ -357,7 +357,8 @@ def add_controlnet(folder: str | Path, spec: str, allow_pickle: bool = False, fo
 
 
 def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, opset: int, log) -> Manifest:
-    from sdtrt.export.controlnet import builtin_controlnet, check_compatible, load_controlnet_folder
+    from sdtrt.export.controlnet import (builtin_controlnet, check_compatible, check_controlnet_folder, check_family,
+                                         load_controlnet_folder, read_config)
     from sdtrt.export.graphs import AddedInputs, controlnet_spec
     from sdtrt.export.memory_probe import memory_model
     from sdtrt.export.validate import format_table
@@ -370,6 +371,7 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
                                 "NAME=PATH to add it under another name)")
     m = manifest.model
     levels = manifest.residual_levels()
+    added = AddedInputs.of_manifest(manifest)
     if source == BUILTIN_CONTROLNET:
         if m.weights_seed is None:
             raise UsageError(f"{BUILTIN_CONTROLNET!r} is shaped like a built-in model's U-Net; {folder} was exported "
@@ -385,9 +387,10 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
         source = f"{BUILTIN_CONTROLNET}:{seed}"
     else:
         source = str(Path(source).expanduser())
+        check_controlnet_folder(Path(source), allow_pickle)
+        check_family(read_config(Path(source)), name, added is not None)  # before the slow load
         log(f"loading ControlNet {source} ...")
         controlnet = load_controlnet_folder(Path(source), allow_pickle)
-    added = AddedInputs.of_manifest(manifest)
     check_compatible(controlnet, name, levels, m.latent_channels, m.text_hidden_size, m.vae_scale_factor, added)
     graph = controlnet_spec(controlnet, m.latent_channels, m.text_hidden_size, m.max_text_length, m.vae_scale_factor,
                             added)
