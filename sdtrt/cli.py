@@ -211,12 +211,12 @@ def _add_build(sub) -> None:
     p.add_argument("--timing-cache", default=None, metavar="PATH",
                    help="timing cache file (default: DIR/timing.trt<version>.sm<cc>.cache)")
     p.add_argument("--workspace", type=_finite, default=None, metavar="GB",
-                   help="builder workspace limit (default: the GPU's free memory less the graph's weights and 1 GB)")
+                   help="builder workspace limit (default: the GPU's free memory less the graph's weights and 1 GiB)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--no-verify", action="store_true",
                    help="install the engines without checking them against ONNX Runtime on this GPU")
     p.add_argument("--refittable", action="store_true",
-                   help="build the U-Net and text encoder refittable, so LoRAs and embeddings apply without a rebuild "
+                   help="build the U-Net and text encoders refittable, so LoRAs and embeddings apply without a rebuild "
                         "(trt.Refitter; TensorRT may pick slower kernels for refittable engines)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="build even when the GPU's free memory looks too small for the largest graph")
