@@ -57,6 +57,7 @@ class ExportConfig:
     config: str | None = None  # single-file checkpoints: the built-in configuration (default: read from the keys)
     prediction_type: str | None = None  # overrides the scheduler config's ("epsilon" or "v_prediction")
     tokenizer: str | None = None  # single-file checkpoints: a tokenizer folder (default: the configuration's)
+    memory_check: bool = True  # refuse up front an export this machine's memory cannot hold (--no-memory-check)
 
     def check(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -201,6 +202,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     if isinstance(source, Path):
         _check_not_source(out, source)
     _preflight(config, source)
+    if config.memory_check:
+        from sdtrt.export.memory_probe import check_export_memory
+
+        check_export_memory(source, config.model)  # before anything is loaded or written
     _check_out(out)
     # one writer per folder: a second export (or build, export-controlnet) into it waits here, then finds this one's
     # result (refused without --force); a new folder is made now, to hold the lock, and removed again on failure
@@ -449,7 +454,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     total = len(names) + 1
     seq, chunks = int(model.tokenizer.model_max_length), config.max_chunks
     memory = {name: memory_model(specs[name], vae_scale) for name in names}
-    for name in names:  # before any slow work: every gate case must fit in memory
+    for name in names if config.memory_check else ():  # before any slow work: every gate case must fit in memory
         _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
     from sdtrt.export.low_memory import gate_references_due, parameter_ids, release_weights_of

@@ -222,6 +222,8 @@ class BuiltEngine:
     size_bytes: int
     profile: dict[str, tuple[tuple[int, ...], ...]]  # input -> (min, opt, max) shapes
     build_seconds: float = 0.0
+    workspace_bytes: int = 0  # the builder's workspace limit it was built with (0: not recorded)
+    device_memory_bytes: int = 0  # its execution context's memory at the profile's largest shapes (device_memory_size_v2)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,7 @@ class TensorRTBuild:
     verification: dict[str, tuple[ValidationResult, ...]] = field(default_factory=dict)
     end_to_end: EndToEndCheck | None = None
     refittable: bool = False  # the U-Net and text encoder engines take new weights (LoRAs) through trt.Refitter
+    gpu_free_bytes: int = 0  # GPU memory free when the build started (cudaMemGetInfo; 0: not recorded)
 
 
 @dataclass(frozen=True)

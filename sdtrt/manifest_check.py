@@ -167,6 +167,8 @@ def _tensorrt_problem(m) -> str | None:
             return problem
         if not _SHA256.match(e.sha256):
             return f"{name} engine sha256 {e.sha256!r} (64 hex digits)"
+        if min(e.size_bytes, e.workspace_bytes, e.device_memory_bytes) < 0:
+            return f"{name} engine sizes (negative bytes)"
         inputs = {s.name for s in m.components[name].inputs}
         for input_name, shapes in e.profile.items():
             if input_name not in inputs or len(shapes) != 3 or len({len(s) for s in shapes}) != 1:
