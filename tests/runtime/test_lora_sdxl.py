@@ -119,16 +119,20 @@ def test_sgm_names_are_the_original_sdxl_unets():
     assert len(set(names.values())) == len(names) == len(paths)
 
 
-def test_sdxl_loras_match_diffusers_and_swap_exactly(tiny_xl_model, xl_loras):
-    out, folder = tiny_xl_model
-    style, kohya = xl_loras
-
-    def setup(pipe):
+def _both(style, kohya):
+    def setup(pipe):  # diffusers with both LoRAs fused, weighted 0.7 and 0.5
         pipe.load_lora_weights(style.parent, weight_name=style.name, adapter_name="style")
         pipe.load_lora_weights(kohya.parent, weight_name=kohya.name, adapter_name="kohya")
         pipe.set_adapters(["style", "kohya"], [0.7, 0.5])
         pipe.fuse_lora(adapter_names=["style", "kohya"])
 
+    return setup
+
+
+def test_sdxl_loras_match_diffusers_and_swap_exactly(tiny_xl_model, xl_loras):
+    out, folder = tiny_xl_model
+    style, kohya = xl_loras
+    setup = _both(style, kohya)
     with Pipeline.from_dir(out, backend="onnxruntime-cpu") as pipe:
         base = _ours(pipe)
         pipe.set_loras([(style, 0.7), (kohya, 0.5)])
@@ -158,6 +162,45 @@ def test_a_kohya_sdxl_lora_alone_matches_diffusers(tiny_xl_model, xl_loras):
         got = _ours(pipe, seed=7)
         want = _theirs(pipe, folder, setup, seed=7)
     assert psnr(got, want) >= 60, psnr(got, want)
+
+
+def test_fuse_loras_changes_the_unet_and_both_encoders_as_diffusers_does(tiny_xl_model, xl_loras):
+    """What `sdtrt export --lora` traces: the U-Net and both encoders with the LoRAs fused, diffusers' weights."""
+    from sdtrt.export.loaders import load_model
+    from sdtrt.export.lora import LoraSpec, fuse_loras, strongest_change
+
+    _, folder = tiny_xl_model
+    style, kohya = xl_loras
+    base = load_model(str(folder))
+    fused = fuse_loras(base, [LoraSpec(str(style), 0.7), LoraSpec(str(kohya), 0.5)], log=lambda s: None)
+    theirs = _xl(folder)
+    _both(style, kohya)(theirs)
+    theirs.unload_lora_weights()  # the fused weights stay, without PEFT's wrappers
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert strongest_change(base, fused, (part,))[0] > 0.01, part
+        want = getattr(theirs, part).state_dict()
+        for name, value in getattr(fused, part).state_dict().items():
+            torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=f"{part}.{name}")
+
+
+@pytest.mark.slow  # ~70 s (an SDXL-shaped export); the test above checks what it traces
+def test_sdxl_loras_fused_at_export_match_diffusers(tmp_path_factory, tiny_xl_model, xl_loras):
+    """`sdtrt export --lora` on SDXL fuses into the U-Net and both text encoders (diffusers' SDXL pipeline loads
+    them)."""
+    from sdtrt.export import ExportConfig, export
+
+    _, folder = tiny_xl_model
+    style, kohya = xl_loras
+    out = tmp_path_factory.mktemp("xl_fused") / "engine"
+    export(ExportConfig(model=str(folder), out=str(out), precision="fp32", size_min=64, size_max=128, batch_max=2,
+                        loras=(f"{style}:0.7", f"{kohya}:0.5")), log=lambda s: None)
+    with Pipeline.from_dir(out, backend="onnxruntime-cpu") as pipe:
+        assert [x.split(":")[0] for x in pipe.manifest.model.loras] == ["xl_style", "xl_kohya"]
+        got = _ours(pipe)
+        want = _theirs(pipe, folder, _both(style, kohya))
+        plain = _theirs(pipe, folder, lambda p: None)
+    assert psnr(got, want) >= 60, psnr(got, want)
+    assert psnr(want, plain) < 40  # the LoRAs change the image
 
 
 @pytest.fixture(scope="module")
