@@ -43,7 +43,7 @@ class Target:
 
     graph: str  # the folder's graph (manifest component)
     name: str  # its name in diffusers' pipeline: the key prefix of diffusers/PEFT files and of their metadata
-    kohya: tuple[str, ...]  # kohya/A1111 key prefixes
+    kohya: tuple[str, ...]  # kohya/A1111 key prefixes, the one kohya writes for this model first
 
 
 def targets(model) -> tuple[Target, ...]:
@@ -54,7 +54,10 @@ def targets(model) -> tuple[Target, ...]:
     out = [Target("unet", "unet", ("lora_unet_",))]
     for e in model.encoders:
         number = e.lora_name.removeprefix("text_encoder").removeprefix("_") or "1"
-        out.append(Target(e.component, e.lora_name, (f"lora_te{number}_",) + (("lora_te_",) if number == "1" else ())))
+        kohya = (f"lora_te{number}_",) + (("lora_te_",) if number == "1" else ())
+        if len(model.encoders) == 1:  # what kohya writes first: lora_te_ for SD 1.x/2.x's one encoder
+            kohya = kohya[::-1]
+        out.append(Target(e.component, e.lora_name, kohya))
     return tuple(out)
 
 

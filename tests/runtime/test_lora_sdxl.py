@@ -295,3 +295,24 @@ def test_what_belongs_to_another_model_is_refused_not_half_applied(tiny_xl_model
         with pytest.raises(UsageError, match="xlstyle.safetensors is an SDXL embedding .clip_g, clip_l.; this model "
                                              "has one text encoder"):
             sd.load_textual_inversion(xl_embeddings / "xlstyle.safetensors")
+
+
+def test_made_loras_and_embeddings_cover_every_encoder(tiny_xl_model, tiny_fp32, tmp_path):
+    """`sdtrt make lora/embedding` on SDXL: lora_te1_/lora_te2_ layers and clip_l/clip_g vectors, which load; the
+    graphs a refittable build must build with REFIT are the U-Net and every encoder."""
+    from safetensors.numpy import load_file
+
+    from sdtrt.runtime.synthetic import random_embedding, random_lora
+    from sdtrt.runtime.tensorrt.refit import refittable_graphs
+
+    with Pipeline.from_dir(tiny_xl_model[0], backend="onnxruntime-cpu") as pipe:
+        random_lora(pipe.manifest, tmp_path / "made.safetensors", 2, 0)
+        random_embedding(pipe.manifest, tmp_path / "madeemb.safetensors", 2, 0)
+        prefixes = {k.split("_")[1] for k in load_file(str(tmp_path / "made.safetensors"))}
+        assert prefixes == {"unet", "te1", "te2"}
+        assert {k: v.shape for k, v in load_file(str(tmp_path / "madeemb.safetensors")).items()} == \
+            {"clip_l": (2, 32), "clip_g": (2, 48)}
+        pipe.set_loras([(tmp_path / "made.safetensors", 0.5)])
+        assert pipe.load_textual_inversion(tmp_path / "madeemb.safetensors") == "madeemb"
+        assert refittable_graphs(pipe.manifest) == ("unet", "text_encoder", "text_encoder_2")
+    assert refittable_graphs(tiny_fp32[1]) == ("unet", "text_encoder")
