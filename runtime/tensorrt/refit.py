@@ -118,9 +118,9 @@ class Refit:
 
 def refittable_graphs(manifest) -> tuple[str, ...]:
     """The graphs ``sdtrt build --refittable`` builds with REFIT: those LoRAs and embeddings change at generation time
-    (``runtime.lora.targets``: the U-Net and every text encoder the manifest lists, SDXL's text_encoder_2 too) and
+    (``runtime.lora_names.targets``: the U-Net and every text encoder the manifest lists, SDXL's text_encoder_2 too) and
     whose weights the export mapped (``Component.weights``); nothing here names a graph."""
-    from sdtrt.runtime.lora import targets
+    from sdtrt.runtime.lora_names import targets
 
     return tuple(t.graph for t in targets(manifest.model)
                  if t.graph in manifest.components and manifest.components[t.graph].weights)
