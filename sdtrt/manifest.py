@@ -156,6 +156,13 @@ class TextEncoderInfo:
     # SDXL's 1: always the penultimate layer, un-normalised; CLIP skip c takes hidden_state_skip{c + skip_offset}
     skip_offset: int = 0
     pooled: str = ""  # its output that is the pooled text embedding (SDXL: "text_embeds"); "" none
+    # its name in diffusers' pipeline, which LoRA and embedding files go by ("" the component's; the SDXL refiner's
+    # one encoder, this folder's text_encoder, is diffusers' text_encoder_2)
+    diffusers_name: str = ""
+
+    @property
+    def lora_name(self) -> str:
+        return self.diffusers_name or self.component
 
 
 @dataclass(frozen=True)

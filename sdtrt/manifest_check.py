@@ -141,13 +141,14 @@ def _components_problem(m) -> str | None:
         if any(v.tolerance < 0 for v in c.validation):
             return f"{name} validation has a negative tolerance"
     model = m.model
-    text = m.components[model.encoders[0].component] if model.encoders[0].component in m.components else None
-    table = text.weights.get("embeddings.token_embedding") if text is not None else None
-    if table is not None and table.shape != (model.vocab_size + model.embedding_slots, model.encoders[0].hidden_size):
-        return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} rows of text_hidden_size "
-                f"{model.text_hidden_size}, but the text encoder's token table is {table.shape[0]} x {table.shape[1]}")
-    if table is None and model.embedding_slots:
-        return f"embedding_slots = {model.embedding_slots}, but the text encoder records no token table"
+    for e in model.encoders:  # each encoder's spare rows take its part of an embedding's vectors
+        text = m.components.get(e.component)
+        table = text.weights.get("embeddings.token_embedding") if text is not None else None
+        if table is not None and table.shape != (model.vocab_size + model.embedding_slots, e.hidden_size):
+            return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} rows of text_hidden_size "
+                    f"{e.hidden_size}, but the text encoder's token table is {table.shape[0]} x {table.shape[1]}")
+        if table is None and model.embedding_slots:
+            return f"embedding_slots = {model.embedding_slots}, but the text encoder records no token table"
     return None
 
 

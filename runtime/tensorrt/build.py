@@ -25,6 +25,7 @@ from sdtrt.errors import MemoryLimitError, SdtrtError, UsageError
 from sdtrt.fsutil import folder_lock, remove_stale, temp_path, write_atomic
 from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, resolve_shape, sha256_file
 from sdtrt.memory import gb
+from sdtrt.runtime.tensorrt.refit import refittable_graphs
 
 Triple = tuple[int, int, int]
 # the default size profile spans these multiples of the model's default size (SD 1.x 256..768, SDXL 512..1536, as
@@ -34,12 +35,6 @@ PROFILE_SPAN = (0.5, 1.5)
 # with, besides the graph's weights and the workspace (TensorRT's default workspace is all of the GPU's memory)
 BUILD_RESERVE = 2**30
 MIN_WORKSPACE = 2**30  # below this TensorRT skips most tactics of an SD U-Net
-
-
-def refittable_components(model: ModelInfo) -> frozenset[str]:
-    """Graphs whose weights LoRAs and textual-inversion embeddings change at generation time (``--refittable``): the
-    U-Net and every text encoder of the model (SDXL: both)."""
-    return frozenset({"unet", *(e.component for e in model.encoders)})
 
 
 class BuildError(SdtrtError):
@@ -293,7 +288,7 @@ def _build_engines(folder: Path, cfg: BuildConfig, trt, cudart, log) -> Manifest
                         folder / timing_cache_file(version, device.compute_capability), log)
     log(f"TensorRT {version} on {device.name} (sm_{device.compute_capability}, {gb(memory.free)} free of "
         f"{gb(memory.total)}); timing cache {'reused from' if cache.reused else 'new at'} {cache.path}")
-    refittable = refittable_components(manifest.model) if cfg.refittable else frozenset()
+    refittable = frozenset(refittable_graphs(manifest)) if cfg.refittable else frozenset()
     runtime = trt.Runtime(logger)  # to read each new engine's device memory
     built: dict[str, BuiltEngine] = {}
     pending: dict[str, Path] = {}  # component -> temporary engine file
