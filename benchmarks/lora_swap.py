@@ -1,5 +1,5 @@
 """How long a LoRA swap takes at generation time (no re-export, no rebuild): random rank-R LoRAs in kohya's layout
-over every attention projection of the U-Net and text encoder of an engine folder (made from its weight map, so no
+over every attention projection of the U-Net and text encoders of an engine folder (made from its weight map, so no
 torch is needed), then ``Pipeline.set_loras`` A, B, A again and none, each timed, on ONNX Runtime.
 
     python -m sdtrt.benchmarks.lora_swap DIR [--rank 16] [--backend onnxruntime-cpu]

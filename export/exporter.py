@@ -27,8 +27,6 @@ from sdtrt.manifest import AddedConditions, Component, Manifest, ModelInfo, Rang
 from sdtrt.runtime.prompts import MAX_CHUNKS
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-# graphs whose weights a LoRA may change at generation time -> the attribute of their PyTorch module holding the model
-LORA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder"}
 # torch.onnx.export(dynamo=False), which trace_to_onnx uses, writes opsets up to this one (torch.onnx._constants.
 # ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; tested against torch); above it torch only warns, then fails or writes a graph
 # of a lower opset. A constant, so that checking --opset does not import torch.
@@ -57,6 +55,7 @@ class ExportConfig:
     config: str | None = None  # single-file checkpoints: the built-in configuration (default: read from the keys)
     prediction_type: str | None = None  # overrides the scheduler config's ("epsilon" or "v_prediction")
     tokenizer: str | None = None  # single-file checkpoints: a tokenizer folder (default: the configuration's)
+    memory_check: bool = True  # refuse up front an export this machine's memory cannot hold (--no-memory-check)
 
     def check(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -201,6 +200,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     if isinstance(source, Path):
         _check_not_source(out, source)
     _preflight(config, source)
+    if config.memory_check:
+        from sdtrt.export.memory_probe import check_export_memory
+
+        check_export_memory(source, config.model)  # before anything is loaded or written
     _check_out(out)
     # one writer per folder: a second export (or build, export-controlnet) into it waits here, then finds this one's
     # result (refused without --force); a new folder is made now, to hold the lock, and removed again on failure
@@ -221,7 +224,8 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
                 base = model
                 model = fuse_loras(model, [LoraSpec.parse(t) for t in config.loras], config.allow_pickle, log)
                 # what a failed gate reports of the LoRAs' strength, measured now: the unfused weights go here
-                changes = {part: strongest_change(base, model, (part,)) for part in ("unet", "text_encoder")}
+                changes = {part: strongest_change(base, model, (part,)) for part in ("unet", *(c for c, _, _ in
+                                                                                             model.encoders))}
                 del base
             controlnets = {name: load_controlnet(source, model, config, log, index)
                            for index, (name, source) in enumerate(map(parse_spec, config.controlnets))}
@@ -256,9 +260,6 @@ def _preflight(config: ExportConfig, source) -> None:
 
     if (config.config or config.tokenizer) and not (isinstance(source, Path) and source.is_file()):
         raise UsageError("--config and --tokenizer are for single-file checkpoints (.safetensors)")
-    if config.loras and _is_sdxl(source):
-        raise UsageError("--lora with an SDXL model is not supported yet (SDXL LoRAs come with the next release); "
-                         "export the model without it")
     for text in config.loras:
         check_lora_file(LoraSpec.parse(text), config.allow_pickle)
     for _, cn in map(parse_spec, config.controlnets):
@@ -457,7 +458,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     total = len(names) + 1
     seq, chunks = int(model.tokenizer.model_max_length), config.max_chunks
     memory = {name: memory_model(specs[name], vae_scale) for name in names}
-    for name in names:  # before any slow work: every gate case must fit in memory
+    for name in names if config.memory_check else ():  # before any slow work: every gate case must fit in memory
         _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
     from sdtrt.export.low_memory import gate_references_due, parameter_ids, release_weights_of
@@ -471,7 +472,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
         components[name] = _export_graph(name, specs[name], folder, work, config.precision, config.opset, ranges,
                                          vae_scale, seq, chunks, memory[name], sources.get(name, ""), table,
                                          f"[{step}/{total}] {name}:", log,
-                                         lora_maps=not model.added_conditioning,  # SDXL LoRAs: the next release
+                                         lora_maps=name in ("unet", *encoders),  # every encoder's too (SDXL)
                                          references=ref, keep=parameter_ids(*(specs[n].module for n in later)))
     work.rmdir()
     components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
@@ -491,7 +492,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
             default_size=default_size(model.unet.config.sample_size, vae_scale, ranges, log),
             max_chunks=config.max_chunks,
             clip_skips=CLIP_SKIPS, loras=_lora_records(config.loras),
-            embedding_slots=0 if model.added_conditioning else EMBEDDING_SLOTS,
+            embedding_slots=EMBEDDING_SLOTS,
             weights_seed=config.seed if model.source in BUILTIN_ARCHITECTURES else None,
             # the family as data: SD 1.x/2.x's one encoder is the default (no entries)
             text_encoders=tuple(TextEncoderInfo(**e) for e in layout) if model.added_conditioning else (),
@@ -508,9 +509,10 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
 
 def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, opset: int, ranges: Ranges, vae_scale: int,
                   seq: int, chunks: int, memory, source: str, table: list, prefix: str, log,
-                  lora_maps: bool = True, references=None, keep: frozenset = frozenset()) -> Component:
+                  lora_maps: bool = False, references=None, keep: frozenset = frozenset()) -> Component:
     """Trace one graph to ``folder/NAME.onnx`` (fp16 with its FP32 islands, or fp32), run its parity gate, and
-    describe it: its manifest entry.
+    describe it: its manifest entry. ``lora_maps``: record where its weights are (``Component.weights``), for LoRAs and
+    embeddings at generation time (the U-Net and every text encoder).
 
     The weights are held once (``low_memory``): the gate's FP32 ``references`` first (computed here unless given),
     then an fp16 graph's module goes fp16 in place and is traced so; its weights (but ``keep``'s, which a later graph
@@ -539,7 +541,7 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
     traced = work / f"{name}.onnx"
     onnx_tools.trace_to_onnx(spec, sample, traced, opset)
     # LoRAs update these graphs' weights at generation time: weights kept external
-    lora = LORA_PREFIXES.get(name) if lora_maps else None
+    lora = ("unet" if name == "unet" else "text_encoder") if lora_maps else None  # the graph module's own prefix
     digests = None
     if lora is not None:
         from sdtrt.export.weight_map import weight_digests

@@ -300,7 +300,9 @@ def encoder_layout(model: LoadedModel) -> list[dict[str, Any]]:
     for i, (component, encoder, _) in enumerate(model.encoders):
         out.append(dict(component=component, tokenizer=component.replace("text_encoder", "tokenizer"),
                         hidden_size=int(encoder.config.hidden_size), skip_offset=1 if sdxl else 0,
-                        pooled="text_embeds" if sdxl and i == len(model.encoders) - 1 else ""))
+                        pooled="text_embeds" if sdxl and i == len(model.encoders) - 1 else "",
+                        # diffusers' SDXL pipelines name the projected (OpenCLIP bigG) encoder text_encoder_2
+                        diffusers_name="text_encoder_2" if sdxl and len(model.encoders) == 1 else ""))
     return out
 
 
@@ -332,8 +334,7 @@ def graph_specs(model: LoadedModel) -> dict[str, GraphSpec]:
         pooled = (InputSpec("text_embeds", "float32", ("text_rows", pooled_width)),) if info["pooled"] else ()
         return GraphSpec(
             name=component,
-            # SDXL: no spare token rows yet (textual inversion for SDXL needs vectors for both encoders)
-            module=TextEncoderGraph(encoder, 0 if model.added_conditioning else EMBEDDING_SLOTS,
+            module=TextEncoderGraph(encoder, EMBEDDING_SLOTS,  # each encoder: its rows of an embedding's vectors
                                     raw_skips=info["skip_offset"] > 0, pooled=bool(info["pooled"])).eval(),
             # text_rows: every 77-token chunk of every prompt and negative prompt, encoded in one call
             inputs=(InputSpec("input_ids", "int32", ("text_rows", seq)),),

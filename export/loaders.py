@@ -180,29 +180,33 @@ class LoadedModel:
     def save_pretrained(self, folder: Path) -> None:
         """Write a diffusers-format folder (safetensors), loadable by StableDiffusionPipeline (SDXL:
         StableDiffusionXLPipeline, the refiner StableDiffusionXLImg2ImgPipeline, an inpainting U-Net the inpaint one)."""
+        self.diffusers_pipeline().save_pretrained(folder, safe_serialization=True)
+
+    def diffusers_pipeline(self, unet=None, encoders: dict | None = None):
+        """This model as the diffusers pipeline of its kind (``save_pretrained``'s), with ``unet`` and ``encoders``
+        (sdtrt's encoder name -> module, ``encoders``' order) in place of its own when given."""
         from diffusers import StableDiffusionPipeline
 
+        unet = self.unet if unet is None else unet
+        modules = {c: m for c, m, _ in self.encoders} | (encoders or {})
         if self.added_conditioning:
             import diffusers
 
-            inpaint = int(self.unet.config.in_channels) != int(self.unet.config.out_channels)
+            inpaint = int(unet.config.in_channels) != int(unet.config.out_channels)
             refiner = self.text_encoder_2 is None
             cls = getattr(diffusers, "StableDiffusionXLInpaintPipeline" if inpaint else
                           "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
-            encoders = (dict(text_encoder=None, tokenizer=None, text_encoder_2=self.text_encoder,
+            encoders = (dict(text_encoder=None, tokenizer=None, text_encoder_2=modules["text_encoder"],
                              tokenizer_2=self.tokenizer) if refiner else
-                        dict(text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2))
-            pipe = cls(vae=self.vae, unet=self.unet, scheduler=make_scheduler(self.scheduler_config), **encoders,
+                        dict(text_encoder=modules["text_encoder"], tokenizer=self.tokenizer,
+                             text_encoder_2=modules["text_encoder_2"], tokenizer_2=self.tokenizer_2))
+            return cls(vae=self.vae, unet=unet, scheduler=make_scheduler(self.scheduler_config), **encoders,
                        **self.pipeline_config)
-            pipe.save_pretrained(folder, safe_serialization=True)
-            return
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=modules["text_encoder"], tokenizer=self.tokenizer, unet=unet,
             scheduler=make_scheduler(self.scheduler_config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
-        pipe.save_pretrained(folder, safe_serialization=True)
 
 
 def make_scheduler(config: dict[str, Any]):

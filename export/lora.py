@@ -75,23 +75,21 @@ def check_lora_file(spec: LoraSpec, allow_pickle: bool) -> Path:
 
 
 def fuse_loras(model, specs: list[LoraSpec], allow_pickle: bool = False, log=print):
-    """A copy of ``model`` (``loaders.LoadedModel``) with the LoRAs fused into its U-Net and text encoder."""
+    """A copy of ``model`` (``loaders.LoadedModel``) with the LoRAs fused into its U-Net and every text encoder
+    (SDXL: both; diffusers' SDXL pipelines load ``text_encoder_2.``/``lora_te2_`` layers into the second)."""
     import torch
     from dataclasses import replace
 
-    from diffusers import StableDiffusionPipeline
-
-    from sdtrt.export.loaders import _library_logs_silenced, make_scheduler
+    from sdtrt.export.loaders import _library_logs_silenced
 
     paths = [check_file(s, allow_pickle) for s in specs]
-    unet, text_encoder = copy.deepcopy(model.unet), copy.deepcopy(model.text_encoder)  # the loaded model is cached
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer, unet=unet,
-                                   scheduler=make_scheduler(model.scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    unet = copy.deepcopy(model.unet)  # the loaded model is cached
+    encoders = {c: copy.deepcopy(m) for c, m, _ in model.encoders}
+    pipe = model.diffusers_pipeline(unet, encoders)
     names = []
     for i, (spec, path) in enumerate(zip(specs, paths)):
         adapter = f"lora{i}"
-        before = _adapted(unet, text_encoder)
+        before = _adapted(unet, *encoders.values())
         log(f"loading LoRA {path} (scale {spec.scale:g}) ...")
         try:
             with _library_logs_silenced(), torch.no_grad():
@@ -101,7 +99,7 @@ def fuse_loras(model, specs: list[LoraSpec], allow_pickle: bool = False, log=pri
             first = str(ex).strip().splitlines()[0][:300] if str(ex).strip() else type(ex).__name__
             raise ModelSourceError(f"LoRA {path} does not fit this model ({first}): it was made for another base "
                                    "model, or is not a LoRA") from None
-        landed = _adapted(unet, text_encoder) - before
+        landed = _adapted(unet, *encoders.values()) - before
         expected = lora_layers(path)
         if landed == 0 or (expected > 0 and landed < expected):
             raise ModelSourceError(f"LoRA {path}: {landed} of its {expected if expected >= 0 else '?'} layers match "
@@ -111,7 +109,7 @@ def fuse_loras(model, specs: list[LoraSpec], allow_pickle: bool = False, log=pri
         pipe.set_adapters(names, [s.scale for s in specs])
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
-    return replace(model, unet=unet.eval(), text_encoder=text_encoder.eval())
+    return replace(model, unet=unet.eval(), **{c: m.eval() for c, m in encoders.items()})
 
 
 def strongest_change(base, fused, parts=("unet", "text_encoder")) -> tuple[float, str]:

@@ -74,3 +74,120 @@ def memory_model(spec, vae_scale: int) -> MemoryModel:
     rows = f1[rows_input].shape[0]
     return MemoryModel(attention=tuple(sites), activation=_fit(hw1, big1 / rows, hw2, big2 / rows),
                        activation_rows_input=rows_input)
+
+
+# ---- what `sdtrt export` itself needs (issue 25) -------------------------------------------------------------------
+# Peak RSS of `sdtrt export`, measured: sdxl fp16 16.3 GB, sdxl fp32 15.6 GB, sd15 fp16 7.9 GB, tiny fp16 0.78 GB. The
+# export holds each graph's weights once (``low_memory``), so the peak grows with the largest graph's FP32 weights W
+# (the U-Net: sdxl 10.3 GB, sd15 3.4 GB, tiny 6 MB): base + 1.25 W + min(W, 2.8 GB) covers all four (16.5, 8.0 and
+# 0.9 GB) without overshooting any by more than 6% beyond the base. The base is Python, torch, diffusers, ONNX and ONNX
+# Runtime; the min() term what grows with the model until it saturates (the trace, ONNX Runtime's gate session).
+EXPORT_BASE_BYTES = 900_000_000
+EXPORT_WEIGHT_FACTOR = 1.25
+EXPORT_GROWING_MAX = 2_800_000_000
+SINGLE_FILE_PREFIXES = {"model.diffusion_model.": "unet", "first_stage_model.": "vae",
+                        "cond_stage_model.": "text_encoder", "conditioner.embedders.0.": "text_encoder",
+                        "conditioner.embedders.1.": "text_encoder_2"}
+
+
+def export_peak_bytes(counts: dict[str, int]) -> int:
+    """Estimated peak host memory of exporting a model whose modules have ``counts`` parameters; 0 when unknown."""
+    if not counts:
+        return 0
+    weights = 4 * max(counts.values())
+    return int(EXPORT_BASE_BYTES + EXPORT_WEIGHT_FACTOR * weights + min(weights, EXPORT_GROWING_MAX))
+
+
+def weight_counts(source) -> dict[str, int]:
+    """Parameters per module (unet, vae, text_encoder[_2]) of an export's source, known before any weight is loaded:
+    a built-in's from its configuration (the modules built on the meta device: shapes, no data), a diffusers folder's
+    from its safetensors headers (a pickled file: its size in FP32 elements), a single-file checkpoint's from its
+    safetensors header. Empty when it cannot tell without loading (a pickled single file)."""
+    from pathlib import Path
+
+    if not isinstance(source, Path):
+        return _builtin_counts(source)
+    if source.is_file():
+        if source.suffix.lower() != ".safetensors":
+            return {}
+        counts: dict[str, int] = {}
+        for key, n in _safetensors_numel(source).items():
+            module = next((m for prefix, m in SINGLE_FILE_PREFIXES.items() if key.startswith(prefix)), None)
+            if module is not None:
+                counts[module] = counts.get(module, 0) + n
+        return counts
+    counts = {}
+    for module in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        folder = source / module
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        plain = [f for f in files if f.name.count(".") == 1]  # not a variant (model.fp16.safetensors)
+        if plain or files:
+            counts[module] = sum(sum(_safetensors_numel(f).values()) for f in plain or files)
+        elif folder.is_dir():
+            pickles = [f for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            if pickles:
+                counts[module] = sum(f.stat().st_size for f in pickles) // 4
+    return counts
+
+
+def _safetensors_numel(path) -> dict[str, int]:
+    """key -> element count from a safetensors header (the JSON before the data: nothing else is read)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(min(size, 100 * 2**20)))
+    except (OSError, ValueError, struct.error):
+        return {}  # unreadable: the loader reports it
+    return {k: int(np.prod(v.get("shape", ()), dtype=np.int64)) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)}
+
+
+def _builtin_counts(arch) -> dict[str, int]:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    def tokens(pad: str) -> dict:  # as loaders.build_builtin fills them: from the built-in tokenizer
+        from sdtrt.export.tokenizer import build_clip_tokenizer
+
+        t = build_clip_tokenizer(arch.tokenizer_merges, pad_token=pad)
+        return dict(vocab_size=len(t), bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+                    pad_token_id=t.pad_token_id)
+
+    counts = {}
+    with torch.device("meta"):
+        counts["unet"] = count(UNet2DConditionModel(**arch.unet))
+        counts["vae"] = count(AutoencoderKL(**arch.vae))
+        for name, kwargs, projected, pad in (
+                ("text_encoder", arch.text_encoder, arch.projected_text_encoder, arch.tokenizer_pad_token),
+                ("text_encoder_2", arch.text_encoder_2, True, "!")):
+            if kwargs:
+                cls = CLIPTextModelWithProjection if projected else CLIPTextModel
+                config = CLIPTextConfig(**(kwargs if kwargs.get("vocab_size") else {**kwargs, **tokens(pad)}))
+                counts[name] = count(cls(config))
+    return counts
+
+
+def check_export_memory(source, what: str) -> None:
+    """Refuse, before anything is loaded or written, an export this machine's available memory cannot hold."""
+    from sdtrt import memory
+    from sdtrt.errors import MemoryLimitError
+
+    avail = memory.available_bytes()
+    if avail is None:
+        return
+    counts = weight_counts(source)
+    need = export_peak_bytes(counts)
+    if need <= avail:
+        return
+    largest = max(counts, key=counts.get)
+    raise MemoryLimitError(f"exporting {what} needs about {memory.gb(need)} of memory (its {largest}: "
+                           f"{counts[largest] / 1e9:.2f}B parameters, {memory.gb(4 * counts[largest])} in FP32), "
+                           f"{memory.gb(avail)} are available: close other programs, export on a larger machine, or "
+                           "pass --no-memory-check to try anyway")

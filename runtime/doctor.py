@@ -99,7 +99,15 @@ def _folder_findings(folder: Path, trt, device) -> list[Finding]:
         return out
     out.append(Finding("engines", f"built with TensorRT {build.version} for {build.gpu} (sm_{build.compute_capability}), "
                                   f"{'static' if build.static else 'dynamic'} profile"))
-    missing = [e.file for e in build.engines.values() if not (folder / e.file).is_file()]
+    engines = build.engines.values()
+    if any(e.device_memory_bytes for e in engines):  # recorded by builds since issue 25
+        from sdtrt.memory import gb
+
+        name, biggest = max(build.engines.items(), key=lambda kv: kv[1].device_memory_bytes)
+        out.append(Finding("engine memory", f"{gb(sum(e.size_bytes for e in engines))} of engines (weights); "
+                                            f"{gb(biggest.device_memory_bytes)} of context memory at most "
+                                            f"({name} at its profile's largest shapes)"))
+    missing = [e.file for e in engines if not (folder / e.file).is_file()]
     if missing:
         out.append(Finding("engine files", f"missing: {', '.join(missing)}", False))
     if trt is not None and build.version != api.trt_version(trt):

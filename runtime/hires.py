@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import UsageError
+from sdtrt.runtime.stages import Stages, summed_timings
 
 # A1111's modules/shared.py latent_upscale_modes: name -> torch.nn.functional.interpolate (mode, antialias)
 LATENT_MODES = {
@@ -297,23 +298,11 @@ def run(pipe, req, plan, latents=None, callback=None, seeds=None):
 
     hp: HiresPlan = plan.hires
     t0 = time.perf_counter()
-    stopped = []
-
-    def progress(offset):
-        if callback is None:
-            return None
-
-        def report(done, total):
-            go = callback(offset + done, hp.total_steps)
-            if go is False:
-                stopped.append(done)
-            return go
-
-        return report
+    stages = Stages(callback, hp.total_steps)
 
     first = pipe.generate(replace(req, hires=None, output_type="latent"), latents=latents,
-                          callback=progress(0), plan=replace(plan, hires=None), seeds=seeds)
-    if stopped:  # interrupted: the first pass's latents decoded, at its own size
+                          callback=stages.at(0), plan=replace(plan, hires=None), seeds=seeds)
+    if stages.stopped:  # interrupted: the first pass's latents decoded, at its own size
         return pipe.decode(replace(req, hires=None), replace(plan, hires=None), first.images, first.seeds,
                            dict(first.timings), t0)
     t = time.perf_counter()
@@ -332,12 +321,10 @@ def run(pipe, req, plan, latents=None, callback=None, seeds=None):
     upscale_s = time.perf_counter() - t
     # A1111: a fresh ImageRNG of the same seeds at the new shape; the upscaled latents are the img2img image
     second = pipe.generate(replace(hp.request, seed=first.seed, output_type=req.output_type),
-                           callback=progress(hp.first_steps), seeds=first.seeds,
+                           callback=stages.at(hp.first_steps), seeds=first.seeds,
                            plan=replace(hp.plan, image_latents=np.ascontiguousarray(up, np.float32)))
-    timings = {k: first.timings.get(k, 0.0) + second.timings.get(k, 0.0)
-               for k in first.timings.keys() | second.timings.keys()}
+    timings = summed_timings(first.timings, second.timings, t0)
     timings["hires_upscale"] = upscale_s
-    timings["total"] = time.perf_counter() - t0
     return type(first)(second.images, first.seed, first.parameters, timings, first.seeds)
 
 

@@ -8,7 +8,11 @@ and no diffusers key converter is needed: both formats name layers by diffusers'
 - diffusers/PEFT (``save_lora_weights``): ``unet.<path>.lora_A.weight`` / ``lora_B``, ``text_encoder.<path>…``;
   alpha = rank unless the file's metadata or an ``.alpha`` tensor says otherwise;
 - kohya/A1111: ``lora_unet_<path with _>.lora_down.weight`` / ``lora_up`` and ``.alpha``, ``lora_te_…`` for the
-  text encoder (its paths under ``text_model``).
+  text encoder (its paths under ``text_model``); SDXL's ``lora_te1_…``/``lora_te2_…`` and U-Net paths of the original
+  (SGM) U-Net, ``input_blocks_4_1_…`` (``sgm_names``).
+
+Which graphs a LoRA changes and how files name them comes from the manifest (``targets``): the U-Net and each text
+encoder, by its name in diffusers' pipeline (``text_encoder``, ``text_encoder_2``).
 
 Each layer's update is ``scale * alpha / rank * up @ down`` (a convolution's kernels flattened), added to the
 **base** weight read from the graph's external data every time: switching LoRAs never accumulates (the trap of
@@ -26,15 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.errors import UsageError
+from sdtrt.runtime.lora_names import Target, sgm_names, targets  # noqa: F401  (targets, sgm_names: the LoRA API)
 
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
-GRAPHS = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_")}
+# SDXL textual-inversion files (A1111's and diffusers' readers): each encoder's vectors, by its name in diffusers
+EMBEDDING_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 _A1111_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::([^>]*))?>")
 
 
 @dataclass(frozen=True)
 class Layer:
-    graph: str  # "unet" or "text_encoder"
+    graph: str  # the graph it changes (a Target's)
     path: str  # module path in the export's weight map
     down: np.ndarray  # (r, in, ...) float32
     up: np.ndarray  # (out, r, ...) float32
@@ -143,17 +149,21 @@ def collect_tags(texts) -> tuple[list[str], dict[str, float]]:
     return stripped, found
 
 
-def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) -> list[Layer]:
-    """The layers of the LoRA at ``path`` resolved against ``weights`` (graph -> module path -> entry); a UsageError
-    naming how many matched when not all do."""
+def read_lora(path: Path, weights: dict[str, dict], graphs: tuple[Target, ...], allow_pickle: bool = False) \
+        -> list[Layer]:
+    """The layers of the LoRA at ``path`` resolved against ``weights`` (graph -> module path -> entry) of the graphs
+    ``graphs`` (``targets``); a UsageError naming how many matched when not all do (a layer of a graph this model
+    has not, e.g. ``lora_te2_`` on SD 1.x, counts as unmatched: nothing is applied in part)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"LoRA file {path} does not exist" if not path.exists() else f"LoRA {path} is not a file")
     if path.suffix.lower() in PICKLED:
         raise UsageError(f"LoRA {path} is pickled ({path.suffix}): only .safetensors LoRAs are read at generation time")
     tensors, metadata = read_safetensors(path, "LoRA")
-    kohya = {graph: {p.replace(".", "_"): p for p in weights.get(graph, {})} for graph in GRAPHS}
-    configs = _metadata_configs(metadata)
+    kohya = {t.graph: {p.replace(".", "_"): p for p in weights.get(t.graph, {})} for t in graphs}
+    if "unet" in kohya:  # SDXL LoRAs of kohya's sd-scripts name the original U-Net's modules
+        kohya["unet"] |= {sgm.replace(".", "_"): p for p, sgm in sgm_names(weights.get("unet", {})).items()}
+    configs = _metadata_configs(metadata, graphs)
     unsupported = [k for k in tensors if any(x in k for x in (".dora_scale", "lora_magnitude_vector", ".lora_mid.",
                                                               ".hada_", ".lokr_"))]
     if unsupported:
@@ -161,13 +171,14 @@ def read_lora(path: Path, weights: dict[str, dict], allow_pickle: bool = False) 
                          "LoRAs do not apply: fuse it at export (`sdtrt export MODEL --lora FILE`)")
     layers, unmatched, total = [], [], 0
     for key in sorted(tensors):
-        found = _split(key)
-        if found is None:
-            continue
-        graph, module, kind, style = found
-        if kind != "down":
+        if not key.endswith(".weight") or not (".lora_down." in key or ".lora_A." in key):
             continue
         total += 1
+        found = _split(key, graphs)
+        if found is None:  # a graph this model has not (another family's text encoder)
+            unmatched.append(key.rsplit(".lora_", 1)[0])
+            continue
+        graph, module, style = found
         path_ = module if style == "peft" else kohya.get(graph, {}).get(module)
         if path_ is not None and path_.removeprefix("text_model.") in weights.get(graph, {}):
             path_ = path_.removeprefix("text_model.")
@@ -230,23 +241,23 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict
     return tensors, metadata
 
 
-def _split(key: str):
-    """(graph, module, 'down'|'up', style) of a LoRA weight key, or None."""
-    for graph, (peft, kohya) in GRAPHS.items():
-        if key.startswith(peft) and (".lora_A." in key or ".lora_B." in key):
-            module, _, rest = key[len(peft):].rpartition(".lora_")
-            return graph, module, "down" if rest.startswith("A") else "up", "peft"
-        if key.startswith(kohya) and (".lora_down." in key or ".lora_up." in key):
-            module, _, rest = key[len(kohya):].rpartition(".lora_")
-            if graph == "text_encoder":
-                module = module.removeprefix("text_model_")
-            return graph, module, "down" if rest.startswith("down") else "up", "kohya"
+def _split(key: str, graphs: tuple[Target, ...]):
+    """(graph, module, style) of a LoRA down/A weight key, or None when no graph of this model has its prefix."""
+    for t in graphs:
+        if key.startswith(t.name + ".") and ".lora_A." in key:
+            return t.graph, key[len(t.name) + 1:].rpartition(".lora_")[0], "peft"
+        for prefix in t.kohya:
+            if key.startswith(prefix) and ".lora_down." in key:
+                module = key[len(prefix):].rpartition(".lora_")[0]
+                if t.graph != "unet":
+                    module = module.removeprefix("text_model_")
+                return t.graph, module, "kohya"
     return None
 
 
-def _metadata_configs(metadata: dict) -> dict[str, dict]:
-    """diffusers' ``lora_adapter_metadata``: the LoraConfig of each component, stored flat (``unet.lora_alpha``)
-    or nested (``{"unet": {...}}``)."""
+def _metadata_configs(metadata: dict, graphs: tuple[Target, ...]) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata``: the LoraConfig of each component (by its diffusers name), stored flat
+    (``unet.lora_alpha``) or nested (``{"unet": {...}}``) -> graph -> config."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -257,11 +268,12 @@ def _metadata_configs(metadata: dict) -> dict[str, dict]:
     if not isinstance(data, dict):
         return {}
     out: dict[str, dict] = {}
-    for graph in GRAPHS:
-        config = dict(data.get(graph) or {}) if isinstance(data.get(graph), dict) else {}
-        config |= {k[len(graph) + 1:]: v for k, v in data.items() if k.startswith(graph + ".")}
+    for t in graphs:
+        name = t.name
+        config = dict(data.get(name) or {}) if isinstance(data.get(name), dict) else {}
+        config |= {k[len(name) + 1:]: v for k, v in data.items() if k.startswith(name + ".")}
         if config:
-            out[graph] = config
+            out[t.graph] = config
     return out
 
 
@@ -436,10 +448,15 @@ def updated_weights(folder: Path, component, graph: str, loras: list[tuple[list[
     return out
 
 
-def read_embedding(path: Path, token: str | None, hidden: int) -> tuple[str, np.ndarray]:
-    """A textual-inversion embedding (Gal et al. 2022): (its token, vectors (n, D) float32). Formats: diffusers'
-    ``learned_embeds.safetensors`` ({token: (D,) or (n, D)}) and A1111's ``embeddings/NAME.safetensors``
-    ({"emb_params": (n, D)}, token = the file's name), as diffusers' ``load_textual_inversion`` reads them."""
+def read_embedding(path: Path, token: str | None, model) -> tuple[str, dict[str, np.ndarray]]:
+    """A textual-inversion embedding (Gal et al. 2022): (its token, graph -> vectors (n, D) float32 for each text
+    encoder of ``model`` (``manifest.ModelInfo``)). Formats: diffusers' ``learned_embeds.safetensors`` ({token:
+    (D,) or (n, D)}) and A1111's ``embeddings/NAME.safetensors`` ({"emb_params": (n, D)}, token = the file's name),
+    for a model with one text encoder; SDXL's {"clip_l": (n, 768), "clip_g": (n, 1280)}, one tensor per encoder by
+    its diffusers name (``EMBEDDING_KEYS``; token = the file's name), as A1111 reads them and diffusers'
+    ``load_textual_inversion`` is given them (clip_l into text_encoder, clip_g into text_encoder_2). An encoder the
+    model has not is skipped (the SDXL refiner takes clip_g only); a one-encoder embedding on a model with several
+    is refused, as is an SDXL file on an SD 1.x/2.x model (A1111 skips both: their width is not the model's)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"embedding file {path} does not exist" if not path.exists() else f"embedding {path} is not a "
@@ -448,20 +465,49 @@ def read_embedding(path: Path, token: str | None, hidden: int) -> tuple[str, np.
         raise UsageError(f"embedding {path} is pickled ({path.suffix}): only .safetensors embeddings are read (pickles "
                          "can run arbitrary code; convert it with A1111 or diffusers)")
     tensors, _ = read_safetensors(path, "embedding")
-    if "emb_params" in tensors:
-        loaded, vectors = path.stem, tensors["emb_params"]
+    encoders = model.encoders
+    widths = " + ".join(str(e.hidden_size) for e in encoders)
+    if set(tensors) & set(EMBEDDING_KEYS) and not model.text_encoders:
+        raise UsageError(f"embedding {path.name} is an SDXL embedding ({', '.join(sorted(tensors))}); this model has "
+                         f"one text encoder ({widths} wide): it was made for another base model")
+    if set(tensors) & set(EMBEDDING_KEYS):
+        loaded, found = path.stem, {}
+        for e in encoders:
+            key = next((k for k, name in EMBEDDING_KEYS.items() if name == e.lora_name and k in tensors), None)
+            if key is None:
+                raise UsageError(f"embedding {path.name} holds {', '.join(sorted(tensors))}; this model's "
+                                 f"{e.lora_name} needs its own vectors "
+                                 f"({'/'.join(k for k, n in EMBEDDING_KEYS.items() if n == e.lora_name) or '?'}): "
+                                 "it was made for another base model")
+            found[e.component] = tensors[key]
+    elif len(encoders) > 1:
+        width = np.asarray(next(iter(tensors.values()))).shape[-1] if tensors else 0
+        raise UsageError(f"embedding {path.name} is a one-text-encoder embedding ({width}-wide vectors); this model has "
+                         f"{len(encoders)} text encoders ({widths} wide) and needs one vector set per encoder "
+                         f"({', '.join(EMBEDDING_KEYS)}): it was made for another base model")
+    elif "emb_params" in tensors:
+        loaded, found = path.stem, {encoders[0].component: tensors["emb_params"]}
     elif len(tensors) == 1:
         loaded, vectors = next(iter(tensors.items()))
+        found = {encoders[0].component: vectors}
     else:
         raise UsageError(f"{path} is not a textual-inversion embedding (one tensor, or A1111's emb_params; it has "
                          f"{len(tensors)}: {', '.join(list(tensors)[:3])})")
-    vectors = np.asarray(vectors, np.float32).reshape(-1, np.asarray(vectors).shape[-1])  # (n, D)
-    if vectors.shape[1] != hidden:
-        raise UsageError(f"embedding {path.name} has {vectors.shape[1]}-wide vectors; this model's text encoder takes "
-                         f"{hidden}: it was made for another base model")
-    if not np.isfinite(vectors).all():
-        raise UsageError(f"embedding {path.name} holds NaN/Inf")
-    return token or loaded, vectors
+    out = {}
+    for e in encoders:
+        vectors = np.asarray(found[e.component])
+        vectors = vectors.astype(np.float32).reshape(-1, vectors.shape[-1] if vectors.ndim else 1)  # (n, D)
+        if vectors.shape[1] != e.hidden_size:
+            which = f" for {e.lora_name}" if len(encoders) > 1 else ""
+            raise UsageError(f"embedding {path.name} has {vectors.shape[1]}-wide vectors{which}; this model's text "
+                             f"encoder takes {e.hidden_size}: it was made for another base model")
+        if not np.isfinite(vectors).all():
+            raise UsageError(f"embedding {path.name} holds NaN/Inf")
+        out[e.component] = vectors
+    if len({len(v) for v in out.values()}) > 1:
+        raise UsageError(f"embedding {path.name} has {' and '.join(str(len(v)) for v in out.values())} vectors for "
+                         "its text encoders: one token needs as many in each")
+    return token or loaded, out
 
 
 def expand_prompt(prompt: str, found: set[str], vectors: dict[str, int]) -> str:

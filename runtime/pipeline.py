@@ -136,8 +136,8 @@ class Pipeline:
         self.lora_dir: Path | None = None  # where A1111's <lora:name:weight> prompt tags find name.safetensors
         self.lora_files: dict[str, str] = {}  # tag name -> file, before lora_dir (a replay's checked files)
         self._lora_state = LoraState()
-        self.embeddings: dict[str, np.ndarray] = {}  # textual-inversion token -> its vectors (n, D)
-        self._embedding_rows: list[np.ndarray] = []  # the vectors in the spare token-table rows, in order
+        # textual-inversion token -> its vectors (n, D_e) per text encoder (graph); in load order in the spare rows
+        self.embeddings: dict[str, dict[str, np.ndarray]] = {}
         self.embedding_files: dict[str, Path] = {}  # token -> the file it was read from ("TI hashes")
 
     @classmethod
@@ -186,66 +186,62 @@ class Pipeline:
         refit TensorRT refused (which may have changed some weights) is undone by restoring the graph's own weights,
         and the LoRAs set before are applied again from those by the next generation."""
         loras = normalize_loras(loras)
-        if loras:
-            self._family_supports("LoRAs")
         self._apply_loras(loras)  # first: a LoRA that fails leaves the pipeline as it was
         self.loras = loras
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None, apply: bool = True) -> str:
         """Add a textual-inversion embedding (diffusers' name and file formats; A1111's ``emb_params`` files take
-        the file's name as token): its vectors go into the text encoder's spare token rows, no re-export. Returns
-        the token to write in prompts (an n-vector token expands to n tokens, as diffusers does)."""
+        the file's name as token; SDXL's clip_l/clip_g files, one set per encoder): its vectors go into each text
+        encoder's spare token rows, no re-export. Returns the token to write in prompts (an n-vector token expands to
+        n tokens, as diffusers does)."""
         from sdtrt.runtime.lora import read_embedding
 
-        self._family_supports("textual-inversion embeddings")
         m = self.manifest.model
-        token, vectors = read_embedding(Path(path), token, m.text_hidden_size)
-        engine = self.engines["text_encoder"]
-        if not hasattr(engine, "override") or getattr(engine, "refittable", True) is False:
-            raise UsageError("embeddings need ONNX Runtime or TensorRT engines built with `sdtrt build --refittable`")
-        used = sum(len(v) for v in self._embedding_rows)
-        if used + len(vectors) > m.embedding_slots:
-            raise UsageError(f"embedding {token!r} needs {len(vectors)} token rows; this folder has "
+        token, per_encoder = read_embedding(Path(path), token, m)  # graph -> (n, D_e)
+        for e in m.encoders:
+            engine = self.engines[e.component]
+            if not hasattr(engine, "override") or getattr(engine, "refittable", True) is False:
+                raise UsageError("embeddings need ONNX Runtime or TensorRT engines built with `sdtrt build "
+                                 "--refittable`")
+        n = len(next(iter(per_encoder.values())))
+        used = sum(len(next(iter(v.values()))) for v in self.embeddings.values())
+        if used + n > m.embedding_slots:
+            raise UsageError(f"embedding {token!r} needs {n} token rows; this folder has "
                              f"{m.embedding_slots - used} of {m.embedding_slots} left"
                              + (" (exported before sdtrt kept spare rows: re-export it)" if not m.embedding_slots else ""))
         if token in self.embeddings:
             raise UsageError(f"an embedding named {token!r} is already loaded")
-        tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+        tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
         try:
-            self.tokenizer.add_tokens(tokens, m.vocab_size + used)
+            for tokenizer in self.tokenizers:  # each encoder's: all checked before any changes
+                tokenizer.check_new_tokens(tokens, m.vocab_size + used)
+            for tokenizer in self.tokenizers:
+                tokenizer.add_tokens(tokens, m.vocab_size + used)
         except Exception as ex:  # ManifestError: a token the vocabulary has, or a tokenizer of another size
             raise UsageError(str(ex)) from None
-        self.embeddings[token] = vectors
-        self._embedding_rows.append(vectors)
+        self.embeddings[token] = per_encoder
         self.embedding_files[token] = Path(path).expanduser()
         if apply:
             self._apply_loras(self.loras)
         return token
 
-    def _family_supports(self, what: str) -> None:
-        """Refuse by name what this runtime does not yet do for a model with several text encoders or added
-        conditions (SDXL): LoRAs and embeddings would need a mapping per encoder."""
-        m = self.manifest.model
-        if len(m.encoders) > 1 or m.added_conditions is not None:
-            raise UsageError(f"{what} with an SDXL-family model ({m.family}: {len(m.encoders)} text encoder"
-                             f"{'s' * (len(m.encoders) > 1)}, added conditions) are not supported yet; they come with "
-                             "the next release")
-
     def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
-        from sdtrt.runtime.lora import GRAPHS, updated_weights
+        from sdtrt.runtime.lora import targets, updated_weights
 
         state = self._lora_state
-        weights = {g: self.manifest.components[g].weights for g in GRAPHS}
-        if loras and not all(weights.values()):
+        graphs = targets(self.manifest.model)  # the U-Net and every text encoder
+        weights = {t.graph: self.manifest.components[t.graph].weights for t in graphs}
+        if (loras or self.embeddings) and not all(weights.values()):
             raise UsageError("this folder was exported without weight maps, so LoRAs cannot be applied at generation "
                              "time: re-export it with this sdtrt (or fuse them with `sdtrt export --lora`)")
-        layers = [(state.layers(path, weights), scale) for path, scale in loras]
-        for graph in GRAPHS:
+        layers = [(state.layers(path, weights, graphs), scale) for path, scale in loras]
+        encoders = {e.component for e in self.manifest.model.encoders}
+        for graph in weights:
             # what this graph's weights must hold: the LoRAs touching it (a file rewritten in place counts as
-            # another) and, for the text encoder, the embeddings (only ever added); ((), 0) is the graph's own
+            # another) and, for a text encoder, the embeddings (only ever added); ((), 0) is the graph's own
             key = (tuple((path, scale, state.version(path)) for (path, scale), (ls, _) in zip(loras, layers)
                          if any(x.graph == graph for x in ls)),
-                   len(self.embeddings) if graph == "text_encoder" else 0)
+                   len(self.embeddings) if graph in encoders else 0)
             if state.applied.get(graph, ((), 0)) == key:
                 continue
             engine = self.engines[graph]
@@ -253,8 +249,8 @@ class Pipeline:
                 raise UsageError(f"the {graph} engine cannot take new weights: use ONNX Runtime or refittable TensorRT "
                                  "engines, or fuse LoRAs at export (`sdtrt export MODEL --lora FILE:SCALE`)")
             new = updated_weights(self.folder, self.manifest.components[graph], graph, layers)
-            if graph == "text_encoder" and self.embeddings:
-                new |= self._token_table(new)
+            if graph in encoders and self.embeddings:
+                new |= self._token_table(graph, new)
             try:
                 engine.override(new)
             except BackendError as ex:
@@ -454,15 +450,16 @@ class Pipeline:
                               time_ids=conditioning.time_ids(self.manifest.model, req, height, width, inputs.task)
                               if self.manifest.model.added_conditions is not None else None)
 
-    def _token_table(self, updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The text encoder's token table with the embeddings' vectors in its spare rows (after any LoRA update)."""
-        entry = self.manifest.components["text_encoder"].weights["embeddings.token_embedding"]
+    def _token_table(self, graph: str, updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Text encoder ``graph``'s token table with the embeddings' vectors in its spare rows (after any LoRA
+        update)."""
+        entry = self.manifest.components[graph].weights["embeddings.token_embedding"]
         table = updated.get(entry.initializer)
         if table is None:
             from sdtrt.runtime.lora import base_weight
 
             table = base_weight(self.folder, entry)  # (V + K, D)
-        rows = np.concatenate(self._embedding_rows)  # (n, D)
+        rows = np.concatenate([v[graph] for v in self.embeddings.values()])  # (n, D) in load order
         v = self.manifest.model.vocab_size
         table[v:v + len(rows)] = rows.astype(table.dtype)
         return {entry.initializer: table}
@@ -484,7 +481,7 @@ class Pipeline:
         from sdtrt.runtime.lora import expand_prompt
 
         ids = {self.tokenizer._tok.token_to_id(t): t for t in self.embeddings}
-        counts = {t: len(v) for t, v in self.embeddings.items()}
+        counts = {t: len(next(iter(v.values()))) for t, v in self.embeddings.items()}
         texts = list(req.prompt + req.negative_prompt)
         found = self.tokenizer.fragments(texts)
         texts = [expand_prompt(text, {ids[i] for i in f if i in ids}, counts) for text, f in zip(texts, found)]
@@ -503,7 +500,6 @@ class Pipeline:
         texts, found = collect_tags(req.prompt + req.negative_prompt)
         if not found:
             return req, (), ()
-        self._family_supports(f"LoRAs (<lora:{next(iter(found))}:…>)")
         if self.lora_dir is None and not set(found) <= set(self.lora_files):
             name = next(n for n in found if n not in self.lora_files)
             raise UsageError(f"the prompt names <lora:{name}:…>: give the folder of LoRA files (lora_dir=, or "
@@ -1046,7 +1042,7 @@ class LoraState:
         self.broken: dict[str, str] = {}  # graph -> why its weights are unknown (a refit and its undoing failed)
         self._read: dict[tuple, list] = {}
 
-    def layers(self, path: str, weights: dict) -> list:
+    def layers(self, path: str, weights: dict, graphs: tuple) -> list:
         from sdtrt.runtime.lora import read_lora
 
         p = Path(path).expanduser()
@@ -1054,7 +1050,7 @@ class LoraState:
         if key not in self._read:
             if len(self._read) >= 8:  # a few files kept in memory (float32 low-rank factors: small)
                 self._read.pop(next(iter(self._read)))
-            self._read[key] = read_lora(p, weights)
+            self._read[key] = read_lora(p, weights, graphs)
         return self._read[key]
 
     @staticmethod

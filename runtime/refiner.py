@@ -18,6 +18,7 @@ from sdtrt.errors import UsageError
 from sdtrt.manifest import Manifest, ModelInfo
 from sdtrt.runtime.conditioning import for_model
 from sdtrt.runtime.request import GenerationRequest, real
+from sdtrt.runtime.stages import Stages, summed_timings
 
 DEFAULT_SWITCH = 0.8  # diffusers' documented high_noise_frac; A1111's default refiner_switch_at
 
@@ -105,28 +106,15 @@ def run(base, refiner, rp: RefinerPlan, callback=None, seeds=None):
     refiner's ``GenerationResult`` with the base's images' text (A1111's ``Refiner``, ``Refiner switch at``). A
     callback that stops the base (returns False) skips the refiner: the base's latents decoded by the base."""
     t0 = time.perf_counter()
-    stopped = []
+    stages = Stages(callback, rp.total_steps)
 
-    def progress(offset):
-        if callback is None:
-            return None
-
-        def report(done, _):
-            go = callback(offset + done, rp.total_steps)
-            if go is False:
-                stopped.append(done)
-            return go
-        return report
-
-    first = base.generate(rp.base_request, plan=rp.base_plan, callback=progress(0), seeds=seeds)
-    if stopped:
+    first = base.generate(rp.base_request, plan=rp.base_plan, callback=stages.at(0), seeds=seeds)
+    if stages.stopped:
         out = replace(rp.base_request, output_type=rp.refiner_request.output_type)
         return base.decode(out, rp.base_plan, first.images, first.seeds, dict(first.timings), t0)
     second = refiner.generate(rp.refiner_request, image=first.images, seeds=first.seeds,
-                              callback=progress(rp.base_plan.table.num_steps))
-    timings = {k: first.timings.get(k, 0.0) + second.timings.get(k, 0.0)
-               for k in first.timings.keys() | second.timings.keys()}
-    timings["total"] = time.perf_counter() - t0
+                              callback=stages.at(rp.base_plan.table.num_steps))
+    timings = summed_timings(first.timings, second.timings, t0)
     return type(second)(second.images, first.seed, first.parameters, timings, first.seeds)
 
 

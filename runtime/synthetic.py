@@ -3,7 +3,7 @@
 
 The LoRA is in kohya/A1111's layout (``lora_unet_…``/``lora_te_…`` with ``lora_down``/``lora_up``/``alpha``), over the
 attention projections in the folder's weight maps (``manifest.components[graph].weights``, written at export); the
-embedding is A1111's (``{"emb_params": (n, D)}``, its token the file's name).
+embedding is A1111's (``{"emb_params": (n, D)}``; SDXL ``{"clip_l": …, "clip_g": …}``; its token the file's name).
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ def random_lora(manifest, path: Path, rank: int = 4, seed: int = 0, std: float =
         raise UsageError(f"--rank must be at least 1, got {rank}")
     if not (std > 0 and np.isfinite(std)):
         raise UsageError(f"--std must be a positive number, got {std}")
+    from sdtrt.runtime.lora import targets
+
     rng = np.random.default_rng(seed)
     tensors = {}
-    for graph, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_text_model_")):
-        for module, entry in manifest.components[graph].weights.items():
+    for t in targets(manifest.model):  # the U-Net and every text encoder (SDXL: lora_te1_, lora_te2_)
+        prefix = t.kohya[0] + ("" if t.graph == "unet" else "text_model_")
+        for module, entry in manifest.components[t.graph].weights.items():
             if not ATTENTION.search(module):
                 continue
             out_f, in_f = entry.shape[::-1] if entry.transposed else entry.shape
@@ -45,15 +48,20 @@ def random_lora(manifest, path: Path, rank: int = 4, seed: int = 0, std: float =
 
 
 def random_embedding(manifest, path: Path, vectors: int = 2, seed: int = 0, std: float = 0.02) -> int:
-    """Write an A1111 embedding of ``vectors`` N(0, ``std``²) vectors as wide as the text encoder's tokens (fp32);
-    its token is the file's name. Returns the width."""
+    """Write an A1111 embedding of ``vectors`` N(0, ``std``²) vectors as wide as the text encoder's tokens (fp32; SDXL:
+    clip_l and clip_g, one set per encoder); its token is the file's name. Returns the width (all encoders')."""
     from safetensors.numpy import save_file
 
     if vectors < 1:
         raise UsageError(f"--vectors must be at least 1, got {vectors}")
     if not (std > 0 and np.isfinite(std)):
         raise UsageError(f"--std must be a positive number, got {std}")
-    width = manifest.model.text_hidden_size
+    from sdtrt.runtime.lora import EMBEDDING_KEYS
+
+    m = manifest.model
     rng = np.random.default_rng(seed)
-    save_file({"emb_params": (std * rng.standard_normal((vectors, width))).astype(np.float32)}, str(path))
-    return width
+    keys = {name: key for key, name in EMBEDDING_KEYS.items()}
+    tensors = {keys[e.lora_name] if m.text_encoders else "emb_params":
+               (std * rng.standard_normal((vectors, e.hidden_size))).astype(np.float32) for e in m.encoders}
+    save_file(tensors, str(path))
+    return m.text_hidden_size

@@ -73,6 +73,13 @@ class ClipTokenizer:
         ``vocab_size``, ``vocab_size`` + 1, ...; returns their ids."""
         from tokenizers import AddedToken
 
+        self.check_new_tokens(tokens, vocab_size)
+        self._tok.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=True)
+                              for t in tokens])
+        return [self._tok.token_to_id(t) for t in tokens]
+
+    def check_new_tokens(self, tokens: list[str], vocab_size: int) -> None:
+        """What ``add_tokens`` refuses (ManifestError), checked without adding anything."""
         taken = [t for t in tokens if self._tok.token_to_id(t) is not None]
         if taken:
             raise ManifestError(f"token {taken[0]!r} is already in the vocabulary: load the embedding under another "
@@ -81,9 +88,6 @@ class ClipTokenizer:
         if start != vocab_size:
             raise ManifestError(f"the tokenizer has {start} tokens, the text encoder {vocab_size}: new tokens would "
                                 "not get their own rows")
-        self._tok.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=True)
-                              for t in tokens])
-        return [self._tok.token_to_id(t) for t in tokens]
 
     def fragments(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS and without truncation."""

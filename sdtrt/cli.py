@@ -128,6 +128,8 @@ def _add_export(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="weight seed of built-in architectures")
     p.add_argument("--max-chunks", type=int, default=3,
                    help="longest prompt, in 75-token chunks (A1111's long-prompt rule; the U-Net's text axis is 77 x this)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="export even when this machine's available memory looks too small for the model")
     p.add_argument("--config", default=None, metavar="NAME",
                    help="single-file checkpoints: the built-in configuration that describes it (default: read from its "
                         "keys: sd15, sd21, sdxl, sdxl-refiner and their -inpaint variants)")
@@ -185,6 +187,7 @@ def _cmd_export(args) -> int:
         allow_pickle=args.allow_pickle, seed=args.seed, max_chunks=args.max_chunks,
         controlnets=tuple(c.strip() for spec in args.controlnet for c in spec.split(",")), loras=tuple(args.lora),
         config=args.config, prediction_type=args.prediction_type, tokenizer=args.tokenizer,
+        memory_check=not args.no_memory_check,
     )
     if args.out is None:
         Path("engines").mkdir(exist_ok=True)  # the default's own folder; an explicit --out's parent must exist
@@ -207,13 +210,16 @@ def _add_build(sub) -> None:
     p.add_argument("--static", type=_size, default=None, metavar="WxH", help="one fixed shape (batch = OPT, guidance on)")
     p.add_argument("--timing-cache", default=None, metavar="PATH",
                    help="timing cache file (default: DIR/timing.trt<version>.sm<cc>.cache)")
-    p.add_argument("--workspace", type=_finite, default=None, metavar="GB", help="builder workspace limit")
+    p.add_argument("--workspace", type=_finite, default=None, metavar="GB",
+                   help="builder workspace limit (default: the GPU's free memory less the graph's weights and 1 GiB)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--no-verify", action="store_true",
                    help="install the engines without checking them against ONNX Runtime on this GPU")
     p.add_argument("--refittable", action="store_true",
-                   help="build the U-Net and text encoder refittable, so LoRAs and embeddings apply without a rebuild "
+                   help="build the U-Net and text encoders refittable, so LoRAs and embeddings apply without a rebuild "
                         "(trt.Refitter; TensorRT may pick slower kernels for refittable engines)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="build even when the GPU's free memory looks too small for the largest graph")
     p.set_defaults(func=_cmd_build)
 
 
@@ -222,7 +228,7 @@ def _cmd_build(args) -> int:
 
     cfg = BuildConfig(batch=args.batch, size=args.size, static=args.static, timing_cache=args.timing_cache,
                       workspace_gb=args.workspace, opt_level=args.opt_level, verify=not args.no_verify,
-                      refittable=args.refittable)
+                      refittable=args.refittable, memory_check=not args.no_memory_check)
     build_engines(args.dir, cfg, log=lambda s: print(s, file=sys.stderr))
     return 0
 

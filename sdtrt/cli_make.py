@@ -54,7 +54,7 @@ def _cmd_make_lora(args) -> int:
     manifest, path = Manifest.load(Path(args.dir)), _target(args.out, args.force)
     with atomic_path(path, ".safetensors") as tmp:
         layers = random_lora(manifest, tmp, args.rank, args.seed, args.std)
-    print(f"wrote {path}: rank {args.rank}, {layers} layers (U-Net and text-encoder attention); use --lora "
+    print(f"wrote {path}: rank {args.rank}, {layers} layers (U-Net and text-encoder attention, every encoder); use --lora "
           f"{path}:0.8, or <lora:{path.stem}:0.8> with --lora-dir {path.parent}", file=sys.stderr)
     return 0
 

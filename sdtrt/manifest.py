@@ -156,6 +156,13 @@ class TextEncoderInfo:
     # SDXL's 1: always the penultimate layer, un-normalised; CLIP skip c takes hidden_state_skip{c + skip_offset}
     skip_offset: int = 0
     pooled: str = ""  # its output that is the pooled text embedding (SDXL: "text_embeds"); "" none
+    # its name in diffusers' pipeline, which LoRA and embedding files go by ("" the component's; the SDXL refiner's
+    # one encoder, this folder's text_encoder, is diffusers' text_encoder_2)
+    diffusers_name: str = ""
+
+    @property
+    def lora_name(self) -> str:
+        return self.diffusers_name or self.component
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,8 @@ class BuiltEngine:
     size_bytes: int
     profile: dict[str, tuple[tuple[int, ...], ...]]  # input -> (min, opt, max) shapes
     build_seconds: float = 0.0
+    workspace_bytes: int = 0  # the builder's workspace limit it was built with (0: not recorded)
+    device_memory_bytes: int = 0  # its execution context's memory at the profile's largest shapes (device_memory_size_v2)
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,7 @@ class TensorRTBuild:
     verification: dict[str, tuple[ValidationResult, ...]] = field(default_factory=dict)
     end_to_end: EndToEndCheck | None = None
     refittable: bool = False  # the U-Net and text encoder engines take new weights (LoRAs) through trt.Refitter
+    gpu_free_bytes: int = 0  # GPU memory free when the build started (cudaMemGetInfo; 0: not recorded)
 
 
 @dataclass(frozen=True)

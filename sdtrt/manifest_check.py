@@ -141,13 +141,14 @@ def _components_problem(m) -> str | None:
         if any(v.tolerance < 0 for v in c.validation):
             return f"{name} validation has a negative tolerance"
     model = m.model
-    text = m.components[model.encoders[0].component] if model.encoders[0].component in m.components else None
-    table = text.weights.get("embeddings.token_embedding") if text is not None else None
-    if table is not None and table.shape != (model.vocab_size + model.embedding_slots, model.encoders[0].hidden_size):
-        return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} rows of text_hidden_size "
-                f"{model.text_hidden_size}, but the text encoder's token table is {table.shape[0]} x {table.shape[1]}")
-    if table is None and model.embedding_slots:
-        return f"embedding_slots = {model.embedding_slots}, but the text encoder records no token table"
+    for e in model.encoders:  # each encoder's spare rows take its part of an embedding's vectors
+        text = m.components.get(e.component)
+        table = text.weights.get("embeddings.token_embedding") if text is not None else None
+        if table is not None and table.shape != (model.vocab_size + model.embedding_slots, e.hidden_size):
+            return (f"vocab_size {model.vocab_size} + embedding_slots {model.embedding_slots} rows of text_hidden_size "
+                    f"{e.hidden_size}, but the text encoder's token table is {table.shape[0]} x {table.shape[1]}")
+        if table is None and model.embedding_slots:
+            return f"embedding_slots = {model.embedding_slots}, but the text encoder records no token table"
     return None
 
 
@@ -167,6 +168,8 @@ def _tensorrt_problem(m) -> str | None:
             return problem
         if not _SHA256.match(e.sha256):
             return f"{name} engine sha256 {e.sha256!r} (64 hex digits)"
+        if min(e.size_bytes, e.workspace_bytes, e.device_memory_bytes) < 0:
+            return f"{name} engine sizes (negative bytes)"
         inputs = {s.name for s in m.components[name].inputs}
         for input_name, shapes in e.profile.items():
             if input_name not in inputs or len(shapes) != 3 or len({len(s) for s in shapes}) != 1:

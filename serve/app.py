@@ -206,6 +206,7 @@ class Server:
         (``runtime.refiner``), each loaded when its part runs (with ``--max-loaded-models 1`` they take turns)."""
         from sdtrt.manifest import Manifest
         from sdtrt.runtime import refiner as ensemble
+        from sdtrt.runtime.stages import Stages, summed_timings
 
         entry = self.models.find(refiner)
 
@@ -216,23 +217,22 @@ class Server:
             plan = base.plan(first_req, image)
             plan = replace(plan, infotext=plan.infotext + keys)
             base_manifest = base.manifest
-            stopped = []
-
-            def half(done, total):  # the two parts as one bar; an interrupt in the base skips the refiner (A1111)
-                go = progress(done, 2 * total)
-                if go is False:
-                    stopped.append(done)
-                return go
-
-            first = base.generate(first_req, plan=plan, seeds=seeds, callback=half)
-            if stopped:
+            # one bar for both parts (the refiner's step count is known once it is planned, after the base)
+            stages = Stages(progress, max(round(plan.table.num_steps / req.denoising_end), plan.table.num_steps + 1))
+            t0 = time.perf_counter()
+            first = base.generate(first_req, plan=plan, seeds=seeds, callback=stages.at(0))
+            if stages.stopped:  # an interrupt in the base skips the refiner (A1111)
                 return base.decode(replace(first_req, output_type=req.output_type), plan, first.images, first.seeds,
-                                   dict(first.timings), time.perf_counter())
+                                   dict(first.timings), t0)
             pipe = self.models.acquire(entry.name)
             ensemble.check_pair(base_manifest, pipe.manifest)
-            second = pipe.generate(ensemble.refiner_request(pipe.manifest.model, req), image=first.images,
-                                   seeds=first.seeds, callback=lambda done, total: progress(total + done, 2 * total))
-            return type(second)(second.images, first.seed, first.parameters, second.timings, first.seeds)
+            second_req = ensemble.refiner_request(pipe.manifest.model, req)
+            second_plan = pipe.plan(second_req, image=first.images)
+            stages.total = plan.table.num_steps + second_plan.table.num_steps
+            second = pipe.generate(second_req, image=first.images, plan=second_plan, seeds=first.seeds,
+                                   callback=stages.at(plan.table.num_steps))
+            timings = summed_timings(first.timings, second.timings, t0)
+            return type(second)(second.images, first.seed, first.parameters, timings, first.seeds)
 
         return batch
 

@@ -32,6 +32,7 @@ class ModelEntry:
     sha256: str  # the U-Net's: what A1111 clients see as the checkpoint's hash
     batch_max: int  # the most images one engine call of this folder takes
     created: int = 0  # when its manifest was written (Unix seconds): OpenAI's model "created"
+    default_size: int = 512  # the model's own side in pixels (SDXL 1024): an OpenAI request without a size
 
     @property
     def hash(self) -> str:
@@ -54,7 +55,8 @@ class ModelEntry:
             created = int((Path(folder) / MANIFEST_NAME).stat().st_mtime)
         except OSError:
             created = 0
-        return cls(name, Path(folder), manifest.components["unet"].sha256, manifest.ranges.batch_max, created)
+        return cls(name, Path(folder), manifest.components["unet"].sha256, manifest.ranges.batch_max, created,
+                   manifest.model.default_size)
 
 
 def scan(models_dir: str | Path) -> tuple[list[ModelEntry], list[str]]:

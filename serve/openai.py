@@ -25,7 +25,7 @@ class OpenAIImages(BaseModel):
     prompt: str
     model: str | None = None
     n: int = Field(1, ge=1)
-    size: str | None = "512x512"
+    size: str | None = None  # None or "auto": the model's own size (512x512 for SD 1.x, 1024x1024 for SDXL)
     response_format: str | None = "b64_json"
 
 
@@ -80,6 +80,11 @@ def router(server) -> APIRouter:
     config = server.config
     api = APIRouter()
 
+    def default_size(name: str | None) -> int:
+        """The side of the images of model ``name`` (None: the default model) when a request sends no size."""
+        entry = server.models.find(name) if name is not None else server.models.current()
+        return 512 if entry is None else entry.default_size
+
     def model_name(model: str | None) -> str | None:
         """The server's model a request's ``model`` names (None: the default); an unknown one is refused by name."""
         if model is None or model == "" or model.startswith(OPENAI_MODELS):
@@ -94,9 +99,9 @@ def router(server) -> APIRouter:
     async def generations(body: OpenAIImages, request: Request):
         check_format(body.response_format)
         model = model_name(body.model)
-        width, height = parse_size(body.size or "512x512")
+        width, height = parse_size(body.size)
         if width is None:
-            width = height = 512
+            width = height = default_size(model)
         server.check_limits(width, height, STEPS, body.n)
         req = GenerationRequest.create(body.prompt, None, STEPS, GUIDANCE, height, width, None, body.n)
         images, infos = await server.submit("openai", request, req, 1, model=model)

@@ -36,6 +36,18 @@ def tiny_control_fp16(tmp_path_factory):
     return _export(tmp_path_factory, "fp16", "tiny", ("edges=random", "depth=random"))[0]
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_fp16(tmp_path_factory):
+    """The SDXL-shaped built-in exported in fp16 straight from the built-in (two encoders, added conditions)."""
+    return _export(tmp_path_factory, "fp16", "tiny-xl")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_refiner_fp16(tmp_path_factory):
+    """The SDXL-refiner-shaped built-in exported in fp16 (one projected encoder, 5 time ids)."""
+    return _export(tmp_path_factory, "fp16", "tiny-xl-refiner")
+
+
 @pytest.fixture(scope="session", params=["fp16", "fp32"])
 def tiny_export(request):
     return request.getfixturevalue(f"tiny_{request.param}")

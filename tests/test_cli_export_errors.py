@@ -49,7 +49,7 @@ def test_unknown_model_family(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("model,extra,needle", [
-    ("sdxl", ["--lora", "style.safetensors"], "--lora with an SDXL model is not supported yet")])
+    ("sdxl", ["--lora", "style.safetensors"], "LoRA file style.safetensors does not exist")])  # checked, not refused
 def test_what_sdxl_does_not_do_yet_is_refused_before_loading(capsys, tmp_path, model, extra, needle):
     code, err = run_cli(capsys, "export", model, "--out", str(tmp_path / "o"), *extra)
     assert_one_line_error(code, err, needle)

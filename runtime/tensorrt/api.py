@@ -122,6 +122,12 @@ def device_info(cudart, device: int = 0) -> DeviceInfo:
     return DeviceInfo(name=name, compute_capability=f"{prop.major}{prop.minor}", total_memory_mb=prop.totalGlobalMem // 2**20)
 
 
+def memory_info(cudart) -> tuple[int, int]:
+    """(free, total) bytes of the current GPU's memory (``cudaMemGetInfo``)."""
+    free, total = check(cudart, cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+    return int(free), int(total)
+
+
 def trt_version(trt) -> str:
     return str(trt.__version__)
 

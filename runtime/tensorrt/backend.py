@@ -36,7 +36,7 @@ from sdtrt.integrity import FileEntry
 from sdtrt.runtime.backends import BackendError, EngineSet, ShapeError, check_integrity, controlnets
 from sdtrt.runtime.device_loop import DeviceLoop, aligned, attempt_all, update_shapes
 from sdtrt.runtime.tensorrt import api
-from sdtrt.runtime.tensorrt.build import REFITTABLE
+from sdtrt.runtime.tensorrt.refit import refittable_graphs
 from sdtrt.runtime.tensorrt.cuda import CudaGraphs, CudaMemory
 from sdtrt.runtime.tensorrt.refit import Refit, numpy_dtypes, unrefittable
 
@@ -360,11 +360,12 @@ def load_trt_engines(folder: Path, manifest: Manifest, trt=None, cudart=None, us
                         f"rebuild with `sdtrt build {folder}`")
     session = TrtSession(trt, cudart)
     engines = EngineSet(resources=[session])
+    refittable = frozenset(refittable_graphs(manifest)) if manifest.tensorrt.refittable else frozenset()
     try:
         for name, built in manifest.tensorrt.engines.items():
             path = Path(folder) / (files or {}).get(name, built.file)
             engines[name] = session.load(path, manifest.components[name], built.profile)
-            engines[name].refittable = manifest.tensorrt.refittable and name in REFITTABLE
+            engines[name].refittable = name in refittable
             if engines[name].refittable:
                 check_refittable(engines[name], manifest.components[name])
     except BaseException:

@@ -1,10 +1,14 @@
 """``sdtrt build``: one TensorRT engine per ONNX graph of an engine folder, on the GPU that will run them.
 
 Strongly typed networks: precision comes from the ONNX (TensorRT 11 has no FP16 builder flag; on 10.x the
-STRONGLY_TYPED flag gives the same behaviour). Optimization profiles come from the manifest's ranges (or
-a static shape), the timing cache lives in the folder keyed by TensorRT version and GPU and is reused,
-engines are named with the TensorRT version and compute capability, and the manifest records what was
-built with what. Every engine is verified on this GPU against ONNX Runtime (``verify.py``) before it is
+STRONGLY_TYPED flag gives the same behaviour). Every graph the manifest lists is built (SDXL's second text encoder,
+its added-condition inputs and an inpainting U-Net's extra ones included: profiles follow the inputs' named
+dimensions). Optimization profiles come from the manifest's ranges and the model's default size (or a static
+shape), the timing cache lives in the folder keyed by TensorRT version and GPU and is reused, engines are named with
+the TensorRT version and compute capability, and the manifest records what was built with what, the builder's
+workspace and each engine's device memory included. Graphs are parsed from their files (``parse_from_file``: the
+ONNX bytes are never held twice in host memory), and a build the GPU's free memory cannot hold is refused before
+anything is parsed. Every engine is verified on this GPU against ONNX Runtime (``verify.py``) before it is
 installed. Written against the TensorRT Python API 10.x/11.x directly; polygraphy's loaders are not needed.
 """
 
@@ -17,13 +21,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.errors import MemoryLimitError, SdtrtError, UsageError
 from sdtrt.fsutil import folder_lock, remove_stale, temp_path, write_atomic
 from sdtrt.manifest import BuiltEngine, Component, Manifest, ModelInfo, TensorRTBuild, resolve_shape, sha256_file
+from sdtrt.memory import gb
+from sdtrt.runtime.tensorrt.refit import refittable_graphs
 
 Triple = tuple[int, int, int]
-# graphs whose weights LoRAs and textual-inversion embeddings change at generation time (--refittable)
-REFITTABLE = ("unet", "text_encoder")
+# the default size profile spans these multiples of the model's default size (SD 1.x 256..768, SDXL 512..1536, as
+# NVIDIA's A1111 extension defaults to 512..768 for SD 1.5), within the export's range
+PROFILE_SPAN = (0.5, 1.5)
+# GPU memory a build leaves to the CUDA context, the builder's own allocations and the activations it times tactics
+# with, besides the graph's weights and the workspace (TensorRT's default workspace is all of the GPU's memory)
+BUILD_RESERVE = 2**30
+MIN_WORKSPACE = 2**30  # below this TensorRT skips most tactics of an SD U-Net
 
 
 class BuildError(SdtrtError):
@@ -36,10 +47,11 @@ class BuildConfig:
     size: Triple | None = None  # min, opt, max pixels (height and width); None: the export's range, opt = default size
     static: tuple[int, int] | None = None  # (width, height): one fixed shape, batch fixed at opt, guidance on
     timing_cache: str | None = None  # default: DIR/timing.trt<version>.sm<cc>.cache
-    workspace_gb: float | None = None
+    workspace_gb: float | None = None  # None: what the GPU has free, less the graph's weights and a reserve
     opt_level: int = 3  # builder_optimization_level, 0..5
     verify: bool = True  # check every engine against ONNX Runtime on this GPU before installing it
-    refittable: bool = False  # U-Net and text encoder built with REFIT: LoRAs and embeddings without a rebuild
+    refittable: bool = False  # U-Net and text encoders built with REFIT: LoRAs and embeddings without a rebuild
+    memory_check: bool = True  # refuse up front a build the GPU's free memory cannot hold (--no-memory-check)
 
     def resolved(self, manifest: Manifest) -> "BuildConfig":
         """This config with the profiles it leaves unset taken from the manifest: the export's ranges (what its
@@ -78,12 +90,19 @@ class BuildConfig:
 
 
 def _default_profile(manifest: Manifest) -> tuple[Triple, Triple]:
-    """(batch, size) profiles of a build that sets none: the export's ranges, optimal at one image (or the smallest
-    batch) and at the model's default size, clamped into the range on a multiple of 8 and of the VAE factor."""
+    """(batch, size) profiles of a build that sets none: the export's batch range, optimal at one image (or the
+    smallest batch); sizes from the model's default size (``PROFILE_SPAN`` around it, optimal at it), clamped into
+    the export's range on multiples of 8 and of the VAE factor."""
     r, model = manifest.ranges, manifest.model
     step = math.lcm(8, model.vae_scale_factor)
-    opt = min(max(model.default_size, r.size_min), r.size_max) // step * step
-    return (r.batch_min, r.batch_min, r.batch_max), (r.size_min, max(opt, r.size_min), r.size_max)
+
+    def clamp(v: float, up: bool) -> int:
+        v = -(-int(v) // step) * step if up else int(v) // step * step
+        return min(max(v, r.size_min), r.size_max)
+
+    d = model.default_size
+    lo, opt, hi = clamp(d * PROFILE_SPAN[0], True), clamp(d, False), clamp(d * PROFILE_SPAN[1], False)
+    return (r.batch_min, r.batch_min, r.batch_max), (min(lo, opt), opt, max(hi, opt))
 
 
 def _colon(triple: Triple) -> str:
@@ -192,29 +211,85 @@ def build_engines(folder: Path, cfg: BuildConfig, trt=None, cudart=None,
         return _build_engines(folder, cfg, trt, cudart, log)
 
 
+def graph_weight_bytes(folder: Path, component: Component) -> int:
+    """Bytes of a graph's weights as its files hold them: the ONNX file and its external data (what the parser loads,
+    and the builder holds on the GPU); a file that is missing counts 0 (the parser then says so)."""
+    total = 0
+    for name in (component.file, *component.external_data):
+        try:
+            total += (folder / name).stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+@dataclass(frozen=True)
+class BuildMemory:
+    """What a build needs of the GPU, known before anything is parsed: the largest graph's weights plus the builder's
+    workspace (``--workspace``, or at least ``MIN_WORKSPACE``)."""
+
+    free: int  # bytes free on the GPU now (cudaMemGetInfo)
+    total: int
+    weights: dict[str, int]  # graph -> bytes of its weights
+    workspace: int | None  # --workspace in bytes; None: sized per graph from the free memory
+
+    @property
+    def largest(self) -> str:
+        return max(self.weights, key=self.weights.get)
+
+    @property
+    def need(self) -> int:
+        return self.weights[self.largest] + (self.workspace or MIN_WORKSPACE) + BUILD_RESERVE
+
+    def workspace_for(self, name: str, free: int) -> int:
+        """The workspace limit for graph ``name`` when ``free`` bytes are free on the GPU: ``--workspace``, else what
+        is left after its weights and ``BUILD_RESERVE`` (at least ``MIN_WORKSPACE``)."""
+        if self.workspace:
+            return self.workspace
+        return max(MIN_WORKSPACE, free - self.weights[name] - BUILD_RESERVE)
+
+    def check(self, folder: Path) -> None:
+        if self.need <= self.free:
+            return
+        ws = f"--workspace {self.workspace / 2**30:g} GB" if self.workspace else f"a {gb(MIN_WORKSPACE)} workspace"
+        raise MemoryLimitError(
+            f"building {folder}'s engines needs about {gb(self.need)} of GPU memory ({self.largest}: "
+            f"{gb(self.weights[self.largest])} of weights, {ws}, {gb(BUILD_RESERVE)} reserve), the GPU has "
+            f"{gb(self.free)} free of {gb(self.total)}: free the GPU (other processes), build on a larger one, or pass "
+            "--no-memory-check to try anyway")
+
+
+def build_memory(folder: Path, manifest: Manifest, cfg: BuildConfig, cudart) -> BuildMemory:
+    from sdtrt.runtime.tensorrt import api
+
+    free, total = api.memory_info(cudart)
+    weights = {name: graph_weight_bytes(folder, c) for name, c in manifest.components.items()}
+    return BuildMemory(free=free, total=total, weights=weights,
+                       workspace=int(cfg.workspace_gb * 2**30) if cfg.workspace_gb else None)
+
+
 def _build_engines(folder: Path, cfg: BuildConfig, trt, cudart, log) -> Manifest:
     from sdtrt.runtime.tensorrt import api
 
     manifest = Manifest.load(folder)
-    m = manifest.model
-    if len(m.encoders) > 1 or m.added_conditions is not None:  # before TensorRT is even imported
-        from sdtrt.errors import UsageError
-
-        raise UsageError(f"{folder} holds an SDXL-family model ({m.family}): TensorRT engines for SDXL come with the "
-                         "next release; run it on ONNX Runtime (--backend onnxruntime) meanwhile")
     cfg.check(manifest)
     cfg = cfg.resolved(manifest)
-    remove_stale(folder)  # engine and cache temporaries of a build that was killed
     trt = trt or api.import_tensorrt()
     api.check_tensorrt_version(trt)
     cudart = cudart or api.import_cudart()
     device = api.device_info(cudart)
+    memory = build_memory(folder, manifest, cfg, cudart)
+    if cfg.memory_check:
+        memory.check(folder)  # before anything is parsed or written
+    remove_stale(folder)  # engine and cache temporaries of a build that was killed
     version = api.trt_version(trt)
     logger = api.logger(trt)
     cache = TimingCache(Path(cfg.timing_cache) if cfg.timing_cache else
                         folder / timing_cache_file(version, device.compute_capability), log)
-    log(f"TensorRT {version} on {device.name} (sm_{device.compute_capability}); timing cache "
-        f"{'reused from' if cache.reused else 'new at'} {cache.path}")
+    log(f"TensorRT {version} on {device.name} (sm_{device.compute_capability}, {gb(memory.free)} free of "
+        f"{gb(memory.total)}); timing cache {'reused from' if cache.reused else 'new at'} {cache.path}")
+    refittable = frozenset(refittable_graphs(manifest)) if cfg.refittable else frozenset()
+    runtime = trt.Runtime(logger)  # to read each new engine's device memory
     built: dict[str, BuiltEngine] = {}
     pending: dict[str, Path] = {}  # component -> temporary engine file
     moved: list[Path] = []  # engines renamed into place, not yet installed by the manifest
@@ -223,40 +298,23 @@ def _build_engines(folder: Path, cfg: BuildConfig, trt, cudart, log) -> Manifest
         for name, component in manifest.components.items():
             t0 = time.perf_counter()
             shapes = profile_shapes(component, cfg, manifest.model)
-            builder = trt.Builder(logger)
-            network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse_from_file(str(folder / component.file)):
-                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise BuildError(f"TensorRT cannot parse {component.file}: {errors or 'unknown error'}")
-            config = builder.create_builder_config()
-            if cfg.workspace_gb:
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * 2**30))
-            config.builder_optimization_level = cfg.opt_level
-            if cfg.refittable and name in REFITTABLE:
-                config.set_flag(trt.BuilderFlag.REFIT)
-            profile = builder.create_optimization_profile()
-            for input_name, (lo, opt, hi) in shapes.items():
-                profile.set_shape(input_name, lo, opt, hi)
-            config.add_optimization_profile(profile)
-            cache.attach(config)
-            log(f"  {name}: building ({'static' if cfg.static else 'dynamic'} profile) ...")
-            plan = builder.build_serialized_network(network, config)
-            if plan is None:
-                raise BuildError(f"TensorRT failed to build {component.file} (see the TensorRT log above)")
+            workspace = memory.workspace_for(name, api.memory_info(cudart)[0])
+            log(f"  {name}: building ({'static' if cfg.static else 'dynamic'} profile, {gb(memory.weights[name])} of "
+                f"weights, workspace {gb(workspace)}) ...")
             tmp = pending[name] = temp_path(folder / f"{name}.plan")
-            with open(tmp, "wb") as fh:
-                fh.write(memoryview(plan))
-            cache.save(config)
+            workspace, device_memory = _build_one(trt, logger, runtime, folder / component.file, shapes, workspace,
+                                                  cfg.opt_level, name in refittable, cache, tmp)
             digest = sha256_file(tmp)
             final = engine_file(name, version, device.compute_capability, digest)
             built[name] = BuiltEngine(file=final, sha256=digest, size_bytes=tmp.stat().st_size,
-                                      profile=shapes, build_seconds=round(time.perf_counter() - t0, 1))
-            log(f"  {name}: {final} ({built[name].size_bytes / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+                                      profile=shapes, build_seconds=round(time.perf_counter() - t0, 1),
+                                      workspace_bytes=workspace, device_memory_bytes=device_memory)
+            log(f"  {name}: {final} ({built[name].size_bytes / 1e6:.1f} MB serialized, {device_memory / 1e6:.1f} MB of "
+                f"device memory at the profile's largest shapes) in {time.perf_counter() - t0:.1f}s")
         record = TensorRTBuild(version=version, gpu=device.name, compute_capability=device.compute_capability,
                                engines=built, timing_cache=_in_folder(cache.path, folder), opt_level=cfg.opt_level,
                                workspace_gb=cfg.workspace_gb, static=cfg.static is not None,
-                               refittable=cfg.refittable)
+                               refittable=cfg.refittable, gpu_free_bytes=memory.free)
         if cfg.verify:
             record = _verify(folder, replace(manifest, tensorrt=record), {n: p.name for n, p in pending.items()},
                              trt, cudart, log)
@@ -279,6 +337,46 @@ def _build_engines(folder: Path, cfg: BuildConfig, trt, cudart, log) -> Manifest
         for stale in {e.file for e in old.engines.values()} - {e.file for e in record.engines.values()}:
             (folder / stale).unlink(missing_ok=True)
     return manifest
+
+
+def _build_one(trt, logger, runtime, onnx: Path, shapes: dict, workspace: int, opt_level: int, refit: bool,
+               cache: TimingCache, out: Path) -> tuple[int, int]:
+    """Build one graph into ``out``; returns (the builder's workspace limit, the engine's device memory at the
+    profile's largest shapes), both in bytes. The builder, network and parser are gone when it returns, so the next
+    graph's build does not share the GPU with them; the engine is deserialized once, after them, only to read its
+    device memory (``device_memory_size_v2``)."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx)):  # reads the file (and its external data) itself
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"TensorRT cannot parse {onnx.name}: {errors or 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+    config.builder_optimization_level = opt_level
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    opt_profile = builder.create_optimization_profile()
+    for input_name, (lo, opt, hi) in shapes.items():
+        opt_profile.set_shape(input_name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
+    cache.attach(config)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(f"TensorRT failed to build {onnx.name} (see the TensorRT log above; out of GPU memory "
+                         "shows there: a smaller --workspace or --size MAX needs less)")
+    workspace = int(config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE))
+    with open(out, "wb") as fh:
+        fh.write(memoryview(plan))
+    cache.save(config)
+    del parser, network, builder, config
+    cuda_engine = runtime.deserialize_cuda_engine(plan)
+    if cuda_engine is None:
+        raise BuildError(f"TensorRT cannot load the engine it has just built from {onnx.name} (see the TensorRT log "
+                         "above)")
+    device_memory = int(cuda_engine.device_memory_size_v2)
+    del cuda_engine, plan
+    return workspace, device_memory
 
 
 def _in_folder(path: Path, folder: Path) -> str:

@@ -114,3 +114,13 @@ class Refit:
         trt = self.owner.trt
         if not refitter.set_named_weights(name, trt.Weights(array)):
             raise BackendError(f"TensorRT refused new weights for {name} in {self.owner.label}")
+
+
+def refittable_graphs(manifest) -> tuple[str, ...]:
+    """The graphs ``sdtrt build --refittable`` builds with REFIT: those LoRAs and embeddings change at generation time
+    (``runtime.lora_names.targets``: the U-Net and every text encoder the manifest lists, SDXL's text_encoder_2 too) and
+    whose weights the export mapped (``Component.weights``); nothing here names a graph."""
+    from sdtrt.runtime.lora_names import targets
+
+    return tuple(t.graph for t in targets(manifest.model)
+                 if t.graph in manifest.components and manifest.components[t.graph].weights)

@@ -54,6 +54,24 @@ def random_feeds(component: Component, shapes: dict[str, tuple[int, ...]], value
     return feeds
 
 
+def added_condition_feeds(model, component: Component, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """SDXL's ``time_ids`` as a generation feeds them (sizes of the case's image, crop 0, the refiner's aesthetic
+    scores: values near 1000 through the U-Net's time embedding, where fp16 kernels could differ), negative and positive
+    rows alternating; {} for a graph without them. ``text_embeds`` stays N(0, 1), as a pooled embedding is."""
+    added = model.added_conditions
+    names = {s.name for s in component.inputs}
+    if added is None or added.time_ids_input not in names or "latents" not in shapes:
+        return {}
+    from sdtrt.runtime.conditioning import time_ids
+    from sdtrt.runtime.request import GenerationRequest
+
+    h, w = (d * model.vae_scale_factor for d in shapes["latents"][2:])
+    pair = time_ids(model, GenerationRequest(prompt=("",), negative_prompt=("",)), h, w, "txt2img")  # (2, n)
+    rows = shapes[added.time_ids_input][0]
+    dtype = np.dtype(component.input(added.time_ids_input).dtype)
+    return {added.time_ids_input: np.resize(pair, (rows, pair.shape[1])).astype(dtype)}
+
+
 def _fits(shapes: dict[str, tuple[int, ...]], profile: dict[str, tuple]) -> bool:
     for name, (lo, _, hi) in profile.items():
         shape = shapes.get(name)
@@ -108,6 +126,7 @@ def verify_engines(folder: Path, manifest: Manifest, engines: dict, log=print) -
         checks = []
         for seed, (label, shapes, values) in enumerate(engine_cases(component, manifest.tensorrt.engines[name].profile)):
             feeds = random_feeds(component, shapes, {**DEFAULT_VALUES, **values}, manifest.model.vocab_size, seed)
+            feeds.update(added_condition_feeds(manifest.model, component, shapes))
             want = reference.run(feeds)
             got = engine.run(feeds)
             worst = None

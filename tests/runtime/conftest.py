@@ -41,3 +41,13 @@ def inpaint_folder(tiny_inpaint_fp16, tmp_path):
 @pytest.fixture
 def control_folder(tiny_control_fp16, tmp_path):
     return _copy(tiny_control_fp16, tmp_path, "control")
+
+
+@pytest.fixture
+def xl_folder(tiny_xl_fp16, tmp_path):
+    return _copy(tiny_xl_fp16[0], tmp_path, "xl")
+
+
+@pytest.fixture
+def xl_refiner_folder(tiny_xl_refiner_fp16, tmp_path):
+    return _copy(tiny_xl_refiner_fp16[0], tmp_path, "xl_refiner")

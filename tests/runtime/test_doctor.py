@@ -1,6 +1,8 @@
 """`sdtrt doctor`: on this machine (no TensorRT, no GPU) it says what is missing and exits 0; with the fakes it
 reports the GPU, whether a folder's engines match it, and runs the short TensorRT-vs-ONNX Runtime check."""
 
+import re
+
 import pytest
 
 from sdtrt.cli import main
@@ -53,14 +55,19 @@ def test_doctor_run_without_tensorrt_is_one_line_after_the_report(tiny_fp16, cap
         "'sdtrt[tensorrt-cu13]' (CUDA 13 drivers, 580+)"]
 
 
-def test_doctor_with_a_gpu_reports_the_match_and_runs_the_check(fake_gpu, fp16_folder, capsys):
-    build_engines(fp16_folder, SMALL, log=lambda s: None)
-    assert main(["doctor", str(fp16_folder), "--run"]) == 0
+@pytest.mark.parametrize("fixture, sampler", [("fp16_folder", "pndm"), ("xl_folder", "euler")])
+def test_doctor_with_a_gpu_reports_the_match_and_runs_the_check(fake_gpu, request, fixture, sampler, capsys):
+    """SDXL too: the check feeds the added conditions and runs both text encoders; the engines' memory is shown."""
+    folder = request.getfixturevalue(fixture)
+    build_engines(folder, SMALL, log=lambda s: None)
+    assert main(["doctor", str(folder), "--run"]) == 0
     out, _ = lines(capsys)
+    assert re.search(r"   engine memory: +\d+\.\d GB of engines \(weights\); \d+\.\d GB of context memory at most "
+                     r"\(\w+ at its profile's largest shapes\)", out), out
     assert "ok GPU:               NVIDIA H100 80GB HBM3, sm_90" in out
     assert "ok match:             yes" in out
     assert "!! verified at build: no (built with --no-verify)" in out
-    assert "ok run:               1x 64x64, 4 pndm steps, TensorRT vs onnxruntime-cpu: PSNR" in out
+    assert f"ok run:               1x 64x64, 4 {sampler} steps, TensorRT vs onnxruntime-cpu: PSNR" in out
 
 
 def test_doctor_names_engines_built_for_another_gpu(fake_gpu, fp16_folder, capsys):

@@ -99,7 +99,7 @@ def test_generate_with_refiner_on_the_command_line(tiny_xl_model, tiny_xl_refine
         assert code == 2 and needle in err and "Traceback" not in err, err
 
 
-def test_the_a1111_refiner_checkpoint_runs_the_ensemble(tiny_xl_model, tiny_xl_refiner_model, tmp_path):
+def test_sdxl_folders_served_a1111_refiner_checkpoint_and_openai(tiny_xl_model, tiny_xl_refiner_model, tmp_path):
     from tests.serve.test_models import image_of, start_models
 
     models = tmp_path / "models"
@@ -121,6 +121,20 @@ def test_the_a1111_refiner_checkpoint_runs_the_ensemble(tiny_xl_model, tiny_xl_r
         assert psnr(got, lib.images) > 40
         bad = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "nope"}, timeout=60)
         assert bad.status_code in (400, 404, 422) and "nope" in bad.text
+        # the same SDXL folders behind OpenAI's images API: the library's image, the model's own default size
+        r = requests.post(f"{url}/v1/images/generations", json={"prompt": "a cat", "model": "base", "size": "128x96"},
+                          timeout=300)
+        assert r.status_code == 200, r.text
+        got, info = image_of(r.json()["data"][0]["b64_json"])
+        from sdtrt.runtime.infotext import parse_infotext
+        from sdtrt.serve.openai import GUIDANCE, STEPS
+        with Pipeline.from_dir(models / "base") as base:
+            want = base("a cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=128, height=96,
+                        seed=int(parse_infotext(info)["Seed"]), output_type="np")
+            side = base.manifest.model.default_size
+        assert psnr(got.astype(np.float32)[None] / 255, want.images) > 40
+        r = requests.post(f"{url}/v1/images/generations", json={"prompt": "a cat", "model": "base"}, timeout=300)
+        assert r.status_code == 200 and image_of(r.json()["data"][0]["b64_json"])[0].shape == (side, side, 3)
     finally:
         proc.terminate()
         proc.wait(30)

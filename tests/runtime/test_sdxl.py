@@ -166,15 +166,3 @@ def test_sdxl_device_loop_gives_the_host_loops_image(tiny_xl_model):
     with Pipeline.from_dir(out, backend="onnxruntime-cpu", device_loop=True) as device, \
             Pipeline.from_dir(out, backend="onnxruntime-cpu") as host:
         assert psnr(device("a cat", **args).images, host("a cat", **args).images) >= 60
-
-
-def test_what_sdxl_does_not_do_yet_is_refused_by_name(tiny_xl_model, tmp_path, cli):
-    out, _ = tiny_xl_model
-    pipe = Pipeline.from_dir(out)
-    for call in (lambda: pipe.set_loras([(str(tmp_path / "x.safetensors"), 1.0)]),
-                 lambda: pipe.load_textual_inversion(tmp_path / "x.safetensors"),
-                 lambda: pipe("a <lora:x:1> cat", num_inference_steps=2)):
-        with pytest.raises(UsageError, match="SDXL-family model .* not supported yet"):
-            call()
-    code, _, err = cli("build", out)
-    assert code == 2 and "SDXL" in err and "next release" in err, err

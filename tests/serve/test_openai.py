@@ -79,6 +79,18 @@ def test_images_generate_gives_the_librarys_image(client, pipe):
         assert any(np.array_equal(image, np.asarray(w)) for w in want)
 
 
+def test_images_generate_without_a_size_is_the_models_own_size(client, tiny_fp32):
+    """OpenAI's ``size`` omitted (the SDK sends none) or "auto": the model's own size, from its manifest (tiny 256,
+    SD 1.x 512, SDXL 1024), not a fixed 512x512."""
+    from sdtrt.manifest import Manifest
+
+    side = Manifest.load(tiny_fp32[0]).model.default_size
+    assert side != 512
+    for size in ({}, {"size": "auto"}):
+        image, _ = decoded(client.images.generate(prompt="a lighthouse", n=1, **size).data[0])
+        assert image.shape == (side, side, 3)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_images_edit_inpaints_the_transparent_area(client, pipe, with_mask):
     if with_mask:  # an opaque image and a separate mask: the mask's transparent pixels are edited

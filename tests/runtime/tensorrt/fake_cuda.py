@@ -158,7 +158,7 @@ class FakeCudart:
         return (self.ok,)
 
     def cudaMemGetInfo(self):
-        return self.ok, self.prop.totalGlobalMem - self.bytes_allocated, self.prop.totalGlobalMem
+        return self.ok, min(self.memory_limit, self.prop.totalGlobalMem) - self.bytes_allocated, self.prop.totalGlobalMem
 
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
         """Bytes [ptr, ptr + nbytes) of simulated device memory (a writable view)."""

@@ -256,6 +256,10 @@ class IBuilderConfig:
     def set_memory_pool_limit(self, pool, pool_size):
         self.pools[pool] = pool_size
 
+    def get_memory_pool_limit(self, pool):
+        cudart = CURRENT["cudart"]
+        return self.pools.get(pool, cudart.prop.totalGlobalMem if cudart else 0)  # default: all of the GPU's memory
+
     def add_optimization_profile(self, profile):
         self.profiles.append(profile)
         return len(self.profiles) - 1

@@ -188,7 +188,8 @@ def test_every_tensorrt_name_sdtrt_uses_exists(real_api):
 # what sdtrt's TensorRT code calls its TensorRT objects (the receivers' names are kept to these on purpose)
 RECEIVERS = {"refitter": "Refitter", "proto": "Weights", "cuda_engine": "ICudaEngine", "self.engine": "ICudaEngine",
              "e.engine": "ICudaEngine", "engine.engine": "ICudaEngine", "self.context": "IExecutionContext",
-             "ctx": "IExecutionContext", "other": "IExecutionContext"}
+             "ctx": "IExecutionContext", "other": "IExecutionContext", "builder": "Builder", "parser": "OnnxParser",
+             "config": "IBuilderConfig", "opt_profile": "IOptimizationProfile", "runtime": "Runtime"}
 
 
 def project_methods() -> dict[str, set[str]]:
@@ -211,6 +212,12 @@ def test_every_tensorrt_member_sdtrt_uses_exists(real_api):
             "get_tensor_shape", "create_execution_context"} <= used["ICudaEngine"]
     assert {"set_input_shape", "set_tensor_address", "execute_async_v3", "set_device_memory"} <= used["IExecutionContext"]
     assert {"size", "dtype"} <= used["Weights"]
+    assert {"create_network", "create_builder_config", "create_optimization_profile",
+            "build_serialized_network"} <= used["Builder"]
+    assert {"parse_from_file", "get_error", "num_errors"} <= used["OnnxParser"]  # from the file: no second copy
+    assert {"set_memory_pool_limit", "get_memory_pool_limit", "add_optimization_profile", "set_timing_cache",
+            "create_timing_cache", "get_timing_cache", "set_flag"} <= used["IBuilderConfig"]
+    assert {"device_memory_size_v2"} <= used["ICudaEngine"] and {"deserialize_cuda_engine"} <= used["Runtime"]
     problems = [f"{cls}.{member}" for cls, members in sorted(used.items()) for member in sorted(members)
                 if member not in real_api["classes"][cls]]
     assert problems == []

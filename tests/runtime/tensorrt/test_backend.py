@@ -40,26 +40,35 @@ def same_image(a, b):
     return psnr(a, b) >= 60
 
 
-@pytest.mark.parametrize("sampler", ["pndm", "lms", "dpmpp_2m", "euler_a", "lcm", "unipc"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_device_loop_gives_the_host_loop_image(fake_gpu, request, precision, sampler):
-    folder = built(request.getfixturevalue(f"{precision}_folder"))
+SAMPLERS = ["pndm", "lms", "dpmpp_2m", "euler_a", "lcm", "unipc"]
+
+
+# tiny fp32/fp16 with every sampler; tiny-xl fp16 with a multistep, an ancestral and a history-reading one
+@pytest.mark.parametrize("folder, sampler", [(f, s) for f in ("fp32_folder", "fp16_folder") for s in SAMPLERS]
+                         + [("xl_folder", s) for s in ("pndm", "euler_a", "dpmpp_2m")])
+def test_device_loop_gives_the_host_loop_image(fake_gpu, request, folder, sampler):
+    """SDXL's added conditions (text_embeds, FP32 time_ids) are constant U-Net inputs of the device loop."""
+    folder = built(request.getfixturevalue(folder))
     host = generate(folder, "onnxruntime-cpu", scheduler=sampler).images
     device = generate(folder, "tensorrt", scheduler=sampler).images
     assert np.isfinite(device).all()
     assert same_image(host, device), f"PSNR {psnr(host, device):.1f} dB"
 
 
-def test_third_generation_replays_one_cuda_graph_with_no_host_work_per_step(fake_gpu, fp16_folder):
+@pytest.mark.parametrize("folder", ["fp16_folder", "xl_folder"])
+def test_third_generation_replays_one_cuda_graph_with_no_host_work_per_step(fake_gpu, request, folder):
     """Eager, then captured and launched, then replayed: the replay follows a reserve() of the same shapes, which
-    must not set the contexts' shapes again (the fake refuses a replay against a context whose state moved)."""
+    must not set the contexts' shapes again (the fake refuses a replay against a context whose state moved). SDXL's
+    added conditions are bound once per generation, outside the steps, and allocate nothing per step."""
     _, cudart = fake_gpu
-    with Pipeline.from_dir(built(fp16_folder), backend="tensorrt") as pipe:
+    with Pipeline.from_dir(built(request.getfixturevalue(folder)), backend="tensorrt") as pipe:
+        encoders = [f"exec:{e.component}" for e in pipe.manifest.model.encoders]
         loop = pipe.engines["unet"].device_loop
-        first = pipe("a cat", num_inference_steps=6, height=64, width=64, seed=1, output_type="np").images
-        second = pipe("a cat", num_inference_steps=6, height=64, width=64, seed=1, output_type="np").images
+        kwargs = dict(num_inference_steps=6, height=64, width=64, seed=1, output_type="np", scheduler="pndm")
+        first = pipe("a cat", **kwargs).images
+        second = pipe("a cat", **kwargs).images
         cudart.log.clear()
-        again = pipe("a cat", num_inference_steps=6, height=64, width=64, seed=1, output_type="np").images
+        again = pipe("a cat", **kwargs).images
         np.testing.assert_array_equal(first, second)
         np.testing.assert_array_equal(first, again)
         assert loop.captures == 1
@@ -67,8 +76,8 @@ def test_third_generation_replays_one_cuda_graph_with_no_host_work_per_step(fake
         assert log.count("graph") == 1  # the whole loop is one launch
         # U-Net and update alternate, 7 PNDM calls each, between the text encoder and the VAE
         assert [e for e in log if e.startswith("exec:")] == (
-            ["exec:text_encoder"] + ["exec:unet", "exec:sampler_update"] * 7 + ["exec:vae_decoder"])
-        assert log.count("sync") == 3  # text encoder, end of the loop, VAE: never once per step
+            encoders + ["exec:unet", "exec:sampler_update"] * 7 + ["exec:vae_decoder"])
+        assert log.count("sync") == len(encoders) + 2  # text encoders, end of the loop, VAE: never once per step
 
 
 def test_a_new_shape_captures_a_new_graph(fake_gpu, fp16_folder):

@@ -129,7 +129,7 @@ def test_bad_build_options(fake_gpu, fp16_folder, cfg, needle):
 def test_profiles_default_to_the_exports_ranges(tiny_fp16):
     manifest = tiny_fp16[1]  # batch 1..4, size 64..512, default size 256
     cfg = BuildConfig().resolved(manifest)
-    assert (cfg.batch, cfg.size) == ((1, 1, 4), (64, 256, 512))
+    assert (cfg.batch, cfg.size) == ((1, 1, 4), (128, 256, 384))  # sizes: 0.5 .. 1.5 x the default size
     BuildConfig().check(manifest)
     assert BuildConfig(size=(64, 128, 256)).resolved(manifest).batch == (1, 1, 4)
 
@@ -138,7 +138,7 @@ def test_profiles_default_to_the_exports_ranges(tiny_fp16):
     (BuildConfig(batch=(0, 1, 4)), "--batch MIN must be at least 1, got 0"),
     (BuildConfig(size=(0, 64, 128)), "--size MIN must be at least 8, got 0"),
     (BuildConfig(size=(256, 512, 1024)), "--size 256:512:1024 is outside the exported range 64..512: pass --size MIN:"
-                                         "OPT:MAX within it (default 64:256:512), or re-export with a wider --size"),
+                                         "OPT:MAX within it (default 128:256:384), or re-export with a wider --size"),
     (BuildConfig(batch=(1, 1, 8)), "--batch 1:1:8 is outside the exported range 1..4: pass --batch MIN:OPT:MAX within "
                                    "it (default 1:1:4), or re-export with a wider --batch"),
     (BuildConfig(static=(1024, 64)), "--static 1024x64 is outside the exported range 64..512: pass --static WxH within "
@@ -312,3 +312,135 @@ def test_the_build_check_covers_two_chunks_and_a_refit_there_and_back(fake_gpu, 
     for case in ("1-chunk prompt", "2-chunk prompt", "refitted LoRA"):
         assert re.search(rf"{case}: PSNR (\d+\.\d|inf) dB against onnxruntime-cpu; replayed CUDA graph agrees", text), case
     assert not list(fp16_folder.glob("verify_lora*"))  # the LoRA lived in a temporary folder
+
+
+# ---- issue 25: SDXL engines, from the manifest's data; memory known before it runs out ---------------------------
+
+XL = BuildConfig(batch=(1, 1, 2), size=(64, 128, 256))
+
+
+def test_the_default_size_profile_comes_from_the_models_default_size(tiny_fp16):
+    """Half to one and a half times the model's default size, optimal at it, within the export's range: SD 1.x's 512
+    gives 256:512:768, SDXL's 1024 gives 512:1024:1536 (no constant of either family in the code)."""
+    from dataclasses import replace
+
+    from sdtrt.manifest import Ranges
+
+    manifest = tiny_fp16[1]
+    for default, size in ((512, (256, 512, 768)), (1024, (512, 1024, 1536)), (256, (128, 256, 384))):
+        wide = replace(manifest, model=replace(manifest.model, default_size=default), ranges=Ranges(1, 4, 64, 2048))
+        assert BuildConfig().resolved(wide).size == size
+    narrow = replace(manifest, model=replace(manifest.model, default_size=1024), ranges=Ranges(1, 4, 256, 1024))
+    assert BuildConfig().resolved(narrow).size == (512, 1024, 1024)  # clamped into what the export validated
+
+
+@pytest.mark.parametrize("fixture, time_ids", [("tiny_xl_fp16", 6), ("tiny_xl_refiner_fp16", 5)])
+def test_every_input_of_every_sdxl_graph_gets_a_profile(request, fixture, time_ids):
+    manifest = request.getfixturevalue(fixture)[1]
+    cfg = BuildConfig(batch=(1, 2, 4), size=(64, 256, 512))
+    for name, component in manifest.components.items():
+        shapes = profile_shapes(component, cfg, manifest.model)
+        dynamic = {s.name for s in component.inputs if not all(isinstance(d, int) for d in s.shape)}
+        assert set(shapes) == dynamic, name
+        for spec in component.inputs:  # every profile shape lies within the range the export validated
+            for shape in shapes.get(spec.name, ()):
+                assert spec.check_shape(shape) is None, (name, spec.name, shape)
+    unet = profile_shapes(manifest.components["unet"], cfg, manifest.model)
+    text_rows = tuple(s[0] for s in unet["encoder_hidden_states"])  # B..2B rows: guidance off and on
+    assert tuple(s[0] for s in unet["text_embeds"]) == tuple(s[0] for s in unet["time_ids"]) == text_rows == (1, 4, 8)
+    assert {s[1] for s in unet["time_ids"]} == {time_ids}
+    for encoder in manifest.model.encoders:  # the second encoder too, its pooled output from the same rows
+        assert profile_shapes(manifest.components[encoder.component], cfg, manifest.model)["input_ids"] == (
+            (1, 77), (4, 77), (24, 77))
+
+
+def test_an_sdxl_folder_is_built_verified_and_recorded(fake_gpu, xl_folder):
+    """Both text encoders, the U-Net with its added conditions and the FP32 VAE become engines, each checked against
+    ONNX Runtime, and the end-to-end check generates with them on the device loop."""
+    logs = []
+    manifest = build_engines(xl_folder, XL, log=logs.append)
+    built = manifest.tensorrt
+    assert set(built.engines) == set(manifest.components) >= {"text_encoder", "text_encoder_2", "unet"}
+    assert {"text_embeds", "time_ids"} <= set(built.engines["unet"].profile)
+    assert all(r.passed for rs in built.verification.values() for r in rs) and set(built.verification) == set(
+        built.engines)
+    assert built.end_to_end.passed
+    assert Manifest.load(xl_folder) == manifest
+
+
+def test_the_refiner_and_refittable_text_encoders(fake_gpu, xl_refiner_folder):
+    """The refiner (one projected encoder, 5 time ids) builds; --refittable makes the U-Net and every text encoder
+    refittable, the VAE and the update not."""
+    manifest = build_engines(xl_refiner_folder, BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), verify=False,
+                                                            refittable=True), log=lambda s: None)
+    refit = {re.sub(r"\.onnx$", "", p["onnx"].rsplit("/", 1)[-1]): p["refittable"] for p in fakes.Builder.built}
+    encoders = {e.component for e in manifest.model.encoders}
+    assert refit == {name: name in encoders | {"unet"} for name in manifest.components}
+    assert manifest.tensorrt.engines["unet"].profile["time_ids"][2] == (4, 5)
+
+
+def test_sdxl_refittable_engines_are_refittable_at_load(fake_gpu, xl_folder):
+    from sdtrt.runtime.tensorrt.backend import load_trt_engines
+
+    manifest = build_engines(xl_folder, BuildConfig(batch=(1, 1, 2), size=(64, 128, 256), verify=False,
+                                                    refittable=True), log=lambda s: None)
+    engines = load_trt_engines(xl_folder, manifest)
+    try:
+        assert {n for n, e in engines.items() if getattr(e, "refittable", False)} == {
+            "unet", "text_encoder", "text_encoder_2"}
+    finally:
+        engines.close()
+
+
+def test_workspace_comes_from_the_free_gpu_memory_and_sizes_are_recorded(fake_gpu, fp16_folder):
+    from sdtrt.runtime.tensorrt.build import BUILD_RESERVE, graph_weight_bytes
+
+    _, cudart = fake_gpu
+    cudart.memory_limit = 6 * 2**30  # 6 GiB free of the H100's 80
+    logs = []
+    manifest = build_engines(fp16_folder, SMALL, log=logs.append)
+    for name, engine in manifest.tensorrt.engines.items():
+        weights = graph_weight_bytes(fp16_folder, manifest.components[name])
+        assert engine.workspace_bytes == 6 * 2**30 - weights - BUILD_RESERVE, name
+        plan = next(p for p in fakes.Builder.built if p["onnx"].endswith(f"/{name}.onnx"))
+        assert plan["workspace"] == engine.workspace_bytes  # what the builder was given
+        # the engine's own report of its context memory at the profile's largest shapes
+        cuda_engine = fakes.Runtime(None).deserialize_cuda_engine((fp16_folder / engine.file).read_bytes())
+        assert engine.device_memory_bytes == cuda_engine.device_memory_size_v2 > 0
+    assert manifest.tensorrt.gpu_free_bytes == 6 * 2**30
+    assert Manifest.load(fp16_folder) == manifest  # the new fields round-trip through manifest.json
+    assert "6.4 GB free of 85.9 GB" in logs[0]
+    assert any(re.search(r"unet: unet\.trt.*\.plan \(\d+\.\d MB serialized, \d+\.\d MB of device memory", line)
+               for line in logs)
+
+
+def test_parse_from_file_not_from_bytes(fake_gpu, fp16_folder, monkeypatch):
+    """The parser reads each graph itself (no second copy of the ONNX bytes in host memory)."""
+    monkeypatch.setattr(fakes.OnnxParser, "parse", lambda self, model, path=None: pytest.fail("parsed from bytes"),
+                        raising=False)
+    build_engines(fp16_folder, SMALL, log=lambda s: None)
+
+
+@pytest.mark.parametrize("free, args, needle", [
+    (10 * 2**20, (), r"building .* needs about \d+\.\d GB of GPU memory \(unet: 0\.0 GB of weights, a 1\.1 GB workspace, "
+                     r"1\.1 GB reserve\), the GPU has 0\.0 GB free of 85\.9 GB"),
+    (30 * 2**30, ("--workspace", "40"), r"needs about 44\.0 GB .*--workspace 40 GB.*has 32\.2 GB free"),
+])
+def test_a_build_the_gpu_cannot_hold_is_refused_up_front(fake_gpu, fp16_folder, capsys, free, args, needle):
+    _, cudart = fake_gpu
+    cudart.memory_limit = free
+    before = {p.name: p.read_bytes() for p in fp16_folder.iterdir() if p.is_file()}
+    code = main(["build", str(fp16_folder), "--size", "64:128:256", "--batch", "1:1:2", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(needle, err[0]), err
+    assert "--no-memory-check" in err[0]
+    assert fakes.Builder.built == []  # nothing parsed or built
+    assert {p.name: p.read_bytes() for p in fp16_folder.iterdir() if p.is_file()} == before  # nothing written
+
+
+def test_no_memory_check_builds_anyway(fake_gpu, fp16_folder, capsys):
+    _, cudart = fake_gpu
+    cudart.memory_limit = 2**30  # 1 GiB free: less than the estimate, more than the fake's engines take
+    assert main(["build", str(fp16_folder), "--size", "64:128:256", "--batch", "1:1:2", "--no-verify",
+                 "--no-memory-check"]) == 0
+    assert len(fakes.Builder.built) == 5
