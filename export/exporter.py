@@ -44,7 +44,7 @@ class ExportConfig:
     batch_min: int = 1
     batch_max: int = 4
     size_min: int = 256
-    size_max: int = 1024
+    size_max: int | None = None  # None: the model's (``model_size_max``: 1024 for SD 1.x, 2048 for SDXL)
     opset: int = 17
     force: bool = False
     allow_pickle: bool = False
@@ -66,12 +66,12 @@ class ExportConfig:
             raise UsageError(f"batch range {self.batch_min}:{self.batch_max} has MIN > MAX")
         if self.batch_max > MAX_BATCH:  # what a manifest may say (sdtrt.manifest_check)
             raise UsageError(f"batch must be at most {MAX_BATCH}, got {self.batch_max}")
-        for v in (self.size_min, self.size_max):
+        for v in (self.size_min, self.size_max or self.size_min):
             if v < 64 or v % 8:
                 raise UsageError(f"image size {v} must be a multiple of 8 and at least 64")
             if v > MAX_SIZE:
                 raise UsageError(f"image size {v} must be at most {MAX_SIZE}")
-        if self.size_min > self.size_max:
+        if self.size_max is not None and self.size_min > self.size_max:
             raise UsageError(f"size range {self.size_min}:{self.size_max} has MIN > MAX")
         if not 17 <= self.opset <= MAX_OPSET:
             raise UsageError(f"--opset must be 17..{MAX_OPSET} (what torch.onnx.export writes), got {self.opset}")
@@ -94,7 +94,20 @@ class ExportConfig:
 
     @property
     def ranges(self) -> Ranges:
+        if self.size_max is None:
+            raise AssertionError("ExportConfig.ranges before the model's size range is known (model_size_max)")
         return Ranges(self.batch_min, self.batch_max, self.size_min, self.size_max)
+
+
+def model_size_max(sample_size, vae_scale: int, size_min: int) -> int:
+    """The largest image side an export validates when ``--size`` gives none: twice the model's own size and at
+    least 1024 (SD 1.x 512 -> 1024, as before; SDXL 1024 -> 2048, so that its portrait and landscape buckets such as
+    832x1216 or 640x1536 run), on a multiple of 8 and of the VAE factor, within the manifest's limit."""
+    step = math.lcm(8, vae_scale)
+    if isinstance(sample_size, (list, tuple)) and sample_size:
+        sample_size = max(sample_size)
+    own = sample_size * vae_scale if isinstance(sample_size, int) and not isinstance(sample_size, bool) else 0
+    return max(min(max(1024, 2 * own), MAX_SIZE) // step * step, size_min)
 
 
 def default_cases(component: str, ranges: Ranges, max_chunks: int = 1):
@@ -442,6 +455,8 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
         sources[CONTROLNET_PREFIX + name] = source
     encoders = [c for c, _, _ in model.encoders]
     names = (*encoders, *COMPONENTS[1:], *sources)
+    if config.size_max is None:
+        config = replace(config, size_max=model_size_max(model.unet.config.sample_size, vae_scale, config.size_min))
     for v in (config.size_min, config.size_max):
         if v % vae_scale:
             raise UsageError(f"image size {v} must be a multiple of this model's VAE factor {vae_scale}")

@@ -117,8 +117,9 @@ def _add_export(sub) -> None:
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="graph precision; fp16 keeps FP32 where fp16 overflows")
     p.add_argument("--batch", type=_range, default=(1, 4), metavar="MIN:MAX", help="batch range the graphs are validated for")
-    p.add_argument("--size", type=_range, default=(256, 1024), metavar="MIN:MAX",
-                   help="image height/width range in pixels, multiples of 8")
+    p.add_argument("--size", type=_range, default=None, metavar="MIN:MAX",
+                   help="image height/width range in pixels, multiples of 8 (default 256 to twice the model's own "
+                        "size, at least 1024: SD 1.x 256:1024, SDXL 256:2048)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     p.add_argument("--force", action="store_true",
                    help="write into an existing folder: replaces sdtrt's files there (what its manifest lists), keeps "
@@ -183,7 +184,7 @@ def _cmd_export(args) -> int:
     out = args.out or str(Path("engines") / (name.stem if name.suffix in (".safetensors", ".ckpt") else name.name))
     config = ExportConfig(
         model=args.model, out=out, precision=args.precision, batch_min=args.batch[0], batch_max=args.batch[1],
-        size_min=args.size[0], size_max=args.size[1], opset=args.opset, force=args.force,
+        size_min=args.size[0] if args.size else 256, size_max=args.size[1] if args.size else None, opset=args.opset, force=args.force,
         allow_pickle=args.allow_pickle, seed=args.seed, max_chunks=args.max_chunks,
         controlnets=tuple(c.strip() for spec in args.controlnet for c in spec.split(",")), loras=tuple(args.lora),
         config=args.config, prediction_type=args.prediction_type, tokenizer=args.tokenizer,

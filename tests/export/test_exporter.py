@@ -250,3 +250,14 @@ def test_prediction_type_override_is_what_diffusers_runs():
     config = with_prediction_type({"_use_default_values": ["prediction_type", "steps_offset"]}, "v_prediction")
     assert DDIMScheduler.from_config(config).config.prediction_type == "v_prediction"
     assert config["_use_default_values"] == ["steps_offset"]
+
+
+@pytest.mark.parametrize("sample_size, vae_scale, want", [(64, 8, 1024), (96, 8, 1536), (128, 8, 2048), (32, 8, 1024),
+                                                          ([128, 96], 8, 2048), (600, 8, 9600)])
+def test_the_default_size_range_reaches_the_models_buckets(sample_size, vae_scale, want):
+    """Without --size the export's range is 256 to twice the model's own size (at least 1024, at most the manifest's
+    limit): SD 1.5 256:1024 as before, SD 2.x 768 models 1536, SDXL 2048 — its buckets (832x1216, 640x1536) run."""
+    from sdtrt.export.exporter import model_size_max
+    from sdtrt.manifest_check import MAX_SIZE
+
+    assert model_size_max(sample_size, vae_scale, 256) == min(want, MAX_SIZE)
