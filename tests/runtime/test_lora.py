@@ -137,7 +137,7 @@ def test_a_failed_swap_leaves_the_pipeline_as_it_was_and_a_rewritten_file_is_rea
 
 def test_prompt_tags_and_lora_lists_are_read_strictly(small_model, lora_files):
     from sdtrt.errors import UsageError
-    from sdtrt.runtime.pipeline import normalize_loras
+    from sdtrt.runtime.adapters import normalize_loras
 
     assert normalize_loras(("a.safetensors:0.5", "b.safetensors")) == (("a.safetensors", 0.5), ("b.safetensors", 1.0))
     assert normalize_loras(("a.safetensors", 0.5)) == (("a.safetensors", 0.5),)
