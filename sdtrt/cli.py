@@ -164,7 +164,8 @@ def _add_export_controlnet(sub) -> None:
 
 def _cmd_export_controlnet(args) -> int:
     _need("export", "torch", "diffusers", "transformers", "onnx")
-    from sdtrt.export.exporter import MAX_OPSET, add_controlnet
+    from sdtrt.export.controlnet_export import add_controlnet
+    from sdtrt.export.exporter import MAX_OPSET
 
     if not 17 <= args.opset <= MAX_OPSET:
         raise UsageError(f"--opset must be 17..{MAX_OPSET} (what torch.onnx.export writes), got {args.opset}")

@@ -36,7 +36,7 @@ def _with_controlnets(tmp_path_factory, engine, folder, names, seed, changes=())
     from diffusers import UNet2DConditionModel
 
     from sdtrt.export.controlnet import builtin_controlnet
-    from sdtrt.export.exporter import add_controlnet
+    from sdtrt.export.controlnet_export import add_controlnet
     from sdtrt.manifest import Manifest
 
     base = tmp_path_factory.mktemp("controlnets")
