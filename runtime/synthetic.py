@@ -47,9 +47,9 @@ def random_lora(manifest, path: Path, rank: int = 4, seed: int = 0, std: float =
     return len(tensors) // 3
 
 
-def random_embedding(manifest, path: Path, vectors: int = 2, seed: int = 0, std: float = 0.02) -> int:
+def random_embedding(manifest, path: Path, vectors: int = 2, seed: int = 0, std: float = 0.02) -> tuple[int, ...]:
     """Write an A1111 embedding of ``vectors`` N(0, ``std``²) vectors as wide as the text encoder's tokens (fp32; SDXL:
-    clip_l and clip_g, one set per encoder); its token is the file's name. Returns the width (all encoders')."""
+    clip_l and clip_g, one set per encoder); its token is the file's name. Returns each encoder's width."""
     from safetensors.numpy import save_file
 
     if vectors < 1:
@@ -64,4 +64,4 @@ def random_embedding(manifest, path: Path, vectors: int = 2, seed: int = 0, std:
     tensors = {keys[e.lora_name] if m.text_encoders else "emb_params":
                (std * rng.standard_normal((vectors, e.hidden_size))).astype(np.float32) for e in m.encoders}
     save_file(tensors, str(path))
-    return m.text_hidden_size
+    return tuple(e.hidden_size for e in m.encoders)

@@ -66,7 +66,7 @@ def _cmd_make_embedding(args) -> int:
 
     manifest, path = Manifest.load(Path(args.dir)), _target(args.out, args.force)
     with atomic_path(path, ".safetensors") as tmp:
-        width = random_embedding(manifest, tmp, args.vectors, args.seed, args.std)
-    print(f"wrote {path}: {args.vectors} vectors of {width}; use --embedding {path} and write {path.stem} in the "
+        widths = random_embedding(manifest, tmp, args.vectors, args.seed, args.std)
+    print(f"wrote {path}: {args.vectors} vectors of {' + '.join(map(str, widths))} (one set per text encoder); use --embedding {path} and write {path.stem} in the "
           "prompt", file=sys.stderr)
     return 0
