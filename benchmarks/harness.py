@@ -48,6 +48,7 @@ class BenchConfig:
     strength: float | None = None  # img2img/inpaint (None: the pipelines' defaults)
     controlnets: int = 0  # the folder's first N ControlNets, each on a synthetic control map
     scheduler_config: str | None = None  # a few-step preset (runtime.sampler_presets) for both systems
+    loras: tuple[str, ...] = ()  # "FILE[:SCALE]": LoRAs on both systems (ours: set_loras; diffusers: load_lora_weights)
     # one system at a time (all its runs, then the next's), not interleaved: two SDXL-size fp32 models do not fit
     # together in 24 GB. Costs the interleaving's fairness against drift (thermal, other load)
     one_at_a_time: bool = False
@@ -64,6 +65,11 @@ class BenchConfig:
                              ("--warmup", self.warmup, 0), ("--controlnet", self.controlnets, 0)):
             if v < lo:
                 raise UsageError(f"{label} must be at least {lo}, got {v}")
+        from sdtrt.runtime.adapters import normalize_loras
+
+        for path, _ in normalize_loras(list(self.loras)):
+            if not Path(path).expanduser().is_file():
+                raise UsageError(f"--lora {path}: no such file")
 
 
 TASKS = ("txt2img", "img2img", "inpaint")
@@ -149,6 +155,11 @@ class _Ours:
         self.pipe = Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, threads=cfg.threads)
         self.backend = self.pipe.backend_name
         self.cfg = cfg
+        self.lora_s = None
+        if cfg.loras:  # applied once, timed: the swap a server makes when a request names other LoRAs
+            t = time.perf_counter()
+            self.pipe.set_loras(list(cfg.loras))
+            self.lora_s = time.perf_counter() - t
         if cfg.controlnets > len(self.pipe.manifest.controlnets):
             raise UsageError(f"--controlnet {cfg.controlnets}: {cfg.engine_dir} has {len(self.pipe.manifest.controlnets)}"
                              " ControlNets (add one with `sdtrt export-controlnet`)")
@@ -202,6 +213,17 @@ class _Baseline:
         self._wrap(self.pipe.scheduler, "step", "sampler_update")
         if cfg.controlnets:
             self._wrap(self.pipe.controlnet, "forward", "controlnet")
+        self.lora_s = None
+        if cfg.loras:  # diffusers' way: each file as a PEFT adapter, weighted with set_adapters (not fused)
+            from sdtrt.runtime.adapters import normalize_loras
+
+            t = time.perf_counter()
+            loras = normalize_loras(list(cfg.loras))
+            names = [f"lora{i}" for i in range(len(loras))]
+            for name, (path, _) in zip(names, loras):
+                self.pipe.load_lora_weights(str(Path(path).expanduser()), adapter_name=name)
+            self.pipe.set_adapters(names, [scale for _, scale in loras])
+            self.lora_s = time.perf_counter() - t
 
     def _sync(self):
         if self.cuda:
@@ -412,7 +434,8 @@ def _worker(kind: str, cfg_json: str, conn) -> None:
             conn.send(("ready", {}))
             return
         runner = _Ours(cfg) if kind == "sdtrt" else _Baseline(cfg)
-        conn.send(("ready", {"load_s": time.perf_counter() - t0, "backend": runner.backend}))
+        conn.send(("ready", {"load_s": time.perf_counter() - t0, "backend": runner.backend,
+                             **({"lora_s": runner.lora_s} if runner.lora_s is not None else {})}))
         first = True
         while (msg := conn.recv()) is not None:
             width, height, seed = msg
@@ -643,6 +666,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "environment": environment(),
         "results": results,
         "load_s": {k: i["load_s"] for k, i in info.items()},
+        **({"lora_s": {k: i["lora_s"] for k, i in info.items() if "lora_s" in i}} if cfg.loras else {}),
         "cold_start_s": cold,
         "memory": memory,
         "host_overhead": host_overhead(cfg.engine_dir, steps=50, size=max(s[0] for s in cfg.sizes)),

@@ -57,6 +57,10 @@ def markdown(result: dict[str, Any]) -> str:
     b_cold = cold.get("baseline")
     lines.append(f"| cold start: load to first image (s) | {cold['sdtrt']:.2f} | "
                  f"{'-' if b_cold is None else f'{b_cold:.2f}'} | {_ratio(cold['sdtrt'], b_cold) if b_cold else '-'} |")
+    if result.get("lora_s"):
+        a, b = result["lora_s"].get("sdtrt"), result["lora_s"].get("baseline")
+        lines.append(f"| LoRAs: read and apply (s) | {a:.2f} | {'-' if b is None else f'{b:.2f}'} | "
+                     f"{_ratio(a, b) if b else '-'} |")
     for key in sorted({k for m in mem.values() for k in m}):
         a, b = mem["sdtrt"].get(key), mem.get("baseline", {}).get(key)
         lines.append(f"| {key.replace('_', ' ')} | {'-' if a is None else f'{a:.0f}'} | {'-' if b is None else f'{b:.0f}'} | "

@@ -370,6 +370,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--controlnet", type=int, default=0, metavar="N",
                    help="also run the folder's first N ControlNets (synthetic control maps), against diffusers' "
                         "ControlNet pipelines")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA on both systems (repeatable): sdtrt applies it without re-export, diffusers loads it "
+                        "with load_lora_weights; the report times reading and applying it")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per system (0: the library's default; at most 4x the cores)")
     from sdtrt.runtime.sampler_presets import FEW_STEP_PRESETS
@@ -416,7 +419,7 @@ def _cmd_bench(args) -> int:
                       batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads,
                       task=args.task, strength=args.strength, controlnets=args.controlnet,
                       scheduler_config=args.scheduler_config, guidance_scale=args.cfg,
-                      one_at_a_time=args.one_at_a_time)
+                      one_at_a_time=args.one_at_a_time, loras=tuple(args.lora))
     result = run_bench(cfg)
     result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
     print(markdown(result))
