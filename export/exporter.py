@@ -216,7 +216,8 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     if config.memory_check:
         from sdtrt.export.memory_probe import check_export_memory
 
-        check_export_memory(source, config.model)  # before anything is loaded or written
+        check_export_memory(source, config.model, bool(config.loras),  # before anything is loaded or written
+                            tuple(parse_spec(c)[1] for c in config.controlnets))
     _check_out(out)
     # one writer per folder: a second export (or build, export-controlnet) into it waits here, then finds this one's
     # result (refused without --force); a new folder is made now, to hold the lock, and removed again on failure
@@ -291,11 +292,11 @@ def _is_sdxl(source) -> bool:
     """A built-in with SDXL's added conditioning, or a diffusers folder of an SDXL pipeline (without loading it)."""
     if not isinstance(source, Path):
         return "text_time" == source.unet.get("addition_embed_type")
-    try:
-        index = json.loads((source / "model_index.json").read_text(encoding="utf-8")) if source.is_dir() else {}
+    try:  # the U-Net's own config, as diffusers decides (addition_embed_type), not the pipeline's class name
+        config = json.loads((source / "unet" / "config.json").read_text(encoding="utf-8")) if source.is_dir() else {}
     except (OSError, ValueError):
         return False
-    return isinstance(index, dict) and "XL" in str(index.get("_class_name", ""))
+    return isinstance(config, dict) and config.get("addition_embed_type") == "text_time"
 
 
 def _check_scheduler(scheduler_config: dict, source: str, log) -> None:

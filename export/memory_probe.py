@@ -141,8 +141,11 @@ def _safetensors_numel(path) -> dict[str, int]:
             header = json.loads(fh.read(min(size, 100 * 2**20)))
     except (OSError, ValueError, struct.error):
         return {}  # unreadable: the loader reports it
-    return {k: int(np.prod(v.get("shape", ()), dtype=np.int64)) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict)}
+    try:
+        return {k: int(np.prod(v.get("shape", ()), dtype=np.int64)) for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict)}
+    except (AttributeError, TypeError, ValueError):  # not a safetensors header: the loader says what is wrong
+        return {}
 
 
 def _builtin_counts(arch) -> dict[str, int]:
@@ -174,8 +177,13 @@ def _builtin_counts(arch) -> dict[str, int]:
     return counts
 
 
-def check_export_memory(source, what: str) -> None:
-    """Refuse, before anything is loaded or written, an export this machine's available memory cannot hold."""
+def check_export_memory(source, what: str, loras: bool = False, controlnets: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is loaded or written, an export this machine's available memory cannot hold. ``loras``:
+    ``--lora`` fusing holds a copy of the U-Net and text encoders beside the originals (``export.lora``);
+    ``controlnets``: each ``--controlnet`` source (a folder: its header's count; the built-in, shaped like the U-Net's
+    encoder half: about half the U-Net's parameters, 0.42-0.49 for SD 1.5 and SDXL) is held in FP32 too."""
+    from pathlib import Path
+
     from sdtrt import memory
     from sdtrt.errors import MemoryLimitError
 
@@ -184,10 +192,22 @@ def check_export_memory(source, what: str) -> None:
         return
     counts = weight_counts(source)
     need = export_peak_bytes(counts)
+    if not need:
+        return
+    extra = []
+    if loras:
+        extra.append(("--lora's fused copies", 4 * sum(n for m, n in counts.items() if m != "vae")))
+    for cn in controlnets:
+        folder = Path(cn).expanduser()
+        n = sum(sum(_safetensors_numel(f).values()) for f in sorted(folder.glob("*.safetensors"))) \
+            if folder.is_dir() else 0
+        extra.append((f"ControlNet {cn}", 4 * (n or counts.get("unet", 0) // 2)))
+    need += sum(b for _, b in extra)
     if need <= avail:
         return
     largest = max(counts, key=counts.get)
+    more = "".join(f", {label} {memory.gb(b)}" for label, b in extra)
     raise MemoryLimitError(f"exporting {what} needs about {memory.gb(need)} of memory (its {largest}: "
-                           f"{counts[largest] / 1e9:.2f}B parameters, {memory.gb(4 * counts[largest])} in FP32), "
+                           f"{counts[largest] / 1e9:.2f}B parameters, {memory.gb(4 * counts[largest])} in FP32{more}), "
                            f"{memory.gb(avail)} are available: close other programs, export on a larger machine, or "
                            "pass --no-memory-check to try anyway")

@@ -76,6 +76,7 @@ class Pipeline(AdapterMixin):
         # textual-inversion token -> its vectors (n, D_e) per text encoder (graph); in load order in the spare rows
         self.embeddings: dict[str, dict[str, np.ndarray]] = {}
         self.embedding_files: dict[str, Path] = {}  # token -> the file it was read from ("TI hashes")
+        self.skipped_embeddings: dict[str, str] = {}  # an embeddings folder's files this model cannot take -> why
 
     @classmethod
     def from_dir(cls, folder: str | Path, backend: str = "auto", threads: int = 0,
@@ -105,9 +106,15 @@ class Pipeline(AdapterMixin):
             pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
             for item in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings or ():
                 item = Path(item).expanduser()
-                files = sorted(item.glob("*.safetensors")) if item.is_dir() else [item]
-                for f in files:
-                    pipe.load_textual_inversion(f, apply=False)
+                if not item.is_dir():
+                    pipe.load_textual_inversion(item, apply=False)
+                    continue
+                for f in sorted(item.glob("*.safetensors")):  # A1111's embeddings/: what this model cannot take
+                    try:  # (another family's, a damaged file) is skipped with a line, as A1111 skips it
+                        pipe.load_textual_inversion(f, apply=False)
+                    except UsageError as ex:
+                        log.warning("skipped embedding %s: %s", f.name, ex)
+                        pipe.skipped_embeddings[f.stem] = str(ex)
             if loras or pipe.embeddings:
                 pipe.set_loras(loras)
         except BaseException:

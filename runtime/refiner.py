@@ -56,8 +56,15 @@ def base_request(info: ModelInfo, req: GenerationRequest) -> GenerationRequest:
 
 
 def refiner_request(info: ModelInfo, req: GenerationRequest) -> GenerationRequest:
-    """The refiner's part of a ``split`` request: from the switch, the base's latents as its image."""
-    return replace(for_model(info, req), denoising_start=req.denoising_end, denoising_end=None, strength=None)
+    """The refiner's part of a ``split`` request: from the switch, the base's latents as its image. LoRAs are the
+    base model's (diffusers loads them into the base pipeline; a base LoRA's U-Net layers are not the refiner's):
+    the prompts' ``<lora:…>`` tags are taken out; textual-inversion tokens stay (the refiner's encoder reads clip_g)."""
+    from sdtrt.runtime.lora import collect_tags
+
+    texts, _ = collect_tags(req.prompt + req.negative_prompt)
+    n = len(req.prompt)
+    return replace(for_model(info, req), prompt=tuple(texts[:n]), negative_prompt=tuple(texts[n:]),
+                   denoising_start=req.denoising_end, denoising_end=None, strength=None)
 
 
 def refiner_keys(name: str, manifest: Manifest, switch_at: float,

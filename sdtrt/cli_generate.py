@@ -451,7 +451,8 @@ def _cmd_generate(args) -> int:
 
             if s["mask"] is not None or control_images:
                 raise UsageError("--refiner is for text-to-image and img2img (no --mask, no --control)")
-            refiner = stack.enter_context(Pipeline.from_dir(args.refiner, backend=args.backend))
+            # the base's embeddings (the refiner's encoder reads the prompt's tokens: clip_g); LoRAs are the base's
+            refiner = stack.enter_context(Pipeline.from_dir(args.refiner, backend=args.backend, embeddings=embeddings))
             switch = refiner_start if refiner_start is not None else ensemble.DEFAULT_SWITCH
             rp = ensemble.plan(pipe, refiner, request, switch, s["image"])  # both models checked, before any compute
             plan = rp.base_plan

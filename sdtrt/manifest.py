@@ -332,6 +332,10 @@ class Manifest:
             (r.size_min <= m.default_size <= r.size_max and m.default_size % max(8, m.vae_scale_factor) == 0,
              f"default_size = {m.default_size} (a multiple of {max(8, m.vae_scale_factor)} in "
              f"{r.size_min}..{r.size_max})"),
+            # the names LoRA keys and SDXL embeddings address the encoders by: diffusers' two, each once
+            (all(e.lora_name in ("text_encoder", "text_encoder_2") for e in m.text_encoders)
+             and len({e.lora_name for e in m.text_encoders}) == len(m.text_encoders),
+             "text encoders' diffusers names " + repr([e.lora_name for e in m.text_encoders])),
         ]
         for ok, what in checks:
             if not ok:

@@ -90,10 +90,14 @@ def router(server) -> APIRouter:
 
     @api.get("/sdapi/v1/embeddings")
     async def embeddings():
+        # A1111's shape: the vectors' width, summed over the encoders for an SDXL clip_l + clip_g file (768 + 1280)
         pipe = server.pipe
         return {"loaded": {token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                   "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
-                           for token, vectors in pipe.embeddings.items()}, "skipped": {}}
+                                   "shape": sum(int(v.shape[-1]) for v in per_encoder.values()),
+                                   "vectors": int(next(iter(per_encoder.values())).shape[0])}
+                           for token, per_encoder in pipe.embeddings.items()},
+                "skipped": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                   "vectors": None} for name in getattr(pipe, "skipped_embeddings", {})}}
 
     @api.get("/sdapi/v1/loras")
     async def loras():

@@ -160,3 +160,20 @@ def test_export_controlnet_never_loads_a_path_named_as_the_built_in_source(cli, 
     _edit(engine, _set("model.source", "/etc"))  # weights_seed stays: only built-ins have one
     code, _, err = cli("export-controlnet", engine, "x=random")
     one_line(code, err, "export-controlnet", "records weights_seed for source '/etc', which is no built-in model")
+
+
+@pytest.mark.parametrize("names", [["text_encoder", "clip"], ["text_encoder_2", "text_encoder_2"]])
+def test_an_sdxl_manifests_encoder_names_are_diffusers_two_each_once(tiny_xl_model, tmp_path, names):
+    """LoRA keys (text_encoder_2.…, lora_te2_…) and SDXL embeddings (clip_g) find an encoder by its diffusers name:
+    another name, or one name twice, would send them to no encoder or to the wrong one."""
+    import shutil
+
+    engine = tmp_path / "xl"
+    shutil.copytree(tiny_xl_model[0], engine)
+
+    def edit(data):
+        for e, name in zip(data["model"]["text_encoders"], names):
+            e["diffusers_name"] = name
+    _edit(engine, edit)
+    with pytest.raises(ManifestError, match="text encoders' diffusers names"):
+        Manifest.load(engine)

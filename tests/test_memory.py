@@ -164,3 +164,27 @@ def test_a_generation_that_cannot_fit_is_refused_for_sd_and_sdxl(request, fixtur
     with pytest.raises(MemoryLimitError, match=r"4 x 512x512 needs about \d+\.\d GB of memory .* \d+\.\d GB are "
                                                r"available: \d+x\d+ fits"):
         pipe(["a cat"] * 4, height=512, width=512, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b'{"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]}}',
+                                    b'{"w": {"dtype": "F32", "shape": null, "data_offsets": [0, 4]}}'])
+def test_an_odd_safetensors_header_is_the_loaders_one_line_not_the_memory_checks_crash(cli, tmp_path, header):
+    """The export's memory estimate reads the checkpoint's header before the loader does: a header it cannot count
+    leaves the verdict to the loader (one line, exit 2), never an internal error."""
+    import struct
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    code, _, err = cli("export", bad, "--out", tmp_path / "out")
+    assert code == 2 and "Traceback" not in err and "please report" not in err, err
+    assert err.splitlines()[-1].startswith("sdtrt export: error: ") and "safetensors" in err.splitlines()[-1], err
+
+
+def test_an_export_with_a_controlnet_counts_its_weights(cli, monkeypatch, tmp_path):
+    """16.5 GB fits 20 GB; with the built-in ControlNet (about half the U-Net, held in FP32 beside it) it does not."""
+    import sdtrt.memory
+
+    monkeypatch.setattr(sdtrt.memory, "available_bytes", lambda: 20 * 10**9)
+    code, _, err = cli("export", "sdxl", "--controlnet", "random", "--out", tmp_path / "xl")
+    assert code == 2 and "ControlNet random" in err and "are available" in err, err
+    assert not (tmp_path / "xl").exists()

@@ -172,7 +172,9 @@ def end_to_end(folder: Path, manifest: Manifest, trt_engines, steps: int = 4, lo
     got = {label: _twice(device, label, kw) for label, kw in cases.items()}
     lora = None
     with tempfile.TemporaryDirectory() as tmp:
-        if build.refittable and all(manifest.components[g].weights for g in ("unet", "text_encoder")):
+        from sdtrt.runtime.tensorrt.refit import refittable_graphs
+
+        if build.refittable and set(refittable_graphs(manifest)) >= {"unet", *(e.component for e in manifest.model.encoders)}:
             from sdtrt.runtime.synthetic import random_lora
 
             lora = (str(Path(tmp) / "verify_lora.safetensors"), 0.8)

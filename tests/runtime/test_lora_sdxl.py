@@ -316,3 +316,49 @@ def test_made_loras_and_embeddings_cover_every_encoder(tiny_xl_model, tiny_fp32,
         assert pipe.load_textual_inversion(tmp_path / "madeemb.safetensors") == "madeemb"
         assert refittable_graphs(pipe.manifest) == ("unet", "text_encoder", "text_encoder_2")
     assert refittable_graphs(tiny_fp32[1]) == ("unet", "text_encoder")
+
+
+def test_an_embeddings_folder_skips_another_familys_files_and_the_a1111_list_shows_both(tiny_xl_model, xl_embeddings):
+    """A1111's embeddings/ folder often mixes SD 1.5 and SDXL files: what this model cannot take is skipped with a
+    line, as A1111 skips it (a file named on its own is still refused); /sdapi/v1/embeddings lists the loaded one with
+    A1111's shape (clip_l + clip_g widths) and the skipped one."""
+    from fastapi.testclient import TestClient
+
+    from sdtrt.serve.app import create_app
+    from sdtrt.serve.config import ServeConfig
+
+    out, _ = tiny_xl_model
+    with Pipeline.from_dir(out, backend="onnxruntime-cpu", embeddings=[xl_embeddings]) as pipe:
+        assert list(pipe.embeddings) == ["xlstyle"] and list(pipe.skipped_embeddings) == ["sd15"]
+        with TestClient(create_app(ServeConfig(folder=str(out)), pipeline=pipe)) as client:
+            listed = client.get("/sdapi/v1/embeddings").json()
+        assert listed["loaded"]["xlstyle"]["shape"] == 32 + 48 and listed["loaded"]["xlstyle"]["vectors"] == 2
+        assert list(listed["skipped"]) == ["sd15"]
+    with pytest.raises(UsageError):
+        Pipeline.from_dir(out, backend="onnxruntime-cpu", embeddings=[xl_embeddings / "sd15.safetensors"])
+
+
+def test_the_refiner_on_the_command_line_reads_the_embeddings_and_leaves_the_bases_loras(
+        tiny_xl_model, tiny_xl_refiner_model, xl_embeddings, xl_loras, cli, tmp_path):
+    """`generate --refiner` with an embedding and a <lora:…> tag: the refiner's encoder reads the embedding's token
+    (clip_g; before, it read it as plain words), the tag is the base's (diffusers loads LoRAs into the base pipeline)
+    and is not refused on the refiner: the library's ensemble with the embedding on both models."""
+    from PIL import Image
+
+    from sdtrt.runtime import refiner as ensemble
+    from sdtrt.runtime.request import GenerationRequest
+
+    (base_out, _), (ref_out, _) = tiny_xl_model, tiny_xl_refiner_model
+    prompt = f"a photo of xlstyle cat <lora:{xl_loras[1].stem}:0.5>"
+    emb = xl_embeddings / "xlstyle.safetensors"
+    code, _, err = cli("generate", base_out, prompt, "--refiner", ref_out, "--refiner-start", 0.3, "--steps", 6,
+                       "--size", "96x64", "--seed", 3, "--embedding", emb, "--lora-dir", xl_loras[1].parent, "-o", tmp_path / "r.png")
+    assert code == 0, err
+    got = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"), np.float32)[None] / 255
+    req = GenerationRequest.create(prompt, None, 6, 7.5, 64, 96, seed=3, output_type="np")
+    with Pipeline.from_dir(base_out, embeddings=[emb], lora_dir=xl_loras[1].parent) as base:
+        with Pipeline.from_dir(ref_out, embeddings=[emb]) as refiner:
+            want = ensemble.generate(base, refiner, req, 0.3).images
+        with Pipeline.from_dir(ref_out) as plain:  # the refiner without the embedding: another image
+            other = ensemble.generate(base, plain, req, 0.3).images
+    assert psnr(got, want) >= 40 and psnr(got, want) > psnr(got, other) + 10, (psnr(got, want), psnr(got, other))
