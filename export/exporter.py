@@ -213,15 +213,15 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda s: print(s,
     if isinstance(source, Path):
         _check_not_source(out, source)
     _preflight(config, source)
-    if config.memory_check:
-        from sdtrt.export.memory_probe import check_export_memory
-
-        check_export_memory(source, config.model, bool(config.loras),  # before anything is loaded or written
-                            tuple(parse_spec(c)[1] for c in config.controlnets))
     _check_out(out)
     # one writer per folder: a second export (or build, export-controlnet) into it waits here, then finds this one's
     # result (refused without --force); a new folder is made now, to hold the lock, and removed again on failure
     with folder_lock(out, "sdtrt export", log, create=True):
+        if config.memory_check:  # before anything is loaded or written; after a writer before us freed its memory
+            from sdtrt.export.memory_probe import check_export_memory
+
+            check_export_memory(source, config.model, bool(config.loras),
+                                tuple(parse_spec(c)[1] for c in config.controlnets))
         tmp = _prepare_out(out, config.force)
         t0 = time.perf_counter()
         try:
