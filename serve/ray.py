@@ -361,9 +361,10 @@ def _stop_ray(address: str, name: str, drain_s: float, log) -> None:
         except Exception:  # noqa: BLE001  (nothing deployed, or the gateway is gone: nothing to drain)
             pass
         try:
-            serve.delete(name)  # replicas drain their requests; Serve's shutdown would cut them off
-            if address == "local":
-                serve.shutdown()
+            if address == "local":  # the drain is done: Serve's shutdown stops the proxy in the same step as it
+                serve.shutdown()  # removes the routes (a delete first would answer Ray's 404 while replicas stop)
+            else:  # a shared cluster's proxy stays: remove our application, its replicas finish what they hold
+                serve.delete(name)
         except Exception as ex:  # noqa: BLE001  (cleanup: the error that ended the run matters more)
             log(f"sdtrt: warning: Ray Serve did not shut down cleanly: {type(ex).__name__}: {ex}")
 

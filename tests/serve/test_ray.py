@@ -238,10 +238,14 @@ def test_after_sigterm_new_requests_get_503_json_while_the_one_in_flight_finishe
     assert "Seed: 4242," in Image.open(io.BytesIO(base64.b64decode(encoded))).text["parameters"]
     # until the request in flight is done every new one is refused in its protocol's shape (those sent before the
     # gateway heard of the stop are answered as usual)
-    during = [(r.request.url.path, r) for sent, r in seen if sent < answer["done"]]
-    assert any(r.status_code == 503 for _, r in during), [(p, r.status_code) for p, r in during]
-    bad = [(p, r.status_code, r.text[:80]) for p, r in during
-           if r.status_code != 200 and not unavailable(r, openai=p.startswith("/v1/"))]
+    during = [(sent, r.request.url.path, r) for sent, r in seen if sent < answer["done"]]
+    assert any(r.status_code == 503 for _, _, r in during), [(p, r.status_code) for _, p, r in during]
+    # the answer reaches this client a moment after the gateway saw it done, and the server went down at that moment:
+    # a request sent in that last moment may find the proxy without routes
+    racing = answer["done"] - 0.5
+    bad = [(p, r.status_code, r.text[:80]) for sent, p, r in during
+           if r.status_code != 200 and not unavailable(r, openai=p.startswith("/v1/"))
+           and not (r.status_code == 404 and sent > racing)]
     assert not bad, bad
     assert stop(ray_server) == 0, SERVERS[ray_server].stderr.read()
 
