@@ -99,14 +99,20 @@ class ExportConfig:
         return Ranges(self.batch_min, self.batch_max, self.size_min, self.size_max)
 
 
+def unet_pixels(sample_size, vae_scale: int, pick=max) -> int:
+    """The U-Net's ``sample_size`` in pixels, 0 where it gives none; ``pick`` takes one side of a (height, width)
+    pair."""
+    if isinstance(sample_size, (list, tuple)) and sample_size:
+        sample_size = pick(sample_size)
+    return sample_size * vae_scale if isinstance(sample_size, int) and not isinstance(sample_size, bool) else 0
+
+
 def model_size_max(sample_size, vae_scale: int, size_min: int) -> int:
     """The largest image side an export validates when ``--size`` gives none: twice the model's own size and at
     least 1024 (SD 1.x 512 -> 1024, as before; SDXL 1024 -> 2048, so that its portrait and landscape buckets such as
     832x1216 or 640x1536 run), on a multiple of 8 and of the VAE factor, within the manifest's limit."""
     step = math.lcm(8, vae_scale)
-    if isinstance(sample_size, (list, tuple)) and sample_size:
-        sample_size = max(sample_size)
-    own = sample_size * vae_scale if isinstance(sample_size, int) and not isinstance(sample_size, bool) else 0
+    own = unet_pixels(sample_size, vae_scale)
     return max(min(max(1024, 2 * own), MAX_SIZE) // step * step, size_min)
 
 
@@ -327,9 +333,7 @@ def default_size(sample_size, vae_scale: int, ranges: Ranges, log) -> int:
     height of a (height, width) sample_size), clamped into the exported range on a multiple of 8 and of the VAE
     factor, so that a generation without --size runs. ``log`` says when it is not the U-Net's own."""
     step = math.lcm(8, vae_scale)  # size_min and size_max are multiples of both (checked)
-    if isinstance(sample_size, (list, tuple)) and sample_size:
-        sample_size = sample_size[0]
-    own = sample_size * vae_scale if isinstance(sample_size, int) and not isinstance(sample_size, bool) else 0
+    own = unet_pixels(sample_size, vae_scale, pick=lambda hw: hw[0])
     size = max(min(max(own, ranges.size_min), ranges.size_max) // step * step, ranges.size_min)
     if size != own:
         log(f"default size {size}x{size}: the U-Net's sample_size {sample_size!r} x VAE factor {vae_scale} "

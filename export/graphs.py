@@ -297,12 +297,11 @@ def encoder_layout(model: LoadedModel) -> list[dict[str, Any]]:
     (projected) encoder the pooled ``text_embeds``."""
     sdxl = model.added_conditioning
     out = []
-    for i, (component, encoder, _) in enumerate(model.encoders):
+    for i, ((component, encoder, _), name) in enumerate(zip(model.encoders, model.diffusers_names)):
         out.append(dict(component=component, tokenizer=component.replace("text_encoder", "tokenizer"),
                         hidden_size=int(encoder.config.hidden_size), skip_offset=1 if sdxl else 0,
                         pooled="text_embeds" if sdxl and i == len(model.encoders) - 1 else "",
-                        # diffusers' SDXL pipelines name the projected (OpenCLIP bigG) encoder text_encoder_2
-                        diffusers_name="text_encoder_2" if sdxl and len(model.encoders) == 1 else ""))
+                        diffusers_name="" if name == component else name))  # the refiner's is text_encoder_2
     return out
 
 

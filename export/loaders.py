@@ -172,6 +172,14 @@ class LoadedModel:
         return out
 
     @property
+    def diffusers_names(self) -> list[str]:
+        """Each encoder's name in diffusers' pipeline of this kind (``encoders``' order): an SDXL refiner's one
+        encoder is the projected OpenCLIP bigG one, diffusers' ``text_encoder_2``."""
+        if self.added_conditioning and self.text_encoder_2 is None:
+            return ["text_encoder_2"]
+        return [c for c, _, _ in self.encoders]
+
+    @property
     def prediction_type(self) -> str:
         if "prediction_type" in (self.scheduler_config.get("_use_default_values") or ()):
             return "epsilon"  # diffusers ignores a value it lists as defaulted
@@ -196,10 +204,9 @@ class LoadedModel:
             refiner = self.text_encoder_2 is None
             cls = getattr(diffusers, "StableDiffusionXLInpaintPipeline" if inpaint else
                           "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
-            encoders = (dict(text_encoder=None, tokenizer=None, text_encoder_2=modules["text_encoder"],
-                             tokenizer_2=self.tokenizer) if refiner else
-                        dict(text_encoder=modules["text_encoder"], tokenizer=self.tokenizer,
-                             text_encoder_2=modules["text_encoder_2"], tokenizer_2=self.tokenizer_2))
+            encoders = dict(text_encoder=None, tokenizer=None)  # the refiner has none of its own
+            for name, (component, _, tokenizer) in zip(self.diffusers_names, self.encoders):
+                encoders |= {name: modules[component], name.replace("text_encoder", "tokenizer"): tokenizer}
             return cls(vae=self.vae, unet=unet, scheduler=make_scheduler(self.scheduler_config), **encoders,
                        **self.pipeline_config)
         return StableDiffusionPipeline(
