@@ -305,16 +305,25 @@ def check_baseline_weights(engine_dir: str) -> None:
         specs[CONTROLNET_PREFIX + name] = controlnet_spec(baseline_controlnet(manifest, model, component),
                                                           m.latent_channels, m.text_hidden_size, m.max_text_length,
                                                           m.vae_scale_factor, AddedInputs.of_manifest(manifest))
-    for name, component in manifest.components.items():
-        if name not in specs:  # the sampler-update graph: no weights
-            continue
-        case = default_cases(name, manifest.ranges, manifest.model.max_chunks)[0]
-        from sdtrt.export.validate import ort_session
+    from sdtrt.export.low_memory import parameter_ids, release_weights, release_weights_of
+    from sdtrt.export.validate import gate_references, ort_session
 
-        # the graph as written (no FP32 copies of fp16 weights): an SDXL check fits beside the FP32 modules
+    # as the export's gate holds them: each module's FP32 outputs first, then its weights freed (but those a graph
+    # still to check shares), then the graph as written in ONNX Runtime (no FP32 copies of fp16 weights) — an SDXL
+    # check with a ControlNet then holds one FP32 module at a time, not all of them beside a session
+    release_weights_of(model, specs)
+    names = [n for n in manifest.components if n in specs]  # not the sampler-update graph: no weights
+    for i, name in enumerate(names):
+        component = manifest.components[name]
+        case = default_cases(name, manifest.ranges, m.max_chunks)[0]
+        inputs = specs[name].tensor_specs(manifest.ranges, m.vae_scale_factor, manifest.precision, m.max_text_length,
+                                          m.max_chunks)[0]
+        references = gate_references(specs[name], [case], {s.name for s in inputs if s.dtype == "float16"})
+        release_weights(specs[name].module, parameter_ids(*(specs[n].module for n in names[i + 1:])))
         session = ort_session(folder / component.file, optimize=False)
-        result = validate_graph(specs[name], folder / component.file, [case], manifest.precision, session=session)[0]
-        del session
+        result = validate_graph(specs[name], folder / component.file, [case], manifest.precision, session=session,
+                                references=references)[0]
+        del session, references
         if not result.passed:
             seed = manifest.model.weights_seed
             source = manifest.model.source + (f" (weights seed {seed})" if seed is not None else "")

@@ -141,7 +141,11 @@ class OrtEngine:
         return session
 
     def override(self, initializers: dict[str, np.ndarray]) -> None:
-        """Re-create the session with these initializers instead of the graph's (none: the graph's own weights)."""
+        """Re-create the session with these initializers instead of the graph's (none: the graph's own weights). The
+        old session goes first: two sessions of an SDXL U-Net (ONNX Runtime CPU holds FP32 copies of its fp16
+        weights, 10 GB each) do not fit beside the rest in 24 GB. If the new one fails, the caller restores the
+        graph's own weights (``AdapterMixin._restore_base``)."""
+        self.session = self._binding = None
         self.session = self._session(self.path, self.provider, self.threads, initializers)
         if self._binding is not None:
             self._binding = self.session.io_binding()
