@@ -111,6 +111,7 @@ class OrtEngine:
             self._dtypes[arg.name] = np.dtype(dtype)
         self._cuda = provider == "CUDAExecutionProvider"
         self._binding = self.session.io_binding() if self._cuda else None  # one per engine, rebound per call
+        self._rebind = False  # an override is making a new session, and the binding must follow it
         self._device = ("cuda", 0) if self._cuda else ("cpu", 0)
         self._shapes = {s.name: tuple(s.shape) for s in component.inputs + component.outputs
                         if all(isinstance(d, int) for d in s.shape)}
@@ -145,10 +146,13 @@ class OrtEngine:
         old session goes first: two sessions of an SDXL U-Net (ONNX Runtime CPU holds FP32 copies of its fp16
         weights, 10 GB each) do not fit beside the rest in 24 GB. If the new one fails, the caller restores the
         graph's own weights (``AdapterMixin._restore_base``)."""
+        # the IO binding holds the old session too; it is made again for the new one (also after a failed try, when
+        # the restore comes here once more)
+        self._rebind = self._rebind or self._binding is not None
         self.session = self._binding = None
         self.session = self._session(self.path, self.provider, self.threads, initializers)
-        if self._binding is not None:
-            self._binding = self.session.io_binding()
+        if self._rebind:
+            self._binding, self._rebind = self.session.io_binding(), False
 
     def input_dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]

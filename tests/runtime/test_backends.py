@@ -82,6 +82,24 @@ def test_onnxruntime_device_loop_does_no_host_copies_per_step(tiny_fp16, monkeyp
     assert per_steps[12]["session.run"] == 0  # the U-Net never goes through host arrays in the loop
 
 
+def test_a_lora_applied_after_the_device_loop_ran_rebinds_it_to_the_new_session(tiny_fp16, tmp_path):
+    # set_loras re-creates the sessions; the device loop's IO binding must follow (the CUDA provider binds from the
+    # start, as the CPU's device loop does once it ran)
+    from sdtrt.runtime.synthetic import random_lora
+
+    lora, images = tmp_path / "style.safetensors", {}
+    args = dict(prompt="a cat", num_inference_steps=4, height=64, width=64, seed=3, output_type="np")
+    for device_loop in (False, True):
+        with Pipeline.from_dir(tiny_fp16[0], backend="onnxruntime-cpu", device_loop=device_loop) as pipe:
+            if not lora.exists():
+                random_lora(pipe.manifest, lora, rank=4, seed=1, std=0.3)
+            plain = pipe(**args).images
+            pipe.set_loras([(lora, 1.0)])
+            images[device_loop] = pipe(**args).images
+    assert psnr(plain, images[True]) < 40  # the LoRA changed the image
+    assert psnr(images[False], images[True]) >= 60, psnr(images[False], images[True])
+
+
 def test_no_gpu_is_claimed_when_nothing_can_tell(monkeypatch):
     import ctypes
     import sys
