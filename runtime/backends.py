@@ -90,7 +90,12 @@ class OrtEngine:
 
     def __init__(self, path: Path, component: Component, provider: str = "CPUExecutionProvider", threads: int = 0):
         self.path, self.threads = path, threads
-        self.session = self._session(path, provider, threads, {})
+        # the CPU provider runs the graph with its attention fused (``ort_graphs``): the score matrices are never
+        # materialised. The CUDA provider runs the graph as exported (its fused kernels are not tested here)
+        self.fused = provider == "CPUExecutionProvider"
+        graph, self.fused_attention = fused_graph(path) if self.fused else (None, 0)
+        self.session = self._session(path, provider, threads, {}, graph)
+        del graph  # made again by override (its bytes hold a graph's inline weights)
         self.component = component
         self.provider = provider
         self._dtypes = {}
@@ -118,9 +123,10 @@ class OrtEngine:
         self._ptrs: dict[str, int] = {}
 
     @staticmethod
-    def _session(path: Path, provider: str, threads: int, initializers: dict[str, np.ndarray]):
-        """An ONNX Runtime session over ``path``, with ``initializers`` overriding the graph's (LoRAs); the file is not
-        rewritten."""
+    def _session(path: Path, provider: str, threads: int, initializers: dict[str, np.ndarray],
+                 graph: bytes | None = None):
+        """An ONNX Runtime session over ``path`` (or ``graph``, its rewrite for ONNX Runtime, whose external data is
+        ``path``'s), with ``initializers`` overriding the graph's (LoRAs); the file is not rewritten."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -133,8 +139,11 @@ class OrtEngine:
         values = [ort.OrtValue.ortvalue_from_numpy(array) for array in initializers.values()]
         if values:
             opts.add_external_initializers(list(initializers), values)
+        if graph is not None:  # the weights stay in the folder's external data files
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         try:
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+            session = ort.InferenceSession(str(path) if graph is None else graph, sess_options=opts,
+                                           providers=[provider])
         except Exception as ex:  # onnxruntime raises its own untyped errors for unreadable graphs
             first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
             raise BackendError(f"cannot load {path.name} with onnxruntime: {first}") from None
@@ -150,7 +159,8 @@ class OrtEngine:
         # the restore comes here once more)
         self._rebind = self._rebind or self._binding is not None
         self.session = self._binding = None
-        self.session = self._session(self.path, self.provider, self.threads, initializers)
+        graph = fused_graph(self.path)[0] if self.fused else None
+        self.session = self._session(self.path, self.provider, self.threads, initializers, graph)
         if self._rebind:
             self._binding, self._rebind = self.session.io_binding(), False
 
@@ -188,6 +198,26 @@ class OrtEngine:
         for name in self._output_names:
             binding.bind_output(name, device, index, self._dtypes[name], self._shapes[name], self._ptrs[name])
         self.session.run_with_iobinding(binding)
+
+
+def fused_graph(path: Path) -> tuple[bytes | None, int]:
+    """``ort_graphs.ort_graph`` (the graph with its attention fused, and how many were), with its failures as
+    BackendError; ``SDTRT_ORT_ATTENTION=unfused`` in the environment runs the graph as exported (a comparison, or a
+    workaround should a fused graph misbehave)."""
+    import os
+
+    mode = os.environ.get("SDTRT_ORT_ATTENTION", "fused")
+    if mode not in ("fused", "unfused"):
+        raise BackendError(f"SDTRT_ORT_ATTENTION must be fused or unfused, not {mode!r}")
+    if mode == "unfused":
+        return None, 0
+    from sdtrt.runtime.ort_graphs import ort_graph
+
+    try:
+        return ort_graph(path)
+    except Exception as ex:  # onnx raises its own untyped errors for unreadable graphs
+        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise BackendError(f"cannot load {path.name}: {first}") from None
 
 
 class OrtMemory:

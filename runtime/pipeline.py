@@ -426,7 +426,8 @@ class Pipeline(AdapterMixin):
     def _memory_need(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int | None = None,
                      chunks: int = 1, images: int = 0) -> int:
         shapes = self._engine_shapes(prompts, per_prompt, height, width, cfg, rows, chunks, images)
-        return max(peak_bytes(self.manifest.components[n], s) for n, s in shapes.items())
+        return max(peak_bytes(self.manifest.components[n], s, getattr(self.engines.get(n), "fused_attention", 0) > 0)
+                   for n, s in shapes.items())
 
     def _check_memory(self, prompts: int, per_prompt: int, height: int, width: int, cfg: bool, rows: int,
                       chunks: int, images: int = 0) -> None:
@@ -439,8 +440,9 @@ class Pipeline(AdapterMixin):
             return
         what = f"{prompts * per_prompt} x {width}x{height}"
         if need <= avail:
-            log.warning("%s may run out of memory: it needs %s to %s (ONNX Runtime's attention; its arena can hold "
-                        "twice one run), %s are available", what, gb(need), gb(need * ARENA_FACTOR), gb(avail))
+            log.warning("%s may run out of memory: it needs %s to %s (ONNX Runtime's activations and attention; its "
+                        "arena can hold twice one run), %s are available", what, gb(need), gb(need * ARENA_FACTOR),
+                        gb(avail))
             return
         step = max(64, 8 * self.manifest.model.vae_scale_factor)
         fits = next((s for s in range(min(height, width) // step * step, self.manifest.ranges.size_min - 1, -step)
@@ -450,7 +452,7 @@ class Pipeline(AdapterMixin):
         if prompts * per_prompt > 1 and \
                 self._memory_need(1, 1, height, width, cfg, None, chunks, min(images, 1)) * ARENA_FACTOR <= avail:
             hint += f"; one image at {width}x{height} fits"
-        raise MemoryLimitError(f"{what} needs about {gb(need)} of memory for ONNX Runtime's attention on the CPU, "
+        raise MemoryLimitError(f"{what} needs about {gb(need)} of memory for ONNX Runtime on the CPU, "
                                f"{gb(avail)} are available: {hint} (or use a GPU backend)")
 
 

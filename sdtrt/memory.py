@@ -29,14 +29,16 @@ def spatial_size(component: Component, shapes: dict[str, tuple[int, ...]]) -> in
     return 0
 
 
-def peak_bytes(component: Component, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Estimated working memory of one run of ``component`` at ``shapes`` (input name -> shape), weights aside."""
+def peak_bytes(component: Component, shapes: dict[str, tuple[int, ...]], fused_attention: bool = False) -> int:
+    """Estimated working memory of one run of ``component`` at ``shapes`` (input name -> shape), weights aside.
+    ``fused_attention``: the engine computes attention tile by tile (``runtime/ort_graphs.py``), no score matrix is
+    materialised and the largest activations are what grows."""
     model = component.memory
     if model is None:
         return 0
     hw = spatial_size(component, shapes)
     worst = 0.0
-    for site in model.attention:
+    for site in () if fused_attention else model.attention:
         rows = site.rows_per_row * shapes[site.rows_input][0] if site.rows_input in shapes else 0
         q = site.query[0] * hw + site.query[1]
         k = site.key[0] * hw + site.key[1]

@@ -2,6 +2,7 @@
 PyTorch modules really compute at a size the probe did not see."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ from sdtrt.runtime.device_loop import residual_shapes
 
 MEASURE = r"""
 import json, sys
-import onnxruntime as ort
+from pathlib import Path
 from sdtrt.manifest import Manifest
+from sdtrt.runtime.backends import OrtEngine
 from sdtrt.runtime.tensorrt.verify import random_feeds
 folder, name, shapes = sys.argv[1], sys.argv[2], {k: tuple(v) for k, v in json.loads(sys.argv[3]).items()}
 m = Manifest.load(folder)
@@ -23,28 +25,27 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-opts = ort.SessionOptions()
-opts.log_severity_level = 3
-session = ort.InferenceSession(f"{folder}/{c.file}", opts, providers=["CPUExecutionProvider"])
+engine = OrtEngine(Path(folder) / c.file, c)  # SDTRT_ORT_ATTENTION says which graph
 feeds = random_feeds(c, shapes, {"timestep": 500.0, "guidance_scale": 7.5}, m.model.vocab_size, 0)
 base = status("VmRSS")
-session.run(None, feeds)
+engine.run(feeds)
 print(status("VmHWM") - base)
 """
 
 
+@pytest.mark.parametrize("attention", ["fused", "unfused"])
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 @pytest.mark.parametrize("name, side", [("unet", 48), ("unet", 64), ("vae_decoder", 64)])
-def test_estimate_is_close_to_the_measured_peak_of_one_run(request, precision, name, side):
+def test_estimate_is_close_to_the_measured_peak_of_one_run(request, precision, name, side, attention):
     folder, manifest = request.getfixturevalue(f"tiny_{precision}")
     shapes = {"latents": (1, 4, side, side)}
     if name == "unet":
         shapes |= {"timestep": (1,), "encoder_hidden_states": (2, 77, 32), "guidance_scale": (1,),
                    **residual_shapes(manifest.components["unet"], 2, side, side)}
     out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), name, json.dumps(shapes)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=os.environ | {"SDTRT_ORT_ATTENTION": attention})
     measured = int(out.stdout)
-    estimate = peak_bytes(manifest.components[name], shapes)
+    estimate = peak_bytes(manifest.components[name], shapes, attention == "fused")
     assert 0.6 <= measured / estimate <= 1.6, (measured / 1e6, estimate / 1e6)
 
 
