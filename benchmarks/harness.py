@@ -280,17 +280,19 @@ class _Baseline:
 
 def _baseline_model(manifest):
     """The PyTorch model the export was made from, rebuilt from its source: a built-in's seeded random weights under
-    this sdtrt, or the diffusers folder as it is now."""
+    this sdtrt, or the diffusers folder as it is now. Not ``load_model``'s cached copy: the check frees its weights as
+    it goes (harmless in a worker process of its own, not in a caller's that holds the same model)."""
     from sdtrt.export.loaders import load_model
 
-    return load_model(manifest.model.source, seed=manifest.model.weights_seed or 0)
+    return load_model.__wrapped__(manifest.model.source, seed=manifest.model.weights_seed or 0)
 
 
-def check_baseline_weights(engine_dir: str) -> None:
+def check_baseline_weights(engine_dir: str) -> dict[str, Any]:
     """Refuse a baseline that is not the exported model: the built-in weights changed since the export (another
     sdtrt), or the diffusers folder was edited or replaced. Its PSNR against our image would then be a wrong number
     (32 dB instead of 130), not a finding. Each graph of the folder runs on the export's first parity-gate case in
-    ONNX Runtime against the rebuilt module, as the export's gate did."""
+    ONNX Runtime against the rebuilt module, as the export's gate did. Returns what the parent needs of the rebuilt
+    model: ``unet_flops``, the U-Net's FLOP model as JSON, when the manifest has none (``roofline``)."""
     from sdtrt.export.exporter import default_cases
     from sdtrt.export.graphs import AddedInputs, controlnet_spec, graph_specs
     from sdtrt.export.validate import validate_graph
@@ -308,6 +310,11 @@ def check_baseline_weights(engine_dir: str) -> None:
     from sdtrt.export.low_memory import parameter_ids, release_weights, release_weights_of
     from sdtrt.export.validate import gate_references, ort_session
 
+    learned = {}
+    if manifest.components["unet"].flops is None:  # an older export: counted here, before the weights go
+        from sdtrt.benchmarks.roofline import count_unet_flops
+
+        learned["unet_flops"] = count_unet_flops(specs["unet"], m.vae_scale_factor)
     # as the export's gate holds them: each module's FP32 outputs first, then its weights freed (but those a graph
     # still to check shares), then the graph as written in ONNX Runtime (no FP32 copies of fp16 weights) — an SDXL
     # check with a ControlNet then holds one FP32 module at a time, not all of them beside a session
@@ -332,6 +339,7 @@ def check_baseline_weights(engine_dir: str) -> None:
                 f"{result.max_rel_error:.2g} (relative) away from {component.file} at {result.shape}, where the "
                 f"export's gate allows {result.tolerance:g}: its weights changed since the export; re-export the "
                 "model to benchmark it")
+    return learned
 
 
 def _diffusers_pipeline(manifest, cfg: BenchConfig):
@@ -439,8 +447,7 @@ def _worker(kind: str, cfg_json: str, conn) -> None:
         if cfg.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
         if kind == "check":  # a process of its own: the baseline worker's figures must not include it
-            check_baseline_weights(cfg.engine_dir)
-            conn.send(("ready", {}))
+            conn.send(("ready", check_baseline_weights(cfg.engine_dir)))
             return
         runner = _Ours(cfg) if kind == "sdtrt" else _Baseline(cfg)
         conn.send(("ready", {"load_s": time.perf_counter() - t0, "backend": runner.backend,
@@ -613,7 +620,9 @@ def environment() -> dict[str, Any]:
 
 def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     cfg.check()
-    from sdtrt.manifest import Manifest
+    from sdtrt.benchmarks.roofline import NO_FLOPS, NO_MODEL, add_roofline, unet_flops_per_step
+    from sdtrt.config import from_dict
+    from sdtrt.manifest import FlopModel, Manifest
 
     manifest = Manifest.load(Path(cfg.engine_dir))
     r = manifest.ranges
@@ -623,9 +632,13 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     if not r.batch_min <= cfg.batch <= r.batch_max:
         raise UsageError(f"batch {cfg.batch} is outside the exported range {r.batch_min}..{r.batch_max}")
     systems = ["sdtrt"] + ([] if cfg.baseline == "none" else ["baseline"])
+    flop_model, flops_from = None, "manifest" if manifest.components["unet"].flops is not None else None
     if cfg.baseline != "none":
         log("checking that the baseline rebuilds the exported model ...")
-        _Client("check", cfg).close()
+        check = _Client("check", cfg)
+        check.close()
+        if check.info.get("unet_flops"):
+            flop_model, flops_from = from_dict(FlopModel, check.info["unet_flops"]), "the baseline's rebuilt U-Net"
     log(f"starting {', '.join(systems)} ...")
     clients: dict[str, _Client] = {}
     samples: dict[tuple[int, int], dict[str, list]] = {}
@@ -666,6 +679,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             entry["systems"][k] = dict(_summary(per[k], cfg.batch), backend=info[k]["backend"])
         if "baseline" in systems:
             entry["psnr_db_vs_baseline"] = psnr(images[(w, h)]["sdtrt"], images[(w, h)]["baseline"])
+        add_roofline(entry, unet_flops_per_step(manifest, flop_model, w, h, cfg.batch, cfg.guidance_scale),
+                     NO_FLOPS if cfg.baseline == "none" else NO_MODEL)
         results.append(entry)
     return {
         "schema": SCHEMA,
@@ -674,6 +689,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "model": to_dict(manifest.model),
         "environment": environment(),
         "results": results,
+        "unet_flops_from": flops_from,  # the U-Net's FLOP count: "manifest", the rebuilt model's, or None (n/a)
         "load_s": {k: i["load_s"] for k, i in info.items()},
         **({"lora_s": {k: i["lora_s"] for k, i in info.items() if "lora_s" in i}} if cfg.loras else {}),
         "cold_start_s": cold,

@@ -49,8 +49,12 @@ def markdown(result: dict[str, Any]) -> str:
                 continue
             b = get(base, "components_s", key)
             row(label, ours["components_s"][key] * 1e3, None if b is None else b * 1e3, "{:.2f}")
+        if "unet_tflop_per_step" in entry:  # the roofline figure (results of an older sdtrt have none)
+            lines += _roofline_rows(entry, ours, base)
         if "psnr_db_vs_baseline" in entry:
             lines.append(f"| PSNR vs baseline (dB) | {entry['psnr_db_vs_baseline']:.1f} | | |")
+        if entry.get("unet_flops_note"):
+            lines += ["", f"U-Net achieved TFLOP/s n/a: {entry['unet_flops_note']}."]
         lines.append("")
     cold, mem = result["cold_start_s"], result["memory"]
     lines += ["| process | sdtrt | baseline | ratio |", "|---|---|---|---|"]
@@ -69,6 +73,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Runtime host overhead with null engines ({ho['sampler']}, {ho['size']}x{ho['size']}, {ho['steps']} steps): "
               f"{ho['us_per_step']:.0f} µs per step, of which sampler update {ho['sampler_update_us_per_step']:.0f} µs."]
     return "\n".join(lines)
+
+
+def _roofline_rows(entry: dict[str, Any], ours: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
+    """The U-Net's FLOPs per step (the same for both systems) and what each achieved: FLOPs / U-Net time per step."""
+    if entry["unet_tflop_per_step"] is None:
+        return ["| U-Net FLOPs per step (TFLOP) | n/a | | |",
+                f"| U-Net achieved TFLOP/s | n/a | {'n/a' if base else '-'} | - |"]
+    a, b = ours["unet_tflops_achieved"], base["unet_tflops_achieved"] if base else None
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    return [f"| U-Net FLOPs per step (TFLOP) | {entry['unet_tflop_per_step']:.4g} | | |",
+            f"| U-Net achieved TFLOP/s | {fmt(a)} | {fmt(b) if base else '-'} | {_ratio(a, b) if a and b else '-'} |"]
 
 
 def _dig(obj, path):

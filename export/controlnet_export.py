@@ -58,7 +58,7 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
     from sdtrt.export.controlnet import (builtin_controlnet, check_compatible, check_controlnet_folder, check_family,
                                          load_controlnet_folder, read_config)
     from sdtrt.export.graphs import AddedInputs, controlnet_spec
-    from sdtrt.export.memory_probe import memory_model
+    from sdtrt.export.memory_probe import probe
     from sdtrt.export.validate import format_table
 
     manifest = Manifest.load(folder)
@@ -99,9 +99,10 @@ def _add_controlnet(folder: Path, spec: str, allow_pickle: bool, force: bool, op
         work = tmp / "_work"
         work.mkdir()
         table: list = []
+        memory, flops = probe(graph, m.vae_scale_factor)
         component = _export_graph(key, graph, tmp, work, manifest.precision, opset, manifest.ranges,
-                                  m.vae_scale_factor, m.max_text_length, m.max_chunks,
-                                  memory_model(graph, m.vae_scale_factor), source, table, f"{key}:", log)
+                                  m.vae_scale_factor, m.max_text_length, m.max_chunks, memory, source, table,
+                                  f"{key}:", log, flops=flops)
         log(format_table(table))
         work.rmdir()
         old = manifest.components.get(key)

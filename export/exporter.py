@@ -345,7 +345,7 @@ def default_size(sample_size, vae_scale: int, ranges: Ranges, log) -> int:
 def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: dict | None = None) -> Manifest:
     from sdtrt.export.graphs import (CLIP_SKIPS, EMBEDDING_SLOTS, added_inputs, added_time_ids, controlnet_spec,
                                      encoder_layout, graph_specs, vae_scale_factor)
-    from sdtrt.export.memory_probe import memory_model
+    from sdtrt.export.memory_probe import probe
     from sdtrt.export.validate import format_table
 
     specs = graph_specs(model)
@@ -376,7 +376,8 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
     table = []
     total = len(names) + 1
     seq, chunks = int(model.tokenizer.model_max_length), config.max_chunks
-    memory = {name: memory_model(specs[name], vae_scale) for name in names}
+    probes = {name: probe(specs[name], vae_scale) for name in names}  # memory and FLOP models, one pair of runs
+    memory = {name: m for name, (m, _) in probes.items()}
     for name in names if config.memory_check else ():  # before any slow work: every gate case must fit in memory
         _check_gate_memory(name, specs[name], default_cases(name, ranges, chunks),
                            *specs[name].tensor_specs(ranges, vae_scale, config.precision, seq, chunks), memory[name])
@@ -392,7 +393,8 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
                                          vae_scale, seq, chunks, memory[name], sources.get(name, ""), table,
                                          f"[{step}/{total}] {name}:", log,
                                          lora_maps=name in ("unet", *encoders),  # every encoder's too (SDXL)
-                                         references=ref, keep=parameter_ids(*(specs[n].module for n in later)))
+                                         references=ref, keep=parameter_ids(*(specs[n].module for n in later)),
+                                         flops=probes[name][1])
     work.rmdir()
     components["sampler_update"] = _export_update_graph(model, config, folder, components["unet"], vae_scale, total, table, log)
     log(format_table(table))
@@ -428,7 +430,7 @@ def _export_into(model, config: ExportConfig, folder: Path, log, controlnets: di
 
 def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, opset: int, ranges: Ranges, vae_scale: int,
                   seq: int, chunks: int, memory, source: str, table: list, prefix: str, log,
-                  lora_maps: bool = False, references=None, keep: frozenset = frozenset()) -> Component:
+                  lora_maps: bool = False, references=None, keep: frozenset = frozenset(), flops=None) -> Component:
     """Trace one graph to ``folder/NAME.onnx`` (fp16 with its FP32 islands, or fp32), run its parity gate, and
     describe it: its manifest entry. ``lora_maps``: record where its weights are (``Component.weights``), for LoRAs and
     embeddings at generation time (the U-Net and every text encoder).
@@ -503,7 +505,7 @@ def _export_graph(name: str, spec, folder: Path, work: Path, precision: str, ops
         weights = {k.removeprefix("text_model."): v for k, v in locate_weights(digests, final).items()}
     log(f"{prefix} done in {time.perf_counter() - t:.1f}s")
     return Component(
-        file=final.name, sha256=sha256_file(final), memory=memory,
+        file=final.name, sha256=sha256_file(final), memory=memory, flops=flops,
         size_bytes=final.stat().st_size + sum((folder / e).stat().st_size for e in external),
         precision="fp32" if spec.fp32_all or precision == "fp32" else "fp16",
         inputs=inputs, outputs=outputs, external_data=tuple(external),

@@ -1,4 +1,5 @@
-"""Measure what a graph's working memory grows with, so the runtime can refuse a shape before it runs out.
+"""Measure what a graph's working memory and arithmetic grow with, so the runtime can refuse a shape before it runs
+out, and a benchmark can say how close a run came to the machine.
 
 ONNX Runtime (and the exported graph) materialise every attention score matrix — rows x heads x q x k —
 and those dominate at large sizes (a 1024x1024 image of even the tiny model needs ~19 GB). The module
@@ -6,13 +7,21 @@ is run at two small sizes with ``scaled_dot_product_attention`` and every submod
 each attention's token counts are then linear in the spatial size (latent pixels), which the manifest
 records per graph (``MemoryModel``). Measuring beats deriving it from a config: it works for any
 architecture diffusers or transformers build.
+
+The same two runs count the graph's FLOPs (``FlopModel``): torch's ``FlopCounterMode`` counts the convolutions and
+matrix products, which grow linearly with the spatial size; each attention adds 2 x q x k x (its query/key width + its
+value width) per row and head (Q K^T and P V), a quadratic in it from the measured token counts. The counter's own
+count of an attention (none on the CPU in torch 2.13; a CUDA kernel's or a decomposed one's elsewhere) is replaced by
+that, so nothing is counted twice.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from sdtrt.manifest import AttentionSite, MemoryModel
+from sdtrt.manifest import AttentionSite, FlopModel, MemoryModel
 
 PROBE_LATENTS = (8, 16)  # latent sides: exact for every downsampling level of SD-like U-Nets
 
@@ -29,42 +38,73 @@ def _spatial(feeds: dict[str, np.ndarray], order: list[str]) -> int:
     return 0
 
 
+def attention_flops(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...]) -> int:
+    """FLOPs of one ``scaled_dot_product_attention`` on q (..., Lq, E), k (..., Lk, E), v (..., Lk, Ev): Q K^T and the
+    probabilities times V, a multiply-add counting 2 (the softmax and scaling aside, as the counter leaves them)."""
+    return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _run(spec, feeds: dict[str, np.ndarray]):
+    """One forward pass of ``spec.module`` on ``feeds``: every attention's (q, k, v) shapes, the largest submodule
+    output's elements, and the FLOPs (``FlopCounterMode`` without its attention count, plus ``attention_flops``)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls, largest, inside = [], [0], [0]
+    original = torch.nn.functional.scaled_dot_product_attention
+    counter = FlopCounterMode(display=False)
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        before = counter.get_total_flops()
+        out = original(q, k, v, *args, **kwargs)
+        inside[0] += counter.get_total_flops() - before  # what the counter made of it, if anything
+        return out
+
+    def watch(module, args, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                largest[0] = max(largest[0], t.numel())
+
+    # a module on the meta device (built without weights) is counted on meta inputs
+    device = getattr(next(spec.module.parameters(), None), "device", "cpu")
+    hooks = [m.register_forward_hook(watch) for m in spec.module.modules()]
+    torch.nn.functional.scaled_dot_product_attention = recording
+    try:
+        with torch.no_grad(), counter:
+            spec.module(*[torch.from_numpy(feeds[s.name]).to(device) for s in spec.inputs])
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        for h in hooks:
+            h.remove()
+    flops = counter.get_total_flops() - inside[0] + sum(attention_flops(*c) for c in calls)
+    return calls, largest[0], flops
+
+
+def count_flops(spec, feeds: dict[str, np.ndarray]) -> int:
+    """FLOPs of one run of ``spec.module`` on ``feeds``, counted as ``FlopModel`` counts them."""
+    return _run(spec, feeds)[2]
+
+
 def memory_model(spec, vae_scale: int) -> MemoryModel:
     """Run ``spec.module`` at two sizes (batch 2, guidance on) and fit its attention and activation sizes."""
-    import torch
+    return probe(spec, vae_scale)[0]
 
+
+def probe(spec, vae_scale: int) -> tuple[MemoryModel, FlopModel | None]:
+    """Run ``spec.module`` at two sizes (batch 2, guidance on) and fit its attention and activation sizes and its FLOPs
+    (None, and an empty ``MemoryModel``, when it attends differently at the two sizes: no model fits)."""
     order = [s.name for s in spec.inputs]
     runs = []
     for side in PROBE_LATENTS:
         px = side * vae_scale
         feeds = spec.make_inputs(2, px, px, np.random.default_rng(0), {"cfg": True, "guidance_scale": 7.5})
-        calls, largest = [], [0]
-        original = torch.nn.functional.scaled_dot_product_attention
-
-        def recording(q, k, v, *args, **kwargs):
-            calls.append((tuple(q.shape), tuple(k.shape)))
-            return original(q, k, v, *args, **kwargs)
-
-        def watch(module, args, output):
-            for t in output if isinstance(output, (tuple, list)) else (output,):
-                if isinstance(t, torch.Tensor):
-                    largest[0] = max(largest[0], t.numel())
-
-        hooks = [m.register_forward_hook(watch) for m in spec.module.modules()]
-        torch.nn.functional.scaled_dot_product_attention = recording
-        try:
-            with torch.no_grad():
-                spec.module(*[torch.from_numpy(feeds[n]) for n in order])
-        finally:
-            torch.nn.functional.scaled_dot_product_attention = original
-            for h in hooks:
-                h.remove()
-        runs.append((feeds, _spatial(feeds, order), calls, largest[0]))
-    (f1, hw1, calls1, big1), (f2, hw2, calls2, big2) = runs
+        runs.append((feeds, _spatial(feeds, order), *_run(spec, feeds)))
+    (f1, hw1, calls1, big1, flops1), (f2, hw2, calls2, big2, flops2) = runs
     if len(calls1) != len(calls2):  # the graph attends differently at other sizes: no linear model
-        return MemoryModel()
+        return MemoryModel(), None
     sites = {}
-    for (q1, k1), (q2, k2) in zip(calls1, calls2):
+    for (q1, k1, _), (q2, k2, _) in zip(calls1, calls2):
         rows = q1[0]
         rows_input = next((n for n in order if f1[n].ndim and f1[n].shape[0] == rows), order[0])
         site = AttentionSite(rows_input=rows_input, rows_per_row=round(rows / f1[rows_input].shape[0], 6),
@@ -72,8 +112,23 @@ def memory_model(spec, vae_scale: int) -> MemoryModel:
         sites[site] = None
     rows_input = max(sites, key=lambda s: s.rows_per_row).rows_input if sites else order[0]
     rows = f1[rows_input].shape[0]
-    return MemoryModel(attention=tuple(sites), activation=_fit(hw1, big1 / rows, hw2, big2 / rows),
-                       activation_rows_input=rows_input)
+    memory = MemoryModel(attention=tuple(sites), activation=_fit(hw1, big1 / rows, hw2, big2 / rows),
+                         activation_rows_input=rows_input)
+    return memory, _flop_model(rows_input, rows, hw1, hw2, calls1, calls2, flops1, flops2)
+
+
+def _flop_model(rows_input: str, rows: int, hw1: int, hw2: int, calls1, calls2, flops1: int, flops2: int) -> FlopModel:
+    """FLOPs per row as a x hw^2 + b x hw + c: the attentions' from their token counts, fitted linearly in hw (every
+    call: q = qa hw + qb tokens, k = ka hw + kb), the rest linear in hw (fitted from the two runs)."""
+    a = b = c = 0.0
+    rest1, rest2 = flops1, flops2
+    for (q1, k1, v1), (q2, k2, v2) in zip(calls1, calls2):
+        rest1, rest2 = rest1 - attention_flops(q1, k1, v1), rest2 - attention_flops(q2, k2, v2)
+        weight = 2 * math.prod(q1[:-2]) / rows * (q1[-1] + v1[-1])
+        (qa, qb), (ka, kb) = _fit(hw1, q1[-2], hw2, q2[-2]), _fit(hw1, k1[-2], hw2, k2[-2])
+        a, b, c = a + weight * qa * ka, b + weight * (qa * kb + qb * ka), c + weight * qb * kb
+    slope, intercept = _fit(hw1, rest1 / rows, hw2, rest2 / rows)
+    return FlopModel(rows_input=rows_input, per_row=(a, b + slope, c + intercept))
 
 
 # ---- what `sdtrt export` itself needs (issue 25) -------------------------------------------------------------------

@@ -107,6 +107,17 @@ class MemoryModel:
 
 
 @dataclass(frozen=True)
+class FlopModel:
+    """A graph run's floating-point operations (a multiply-add counts 2, as torch's FlopCounterMode counts them):
+    rows x (a x hw^2 + b x hw + c), with rows = dim 0 of ``rows_input`` and hw its spatial size as ``AttentionSite``'s,
+    for one 77-token prompt chunk. Counted: convolutions, matrix products and attention (Q K^T and P V); not norms,
+    activations and other elementwise work (``sdtrt.memory.flops`` evaluates it at a shape)."""
+
+    rows_input: str
+    per_row: tuple[float, float, float]  # a, b, c: the hw^2, hw and constant coefficients of one row
+
+
+@dataclass(frozen=True)
 class WeightEntry:
     """Where a model weight lives in a graph (``export/weight_map.py``): its initializer, stored transposed or not, and
     its bytes in the graph's external data file (a LoRA's update is added to them at generation time)."""
@@ -135,6 +146,7 @@ class Component:
     memory: MemoryModel | None = None  # None: exported before sdtrt recorded it (no estimate, no refusal)
     source: str = ""  # ControlNets: the folder it was exported from, or "random" (the built-in)
     weights: dict[str, WeightEntry] = field(default_factory=dict)  # module path -> where its weight is (LoRA)
+    flops: FlopModel | None = None  # None: exported before sdtrt counted them (``bench`` counts them itself)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:

@@ -138,6 +138,8 @@ def _components_problem(m) -> str | None:
             floats = [v for s in c.memory.attention for v in (s.rows_per_row, *s.query, *s.key)] + [*c.memory.activation]
             if any(v < 0 for v in floats):
                 return f"{name} memory model has a negative coefficient"
+        if c.flops is not None and c.flops.rows_input not in {s.name for s in c.inputs}:
+            return f"{name} FLOP model names an input the graph does not have"
         if any(v.tolerance < 0 for v in c.validation):
             return f"{name} validation has a negative tolerance"
     model = m.model

@@ -1,4 +1,4 @@
-"""Peak working memory of a graph run, estimated from its shapes before it runs (torch-free).
+"""Peak working memory of a graph run, estimated from its shapes before it runs, and its FLOPs (torch-free).
 
 The export records per graph how its attention score matrices and largest activations grow with the input
 (``manifest.MemoryModel``, measured by ``export/memory_probe.py``). ONNX Runtime materialises each score
@@ -48,6 +48,18 @@ def peak_bytes(component: Component, shapes: dict[str, tuple[int, ...]], fused_a
         rows = shapes[model.activation_rows_input][0]
         act = ACTIVATION_COPIES * rows * (model.activation[0] * hw + model.activation[1]) * 4  # fp32 when upcast
     return int(max(worst, act))
+
+
+def flops(component: Component, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Floating-point operations of one run of ``component`` at ``shapes`` (input name -> shape): its convolutions,
+    matrix products and attention, as the export counted them (``manifest.FlopModel``); 0 when it has no FLOP model
+    (an older export) or ``shapes`` lacks the input its rows are counted by."""
+    model = component.flops
+    if model is None or model.rows_input not in shapes:
+        return 0
+    hw = spatial_size(component, shapes)
+    a, b, c = model.per_row
+    return max(0, round(shapes[model.rows_input][0] * ((a * hw + b) * hw + c)))
 
 
 def available_bytes() -> int | None:

@@ -129,6 +129,8 @@ NUMBERS = [
     ("components.unet.memory.attention.0.rows_per_row", -1.0, "unet memory model has a negative coefficient"),
     ("components.unet.memory.activation", [-1.0, 0.0], "unet memory model has a negative coefficient"),
     ("components.unet.memory.activation", [1e400, 0.0], "components.unet.memory.activation[0] = inf (must be a finite"),
+    ("components.unet.flops.rows_input", "nope", "unet FLOP model names an input the graph does not have"),
+    ("components.unet.flops.per_row", [1e400, 0.0, 0.0], "components.unet.flops.per_row[0] = inf (must be a finite"),
     ("components.unet.validation.0.tolerance", -1.0, "unet validation has a negative tolerance"),
     ("tensorrt", {**TRT, "opt_level": 9}, "tensorrt.opt_level = 9 (0..5)"),
     ("tensorrt", {**TRT, "workspace_gb": -1.0}, "tensorrt.workspace_gb = -1.0 (positive)"),

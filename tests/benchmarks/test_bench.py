@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from sdtrt.cli import main
+from sdtrt.config import to_dict
+from sdtrt.memory import flops
 
 pytestmark = pytest.mark.bench
 
@@ -39,20 +41,53 @@ def test_bench_json_table_and_plot(tiny_fp32, tmp_path, capsys):
             assert set(s["components_s"]) == {"text_encoder", "unet_per_step", "sampler_update_per_step", "vae_decoder"}
             assert all(_number(v) for v in s["components_s"].values())
             assert s["steps"] == 4  # PNDM: one extra U-Net call for its warm-up
+            # the roofline figure: the U-Net's FLOPs per step (2 rows: guidance 7.5) over its time per step
+            assert s["unet_tflops_achieved"] == pytest.approx(
+                entry["unet_tflop_per_step"] / s["components_s"]["unet_per_step"])
+    for entry, (w, h) in zip(result["results"], [(64, 64), (96, 64)]):
+        expected = flops(tiny_fp32[1].components["unet"], {"latents": (1, 4, h // 8, w // 8),
+                                                           "encoder_hidden_states": (2, 77, 32)})
+        assert entry["unet_tflop_per_step"] == pytest.approx(expected / 1e12) and expected > 0
+    assert result["unet_flops_from"] == "manifest"
     for name in ("sdtrt", "baseline"):
         assert _number(result["cold_start_s"][name]) and _number(result["load_s"][name])
         assert result["memory"][name]["peak_host_rss_mb"] > 0
     assert result["memory"]["sdtrt"]["peak_host_rss_mb"] != result["memory"]["baseline"]["peak_host_rss_mb"]
     assert _number(result["host_overhead"]["us_per_step"])
     assert "| U-Net it/s |" in table and "PSNR vs baseline" in table
+    assert "| U-Net achieved TFLOP/s |" in table and "| U-Net FLOPs per step (TFLOP) |" in table
     assert Image.open(out_png).size[0] > 100
 
 
-def test_bench_without_baseline(tiny_fp32, tmp_path, capsys):
-    assert main(["bench", str(tiny_fp32[0]), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0",
+def _without_flop_counts(engine):
+    """The folder as an sdtrt before the FLOP counts wrote it."""
+    data = json.loads((engine / "manifest.json").read_text())
+    for c in data["components"].values():
+        c.pop("flops", None)
+    (engine / "manifest.json").write_text(json.dumps(data))
+
+
+def test_bench_without_baseline(engine, tmp_path, capsys):
+    """An older export (no FLOP counts in its manifest) without a baseline: the roofline figure is n/a, and says why."""
+    _without_flop_counts(engine)
+    assert main(["bench", str(engine), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0",
                  "--baseline", "none", "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    assert list(result["results"][0]["systems"]) == ["sdtrt"]
+    entry = result["results"][0]
+    assert list(entry["systems"]) == ["sdtrt"]
+    assert entry["unet_tflop_per_step"] is None and entry["systems"]["sdtrt"]["unet_tflops_achieved"] is None
+    assert result["unet_flops_from"] is None and "--baseline none" in entry["unet_flops_note"]
+    table = capsys.readouterr().out
+    assert "| U-Net achieved TFLOP/s | n/a |" in table and "U-Net achieved TFLOP/s n/a: the engine folder's" in table
+
+
+def test_the_baseline_check_counts_an_older_exports_flops(engine, tiny_fp32):
+    """The bench's check worker rebuilds the PyTorch model anyway: for a manifest without a FLOP model it counts the
+    U-Net's, as the export would have."""
+    from sdtrt.benchmarks.harness import check_baseline_weights
+
+    _without_flop_counts(engine)  # (with them it counts nothing: test_bench_json_table_and_plot's "manifest")
+    assert check_baseline_weights(str(engine)) == {"unet_flops": to_dict(tiny_fp32[1].components["unet"].flops)}
 
 
 @pytest.mark.parametrize("flags, needle", [(["--size", "2048x2048"], "exported range"), (["--runs", "0"], "--runs"),
