@@ -88,16 +88,15 @@ class OrtEngine:
     Also a ``device_loop.Launcher``: with raw device pointers bound through the IO binding, the
     denoising loop keeps latents and model outputs on the device (``OrtMemory``)."""
 
-    def __init__(self, path: Path, component: Component, provider: str = "CPUExecutionProvider", threads: int = 0):
-        self.path, self.threads = path, threads
+    def __init__(self, path: Path, component: Component, provider: str = "CPUExecutionProvider", threads: int = 0,
+                 cache: bool = False):
+        self.path, self.threads, self.component, self.provider = path, threads, component, provider
         # the CPU provider runs the graph with its attention fused (``ort_graphs``): the score matrices are never
-        # materialised. The CUDA provider runs the graph as exported (its fused kernels are not tested here)
+        # materialised. The CUDA provider runs the graph as exported (its fused kernels are not tested here).
+        # ``cache``: ONNX Runtime's optimized graph is saved in the folder and loaded from there (``ort_cache``)
         self.fused = provider == "CPUExecutionProvider"
-        graph, self.fused_attention = fused_graph(path) if self.fused else (None, 0)
-        self.session = self._session(path, provider, threads, {}, graph)
-        del graph  # made again by override (its bytes hold a graph's inline weights)
-        self.component = component
-        self.provider = provider
+        self.cache = cache and self.fused
+        self.session, self.fused_attention, self.cached = self._open()
         self._dtypes = {}
         self._output_names = [o.name for o in self.session.get_outputs()]
         declared = {s.name: s.dtype for s in component.inputs + component.outputs}
@@ -122,15 +121,54 @@ class OrtEngine:
                         if all(isinstance(d, int) for d in s.shape)}
         self._ptrs: dict[str, int] = {}
 
+    def _open(self, initializers: dict[str, np.ndarray] | None = None):
+        """(session, attentions fused, loaded from the cache). The graph's own weights come from the cache entry
+        when there is one, and are saved there when not; ``initializers`` (a LoRA's) are never cached: the saved
+        graph's weights are laid out anew and renamed, so they are set on the graph as exported and optimized."""
+        from sdtrt.runtime.ort_cache import Entry
+
+        entry = Entry(self.path.parent, self.component, attention_mode() == "fused") \
+            if self.cache and not initializers else None
+        record = entry.read() if entry is not None else None
+        if record is not None:
+            try:
+                return self._session(entry.graph, self.provider, self.threads, {}, optimized=True), \
+                    int(record["fused_attention"]), True
+            except (BackendError, KeyError, TypeError, ValueError):
+                entry.remove()  # stale or damaged: made again from the graph
+        graph, count = fused_graph(self.path) if self.fused else (None, 0)
+        need = 2.2 * sum(p.stat().st_size for p in [self.path] + [self.path.parent / f for f in
+                                                                    self.component.external_data])
+        tmp = entry.start(int(need)) if entry is not None else None
+        try:
+            session = self._session(self.path, self.provider, self.threads, initializers or {}, graph,
+                                    save=(entry, tmp) if tmp is not None else None)
+        except BackendError:
+            if tmp is None:
+                raise
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)  # saving failed (disk full?): load as before, nothing cached
+            return self._session(self.path, self.provider, self.threads, initializers or {}, graph), count, False
+        if tmp is not None:
+            entry.commit(tmp, {"fused_attention": count, "source": self.path.name})
+        return session, count, False
+
     @staticmethod
     def _session(path: Path, provider: str, threads: int, initializers: dict[str, np.ndarray],
-                 graph: bytes | None = None):
+                 graph: bytes | None = None, optimized: bool = False, save=None):
         """An ONNX Runtime session over ``path`` (or ``graph``, its rewrite for ONNX Runtime, whose external data is
-        ``path``'s), with ``initializers`` overriding the graph's (LoRAs); the file is not rewritten."""
+        ``path``'s), with ``initializers`` overriding the graph's (LoRAs); the file is not rewritten. ``optimized``:
+        ``path`` is a graph ONNX Runtime optimized and saved (``ort_cache``), loaded as it is; ``save``: (cache entry,
+        temporary folder) to save the optimized graph into."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if optimized:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if save is not None:
+            save[0].options(opts, save[1])
         if threads:
             opts.intra_op_num_threads = threads
         # add_external_initializers, not add_initializer: with every graph optimisation on, ONNX Runtime lays out
@@ -159,8 +197,7 @@ class OrtEngine:
         # the restore comes here once more)
         self._rebind = self._rebind or self._binding is not None
         self.session = self._binding = None
-        graph = fused_graph(self.path)[0] if self.fused else None
-        self.session = self._session(self.path, self.provider, self.threads, initializers, graph)
+        self.session, _, self.cached = self._open(initializers)
         if self._rebind:
             self._binding, self._rebind = self.session.io_binding(), False
 
@@ -200,16 +237,21 @@ class OrtEngine:
         self.session.run_with_iobinding(binding)
 
 
-def fused_graph(path: Path) -> tuple[bytes | None, int]:
-    """``ort_graphs.ort_graph`` (the graph with its attention fused, and how many were), with its failures as
-    BackendError; ``SDTRT_ORT_ATTENTION=unfused`` in the environment runs the graph as exported (a comparison, or a
-    workaround should a fused graph misbehave)."""
+def attention_mode() -> str:
+    """``SDTRT_ORT_ATTENTION``: "fused" (default) or "unfused"."""
     import os
 
     mode = os.environ.get("SDTRT_ORT_ATTENTION", "fused")
     if mode not in ("fused", "unfused"):
         raise BackendError(f"SDTRT_ORT_ATTENTION must be fused or unfused, not {mode!r}")
-    if mode == "unfused":
+    return mode
+
+
+def fused_graph(path: Path) -> tuple[bytes | None, int]:
+    """``ort_graphs.ort_graph`` (the graph with its attention fused, and how many were), with its failures as
+    BackendError; ``SDTRT_ORT_ATTENTION=unfused`` in the environment runs the graph as exported (a comparison, or a
+    workaround should a fused graph misbehave)."""
+    if attention_mode() == "unfused":
         return None, 0
     from sdtrt.runtime.ort_graphs import ort_graph
 
@@ -387,7 +429,7 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
     engines = EngineSet()
     for name in names:
         engines[name] = OrtEngine(Path(folder) / manifest.components[name].file, manifest.components[name], provider,
-                                  threads)
+                                  threads, cache=True)
     if on_device:
         from sdtrt.runtime.device_loop import DeviceLoop
 

@@ -464,7 +464,8 @@ class Manifest:
 
 
 # what every export writes, whatever a manifest says: the folders sdtrt owns by name
-OWNED_FOLDERS = ("tokenizer", "scheduler")
+# .sdtrt-ort: ONNX Runtime's optimized graphs of this CPU (runtime/ort_cache.py), made at load
+OWNED_FOLDERS = ("tokenizer", "scheduler", ".sdtrt-ort")
 ENCODER_TOKENIZERS = ("tokenizer_2",)  # owned too when the manifest's text encoders name them (SDXL)
 OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
 

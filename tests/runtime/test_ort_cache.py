@@ -1,0 +1,114 @@
+"""ONNX Runtime's optimized graphs saved in the engine folder (runtime/ort_cache.py): loaded the second time, the
+same outputs; a LoRA's weights still reach the graph; another key (another CPU, ONNX Runtime or rewrite) or a damaged
+entry makes a new one; a folder that cannot take it loads without it."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from sdtrt.manifest import Manifest, owned_entries
+from sdtrt.runtime import ort_cache
+from sdtrt.runtime.backends import OrtEngine, load_engines
+from sdtrt.runtime.device_loop import residual_shapes
+from sdtrt.runtime.tensorrt.verify import random_feeds
+
+
+def _unet(folder, **kw):
+    manifest = Manifest.load(folder)
+    c = manifest.components["unet"]
+    return OrtEngine(folder / c.file, c, **kw), manifest
+
+
+def _feeds(manifest):
+    c = manifest.components["unet"]
+    shapes = {"latents": (1, 4, 8, 12), "timestep": (1,), "encoder_hidden_states": (2, 77, 32),
+              "guidance_scale": (1,)} | residual_shapes(c, 2, 8, 12)
+    return random_feeds(c, shapes, {"timestep": 500.0, "guidance_scale": 7.5}, manifest.model.vocab_size, 0)
+
+
+def _exported(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_the_second_load_reads_the_saved_graphs_and_computes_the_same(fp32_folder):
+    exported = _exported(fp32_folder)
+    manifest = Manifest.load(fp32_folder)
+    first = load_engines(fp32_folder, manifest, "onnxruntime-cpu")
+    entries = sorted(p.name for p in (fp32_folder / ort_cache.CACHE_DIR).iterdir())
+    assert [n.rsplit("-", 1)[0] for n in entries if n.endswith(".json")] == sorted(first)  # one entry per graph
+    second = load_engines(fp32_folder, manifest, "onnxruntime-cpu")
+    assert not any(e.cached for e in first.values()) and all(e.cached for e in second.values())
+    assert second["unet"].fused_attention == first["unet"].fused_attention > 0
+    feeds = _feeds(manifest)
+    np.testing.assert_array_equal(second["unet"].run(feeds)["noise_pred"], first["unet"].run(feeds)["noise_pred"])
+    assert sorted(p.name for p in (fp32_folder / ort_cache.CACHE_DIR).iterdir()) == entries
+    assert _exported(fp32_folder) == exported  # the files TensorRT reads are never written
+    assert ort_cache.CACHE_DIR in owned_entries(fp32_folder)  # `export --force` replaces it with the rest
+
+
+def test_a_loras_weights_reach_a_graph_whose_layout_came_from_the_cache(fp32_folder):
+    """The saved graph lays convolution weights out anew under other names: a LoRA's must go to the exported graph
+    (a cached session would silently keep the base weights)."""
+    _unet(fp32_folder, cache=True)
+    cached, manifest = _unet(fp32_folder, cache=True)
+    plain, _ = _unet(fp32_folder)
+    assert cached.cached
+    feeds = _feeds(manifest)
+    base = plain.run(feeds)["noise_pred"]
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(fp32_folder / manifest.components["unet"].file))
+    weight = next(t for t in graph.graph.initializer if t.name.endswith("conv_in.weight"))
+    changed = {weight.name: numpy_helper.to_array(weight) * 1.5}
+    for engine in (cached, plain):
+        engine.override(changed)
+    got, want = cached.run(feeds)["noise_pred"], plain.run(feeds)["noise_pred"]
+    assert np.abs(want - base).max() > 1e-3 and not cached.cached
+    np.testing.assert_array_equal(got, want)
+    cached.override({})  # the LoRA removed: the graph's own weights, from the cache again
+    np.testing.assert_array_equal(cached.run(feeds)["noise_pred"], base)
+
+
+def test_another_key_or_a_damaged_entry_makes_a_new_one(fp32_folder, monkeypatch):
+    _unet(fp32_folder, cache=True)
+    cache = fp32_folder / ort_cache.CACHE_DIR
+    old = {p.name for p in cache.glob("unet-*")}
+    monkeypatch.setattr(ort_cache, "cpu_signature", lambda: "another cpu")
+    engine, _ = _unet(fp32_folder, cache=True)
+    new = {p.name for p in cache.glob("unet-*")}
+    assert not engine.cached and len(new) == 3 and not new & old  # the other key's entry is gone
+    data = next(cache.glob("unet-*.data"))
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    engine, manifest = _unet(fp32_folder, cache=True)
+    assert not engine.cached and _unet(fp32_folder, cache=True)[0].cached
+    graph = next(cache.glob("unet-*.onnx"))
+    graph.write_bytes(b"\0" * graph.stat().st_size)  # the recorded size, garbage inside
+    engine, _ = _unet(fp32_folder, cache=True)
+    assert not engine.cached and _unet(fp32_folder, cache=True)[0].cached
+
+
+def test_a_folder_without_room_loads_without_the_cache(fp32_folder, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ort_cache.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    engine, manifest = _unet(fp32_folder, cache=True)
+    assert not engine.cached and engine.fused_attention > 0
+    assert not list((fp32_folder / ort_cache.CACHE_DIR).iterdir())
+    assert engine.run(_feeds(manifest))["noise_pred"].shape == (1, 4, 8, 12)
+
+
+@pytest.mark.parametrize("value", ["unfused", "fused"])
+def test_the_attention_switch_keys_the_cache_and_a_wrong_value_is_refused(fp32_folder, monkeypatch, value):
+    from sdtrt.runtime.backends import BackendError
+
+    monkeypatch.setenv("SDTRT_ORT_ATTENTION", value)
+    _unet(fp32_folder, cache=True)
+    engine, _ = _unet(fp32_folder, cache=True)
+    assert engine.cached and (engine.fused_attention > 0) == (value == "fused")
+    monkeypatch.setenv("SDTRT_ORT_ATTENTION", "flash")
+    with pytest.raises(BackendError, match="SDTRT_ORT_ATTENTION must be fused or unfused, not 'flash'"):
+        _unet(fp32_folder, cache=True)
