@@ -48,11 +48,14 @@ def test_export_force_drops_the_old_exports_files_that_the_new_one_does_not_writ
     shutil.copytree(tiny_control_fp16, out)
     planted = _plant(out)
     assert (out / "controlnet_edges.onnx").exists()
+    (out / ".sdtrt-ort").mkdir()  # ONNX Runtime's optimized graphs of the old export (runtime/ort_cache.py)
+    (out / ".sdtrt-ort" / "unet-0123.onnx").write_bytes(b"old")
     code, _, err = cli("export", "tiny", "--out", out, "--force", "--size", "64:64", "--batch", "1:1")
     assert code == 0, err
     assert not (out / "controlnet_edges.onnx").exists()  # the old manifest's, not the new one's: gone
-    assert {p.name for p in out.iterdir()} == owned_entries(out) - {".sdtrt-hashes.json"} | {"astronaut.png",
-                                                                                             "notes.txt", "mine"}
+    assert not (out / ".sdtrt-ort").exists()
+    made_at_load = {".sdtrt-hashes.json", ".sdtrt-ort"}
+    assert {p.name for p in out.iterdir()} == owned_entries(out) - made_at_load | {"astronaut.png", "notes.txt", "mine"}
     _kept(out, planted)
 
 
