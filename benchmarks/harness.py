@@ -52,6 +52,8 @@ class BenchConfig:
     # one system at a time (all its runs, then the next's), not interleaved: two SDXL-size fp32 models do not fit
     # together in 24 GB. Costs the interleaving's fairness against drift (thermal, other load)
     one_at_a_time: bool = False
+    # more sdtrt backends, each a system of its own ("sdtrt[openvino]") in the same run (benchmarks/systems.py)
+    also_backends: tuple[str, ...] = ()
 
     def check(self) -> None:
         if self.baseline not in ("torch", "torch-compile", "none"):
@@ -65,8 +67,10 @@ class BenchConfig:
                              ("--warmup", self.warmup, 0), ("--controlnet", self.controlnets, 0)):
             if v < lo:
                 raise UsageError(f"{label} must be at least {lo}, got {v}")
+        from sdtrt.benchmarks.systems import check_also_backends
         from sdtrt.runtime.adapters import normalize_loras
 
+        check_also_backends(self.backend, self.also_backends)
         for path, _ in normalize_loras(list(self.loras)):
             if not Path(path).expanduser().is_file():
                 raise UsageError(f"--lora {path}: no such file")
@@ -149,11 +153,12 @@ class _SeedDraws:
 class _Ours:
     name = "sdtrt"
 
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, cfg: BenchConfig, backend: str | None = None):
         from sdtrt.runtime import Pipeline
 
-        self.pipe = Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, threads=cfg.threads)
+        self.pipe = Pipeline.from_dir(cfg.engine_dir, backend=backend or cfg.backend, threads=cfg.threads)
         self.backend = self.pipe.backend_name
+        self.details = getattr(next(iter(self.pipe.engines.values())), "details", None)  # OpenVINO's precision
         self.cfg = cfg
         self.lora_s = None
         if cfg.loras:  # applied once, timed: the swap a server makes when a request names other LoRAs
@@ -449,9 +454,13 @@ def _worker(kind: str, cfg_json: str, conn) -> None:
         if kind == "check":  # a process of its own: the baseline worker's figures must not include it
             conn.send(("ready", check_baseline_weights(cfg.engine_dir)))
             return
-        runner = _Ours(cfg) if kind == "sdtrt" else _Baseline(cfg)
+        from sdtrt.benchmarks.systems import system_backend
+
+        runner = _Ours(cfg, system_backend(kind, cfg.backend)) if kind.startswith("sdtrt") else _Baseline(cfg)
+        details = getattr(runner, "details", None)
         conn.send(("ready", {"load_s": time.perf_counter() - t0, "backend": runner.backend,
-                             **({"lora_s": runner.lora_s} if runner.lora_s is not None else {})}))
+                             **({"lora_s": runner.lora_s} if runner.lora_s is not None else {}),
+                             **({"details": details} if details else {})}))
         first = True
         while (msg := conn.recv()) is not None:
             width, height, seed = msg
@@ -609,7 +618,7 @@ def environment() -> dict[str, Any]:
         pass
     versions = {}
     for dist in ("sdtrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "diffusers", "transformers",
-                 "tensorrt"):
+                 "tensorrt", "openvino"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -631,7 +640,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             raise UsageError(f"size {w}x{h}: must be multiples of 8 within the exported range {r.size_min}..{r.size_max}")
     if not r.batch_min <= cfg.batch <= r.batch_max:
         raise UsageError(f"batch {cfg.batch} is outside the exported range {r.batch_min}..{r.batch_max}")
-    systems = ["sdtrt"] + ([] if cfg.baseline == "none" else ["baseline"])
+    from sdtrt.benchmarks.systems import extra_systems, psnr_fields
+
+    systems = ["sdtrt", *extra_systems(cfg.also_backends)] + ([] if cfg.baseline == "none" else ["baseline"])
     flop_model, flops_from = None, "manifest" if manifest.components["unet"].flops is not None else None
     if cfg.baseline != "none":
         log("checking that the baseline rebuilds the exported model ...")
@@ -659,7 +670,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                         per[k].append(t)
                     images.setdefault((w, h), {})[k] = img
                     tag = "warm-up" if i < cfg.warmup else f"run {i - cfg.warmup + 1}/{cfg.runs}"
-                    log(f"  {w}x{h} {k:<8} {tag}: {t['total']:.2f}s")
+                    log(f"  {w}x{h} {k:<{max(8, *map(len, systems))}} {tag}: {t['total']:.2f}s")
 
     try:
         for group in ([[k] for k in systems] if cfg.one_at_a_time else [systems]):
@@ -681,6 +692,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             entry["psnr_db_vs_baseline"] = psnr(images[(w, h)]["sdtrt"], images[(w, h)]["baseline"])
         add_roofline(entry, unet_flops_per_step(manifest, flop_model, w, h, cfg.batch, cfg.guidance_scale),
                      NO_FLOPS if cfg.baseline == "none" else NO_MODEL)
+        entry |= psnr_fields(images[(w, h)], systems)
         results.append(entry)
     return {
         "schema": SCHEMA,
@@ -693,6 +705,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "load_s": {k: i["load_s"] for k, i in info.items()},
         **({"lora_s": {k: i["lora_s"] for k, i in info.items() if "lora_s" in i}} if cfg.loras else {}),
         "cold_start_s": cold,
+        **({"backend_details": {k: i["details"] for k, i in info.items() if "details" in i}}
+           if any("details" in i for i in info.values()) else {}),
         "memory": memory,
         "host_overhead": host_overhead(cfg.engine_dir, steps=50, size=max(s[0] for s in cfg.sizes)),
     }

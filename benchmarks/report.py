@@ -25,6 +25,8 @@ def markdown(result: dict[str, Any]) -> str:
              + (f" (strength {result['config']['strength']:g})" if result["config"].get("strength") else "")
              + f", {result['config']['steps']} steps, batch {result['config']['batch']}, runs "
              f"{result['config']['runs']} (warm-up {result['config']['warmup']})", ""]
+    if result["config"].get("also_backends"):  # more than sdtrt and the baseline: a column per system
+        return "\n".join(lines + systems_markdown(result))
     for entry in result["results"]:
         systems = entry["systems"]
         ours, base = systems["sdtrt"], systems.get("baseline")
@@ -84,6 +86,79 @@ def _roofline_rows(entry: dict[str, Any], ours: dict[str, Any], base: dict[str, 
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     return [f"| U-Net FLOPs per step (TFLOP) | {entry['unet_tflop_per_step']:.4g} | | |",
             f"| U-Net achieved TFLOP/s | {fmt(a)} | {fmt(b) if base else '-'} | {_ratio(a, b) if a and b else '-'} |"]
+
+
+_METRICS = (("latency per image, median (s)", ("latency_per_image_s",), 1, "{:.3f}"),
+            ("latency, p90 (s)", ("latency_s", "p90"), 1, "{:.3f}"), ("latency, min (s)", ("latency_s", "min"), 1, "{:.3f}"),
+            ("images/s", ("images_per_s",), 1, "{:.3f}"), ("U-Net it/s", ("unet_it_per_s",), 1, "{:.2f}"),
+            ("text encoder (ms)", ("components_s", "text_encoder"), 1e3, "{:.2f}"),
+            ("VAE encode (ms)", ("components_s", "vae_encoder"), 1e3, "{:.2f}"),
+            ("ControlNets per step (ms)", ("components_s", "controlnet_per_step"), 1e3, "{:.2f}"),
+            ("U-Net per step (ms)", ("components_s", "unet_per_step"), 1e3, "{:.2f}"),
+            ("sampler update per step (ms)", ("components_s", "sampler_update_per_step"), 1e3, "{:.2f}"),
+            ("VAE decode (ms)", ("components_s", "vae_decoder"), 1e3, "{:.2f}"),
+            ("U-Net achieved TFLOP/s", ("unet_tflops_achieved",), 1, "{:.4g}"))
+
+
+def systems_markdown(result: dict[str, Any]) -> list[str]:
+    """The tables of a run with more systems than sdtrt and the baseline (``--also-backend``): a column per system,
+    its latency as a multiple of sdtrt's, its PSNR against the baseline and against sdtrt's image."""
+    lines: list[str] = []
+    names: list[str] = []
+    for entry in result["results"]:
+        systems = entry["systems"]
+        names = list(systems)
+        lines += [f"### {entry['size']}, batch {entry['batch']}", "",
+                  "; ".join(f"{k}: {s['backend']}" for k, s in systems.items()), "",
+                  "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for label, path, scale, fmt in _METRICS:
+            values = [_get(s, path) for s in systems.values()]
+            if values[0] is not None:
+                lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v * scale) for v in values)
+                             + " |")
+        flops = entry.get("unet_tflop_per_step")
+        lines.append("| U-Net FLOPs per step (TFLOP) | " + " | ".join(
+            [f"{flops:.4g}" if flops else f"n/a ({entry.get('unet_flops_note', '')})"] + [""] * (len(names) - 1)) + " |")
+        ours = systems["sdtrt"]["latency_per_image_s"]
+        lines.append("| latency / sdtrt's | " + " | ".join(_ratio(s["latency_per_image_s"], ours)
+                                                          for s in systems.values()) + " |")
+        for key, label in (("psnr_db", "PSNR vs baseline (dB)"), ("psnr_db_vs_sdtrt", "PSNR vs sdtrt (dB)")):
+            if key in entry:
+                lines.append(f"| {label} | " + " | ".join(f"{entry[key][k]:.1f}" if k in entry[key] else ""
+                                                          for k in names) + " |")
+        lines.append("")
+    cold, mem, load = result["cold_start_s"], result["memory"], result.get("load_s", {})
+    lines += ["| process | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+              "| load (s) | " + " | ".join(_fmt(load.get(k), "{:.2f}") for k in names) + " |",
+              "| cold start: load to first image (s) | " + " | ".join(_fmt(cold.get(k), "{:.2f}") for k in names) + " |"]
+    if result.get("lora_s"):
+        lines.append("| LoRAs: read and apply (s) | " + " | ".join(_fmt(result["lora_s"].get(k), "{:.2f}")
+                                                                  for k in names) + " |")
+    for key in sorted({k for m in mem.values() for k in m}):
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(_fmt(mem.get(k, {}).get(key), "{:.0f}")
+                                                                 for k in names) + " |")
+    for k, d in result.get("backend_details", {}).items():  # OpenVINO's: the precision that ran
+        if "openvino" not in d:
+            continue
+        lines += ["", f"{k}: OpenVINO {d.get('openvino', '?').split('-')[0]} on {d.get('device')} "
+                      f"({', '.join(d.get('optimization_capabilities', []))}), precision {d.get('inference_precision')}"
+                      f" (asked: {d.get('requested_precision')}), {d.get('threads')} threads"]
+    ho = result["host_overhead"]
+    lines += ["", f"Runtime host overhead with null engines ({ho['sampler']}, {ho['size']}x{ho['size']}, {ho['steps']} "
+              f"steps): {ho['us_per_step']:.0f} µs per step, of which sampler update {ho['sampler_update_us_per_step']:.0f} µs."]
+    return lines
+
+
+def _get(obj, path):
+    for p in path:
+        if not isinstance(obj, dict) or p not in obj:
+            return None
+        obj = obj[p]
+    return obj
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def _dig(obj, path):

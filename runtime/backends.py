@@ -16,7 +16,8 @@ from sdtrt.errors import ManifestError, SdtrtError
 from sdtrt.integrity import folder_files, verify_files
 from sdtrt.manifest import CONTROLNET_PREFIX, Component, resolve_shape
 
-BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+# openvino: the CPU plugin of OpenVINO over the same ONNX graphs (an extra: pip install 'sdtrt[openvino]')
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "openvino")
 
 
 class BackendError(SdtrtError):
@@ -384,6 +385,9 @@ def available_backends() -> list[str]:
     if "CUDAExecutionProvider" in ort.get_available_providers() and _has_cuda_device():
         found.append("onnxruntime-cuda")
     found.append("onnxruntime-cpu")
+    from sdtrt.runtime.openvino import describe_openvino
+
+    found += [describe_openvino()] if describe_openvino() else []
     return found
 
 
@@ -417,15 +421,12 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
             if backend == "tensorrt":
                 raise
             # auto: engines for another GPU/version, or no TensorRT here; ONNX Runtime still works
+    if backend == "openvino":
+        return _load_openvino(Path(folder), manifest, threads, device_loop)
     provider = ort_provider(backend)
     on_device = provider == "CUDAExecutionProvider" if device_loop is None else device_loop
     names = [n for n in manifest.components if n != "sampler_update" or on_device]  # on the host the update is NumPy
-    for name in names:
-        path = Path(folder) / manifest.components[name].file
-        if not path.is_file():
-            what = "is not a regular file" if path.exists() else "is missing"
-            raise BackendError(f"{path} {what} (listed in manifest.json as the {name} graph)")
-    check_integrity(folder, folder_files(manifest, components=tuple(names)), "re-export the model")
+    check_graph_files(folder, manifest, names)
     engines = EngineSet()
     for name in names:
         engines[name] = OrtEngine(Path(folder) / manifest.components[name].file, manifest.components[name], provider,
@@ -440,3 +441,25 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
         engines["unet"].device_loop = DeviceLoop(memory, engines["unet"], update, controlnets=controlnets(engines))
         engines.resources.append(memory)
     return engines
+
+
+def check_graph_files(folder: Path, manifest, names: list[str]) -> None:
+    """Refuse graphs ``names`` of ``folder`` that are missing, not regular files, or not the manifest's."""
+    for name in names:
+        path = Path(folder) / manifest.components[name].file
+        if not path.is_file():
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise BackendError(f"{path} {what} (listed in manifest.json as the {name} graph)")
+    check_integrity(folder, folder_files(manifest, components=tuple(names)), "re-export the model")
+
+
+def _load_openvino(folder: Path, manifest, threads: int, device_loop: bool | None) -> EngineSet:
+    """OpenVINO engines for every graph but the sampler update: the NumPy host loop runs over them."""
+    from sdtrt.runtime.openvino import import_openvino, load_openvino_engines
+
+    if device_loop:
+        raise BackendError("the openvino backend runs the host loop: the device loop needs ONNX Runtime or TensorRT")
+    import_openvino()  # the install hint before any file is read
+    names = [n for n in manifest.components if n != "sampler_update"]
+    check_graph_files(folder, manifest, names)
+    return load_openvino_engines(folder, manifest, names, threads)

@@ -354,6 +354,9 @@ def _add_bench(sub) -> None:
                        description="Latency, per-component time, memory and fidelity of sdtrt against diffusers.")
     p.add_argument("dir", help="engine folder")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="sdtrt's backend")
+    p.add_argument("--also-backend", action="append", choices=BACKENDS, default=[], metavar="BACKEND",
+                   help="also time sdtrt on this backend (repeatable), a system of its own in the same run: "
+                        "\"sdtrt[BACKEND]\" beside \"sdtrt\" and the baseline, e.g. --also-backend openvino")
     p.add_argument("--baseline", choices=("torch", "torch-compile", "none"), default="torch",
                    help="what to compare with (diffusers' StableDiffusionPipeline)")
     p.add_argument("--size", type=_size, nargs="+", default=None, metavar="WxH", help="one or more sizes (default: the model's)")
@@ -419,7 +422,8 @@ def _cmd_bench(args) -> int:
                       batch=args.batch, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, threads=args.threads,
                       task=args.task, strength=args.strength, controlnets=args.controlnet,
                       scheduler_config=args.scheduler_config, guidance_scale=args.cfg,
-                      one_at_a_time=args.one_at_a_time, loras=tuple(args.lora))
+                      one_at_a_time=args.one_at_a_time, loras=tuple(args.lora),
+                      also_backends=tuple(args.also_backend))
     result = run_bench(cfg)
     result["command"] = "sdtrt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sdtrt") else None
     print(markdown(result))

@@ -464,8 +464,9 @@ class Manifest:
 
 
 # what every export writes, whatever a manifest says: the folders sdtrt owns by name
-# .sdtrt-ort: ONNX Runtime's optimized graphs of this CPU (runtime/ort_cache.py), made at load
-OWNED_FOLDERS = ("tokenizer", "scheduler", ".sdtrt-ort")
+# made at load: .sdtrt-ort, ONNX Runtime's optimized graphs for this CPU (runtime/ort_cache.py); .sdtrt-openvino,
+# OpenVINO's compiled models (runtime/openvino.py)
+OWNED_FOLDERS = ("tokenizer", "scheduler", ".sdtrt-ort", ".sdtrt-openvino")
 ENCODER_TOKENIZERS = ("tokenizer_2",)  # owned too when the manifest's text encoders name them (SDXL)
 OWNED_SUFFIXES = (".onnx", ".onnx.data", ".plan")
 

@@ -29,7 +29,7 @@ class RayConfig:
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None  # autoscaling's aim per replica; None: 2
     num_gpus: float | None = None  # per replica; None: 1 where the cluster (before connecting: this machine) has
-    # GPUs, 0 for onnxruntime-cpu; set it on clusters whose GPU nodes start on demand
+    # GPUs, 0 for onnxruntime-cpu and openvino; set it on clusters whose GPU nodes start on demand
     num_cpus: float = 1.0  # per replica, as Ray schedules them
     address: str | None = None  # an existing cluster; None: RAY_ADDRESS, else a local one started here
     name: str = "sdtrt"  # the Ray Serve application's name
@@ -61,7 +61,7 @@ def ray_deployment_options(config: ServeConfig, ray_config: RayConfig) -> dict:
     gives each replica a GPU where the cluster has them (Ray sets CUDA_VISIBLE_DEVICES, so the replica's device 0 is
     its own GPU)."""
     gpus = ray_config.num_gpus
-    if gpus is None and config.backend == "onnxruntime-cpu":
+    if gpus is None and config.backend in ("onnxruntime-cpu", "openvino"):  # CPU backends
         gpus = 0
     elif gpus is None:
         import ray

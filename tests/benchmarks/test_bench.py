@@ -91,11 +91,43 @@ def test_the_baseline_check_counts_an_older_exports_flops(engine, tiny_fp32):
 
 
 @pytest.mark.parametrize("flags, needle", [(["--size", "2048x2048"], "exported range"), (["--runs", "0"], "--runs"),
-                                           (["--batch", "9"], "batch 9")])
+                                           (["--batch", "9"], "batch 9"),
+                                           (["--backend", "onnxruntime-cpu", "--also-backend", "onnxruntime-cpu"],
+                                            "that is sdtrt's --backend already"),
+                                           (["--also-backend", "openvino", "--also-backend", "openvino"], "each backend once")])
 def test_bench_bad_input(tiny_fp32, capsys, flags, needle):
     code = main(["bench", str(tiny_fp32[0]), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("sdtrt bench: error: ") and needle in err[-1]
+
+
+@pytest.mark.parametrize("flags", [[], ["--baseline", "none", "--one-at-a-time"]], ids=["interleaved", "alone"])
+def test_bench_with_another_sdtrt_backend_in_the_same_run(tiny_fp32, tmp_path, capsys, flags):
+    """--also-backend openvino: a third system, "sdtrt[openvino]", in its own worker beside sdtrt (ONNX Runtime) and
+    diffusers, with its own figures, its PSNR against both, and the precision OpenVINO ran in."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "r.json"
+    assert main(["bench", str(tiny_fp32[0]), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0",
+                 "--backend", "onnxruntime-cpu", "--also-backend", "openvino", "--out", str(out), *flags]) == 0, \
+        capsys.readouterr().err
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    names = ["sdtrt", "sdtrt[openvino]"] + ([] if flags else ["baseline"])
+    entry = result["results"][0]
+    assert list(entry["systems"]) == names and result["config"]["also_backends"] == ["openvino"]
+    assert entry["systems"]["sdtrt[openvino]"]["backend"].startswith("openvino (CPU, ")
+    for name in names:
+        assert _number(entry["systems"][name]["components_s"]["unet_per_step"])
+        assert _number(result["cold_start_s"][name]) and _number(result["load_s"][name])
+        assert result["memory"][name]["peak_host_rss_mb"] > 0
+    assert entry["psnr_db_vs_sdtrt"]["sdtrt[openvino]"] >= 60
+    if not flags:
+        assert entry["psnr_db"]["sdtrt"] == entry["psnr_db_vs_baseline"] >= 40
+        assert entry["psnr_db"]["sdtrt[openvino]"] >= 40
+    details = result["backend_details"]["sdtrt[openvino]"]
+    assert details["inference_precision"] in ("f32", "bf16") and "FP32" in details["optimization_capabilities"]
+    assert "| metric | " + " | ".join(names) + " |" in table and "| PSNR vs sdtrt (dB) |" in table
+    assert f"precision {details['inference_precision']}" in table
 
 
 def test_a_baseline_that_is_not_the_exported_model_is_refused(engine, capsys):

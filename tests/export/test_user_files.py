@@ -54,7 +54,7 @@ def test_export_force_drops_the_old_exports_files_that_the_new_one_does_not_writ
     assert code == 0, err
     assert not (out / "controlnet_edges.onnx").exists()  # the old manifest's, not the new one's: gone
     assert not (out / ".sdtrt-ort").exists()
-    made_at_load = {".sdtrt-hashes.json", ".sdtrt-ort"}
+    made_at_load = {".sdtrt-hashes.json", ".sdtrt-ort", ".sdtrt-openvino"}
     assert {p.name for p in out.iterdir()} == owned_entries(out) - made_at_load | {"astronaut.png", "notes.txt", "mine"}
     _kept(out, planted)
 

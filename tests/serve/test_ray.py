@@ -316,6 +316,8 @@ def test_the_ray_builder_reads_serve_run_arguments_and_sets_ray_serve_options():
     auto = ray_deployment_options(ServeConfig(folder="x", backend="onnxruntime-cpu"),
                                   RayConfig(min_replicas=0, max_replicas=4, target_ongoing_requests=3))
     assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 0
+    assert ray_deployment_options(ServeConfig(folder="x", backend="openvino"), RayConfig())["ray_actor_options"][
+        "num_gpus"] == 0  # a CPU backend
     assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3.0}
     # Ray Serve itself accepts them (it validates a deployment's options when the application is built)
     ray_app({"folder": "/engines/sd15", "min_replicas": "1", "max_replicas": "2", "num_gpus": "0",
