@@ -184,8 +184,7 @@ class OrtEngine:
             session = ort.InferenceSession(str(path) if graph is None else graph, sess_options=opts,
                                            providers=[provider])
         except Exception as ex:  # onnxruntime raises its own untyped errors for unreadable graphs
-            first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-            raise BackendError(f"cannot load {path.name} with onnxruntime: {first}") from None
+            raise BackendError(f"cannot load {path.name} with onnxruntime: {_first_line(ex)}") from None
         session._sdtrt_initializers = values  # alive as long as the session
         return session
 
@@ -259,8 +258,12 @@ def fused_graph(path: Path) -> tuple[bytes | None, int]:
     try:
         return ort_graph(path)
     except Exception as ex:  # onnx raises its own untyped errors for unreadable graphs
-        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-        raise BackendError(f"cannot load {path.name}: {first}") from None
+        raise BackendError(f"cannot load {path.name}: {_first_line(ex)}") from None
+
+
+def _first_line(ex: Exception) -> str:
+    """An untyped library error as one line: its message's first line, or its type."""
+    return str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
 
 
 class OrtMemory:
@@ -387,7 +390,7 @@ def available_backends() -> list[str]:
     found.append("onnxruntime-cpu")
     from sdtrt.runtime.openvino import describe_openvino
 
-    found += [describe_openvino()] if describe_openvino() else []
+    found += [d for d in (describe_openvino(),) if d]
     return found
 
 
