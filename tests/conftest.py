@@ -96,7 +96,7 @@ def engine(tiny_fp32, tmp_path):
     import shutil
 
     out = tmp_path / "engine"
-    shutil.copytree(tiny_fp32[0], out)
+    shutil.copytree(tiny_fp32[0], out, ignore=shutil.ignore_patterns(".sdtrt-*"))  # without runtimes' caches
     return out
 
 

@@ -332,6 +332,7 @@ def test_openai_sdk(server):
 
     # cancel: the SDK's timeout closes the connection; the server takes the next request
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=0.5, max_retries=0).images.generate(prompt="a slow lighthouse", size="128x128")
+        # 512x512 takes seconds on tiny here (128x128 can be over within the 0.5 s)
+        client.with_options(timeout=0.5, max_retries=0).images.generate(prompt="a slow lighthouse", size="512x512")
     again = client.images.generate(model=ids[0], prompt="a lighthouse", size="64x64", response_format="b64_json")
     assert png(again.data[0].b64_json)[0].size == (64, 64)

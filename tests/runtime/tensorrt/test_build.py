@@ -189,7 +189,11 @@ def test_build_verifies_every_engine_against_onnxruntime_and_records_it(fake_gpu
         labels = [r.shape for r in results]
         assert any(label.startswith("export case") for label in labels), (name, labels)  # the export's own shapes
         assert any(label.startswith("profile") for label in labels), (name, labels)  # and the engine's profile
-        assert all(r.passed and r.max_rel_error == 0.0 for r in results)  # the fake runs the very same ONNX
+        # the fake runs the exported ONNX as TensorRT would; the reference (ONNX Runtime's CPU provider) runs it with
+        # its attention fused (ort_graphs), which only the U-Net and the VAE have: those may differ by rounding only
+        bound = 1e-3 if name in ("unet", "vae_encoder", "vae_decoder") else 0.0
+        assert all(r.passed and r.max_rel_error <= bound for r in results), [(r.shape, r.max_rel_error)
+                                                                             for r in results]
     e2e = manifest.tensorrt.end_to_end
     assert e2e.passed and e2e.psnr_db >= 60 and (e2e.width, e2e.height, e2e.batch) == (64, 64, 1)
     assert Manifest.load(fp16_folder) == manifest  # and it round-trips through manifest.json
