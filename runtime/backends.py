@@ -97,6 +97,7 @@ class OrtEngine:
         # ``cache``: ONNX Runtime's optimized graph is saved in the folder and loaded from there (``ort_cache``)
         self.fused = provider == "CPUExecutionProvider"
         self.cache = cache and self.fused
+        self.saved_now = False  # this load wrote the cache entry it runs
         self.session, self.fused_attention, self.cached = self._open()
         self._dtypes = {}
         self._output_names = [o.name for o in self.session.get_outputs()]
@@ -123,37 +124,28 @@ class OrtEngine:
         self._ptrs: dict[str, int] = {}
 
     def _open(self, initializers: dict[str, np.ndarray] | None = None):
-        """(session, attentions fused, loaded from the cache). The graph's own weights come from the cache entry
-        when there is one, and are saved there when not; ``initializers`` (a LoRA's) are never cached: the saved
-        graph's weights are laid out anew and renamed, so they are set on the graph as exported and optimized."""
+        """(session, attentions fused, runs ONNX Runtime's saved optimized graph). Where caching, a missing cache entry
+        is made first (``save_optimized``) and the session opened over it; ``initializers`` (a LoRA's) are never
+        cached: the saved graph's weights are laid out anew and renamed, so they are set on the graph as exported."""
+        entry = self.entry() if self.cache and not initializers else None
+        if entry is not None:
+            if entry.read() is None:
+                self.saved_now = save_optimized(entry, self.path, self.component, self.provider, self.threads)
+            record = entry.read()
+            if record is not None:
+                try:
+                    return self._session(entry.graph, self.provider, self.threads, {}, optimized=True), \
+                        int(record["fused_attention"]), True
+                except (BackendError, KeyError, TypeError, ValueError):
+                    entry.remove()  # stale or damaged: the graph as exported instead, made anew next time
+        graph, count = fused_graph(self.path) if self.fused else (None, 0)
+        return self._session(self.path, self.provider, self.threads, initializers or {}, graph), count, False
+
+    def entry(self):
+        """This graph's ``ort_cache.Entry`` (fused or not, as ``SDTRT_ORT_ATTENTION`` says)."""
         from sdtrt.runtime.ort_cache import Entry
 
-        entry = Entry(self.path.parent, self.component, attention_mode() == "fused") \
-            if self.cache and not initializers else None
-        record = entry.read() if entry is not None else None
-        if record is not None:
-            try:
-                return self._session(entry.graph, self.provider, self.threads, {}, optimized=True), \
-                    int(record["fused_attention"]), True
-            except (BackendError, KeyError, TypeError, ValueError):
-                entry.remove()  # stale or damaged: made again from the graph
-        graph, count = fused_graph(self.path) if self.fused else (None, 0)
-        need = 2.2 * sum(p.stat().st_size for p in [self.path] + [self.path.parent / f for f in
-                                                                    self.component.external_data])
-        tmp = entry.start(int(need)) if entry is not None else None
-        try:
-            session = self._session(self.path, self.provider, self.threads, initializers or {}, graph,
-                                    save=(entry, tmp) if tmp is not None else None)
-        except BackendError:
-            if tmp is None:
-                raise
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)  # saving failed (disk full?): load as before, nothing cached
-            return self._session(self.path, self.provider, self.threads, initializers or {}, graph), count, False
-        if tmp is not None:
-            entry.commit(tmp, {"fused_attention": count, "source": self.path.name})
-        return session, count, False
+        return Entry(self.path.parent, self.component, attention_mode() == "fused")
 
     @staticmethod
     def _session(path: Path, provider: str, threads: int, initializers: dict[str, np.ndarray],
@@ -245,6 +237,29 @@ def attention_mode() -> str:
     if mode not in ("fused", "unfused"):
         raise BackendError(f"SDTRT_ORT_ATTENTION must be fused or unfused, not {mode!r}")
     return mode
+
+
+def save_optimized(entry, path: Path, component, provider: str = "CPUExecutionProvider", threads: int = 0) -> bool:
+    """Write ``entry`` (``ort_cache``): ONNX Runtime optimizes ``path``'s graph (attention fused) with every
+    optimisation on and saves the result, and that session is dropped. Its saving session holds more than a session
+    over the saved graph (SDXL's fp16 U-Net here: 19.6 GB, against 8.8 GB loaded from the entry), so callers open
+    the entry afterwards, and ``load_engines`` writes every missing entry before it loads any graph. False (nothing
+    written, the reason logged) when the folder has no room or the graph does not load; the caller then loads the
+    graph as exported, which reports a graph that cannot load."""
+    import shutil
+
+    graph, count = fused_graph(path) if provider == "CPUExecutionProvider" else (None, 0)
+    need = 2.2 * sum(p.stat().st_size for p in [path] + [path.parent / f for f in component.external_data])
+    tmp = entry.start(int(need))
+    if tmp is None:
+        return False
+    try:
+        session = OrtEngine._session(path, provider, threads, {}, graph, save=(entry, tmp))
+    except BackendError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    del session
+    return entry.commit(tmp, {"fused_attention": count, "source": path.name})
 
 
 def fused_graph(path: Path) -> tuple[bytes | None, int]:
@@ -430,6 +445,14 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
     on_device = provider == "CUDAExecutionProvider" if device_loop is None else device_loop
     names = [n for n in manifest.components if n != "sampler_update" or on_device]  # on the host the update is NumPy
     check_graph_files(folder, manifest, names)
+    if provider == "CPUExecutionProvider":  # missing cache entries first, one at a time, before any graph is loaded
+        from sdtrt.runtime.ort_cache import Entry
+
+        for name in names:
+            c = manifest.components[name]
+            entry = Entry(Path(folder), c, attention_mode() == "fused")
+            if entry.read() is None:
+                save_optimized(entry, Path(folder) / c.file, c, provider, threads)
     engines = EngineSet()
     for name in names:
         engines[name] = OrtEngine(Path(folder) / manifest.components[name].file, manifest.components[name], provider,

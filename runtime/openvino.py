@@ -18,7 +18,6 @@ load the old blob), so the key must come from here. Entries of other keys of the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ import numpy as np
 
 from sdtrt.manifest import Component
 from sdtrt.runtime.backends import BackendError
+from sdtrt.runtime.cache_keys import graph_key, other_keys
 
 log = logging.getLogger("sdtrt")
 
@@ -89,13 +89,10 @@ def graph_cache(root: Path | None, name: str, component: Component) -> Path | No
     at load); other keys' folders of the same graph are deleted (a re-export's leftovers)."""
     if root is None:
         return None
-    digest = hashlib.sha256(component.sha256.encode())
-    for f in sorted(component.external_sha256):
-        digest.update(f"{f}={component.external_sha256[f]}".encode())
-    folder = root / f"{name}-{digest.hexdigest()[:20]}"
-    for old in root.glob(f"{name}-*"):
-        stem = old.name[len(name) + 1:]
-        if old != folder and old.is_dir() and len(stem) == 20 and all(c in "0123456789abcdef" for c in stem):
+    key = graph_key(component)
+    folder = root / f"{name}-{key}"
+    for old in other_keys(root, name, key):
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     try:
         folder.mkdir(exist_ok=True)

@@ -15,7 +15,6 @@ none. A folder that cannot be written (read-only, disk full) just loads without 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from sdtrt.manifest import Component
+from sdtrt.runtime.cache_keys import graph_key, other_keys
 
 log = logging.getLogger("sdtrt")
 
@@ -46,9 +46,7 @@ def cpu_signature() -> str:
 def entry_key(component: Component, fused: bool) -> str:
     import onnxruntime as ort
 
-    ident = {"graph": component.sha256, "external": dict(sorted(component.external_sha256.items())),
-             "onnxruntime": ort.__version__, "cpu": cpu_signature(), "fused": fused, "version": VERSION}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return graph_key(component, onnxruntime=ort.__version__, cpu=cpu_signature(), fused=fused, version=VERSION)
 
 
 class Entry:
@@ -57,7 +55,8 @@ class Entry:
     def __init__(self, folder: Path, component: Component, fused: bool):
         self.dir = Path(folder) / CACHE_DIR
         self.stem = Path(component.file).stem
-        self.name = f"{self.stem}-{entry_key(component, fused)}"
+        self.key = entry_key(component, fused)
+        self.name = f"{self.stem}-{self.key}"
         self.graph, self.data, self.record = (self.dir / f"{self.name}{s}" for s in (".onnx", ".data", ".json"))
 
     def read(self) -> dict | None:
@@ -84,6 +83,9 @@ class Entry:
                 log.info("not caching ONNX Runtime's optimized %s: %s has under %.1f GB free", self.stem, self.dir,
                          need_bytes / 1e9)
                 return None
+            for left in self.dir.glob("tmp-*"):  # a process killed while saving (out of memory, Ctrl-C) left it
+                if not _alive(left.name.split("-")[1]):
+                    shutil.rmtree(left, ignore_errors=True)
             tmp = self.dir / f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
             tmp.mkdir()
             return tmp
@@ -91,22 +93,38 @@ class Entry:
             log.info("not caching ONNX Runtime's optimized %s: %s", self.stem, ex.strerror or ex)
             return None
 
-    def commit(self, tmp: Path, record: dict) -> None:
-        """Move the saved files from ``tmp`` into place, the record last; remove other keys' entries of this graph."""
+    def commit(self, tmp: Path, record: dict) -> bool:
+        """Move the saved files from ``tmp`` into place, the record last; remove other keys' entries of this graph.
+        False when that failed (nothing usable written)."""
         try:
             sizes = {p.name: os.path.getsize(tmp / p.name) for p in (self.graph, self.data)}
             for p in (self.data, self.graph):
                 os.replace(tmp / p.name, p)
             (tmp / self.record.name).write_text(json.dumps(record | {"sizes": sizes}) + "\n")
             os.replace(tmp / self.record.name, self.record)
-            for old in self.dir.glob(f"{self.stem}-*"):
-                if not old.name.startswith(self.name) and old.is_file():
+            for old in other_keys(self.dir, self.stem, self.key):
+                if old.is_file():
                     old.unlink(missing_ok=True)
+            return True
         except OSError as ex:
             log.info("not caching ONNX Runtime's optimized %s: %s", self.stem, ex.strerror or ex)
+            return False
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def remove(self) -> None:
         for p in (self.record, self.graph, self.data):
             p.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a tmp folder's writer) still runs here; a name that is no pid counts as alive."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, OverflowError):
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -359,7 +359,8 @@ def _add_bench(sub) -> None:
                         "\"sdtrt[BACKEND]\" beside \"sdtrt\" and the baseline, e.g. --also-backend openvino")
     p.add_argument("--baseline", choices=("torch", "torch-compile", "none"), default="torch",
                    help="what to compare with (diffusers' StableDiffusionPipeline)")
-    p.add_argument("--size", type=_size, nargs="+", default=None, metavar="WxH", help="one or more sizes (default: the model's)")
+    p.add_argument("--size", type=_size, nargs="+", action="extend", default=None, metavar="WxH",
+                   help="one or more sizes, after one --size or repeated (default: the model's)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--batch", type=int, default=1, help="images per generation")
     p.add_argument("--runs", type=int, default=5, help="timed runs per size and system")

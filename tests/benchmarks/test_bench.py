@@ -71,8 +71,9 @@ def test_bench_without_baseline(engine, tmp_path, capsys):
     """An older export (no FLOP counts in its manifest) without a baseline: the roofline figure is n/a, and says why."""
     _without_flop_counts(engine)
     assert main(["bench", str(engine), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0",
-                 "--baseline", "none", "--out", str(tmp_path / "r.json")]) == 0
+                 "--baseline", "none", "--size", "72x64", "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
+    assert [r["size"] for r in result["results"]] == ["64x64", "72x64"]  # a repeated --size adds, not replaces
     entry = result["results"][0]
     assert list(entry["systems"]) == ["sdtrt"]
     assert entry["unet_tflop_per_step"] is None and entry["systems"]["sdtrt"]["unet_tflops_achieved"] is None
@@ -84,7 +85,7 @@ def test_bench_without_baseline(engine, tmp_path, capsys):
 def test_the_baseline_check_counts_an_older_exports_flops(engine, tiny_fp32):
     """The bench's check worker rebuilds the PyTorch model anyway: for a manifest without a FLOP model it counts the
     U-Net's, as the export would have."""
-    from sdtrt.benchmarks.harness import check_baseline_weights
+    from sdtrt.benchmarks.baseline import check_baseline_weights
 
     _without_flop_counts(engine)  # (with them it counts nothing: test_bench_json_table_and_plot's "manifest")
     assert check_baseline_weights(str(engine)) == {"unet_flops": to_dict(tiny_fp32[1].components["unet"].flops)}

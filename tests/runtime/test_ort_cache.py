@@ -3,6 +3,7 @@ same outputs; a LoRA's weights still reach the graph; another key (another CPU, 
 entry makes a new one; a folder that cannot take it loads without it."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -31,18 +32,24 @@ def _exported(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
-def test_the_second_load_reads_the_saved_graphs_and_computes_the_same(fp32_folder):
+def test_the_saved_graphs_are_made_once_and_compute_what_the_exported_ones_do(fp32_folder):
+    """The first load writes every graph's entry before it loads any graph (the saving session is dropped: it holds
+    more than a session over the saved graph) and runs the saved graphs; the second reads them as they are."""
     exported = _exported(fp32_folder)
     manifest = Manifest.load(fp32_folder)
+    assert not (fp32_folder / ort_cache.CACHE_DIR).exists()
     first = load_engines(fp32_folder, manifest, "onnxruntime-cpu")
-    entries = sorted(p.name for p in (fp32_folder / ort_cache.CACHE_DIR).iterdir())
-    assert [n.rsplit("-", 1)[0] for n in entries if n.endswith(".json")] == sorted(first)  # one entry per graph
+    cache = fp32_folder / ort_cache.CACHE_DIR
+    entries = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert sorted(n.rsplit("-", 1)[0] for n in entries if n.endswith(".json")) == sorted(first)  # one per graph
     second = load_engines(fp32_folder, manifest, "onnxruntime-cpu")
-    assert not any(e.cached for e in first.values()) and all(e.cached for e in second.values())
-    assert second["unet"].fused_attention == first["unet"].fused_attention > 0
+    assert all(e.cached for e in first.values()) and all(e.cached for e in second.values())
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == entries  # read, not written again
+    plain, _ = _unet(fp32_folder)  # the graph as exported, fused in memory, no cache
+    assert second["unet"].fused_attention == plain.fused_attention > 0 and not plain.cached
     feeds = _feeds(manifest)
-    np.testing.assert_array_equal(second["unet"].run(feeds)["noise_pred"], first["unet"].run(feeds)["noise_pred"])
-    assert sorted(p.name for p in (fp32_folder / ort_cache.CACHE_DIR).iterdir()) == entries
+    np.testing.assert_array_equal(second["unet"].run(feeds)["noise_pred"], plain.run(feeds)["noise_pred"])
+    np.testing.assert_array_equal(first["unet"].run(feeds)["noise_pred"], plain.run(feeds)["noise_pred"])
     assert _exported(fp32_folder) == exported  # the files TensorRT reads are never written
     assert ort_cache.CACHE_DIR in owned_entries(fp32_folder)  # `export --force` replaces it with the rest
 
@@ -78,16 +85,31 @@ def test_another_key_or_a_damaged_entry_makes_a_new_one(fp32_folder, monkeypatch
     monkeypatch.setattr(ort_cache, "cpu_signature", lambda: "another cpu")
     engine, _ = _unet(fp32_folder, cache=True)
     new = {p.name for p in cache.glob("unet-*")}
-    assert not engine.cached and len(new) == 3 and not new & old  # the other key's entry is gone
+    assert engine.saved_now and engine.cached and len(new) == 3 and not new & old  # the other key's entry is gone
     data = next(cache.glob("unet-*.data"))
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
     engine, manifest = _unet(fp32_folder, cache=True)
-    assert not engine.cached and _unet(fp32_folder, cache=True)[0].cached
+    assert engine.saved_now and engine.cached  # not a whole entry: made again
+    again = _unet(fp32_folder, cache=True)[0]
+    assert again.cached and not again.saved_now
     graph = next(cache.glob("unet-*.onnx"))
     graph.write_bytes(b"\0" * graph.stat().st_size)  # the recorded size, garbage inside
     engine, _ = _unet(fp32_folder, cache=True)
-    assert not engine.cached and _unet(fp32_folder, cache=True)[0].cached
+    assert not engine.cached and engine.run(_feeds(manifest))  # the exported graph instead; the entry is removed
+    again = _unet(fp32_folder, cache=True)[0]
+    assert again.cached and again.saved_now
+
+
+def test_what_a_killed_saver_left_is_removed_and_a_running_ones_kept(fp32_folder):
+    cache = fp32_folder / ort_cache.CACHE_DIR
+    cache.mkdir()
+    dead, running = cache / "tmp-4194305-0badf00d", cache / f"tmp-{os.getpid()}-0badf00d"  # above Linux's pid_max
+    for folder in (dead, running):
+        folder.mkdir()
+        (folder / "unet-0.data").write_bytes(b"\0" * 1000)
+    assert _unet(fp32_folder, cache=True)[0].saved_now
+    assert not dead.exists() and running.is_dir()
 
 
 def test_a_folder_without_room_loads_without_the_cache(fp32_folder, monkeypatch):
@@ -96,7 +118,7 @@ def test_a_folder_without_room_loads_without_the_cache(fp32_folder, monkeypatch)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(ort_cache.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
     engine, manifest = _unet(fp32_folder, cache=True)
-    assert not engine.cached and engine.fused_attention > 0
+    assert not engine.cached and not engine.saved_now and engine.fused_attention > 0
     assert not list((fp32_folder / ort_cache.CACHE_DIR).iterdir())
     assert engine.run(_feeds(manifest))["noise_pred"].shape == (1, 4, 8, 12)
 
