@@ -43,8 +43,11 @@ def same_image(a, b):
 SAMPLERS = ["pndm", "lms", "dpmpp_2m", "euler_a", "lcm", "unipc"]
 
 
-# tiny fp32/fp16 with every sampler; tiny-xl fp16 with a multistep, an ancestral and a history-reading one
-@pytest.mark.parametrize("folder, sampler", [(f, s) for f in ("fp32_folder", "fp16_folder") for s in SAMPLERS]
+# tiny fp16 (TensorRT's precision) with every sampler, fp32 with two (the rest in `-m slow`); tiny-xl fp16 with a
+# multistep, an ancestral and a history-reading one
+@pytest.mark.parametrize("folder, sampler", [("fp16_folder", s) for s in SAMPLERS]
+                         + [("fp32_folder", s) if s in ("pndm", "euler_a") else
+                            pytest.param("fp32_folder", s, marks=pytest.mark.slow) for s in SAMPLERS]
                          + [("xl_folder", s) for s in ("pndm", "euler_a", "dpmpp_2m")])
 def test_device_loop_gives_the_host_loop_image(fake_gpu, request, folder, sampler):
     """SDXL's added conditions (text_embeds, FP32 time_ids) are constant U-Net inputs of the device loop."""
@@ -534,8 +537,11 @@ def control_args(case, task=None):
     return args
 
 
-@pytest.mark.parametrize("task", [None, "img2img", "inpaint"])
-@pytest.mark.parametrize("case", CONTROLS)
+# every ControlNet case with txt2img, the image tasks with one case each; the rest of the grid in `-m slow`
+@pytest.mark.parametrize("case, task", [(c, t) if t is None or (c, t) in {("two, with ranges", "img2img"),
+                                                                         ("second only", "inpaint")}
+                                        else pytest.param(c, t, marks=pytest.mark.slow)
+                                        for t in (None, "img2img", "inpaint") for c in CONTROLS])
 def test_device_loop_runs_controlnets_as_the_host_loop(fake_gpu, control_folder, case, task):
     """ControlNets chained before the U-Net on the device (their per-step scales a table, a zeroed residual set
     when none runs), against the NumPy host loop; a ControlNet outside its range is not launched."""
