@@ -90,13 +90,15 @@ class OrtEngine:
     denoising loop keeps latents and model outputs on the device (``OrtMemory``)."""
 
     def __init__(self, path: Path, component: Component, provider: str = "CPUExecutionProvider", threads: int = 0,
-                 cache: bool = False):
+                 cache: bool = False, save_missing: bool = True):
         self.path, self.threads, self.component, self.provider = path, threads, component, provider
         # the CPU provider runs the graph with its attention fused (``ort_graphs``): the score matrices are never
         # materialised. The CUDA provider runs the graph as exported (its fused kernels are not tested here).
-        # ``cache``: ONNX Runtime's optimized graph is saved in the folder and loaded from there (``ort_cache``)
+        # ``cache``: ONNX Runtime's optimized graph is saved in the folder and loaded from there (``ort_cache``);
+        # ``save_missing=False``: only read it (``load_engines`` has tried to write every missing entry already)
         self.fused = provider == "CPUExecutionProvider"
         self.cache = cache and self.fused
+        self.save_missing = save_missing
         self.saved_now = False  # this load wrote the cache entry it runs
         self.session, self.fused_attention, self.cached = self._open()
         self._dtypes = {}
@@ -129,7 +131,7 @@ class OrtEngine:
         cached: the saved graph's weights are laid out anew and renamed, so they are set on the graph as exported."""
         entry = self.entry() if self.cache and not initializers else None
         if entry is not None:
-            if entry.read() is None:
+            if entry.read() is None and self.save_missing:
                 self.saved_now = save_optimized(entry, self.path, self.component, self.provider, self.threads)
             record = entry.read()
             if record is not None:
@@ -138,6 +140,7 @@ class OrtEngine:
                         int(record["fused_attention"]), True
                 except (BackendError, KeyError, TypeError, ValueError):
                     entry.remove()  # stale or damaged: the graph as exported instead, made anew next time
+                    self.saved_now = False
         graph, count = fused_graph(self.path) if self.fused else (None, 0)
         return self._session(self.path, self.provider, self.threads, initializers or {}, graph), count, False
 
@@ -258,6 +261,9 @@ def save_optimized(entry, path: Path, component, provider: str = "CPUExecutionPr
     except BackendError:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
+    except BaseException:  # Ctrl-C, out of memory: a live process's folder would never be removed by others
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     del session
     return entry.commit(tmp, {"fused_attention": count, "source": path.name})
 
@@ -454,9 +460,9 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
             if entry.read() is None:
                 save_optimized(entry, Path(folder) / c.file, c, provider, threads)
     engines = EngineSet()
-    for name in names:
+    for name in names:  # a save that failed above is not tried again beside the loaded graphs
         engines[name] = OrtEngine(Path(folder) / manifest.components[name].file, manifest.components[name], provider,
-                                  threads, cache=True)
+                                  threads, cache=True, save_missing=False)
     if on_device:
         from sdtrt.runtime.device_loop import DeviceLoop
 

@@ -79,13 +79,13 @@ class Entry:
         ``need_bytes`` free."""
         try:
             self.dir.mkdir(exist_ok=True)
+            for left in self.dir.glob("tmp-*"):  # a process killed while saving (out of memory, Ctrl-C) left it
+                if not _alive(left.name.split("-")[1]):
+                    shutil.rmtree(left, ignore_errors=True)
             if shutil.disk_usage(self.dir).free < need_bytes:
                 log.info("not caching ONNX Runtime's optimized %s: %s has under %.1f GB free", self.stem, self.dir,
                          need_bytes / 1e9)
                 return None
-            for left in self.dir.glob("tmp-*"):  # a process killed while saving (out of memory, Ctrl-C) left it
-                if not _alive(left.name.split("-")[1]):
-                    shutil.rmtree(left, ignore_errors=True)
             tmp = self.dir / f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
             tmp.mkdir()
             return tmp

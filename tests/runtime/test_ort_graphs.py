@@ -117,7 +117,7 @@ def test_an_explicit_scale_is_carried_and_a_masked_attention_is_not_fused(tmp_pa
 
 
 MEASURE = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from sdtrt.manifest import Manifest
 from sdtrt.runtime.backends import OrtEngine
@@ -127,19 +127,21 @@ m = Manifest.load(folder)
 c = m.components["unet"]
 engine = OrtEngine(Path(folder) / c.file, c)
 engine.run(random_feeds(c, shapes, {"timestep": 500.0, "guidance_scale": 7.5}, m.model.vocab_size, 0))
-print(json.dumps({"fused": engine.fused_attention, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so it would count pytest's own peak
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
+print(json.dumps({"fused": engine.fused_attention, "peak": peak}))
 """
 
 
 def test_a_1024px_unet_call_of_tiny_stays_far_below_its_score_matrices(tiny_fp32):
     """The exported graph materialises 1.07 GB per score matrix here (4 heads x 128² x 128² x fp32 at batch 2, CFG);
     ONNX Runtime held 9.0 GB for one such call unfused (and with ``ORT_DISABLE_FLASH_ATTENTION=1``, its kernel's
-    materialising path). Fused: 0.25 GB on the 2-core EPYC here, 2.6 GB on one CI machine; the bound is half the
-    unfused peak. The fused graph is measured in a process of its own."""
+    materialising path); fused, 0.25 GB here. The fused graph is measured in a process of its own, by its VmHWM (an
+    earlier version read ru_maxrss, which includes the pytest process it was forked from: 2.6 GB on CI)."""
     folder, manifest = tiny_fp32
     shapes = _unet_shapes(manifest, 1, 128, 128)
     out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), json.dumps(shapes)], capture_output=True,
                          text=True, check=True)
     got = json.loads(out.stdout)
     cpu = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
-    assert got["fused"] > 0 and got["peak"] < 4.5e9, (got, f"L2 {cpu}", os.cpu_count(), platform.processor())
+    assert got["fused"] > 0 and got["peak"] < 1.5e9, (got, f"L2 {cpu}", os.cpu_count(), platform.processor())
