@@ -84,14 +84,15 @@ def cache_root(folder: Path) -> Path | None:
     return root if os.access(root, os.W_OK) else None
 
 
-def graph_cache(root: Path | None, name: str, component: Component) -> Path | None:
+def graph_cache(root: Path | None, name: str, component: Component, prune: bool = True) -> Path | None:
     """This graph's cache folder, keyed by the sha256 of the graph and of its external data (the manifest's, verified
-    at load); other keys' folders of the same graph are deleted (a re-export's leftovers)."""
+    at load); with ``prune``, other keys' folders of the same graph are deleted (a re-export's leftovers). Not in a
+    cache shared by several engine folders (``$SDTRT_OPENVINO_CACHE``): there another key is another model's."""
     if root is None:
         return None
     key = graph_key(component)
     folder = root / f"{name}-{key}"
-    for old in other_keys(root, name, key):
+    for old in other_keys(root, name, key) if prune else ():
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     try:
@@ -224,7 +225,8 @@ def load_openvino_engines(folder: Path, manifest, names: list[str], threads: int
         for name in names:
             component = manifest.components[name]
             engines[name] = OpenVinoEngine(Path(folder) / component.file, component, threads, precision,
-                                           graph_cache(root, name, component), core)
+                                           graph_cache(root, name, component, prune=not os.environ.get(CACHE_ENV)),
+                                           core)
     except BaseException:
         engines.close()
         raise
