@@ -129,7 +129,7 @@ class OrtEngine:
         """(session, attentions fused, runs ONNX Runtime's saved optimized graph). Where caching, a missing cache entry
         is made first (``save_optimized``) and the session opened over it; ``initializers`` (a LoRA's) are never
         cached: the saved graph's weights are laid out anew and renamed, so they are set on the graph as exported."""
-        entry = self.entry() if self.cache and not initializers else None
+        entry = cache_entry(self.path.parent, self.component) if self.cache and not initializers else None
         if entry is not None:
             if entry.read() is None and self.save_missing:
                 self.saved_now = save_optimized(entry, self.path, self.component, self.provider, self.threads)
@@ -143,12 +143,6 @@ class OrtEngine:
                     self.saved_now = False
         graph, count = fused_graph(self.path) if self.fused else (None, 0)
         return self._session(self.path, self.provider, self.threads, initializers or {}, graph), count, False
-
-    def entry(self):
-        """This graph's ``ort_cache.Entry`` (fused or not, as ``SDTRT_ORT_ATTENTION`` says)."""
-        from sdtrt.runtime.ort_cache import Entry
-
-        return Entry(self.path.parent, self.component, attention_mode() == "fused")
 
     @staticmethod
     def _session(path: Path, provider: str, threads: int, initializers: dict[str, np.ndarray],
@@ -240,6 +234,13 @@ def attention_mode() -> str:
     if mode not in ("fused", "unfused"):
         raise BackendError(f"SDTRT_ORT_ATTENTION must be fused or unfused, not {mode!r}")
     return mode
+
+
+def cache_entry(folder: Path, component):
+    """The ``ort_cache.Entry`` of ``component``'s graph in ``folder`` (fused or not, as ``SDTRT_ORT_ATTENTION`` says)."""
+    from sdtrt.runtime.ort_cache import Entry
+
+    return Entry(Path(folder), component, attention_mode() == "fused")
 
 
 def save_optimized(entry, path: Path, component, provider: str = "CPUExecutionProvider", threads: int = 0) -> bool:
@@ -452,11 +453,9 @@ def load_engines(folder: Path, manifest, backend: str = "auto", threads: int = 0
     names = [n for n in manifest.components if n != "sampler_update" or on_device]  # on the host the update is NumPy
     check_graph_files(folder, manifest, names)
     if provider == "CPUExecutionProvider":  # missing cache entries first, one at a time, before any graph is loaded
-        from sdtrt.runtime.ort_cache import Entry
-
         for name in names:
             c = manifest.components[name]
-            entry = Entry(Path(folder), c, attention_mode() == "fused")
+            entry = cache_entry(folder, c)
             if entry.read() is None:
                 save_optimized(entry, Path(folder) / c.file, c, provider, threads)
     engines = EngineSet()
