@@ -97,6 +97,8 @@ class Entry:
         """Move the saved files from ``tmp`` into place, the record last; remove other keys' entries of this graph.
         False when that failed (nothing usable written)."""
         try:
+            if not (tmp / self.data.name).exists():  # no initializer over the threshold (the sampler update's graph)
+                (tmp / self.data.name).touch()
             sizes = {p.name: os.path.getsize(tmp / p.name) for p in (self.graph, self.data)}
             for p in (self.data, self.graph):
                 os.replace(tmp / p.name, p)

@@ -11,7 +11,32 @@ def _export(tmp_path_factory, precision: str, model: str = "tiny", controlnets=(
     out = tmp_path_factory.mktemp(f"{model}_{precision}") / "engine"
     manifest = export(ExportConfig(model=model, out=str(out), precision=precision, controlnets=controlnets,
                                    **TINY_RANGES), log=lambda s: None)
+    with_ort_cache(out, manifest)
     return out, manifest
+
+
+def with_ort_cache(folder, manifest):
+    """Write ``folder``'s ONNX Runtime cache (``.sdtrt-ort``, every graph, attention fused) as a first load would, so
+    every test and every copy of a shared export starts from the same state: a second load. Tests of a first load
+    start from a copy without it (``copy_export(..., caches=False)``)."""
+    from pathlib import Path
+
+    from sdtrt.runtime.backends import cache_entry, save_optimized
+
+    for component in manifest.components.values():
+        entry = cache_entry(folder, component)
+        if entry.read() is None:
+            assert save_optimized(entry, Path(folder) / component.file, component), component.file
+
+
+def copy_export(src, dest, caches: bool = True):
+    """A private copy of a shared export, so a test may change it; with its ONNX Runtime cache (written with the
+    export: ``with_ort_cache``) unless ``caches`` is False. OpenVINO's compiled models are never copied."""
+    import shutil
+
+    ignore = [".sdtrt-openvino"] + ([] if caches else [".sdtrt-ort"])
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*ignore))
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -93,11 +118,7 @@ def small_inpaint_model(tmp_path_factory):
 @pytest.fixture
 def engine(tiny_fp32, tmp_path):
     """A private copy of the tiny fp32 export, so a test may break it."""
-    import shutil
-
-    out = tmp_path / "engine"
-    shutil.copytree(tiny_fp32[0], out, ignore=shutil.ignore_patterns(".sdtrt-*"))  # without runtimes' caches
-    return out
+    return copy_export(tiny_fp32[0], tmp_path / "engine")
 
 
 @pytest.fixture

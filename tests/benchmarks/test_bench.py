@@ -18,11 +18,14 @@ def _number(x):
 
 
 def test_bench_json_table_and_plot(tiny_fp32, tmp_path, capsys):
+    """Every figure of sdtrt and diffusers eager, interleaved, at two sizes; and a third system in the same run
+    (``--also-backend openvino``, checked in ``_check_also_backend``)."""
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code = main(["bench", str(tiny_fp32[0]), "--size", "64x64", "96x64", "--steps", "3", "--runs", "2", "--warmup", "1",
-                 "--out", str(out_json), "--plot", str(out_png)])
+                 "--out", str(out_json), "--plot", str(out_png), "--also-backend", "openvino"])
     table = capsys.readouterr().out
     assert code == 0
+    _check_also_backend(json.loads(out_json.read_text()), table, ["sdtrt", "sdtrt[openvino]", "baseline"])
     result = json.loads(out_json.read_text())
     assert result["schema"] == "sdtrt-bench/1" and result["precision"] == "fp32"
     assert result["config"]["sizes"] == [[64, 64], [96, 64]] and result["config"]["runs"] == 2
@@ -102,18 +105,18 @@ def test_bench_bad_input(tiny_fp32, capsys, flags, needle):
     assert code == 2 and err[-1].startswith("sdtrt bench: error: ") and needle in err[-1]
 
 
-@pytest.mark.parametrize("flags", [[], ["--baseline", "none", "--one-at-a-time"]], ids=["interleaved", "alone"])
-def test_bench_with_another_sdtrt_backend_in_the_same_run(tiny_fp32, tmp_path, capsys, flags):
-    """--also-backend openvino: a third system, "sdtrt[openvino]", in its own worker beside sdtrt (ONNX Runtime) and
-    diffusers, with its own figures, its PSNR against both, and the precision OpenVINO ran in."""
-    pytest.importorskip("openvino")
+def test_bench_with_another_sdtrt_backend_alone(tiny_fp32, tmp_path, capsys):
+    """--also-backend openvino without a baseline, each system alone."""
     out = tmp_path / "r.json"
     assert main(["bench", str(tiny_fp32[0]), "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0",
-                 "--backend", "onnxruntime-cpu", "--also-backend", "openvino", "--out", str(out), *flags]) == 0, \
-        capsys.readouterr().err
-    table = capsys.readouterr().out
-    result = json.loads(out.read_text())
-    names = ["sdtrt", "sdtrt[openvino]"] + ([] if flags else ["baseline"])
+                 "--backend", "onnxruntime-cpu", "--also-backend", "openvino", "--out", str(out), "--baseline", "none",
+                 "--one-at-a-time"]) == 0, capsys.readouterr().err
+    _check_also_backend(json.loads(out.read_text()), capsys.readouterr().out, ["sdtrt", "sdtrt[openvino]"])
+
+
+def _check_also_backend(result, table, names):
+    """--also-backend openvino: a third system, "sdtrt[openvino]", in its own worker beside sdtrt (ONNX Runtime) and
+    diffusers, with its own figures, its PSNR against both, and the precision OpenVINO ran in."""
     entry = result["results"][0]
     assert list(entry["systems"]) == names and result["config"]["also_backends"] == ["openvino"]
     assert entry["systems"]["sdtrt[openvino]"]["backend"].startswith("openvino (CPU, ")
@@ -122,7 +125,7 @@ def test_bench_with_another_sdtrt_backend_in_the_same_run(tiny_fp32, tmp_path, c
         assert _number(result["cold_start_s"][name]) and _number(result["load_s"][name])
         assert result["memory"][name]["peak_host_rss_mb"] > 0
     assert entry["psnr_db_vs_sdtrt"]["sdtrt[openvino]"] >= 60
-    if not flags:
+    if "baseline" in names:
         assert entry["psnr_db"]["sdtrt"] == entry["psnr_db_vs_baseline"] >= 40
         assert entry["psnr_db"]["sdtrt[openvino]"] >= 40
     details = result["backend_details"]["sdtrt[openvino]"]
@@ -146,18 +149,31 @@ def test_a_baseline_that_is_not_the_exported_model_is_refused(engine, capsys):
 
 @pytest.mark.parametrize("flags", [pytest.param(["--steps", "3", "--cfg", "5"], marks=pytest.mark.slow),
                                    ["--scheduler-config", "lightning", "--steps", "2", "--cfg", "0"]])
-def test_bench_on_an_sdxl_model_one_system_at_a_time(tiny_xl_model, tmp_path, capsys, flags):
+def test_bench_on_an_sdxl_model_one_system_at_a_time_with_a_lora(tiny_xl_model, tmp_path, capsys, flags):
     """SDXL against diffusers' StableDiffusionXLPipeline (both encoders timed), a few-step preset on both systems,
-    each system alone (--one-at-a-time)."""
+    each system alone (--one-at-a-time), with a LoRA (U-Net and both encoders) on both systems: ours applied without
+    re-export, diffusers' through load_lora_weights; the images agree (a LoRA left out on either side would not) and
+    reading + applying it is timed on both."""
+    from sdtrt.manifest import Manifest
+    from sdtrt.runtime.synthetic import random_lora
+
+    lora = tmp_path / "style.safetensors"
+    random_lora(Manifest.load(tiny_xl_model[0]), lora, 4, 0, 0.3)
     out = tmp_path / "r.json"
-    assert main(["bench", str(tiny_xl_model[0]), "--size", "96x64", "--runs", "1", "--warmup", "0",
-                 "--one-at-a-time", "--out", str(out), *flags]) == 0, capsys.readouterr().err
+    args = ["bench", str(tiny_xl_model[0]), "--size", "96x64", "--runs", "1", "--warmup", "0", "--one-at-a-time",
+            "--out", str(out), *flags]
+    assert main([*args, "--lora", f"{lora}:0.8"]) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     entry = result["results"][0]
     assert entry["psnr_db_vs_baseline"] >= 60
     assert entry["systems"]["sdtrt"]["steps"] == entry["systems"]["baseline"]["steps"] == int(flags[flags.index("--steps") + 1])
     assert result["config"]["one_at_a_time"] and all(result["memory"][k]["peak_host_rss_mb"] > 0
                                                       for k in ("sdtrt", "baseline"))
+    assert result["config"]["loras"] == [f"{lora}:0.8"]
+    assert all(_number(result["lora_s"][k]) for k in ("sdtrt", "baseline"))
+    assert "LoRAs: read and apply" in capsys.readouterr().out
+    assert main([*args, "--lora", str(tmp_path / "nope.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", [pytest.param("txt2img", marks=pytest.mark.slow), "img2img"])
@@ -172,25 +188,3 @@ def test_bench_with_sdxl_controlnets(tiny_xl_control, tmp_path, capsys, task):
     assert entry["psnr_db_vs_baseline"] >= 60
     for name in ("sdtrt", "baseline"):
         assert _number(entry["systems"][name]["components_s"]["controlnet_per_step"])
-
-
-def test_bench_with_an_sdxl_lora(tiny_xl_model, tmp_path, capsys):
-    """A LoRA (U-Net and both encoders) on both systems: ours applied without re-export, diffusers' through
-    load_lora_weights; the images agree (a LoRA left out on either side would not) and reading + applying it is timed
-    on both."""
-    from sdtrt.manifest import Manifest
-    from sdtrt.runtime.synthetic import random_lora
-
-    lora = tmp_path / "style.safetensors"
-    random_lora(Manifest.load(tiny_xl_model[0]), lora, 4, 0, 0.3)
-    out = tmp_path / "r.json"
-    args = ["bench", str(tiny_xl_model[0]), "--size", "96x64", "--steps", "3", "--runs", "1", "--warmup", "0",
-            "--cfg", "5", "--out", str(out)]
-    assert main([*args, "--lora", f"{lora}:0.8"]) == 0, capsys.readouterr().err
-    result = json.loads(out.read_text())
-    assert result["results"][0]["psnr_db_vs_baseline"] >= 60
-    assert result["config"]["loras"] == [f"{lora}:0.8"]
-    assert all(_number(result["lora_s"][k]) for k in ("sdtrt", "baseline"))
-    assert "LoRAs: read and apply" in capsys.readouterr().out
-    assert main([*args, "--lora", str(tmp_path / "nope.safetensors")]) == 2
-    assert "no such file" in capsys.readouterr().err

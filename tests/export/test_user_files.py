@@ -48,7 +48,7 @@ def test_export_force_drops_the_old_exports_files_that_the_new_one_does_not_writ
     shutil.copytree(tiny_control_fp16, out)
     planted = _plant(out)
     assert (out / "controlnet_edges.onnx").exists()
-    (out / ".sdtrt-ort").mkdir()  # ONNX Runtime's optimized graphs of the old export (runtime/ort_cache.py)
+    (out / ".sdtrt-ort").mkdir(exist_ok=True)  # ONNX Runtime's optimized graphs of the old export (ort_cache.py)
     (out / ".sdtrt-ort" / "unet-0123.onnx").write_bytes(b"old")
     code, _, err = cli("export", "tiny", "--out", out, "--force", "--size", "64:64", "--batch", "1:1")
     assert code == 0, err

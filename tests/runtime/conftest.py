@@ -1,8 +1,7 @@
-import shutil
-
 import pytest
 
 from sdtrt.runtime.tensorrt import api
+from tests.conftest import copy_export
 from tests.runtime.tensorrt import fakes
 
 
@@ -18,11 +17,7 @@ def fake_gpu(monkeypatch):
 
 
 def _copy(src, tmp_path, name):
-    """The export without the caches runtimes leave beside it (``.sdtrt-ort``, ``.sdtrt-openvino``): an earlier test's
-    load of the shared folder must not decide whether this one's is a first."""
-    out = tmp_path / name
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns(".sdtrt-*"))
-    return out
+    return copy_export(src, tmp_path / name)
 
 
 @pytest.fixture

@@ -15,6 +15,13 @@ from sdtrt.runtime import ort_cache
 from sdtrt.runtime.backends import OrtEngine, load_engines
 from sdtrt.runtime.device_loop import residual_shapes
 from sdtrt.runtime.tensorrt.verify import random_feeds
+from tests.conftest import copy_export
+
+
+@pytest.fixture
+def fp32_folder(tiny_fp32, tmp_path):
+    """A copy of the tiny export as it is before its first load: no ``.sdtrt-ort``."""
+    return copy_export(tiny_fp32[0], tmp_path / "fp32", caches=False)
 
 
 def _unet(folder, **kw):
@@ -54,6 +61,17 @@ def test_the_saved_graphs_are_made_once_and_compute_what_the_exported_ones_do(fp
     np.testing.assert_array_equal(first["unet"].run(feeds)["noise_pred"], plain.run(feeds)["noise_pred"])
     assert _exported(fp32_folder) == exported  # the files TensorRT reads are never written
     assert ort_cache.CACHE_DIR in owned_entries(fp32_folder)  # `export --force` replaces it with the rest
+
+
+def test_a_graph_without_large_weights_is_cached_too(fp32_folder):
+    """The sampler update (the device loop's; its initializers all under the external-data threshold): ONNX Runtime
+    writes no data file for it, and the entry was refused as incomplete at every load."""
+    manifest = Manifest.load(fp32_folder)
+    engines = load_engines(fp32_folder, manifest, "onnxruntime-cpu", device_loop=True)
+    update = engines["unet"].device_loop.update
+    assert update.cached and update.saved_now is False  # written by load_engines' first pass, then read
+    record = ort_cache.Entry(fp32_folder, manifest.components["sampler_update"], True).read()
+    assert record is not None and record["sizes"][f"sampler_update-{ort_cache.entry_key(manifest.components['sampler_update'], True)}.data"] == 0
 
 
 def test_every_entry_is_written_before_any_graph_is_loaded_and_a_failed_save_is_not_retried(fp32_folder, monkeypatch):

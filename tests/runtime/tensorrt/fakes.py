@@ -41,6 +41,7 @@ a user a NaN image on their first run:
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -329,12 +330,30 @@ class Runtime:
         return ICudaEngine(plan)
 
 
+_SESSIONS: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _session_of(onnx_path: str):
+    """One ONNX Runtime session per graph file and version for the whole test run (sessions are stateless between
+    runs, and a refit makes its own): creating them was most of the fake GPU tests' time."""
+    import onnxruntime as ort
+
+    path = Path(onnx_path).resolve()
+    files = [path, *sorted(path.parent.glob(path.name + ".*"))]  # the graph and its external data
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+    else:
+        _SESSIONS[key] = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        while len(_SESSIONS) > 48:
+            _SESSIONS.popitem(last=False)
+    return _SESSIONS[key]
+
+
 class ICudaEngine:
     def __init__(self, plan):
-        import onnxruntime as ort
-
         self.plan = plan
-        self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+        self.session = _session_of(plan["onnx"])
         self.refitted: dict[str, np.ndarray] = {}  # weights refitted away from the ONNX's
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
