@@ -70,8 +70,9 @@ def test_a_graph_without_large_weights_is_cached_too(fp32_folder):
     engines = load_engines(fp32_folder, manifest, "onnxruntime-cpu", device_loop=True)
     update = engines["unet"].device_loop.update
     assert update.cached and update.saved_now is False  # written by load_engines' first pass, then read
-    record = ort_cache.Entry(fp32_folder, manifest.components["sampler_update"], True).read()
-    assert record is not None and record["sizes"][f"sampler_update-{ort_cache.entry_key(manifest.components['sampler_update'], True)}.data"] == 0
+    entry = ort_cache.Entry(fp32_folder, manifest.components["sampler_update"], True)
+    record = entry.read()
+    assert record is not None and record["sizes"][entry.data.name] == 0
 
 
 def test_every_entry_is_written_before_any_graph_is_loaded_and_a_failed_save_is_not_retried(fp32_folder, monkeypatch):
